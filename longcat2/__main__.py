@@ -1,0 +1,5 @@
+import sys
+
+from longcat2.cli import main
+
+sys.exit(main())
