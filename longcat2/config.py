@@ -167,9 +167,17 @@ class ModelConfig:
         ]  # fmt: skip
         for key in positive:
             v = getattr(self, key)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, key, f"must be a positive int, got {v!r}")
+            need(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                key,
+                f"must be a positive int, got {v!r}",
+            )
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", f"must be even, got {self.qk_rope_head_dim}")
-        need(self.hidden_act == "silu", "hidden_act", f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}")
+        need(
+            self.hidden_act == "silu",
+            "hidden_act",
+            f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}",
+        )
         need(self.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
         need(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
         # MoE
@@ -211,7 +219,11 @@ class ModelConfig:
                 f"hidden_size ({self.hidden_size}) must be divisible by oe_split_num*(oe_neighbor_num-1) ({t})",
             )
             need(self.oe_vocab_size_ratio > 0, "oe_vocab_size_ratio", "must be > 0")
-            need(self.ngram_fusion in NGRAM_FUSIONS, "ngram_fusion", f"one of {NGRAM_FUSIONS}, got {self.ngram_fusion!r}")
+            need(
+                self.ngram_fusion in NGRAM_FUSIONS,
+                "ngram_fusion",
+                f"one of {NGRAM_FUSIONS}, got {self.ngram_fusion!r}",
+            )
         # LSA
         if self.use_lsa:
             need(self.index_head_dim > 0, "index_head_dim", "must be > 0")
@@ -230,7 +242,11 @@ class ModelConfig:
                 f"({self.index_init_tokens} + {self.index_local_tokens} > {self.index_topk})",
             )
             need(self.index_k_norm_type in INDEX_K_NORMS, "index_k_norm_type", f"one of {INDEX_K_NORMS}")
-            need(self.cli_factor in (1, 2), "cli_factor", f"must be 1 (no sharing) or 2 (paired), got {self.cli_factor}")
+            need(
+                self.cli_factor in (1, 2),
+                "cli_factor",
+                f"must be 1 (no sharing) or 2 (paired), got {self.cli_factor}",
+            )
             need(self.index_query_chunk > 0, "index_query_chunk", "must be > 0")
         need(self.mtp_num_layers >= 0, "mtp_num_layers", "must be >= 0")
         need(self.hf_format in HF_FORMATS, "hf_format", f"one of {HF_FORMATS}, got {self.hf_format!r}")
@@ -365,9 +381,7 @@ _VERBATIM = [
     "dsa_mtp_cli", "mtp_num_layers", "mtp_replicate_modules", "mtp_disable_over_tokenizer", "ngram_fusion",
     "torch_dtype",
 ]  # fmt: skip
-_INT_KEYS = {
-    f.name for f in dataclasses.fields(ModelConfig) if f.type in ("int", "int | None")
-}
+_INT_KEYS = {f.name for f in dataclasses.fields(ModelConfig) if f.type in ("int", "int | None")}
 _FLOAT_KEYS = {f.name for f in dataclasses.fields(ModelConfig) if f.type == "float"}
 
 

@@ -1,0 +1,146 @@
+"""Multi-head Latent Attention (MLA) with LongCat's LoRA scaling, dense or LSA-sparse.
+
+Design choices:
+- Projection (`project`) and attention (`attend`) are separate so the inference engine can store the
+  latent (c_kv, k_rope) in its own cache and call `attend` with cached latents; the model itself never
+  expands per-head K/V for the sparse path.
+- α_q = sqrt(H / q_lora_rank) scales the whole query (nope and rope parts); α_kv = sqrt(H / kv_lora_rank)
+  scales the normalised kv latent only (what is cached); k_rope is not scaled.
+- Dense path = expanded K/V through `kv_b_proj` and SDPA (the transformers formulation; used whenever every
+  query sees <= index_topk keys, or when the layer has no LSA). Sparse path = absorbed MQA form over the
+  selected indices (see lsa.py). With top-k >= visible length the two agree to rounding.
+- The sublayer that owns an indexer returns its top-k indices; the next sublayer receives them (CLI).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longcat2.config import ModelConfig
+from longcat2.model.layers import LORA_NORM_EPS, RMSNorm, apply_rope
+from longcat2.model.lsa import Indexer, lsa_select, sparse_mla_attention
+
+
+@dataclass
+class MLAProjection:
+    q_nope: torch.Tensor  # [B, T, h, nope]
+    q_rope: torch.Tensor  # [B, T, h, r] (rotated)
+    kv_latent: torch.Tensor  # [B, T, c] (normed, × α_kv)
+    k_rope: torch.Tensor  # [B, T, r] (rotated)
+    q_lora: torch.Tensor  # [B, T, q_lora_rank] (q_a_layernorm output, unscaled; the indexer query input)
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, has_indexer: bool) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, H = cfg.num_attention_heads, cfg.hidden_size
+        self.num_heads = h
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=False)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=LORA_NORM_EPS)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=LORA_NORM_EPS)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, H, bias=False)
+        self.indexer = Indexer(cfg) if has_indexer else None
+        self.q_scale = (H / cfg.q_lora_rank) ** 0.5 if cfg.mla_scale_q_lora else 1.0
+        self.kv_scale = (H / cfg.kv_lora_rank) ** 0.5 if cfg.mla_scale_kv_lora else 1.0
+        self.softmax_scale = cfg.softmax_scale
+
+    # ------------------------------------------------------------------ projections
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> MLAProjection:
+        b, t, _ = x.shape
+        q_lora = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(q_lora).view(b, t, self.num_heads, self.nope + self.rope) * self.q_scale
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        kv = self.kv_a_proj_with_mqa(x)
+        kv_latent, k_rope = kv.split([self.kv_lora_rank, self.rope], dim=-1)
+        kv_latent = self.kv_a_layernorm(kv_latent) * self.kv_scale
+        return MLAProjection(
+            q_nope=q_nope,
+            q_rope=apply_rope(q_rope, cos, sin, interleave=True),
+            kv_latent=kv_latent,
+            k_rope=apply_rope(k_rope, cos, sin, interleave=True),
+            q_lora=q_lora,
+        )
+
+    def _kv_b_halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope], w[:, self.nope :]  # W_uk [h, nope, c], W_uv [h, v, c]
+
+    # ------------------------------------------------------------------ attention cores
+    def dense(
+        self, p: MLAProjection, kv_latent: torch.Tensor, k_rope: torch.Tensor, q_pos: torch.Tensor
+    ) -> torch.Tensor:
+        """Causal attention of the queries in p against all keys (positions 0..S-1). → [B, T, h*v]."""
+        b, t = p.q_nope.shape[:2]
+        s = kv_latent.shape[1]
+        kv = self.kv_b_proj(kv_latent).view(b, s, self.num_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, self.num_heads, -1)], dim=-1)
+        q = torch.cat([p.q_nope, p.q_rope], dim=-1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, T|S, d]
+        if t == s:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            qp = q_pos if q_pos.dim() == 2 else q_pos.unsqueeze(0)
+            mask = torch.arange(s, device=q.device) <= qp[..., None]  # [B|1, T, S]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
+        return out.transpose(1, 2).reshape(b, t, self.num_heads * self.v_dim)
+
+    def sparse(
+        self, p: MLAProjection, kv_latent: torch.Tensor, k_rope: torch.Tensor, indices: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention over the selected keys only (absorbed form). → [B, T, h*v]."""
+        b, t = p.q_nope.shape[:2]
+        w_uk, w_uv = self._kv_b_halves()
+        q_latent = torch.einsum("bthn,hnc->bthc", p.q_nope, w_uk)
+        o_latent = sparse_mla_attention(q_latent, p.q_rope, kv_latent, k_rope, indices, self.softmax_scale)
+        out = torch.einsum("bthc,hvc->bthv", o_latent, w_uv)
+        return out.reshape(b, t, self.num_heads * self.v_dim)
+
+    # ------------------------------------------------------------------ full forward (no cache)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        indices: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, H] at `positions` [T] (a fresh sequence: keys are the same T tokens).
+        `indices`: top-k indices from the owner sublayer (CLI reuse). Returns (out [B, T, H], indices)."""
+        p = self.project(x, cos, sin)
+        if self.indexer is not None:
+            indices = self.select(x, p, cos, sin, positions)
+        if indices is None:
+            out = self.dense(p, p.kv_latent, p.k_rope, positions)
+        else:
+            out = self.sparse(p, p.kv_latent, p.k_rope, indices)
+        return self.o_proj(out), indices
+
+    def select(
+        self,
+        x: torch.Tensor,
+        p: MLAProjection,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        index_keys: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """Run the indexer; None when every query sees <= index_topk keys (exact dense attention)."""
+        assert self.indexer is not None
+        max_visible = int(positions.max().item()) + 1
+        if max_visible <= self.cfg.index_topk:
+            return None
+        keys = self.indexer.keys(x, cos, sin) if index_keys is None else index_keys
+        q, w = self.indexer.queries(x, p.q_lora, cos, sin)
+        with torch.no_grad():
+            return lsa_select(self.indexer, q.detach(), w.detach(), keys.detach(), positions, self.cfg)
