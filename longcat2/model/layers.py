@@ -54,7 +54,7 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies for the rope dims and the cos/sin multiplier (DeepSeek-YaRN when configured)."""
     dim = cfg.qk_rope_head_dim
     base = cfg.rope_theta
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
     inv_freq_extra = 1.0 / pos_freqs
     rs = cfg.yarn
     if rs is None:
@@ -71,7 +71,7 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     extra_weight = 1.0 - ramp  # 1 → keep the original frequency (high-frequency dims)
     inv_freq = (inv_freq_extra / factor) * (1 - extra_weight) + inv_freq_extra * extra_weight
     mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
@@ -83,12 +83,14 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Maps positions [B, T] (or [T]) to (cos, sin) of shape [B, T, rope_dim/2] in fp32."""
+    """Maps positions [B, T] (or [T]) to (cos, sin) of shape [B, T, rope_dim/2] in fp32.
+
+    inv_freq is a plain fp32 CPU tensor, not a buffer: it survives meta-device construction and is never
+    cast to a low-precision model dtype."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        inv_freq, self.attn_factor = rope_inv_freq(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.inv_freq, self.attn_factor = rope_inv_freq(cfg)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float()[..., None] * self.inv_freq.to(positions.device)  # [..., T, r/2]

@@ -33,16 +33,17 @@ class NgramEmbedding(nn.Module):
         m, d, h = cfg.ngram_base_rows, cfg.ngram_table_dim, cfg.hidden_size
         self.embedders = nn.ModuleList([nn.Embedding(m + 2 * i + 1, d) for i in range(self.num_tables)])
         self.post_projs = nn.ModuleList([nn.Linear(d, h, bias=False) for _ in range(self.num_tables)])
-        moduli = torch.tensor([m + 2 * i + 1 for i in range(self.num_tables)], dtype=torch.int64)
-        orders = torch.tensor([2 + i // self.splits for i in range(self.num_tables)], dtype=torch.int64)
-        # coef[i, j] = V^j mod M_i for j < order_i, else 0  (j indexes tok[t-j])
-        coef = torch.zeros(self.num_tables, self.n_max, dtype=torch.int64)
-        for i in range(self.num_tables):
-            mod = int(moduli[i])
-            for j in range(int(orders[i])):
-                coef[i, j] = pow(self.vocab_size, j, mod)
-        self.register_buffer("moduli", moduli, persistent=False)
-        self.register_buffer("coef", coef, persistent=False)
+        # Hash constants are plain CPU tensors (not buffers) so meta-device construction + checkpoint
+        # materialisation never leaves them uninitialised; they move to the input's device on use.
+        moduli = [m + 2 * i + 1 for i in range(self.num_tables)]
+        orders = [2 + i // self.splits for i in range(self.num_tables)]
+        # coef[i][j] = V^j mod M_i for j < order_i, else 0  (j indexes tok[t-j])
+        coef = [
+            [pow(self.vocab_size, j, moduli[i]) if j < orders[i] else 0 for j in range(self.n_max)]
+            for i in range(self.num_tables)
+        ]
+        self._moduli = torch.tensor(moduli, dtype=torch.int64, device="cpu")
+        self._coef = torch.tensor(coef, dtype=torch.int64, device="cpu").reshape(self.num_tables, self.n_max)
 
     def ngram_ids(self, input_ids: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T], history [B, <= n-1] (-1 = none) → ids [B, T, num_tables] (int64)."""
@@ -72,8 +73,9 @@ class NgramEmbedding(nn.Module):
         same_seg = seg[:, pos] == seg[:, ctx:, None]
         toks = torch.where(same_seg & present[:, pos], toks, torch.zeros_like(toks)).long()
         # ids[b, t, i] = Σ_j toks[b, t, j] · coef[i, j]  mod M_i
-        terms = toks[:, :, None, :] * self.coef  # [B, T, tables, n_max]
-        return terms.sum(-1) % self.moduli
+        coef, moduli = self._coef.to(toks.device), self._moduli.to(toks.device)
+        terms = toks[:, :, None, :] * coef  # [B, T, tables, n_max]
+        return terms.sum(-1) % moduli
 
     def forward(
         self, input_ids: torch.Tensor, word: torch.Tensor, history: torch.Tensor | None = None

@@ -1,0 +1,14 @@
+# The two commands of the README. Both do all set-up on a fresh machine (venv, torch CPU wheel, deps).
+.PHONY: demo test lint setup
+
+demo:
+	scripts/setup.sh
+	.venv/bin/longcat2 demo
+
+test:
+	scripts/setup.sh --dev
+	.venv/bin/python -m pytest tests
+
+lint:
+	.venv/bin/ruff check longcat2 tests bench scripts
+	.venv/bin/ruff format --check longcat2 tests bench scripts

@@ -1,0 +1,141 @@
+import json
+
+import pytest
+
+from longcat2.config import PRESETS, ConfigError, ModelConfig
+
+# The released LongCat-2.0 config.json layout (LongcatCausalLM, model_type null, int routed_scaling_factor).
+RELEASED_2_0 = {
+    "architectures": ["LongcatCausalLM"],
+    "model_type": None,
+    "vocab_size": 163840,
+    "hidden_size": 8192,
+    "num_layers": 38,
+    "num_attention_heads": 64,
+    "ffn_hidden_size": 12288,
+    "expert_ffn_hidden_size": 2048,
+    "attention_method": "MLA",
+    "use_mla": 1,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "mla_scale_q_lora": True,
+    "mla_scale_kv_lora": True,
+    "rope_theta": 1000000,
+    "rope_scaling": {
+        "rope_type": "deepseek_yarn",
+        "factor": 120,
+        "original_max_position_embeddings": 8192,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1,
+        "mscale_all_dim": 1,
+    },
+    "max_position_embeddings": 262144,
+    "n_routed_experts": 768,
+    "zero_expert_num": 128,
+    "zero_expert_type": "identity",
+    "moe_topk": 12,
+    "routed_scaling_factor": 9,
+    "norm_topk_prob": False,
+    "router_bias": False,
+    "moe_impl": "mix",
+    "moe_switch_token_num": 1024,
+    "oe_vocab_size_ratio": 100.567,
+    "oe_neighbor_num": 5,
+    "oe_split_num": 4,
+    "index_n_heads": 32,
+    "index_head_dim": 128,
+    "index_topk": 2048,
+    "index_init_tokens": 16,
+    "index_local_tokens": 1024,
+    "index_k_norm_type": "rms",
+    "cli_factor": 2,
+    "dsa_mtp_cli": True,
+    "mtp_num_layers": 3,
+    "mtp_replicate_modules": True,
+    "mtp_disable_over_tokenizer": True,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
+FLASH_LITE = {
+    "architectures": ["LongcatFlashNgramForCausalLM"],
+    "model_type": "longcat_flash_ngram",
+    "vocab_size": 131072,
+    "hidden_size": 3072,
+    "num_layers": 14,
+    "num_attention_heads": 32,
+    "ffn_hidden_size": 6144,
+    "expert_ffn_hidden_size": 1024,
+    "n_routed_experts": 256,
+    "zero_expert_num": 128,
+    "moe_topk": 12,
+    "routed_scaling_factor": 6.0,
+    "ngram_vocab_size_ratio": 78,
+    "emb_neighbor_num": 4,
+    "emb_split_num": 4,
+    "rope_theta": 5000000.0,
+    "max_position_embeddings": 327680,
+}
+
+
+def test_every_preset_validates_and_round_trips_through_hf_json():
+    for name in PRESETS:
+        cfg = ModelConfig.from_preset(name)
+        assert ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf()))) == cfg, name
+
+
+def test_released_2_0_config_reads_as_the_preset():
+    cfg = ModelConfig.from_hf(RELEASED_2_0)
+    assert cfg.hf_format == "longcat"
+    assert cfg.routed_scaling_factor == 9.0 and isinstance(cfg.routed_scaling_factor, float)
+    assert cfg.rope_scaling["rope_type"] == "deepseek_yarn"
+    assert cfg == ModelConfig.from_preset("longcat-2.0").replace(torch_dtype=cfg.torch_dtype)
+    assert abs(cfg.softmax_scale - 0.15781) < 1e-5  # spec §1.2
+    out = cfg.to_hf()
+    assert out["architectures"] == ["LongcatCausalLM"] and out["model_type"] is None
+    assert out["routed_scaling_factor"] == 9 and isinstance(out["routed_scaling_factor"], int)
+
+
+def test_flash_lite_config_maps_ngram_keys(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(FLASH_LITE))
+    cfg = ModelConfig.from_hf(tmp_path)
+    assert (cfg.oe_vocab_size_ratio, cfg.oe_neighbor_num, cfg.oe_split_num) == (78.0, 4, 4)
+    assert cfg.ngram_fusion == "mean" and cfg.ngram_base_rows == 78 * 131072 and not cfg.use_lsa
+    assert cfg.to_hf()["emb_split_num"] == 4
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (dict(index_init_tokens=1000, index_local_tokens=1100), "index_init_tokens + index_local_tokens"),
+        (dict(moe_topk=0), "moe_topk"),
+        (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+        (dict(oe_split_num=3), "oe_split_num"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(cli_factor=3), "cli_factor"),
+        (dict(eos_token_id=10**7), "eos_token_id"),
+    ],
+)
+def test_bad_values_name_the_key(change, key):
+    with pytest.raises(ConfigError, match=key.replace("+", r"\+")):
+        ModelConfig.from_preset("longcat-2.0", **change)
+
+
+def test_bad_hf_json_names_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="hidden_size"):
+        ModelConfig.from_hf({k: v for k, v in RELEASED_2_0.items() if k != "hidden_size"})
+    with pytest.raises(ConfigError, match="num_layers: expected an integer"):
+        ModelConfig.from_hf({**RELEASED_2_0, "num_layers": "38"})
+    with pytest.raises(ConfigError, match="architectures"):
+        ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 8})
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_hf(tmp_path)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        ModelConfig.from_preset("longcat-3")
