@@ -1,0 +1,1 @@
+"""Evaluation: synthetic long-context tasks (passkey, NIAH, MQAR, variable tracking) and perplexity."""
