@@ -17,6 +17,7 @@ _COMMAND_MODULES = [
     "longcat2.tokenizer",  # tokenizer train
     "longcat2.data",  # prepare
     "longcat2.plan",  # plan
+    "longcat2.evals.cli",  # eval longctx, eval ppl
 ]
 
 

@@ -1,0 +1,87 @@
+"""`longcat2 eval longctx` and `longcat2 eval ppl`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+
+    from longcat2.config import ModelConfig
+    from longcat2.model.longcat import LongCatForCausalLM
+
+    torch.set_num_threads(args.threads)
+    if args.model:
+        return LongCatForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    return LongCatForCausalLM(ModelConfig.from_preset(args.preset)).eval()
+
+
+def _cmd_longctx(args: argparse.Namespace) -> int:
+    from longcat2.evals.longctx import evaluate_longctx, heatmap
+
+    model = _load_model(args)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    res = evaluate_longctx(
+        model, args.task, lengths, depths=args.depths, per_cell=args.per_cell, seed=args.seed
+    )
+    if args.heatmap:
+        res["heatmap"] = str(heatmap(res, args.heatmap))
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"{args.task}: mean accuracy {res['mean']:.3f}")
+        print("length  " + "  ".join(f"{d:>5.0%}" for d in res["depths"]))
+        for length in lengths:
+            row = res["accuracy"][str(length)]
+            print(f"{length:<7} " + "  ".join(f"{row[str(d)]:5.2f}" for d in res["depths"]))
+    return 0
+
+
+def _cmd_ppl(args: argparse.Namespace) -> int:
+    from longcat2.data import ensure_prepared
+    from longcat2.evals.ppl import evaluate_ppl
+
+    model = _load_model(args)
+    shard_dir = (
+        Path(args.data) if args.data != "stdlib" else ensure_prepared("stdlib", None, model.config.vocab_size)
+    )
+    res = evaluate_ppl(model, shard_dir, args.seq_len, args.batch_size, args.max_windows, args.trailing)
+    print(
+        json.dumps(res, indent=2)
+        if args.json
+        else " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
+    )
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="long-context and perplexity evaluation")
+    ev = p.add_subparsers(dest="eval_command", metavar="EVAL")
+    for name, func, helptext in (
+        ("longctx", _cmd_longctx, "synthetic long-context tasks: accuracy per length x depth"),
+        ("ppl", _cmd_ppl, "validation loss, bits per byte, trailing-token loss"),
+    ):
+        q = ev.add_parser(name, help=helptext)
+        g = q.add_mutually_exclusive_group(required=True)
+        g.add_argument("--model", help="checkpoint folder (HF layout)")
+        g.add_argument("--preset", help="random-init preset (smoke test)")
+        q.add_argument("--json", action="store_true")
+        q.add_argument("--threads", type=int, default=1)
+        q.add_argument("--seed", type=int, default=1234)
+        q.set_defaults(func=func)
+        if name == "longctx":
+            q.add_argument("--task", default="passkey", choices=["passkey", "niah", "mqar", "vt"])
+            q.add_argument("--lengths", default="1024,2048,4096,8192")
+            q.add_argument("--depths", type=int, default=10)
+            q.add_argument("--per-cell", type=int, default=8)
+            q.add_argument("--heatmap", help="write a heatmap PNG here")
+        else:
+            q.add_argument("--data", required=True, help="prepared shard folder or 'stdlib'")
+            q.add_argument("--seq-len", type=int, default=512)
+            q.add_argument("--batch-size", type=int, default=4)
+            q.add_argument("--max-windows", type=int, default=None)
+            q.add_argument("--trailing", type=int, default=0, help="also report loss on the last N positions")
