@@ -1,0 +1,120 @@
+"""Scale-out training on torch.distributed: DeviceMesh, FSDP2, expert parallelism, DCP checkpoints.
+
+The model stays single-device code; everything here is applied from outside (torchtitan style). What the
+trainer calls, in order (see docs/distributed.md):
+
+    info = init_distributed(ep=cfg.ep)              # DistInfo(rank, world_size, local_rank, device, mesh, ep)
+    model = build_model().to(info.device)            # same seed on every rank
+    parallelize(model, info.mesh, ep=cfg.ep, activation_checkpointing=..., mixed_precision=...)
+    optimizer = ...                                   # built *after* parallelize (DTensor parameters)
+    ... loss.backward(); clip_grad_norm_(params, max_norm); optimizer.step()
+    stats.all_reduce(all_reduce_sum)                  # global expert counts for the bias update
+    save_sharded(dir, model, optimizer, extra={...}) / load_sharded(dir, model, optimizer)
+    export_hf(model, dir)                             # full HF checkpoint from a sharded run
+
+Everything degrades to a no-op (or plain torch) in a single process without a process group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from longcat2.parallel.checkpoint import (
+    LoadedState,
+    export_hf,
+    full_state_dict,
+    is_complete,
+    latest_sharded,
+    list_sharded,
+    load_extra,
+    load_sharded,
+    prune_sharded,
+    remove_partial,
+    save_sharded,
+)
+from longcat2.parallel.dispatch import ExpertParallelExperts, Traffic, all_to_all, expert_parallel
+from longcat2.parallel.mesh import (
+    DistInfo,
+    ParallelConfigError,
+    backend_for,
+    barrier,
+    build_mesh,
+    default_device,
+    env_rank_world,
+    init_distributed,
+    is_main,
+    shutdown,
+    validate_degrees,
+)
+from longcat2.parallel.parallelize import clip_grad_norm_, grad_norm, parallelize
+
+__all__ = [
+    "DistInfo",
+    "ExpertParallelExperts",
+    "LoadedState",
+    "ParallelConfigError",
+    "Traffic",
+    "all_reduce_expert_counts",
+    "all_reduce_sum",
+    "all_to_all",
+    "backend_for",
+    "barrier",
+    "build_mesh",
+    "clip_grad_norm_",
+    "default_device",
+    "env_rank_world",
+    "expert_parallel",
+    "expert_traffic",
+    "export_hf",
+    "full_state_dict",
+    "grad_norm",
+    "init_distributed",
+    "is_complete",
+    "is_main",
+    "latest_sharded",
+    "list_sharded",
+    "load_extra",
+    "load_sharded",
+    "parallelize",
+    "prune_sharded",
+    "remove_partial",
+    "save_sharded",
+    "shutdown",
+    "validate_degrees",
+]
+
+
+def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum `t` in place over `group` (default: all ranks = the data-parallel group); returns `t`.
+
+    Works for any dtype gloo/NCCL reduce (the trainer's fp64 routing counts included). No-op without a group.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def all_reduce_expert_counts(counts: torch.Tensor, info: DistInfo | None = None) -> torch.Tensor:
+    """Global per-expert token counts for the expert-bias update: sum over the data-parallel group.
+
+    Every rank reads its own slice of the global batch (ep ranks are data-parallel ranks too), so the
+    data-parallel group is the whole world; `counts` ([L, E] or [E]) is summed in place and returned.
+    Call it before `BudgetController.update` (`RoutingStats.all_reduce(all_reduce_sum)` does the same).
+    """
+    return all_reduce_sum(counts)
+
+
+def expert_traffic(model: nn.Module) -> Traffic:
+    """Sum of every EP layer's all-to-all traffic counters on this rank (see dispatch.Traffic)."""
+    total = Traffic()
+    for m in model.modules():
+        if isinstance(m, ExpertParallelExperts):
+            t = m.traffic
+            total.calls += t.calls
+            total.rows_sent += t.rows_sent
+            total.bytes_sent += t.bytes_sent
+            total.count_bytes += t.count_bytes
+            total.local_rows += t.local_rows
+    return total
