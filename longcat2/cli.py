@@ -16,6 +16,7 @@ _COMMAND_MODULES = [
     "longcat2.commands",  # info, presets, demo
     "longcat2.tokenizer",  # tokenizer train
     "longcat2.data",  # prepare
+    "longcat2.train",  # train, sft
     "longcat2.plan",  # plan
     "longcat2.evals.cli",  # eval longctx, eval ppl
 ]

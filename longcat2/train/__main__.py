@@ -1,0 +1,5 @@
+import sys
+
+from longcat2.train import main
+
+sys.exit(main())
