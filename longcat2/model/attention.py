@@ -53,6 +53,7 @@ class MLA(nn.Module):
         self.q_scale = (H / cfg.q_lora_rank) ** 0.5 if cfg.mla_scale_q_lora else 1.0
         self.kv_scale = (H / cfg.kv_lora_rank) ** 0.5 if cfg.mla_scale_kv_lora else 1.0
         self.softmax_scale = cfg.softmax_scale
+        self.sparse_enabled = True  # False: always dense (the LSA recipe's dense stages and A/B runs)
 
     # ------------------------------------------------------------------ projections
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> MLAProjection:
@@ -138,7 +139,7 @@ class MLA(nn.Module):
         """Run the indexer; None when every query sees <= index_topk keys (exact dense attention)."""
         assert self.indexer is not None
         max_visible = int(positions.max().item()) + 1
-        if max_visible <= self.cfg.index_topk:
+        if max_visible <= self.cfg.index_topk or not self.sparse_enabled:
             return None
         keys = self.indexer.keys(x, cos, sin) if index_keys is None else index_keys
         q, w = self.indexer.queries(x, p.q_lora, cos, sin)

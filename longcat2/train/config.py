@@ -24,7 +24,11 @@ class TrainConfig:
     init: str | None = _f(
         None, "start from these weights: an HF-layout dir, a checkpoint dir or a run's OUT dir"
     )
-    data: str = _f("stdlib", "prepared data dir, a text file/folder/.jsonl, or 'stdlib' (sft: a chat .jsonl)")
+    data: str = _f(
+        "stdlib",
+        "prepared data dir, a text file/folder/.jsonl, 'stdlib', or synthetic tasks 'task:passkey+niah[:k=v,...]' "
+        "(sft: a chat .jsonl)",
+    )
     val_data: str | None = _f(None, "sft: validation chat .jsonl (default: hold out a share of --data)")
     data_cache: str | None = _f(
         None, "where raw --data is tokenized to (default: ~/.cache/longcat2/data/...)"
@@ -63,6 +67,14 @@ class TrainConfig:
     balance_groups: int = _f(4, "expert-parallel groups for the balance loss")
     indexer_loss: float = _f(0.0, "weight of the LSA indexer KL distillation loss (0 = off; train/sparse.py)")
     indexer_warmup: int = _f(0, "steps of dense-row indexer KL before the selected-set (sparse) KL")
+    attention: str = _f(
+        "sparse",
+        "sparse (LSA top-k once the context exceeds index_topk) | dense (never select)",
+        choices=("sparse", "dense"),
+    )
+    train_only: str = _f(
+        "all", "all | indexer (freeze everything else: the LSA dense warm-up)", choices=("all", "indexer")
+    )
     target_ffn_experts: float | None = _f(None, "target FFN experts per token K_e (default 2/3 of moe_topk)")
     bias_update_rate: float = _f(0.5, "step size mu of the expert-bias update (0 = off)")
     bias_update_decay: str = _f("none", "none | lr: scale mu with the LR schedule", choices=("none", "lr"))

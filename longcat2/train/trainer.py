@@ -273,6 +273,17 @@ class Trainer:
         self.model.train()
         if cfg.grad_checkpointing:
             self.model.model.gradient_checkpointing = True
+        if cfg.attention == "dense":
+            from longcat2.train.sparse import set_sparse_attention
+
+            set_sparse_attention(self.model, False)
+        if cfg.train_only == "indexer":
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(".indexer." in name)
+            if not any(p.requires_grad for p in self.model.parameters()):
+                raise TrainingError(
+                    "train_only: indexer, but the model has no LSA indexer (index_n_heads is 0)"
+                )
         self.moes = balance.moe_layers(self.model)
         self.distiller = None
         if cfg.indexer_loss > 0 and self.model.config.use_lsa:
@@ -362,6 +373,15 @@ class Trainer:
             torch.set_num_threads(threads)
 
     def _make_task(self) -> Task:
+        if self.cfg.data.startswith("task:"):
+            from longcat2.train.synthetic import SyntheticTask
+
+            try:
+                return SyntheticTask(
+                    self.cfg.data, self.cfg.batch_size, self.cfg.seq_len, self.cfg.seed, self.rank, self.world
+                )
+            except ValueError as e:
+                raise TrainingError(str(e)) from e
         if self.cfg.mode == "sft":
             from longcat2.train.sft import SFTTask
 
@@ -377,9 +397,18 @@ class Trainer:
 
     def _make_model(self) -> LongCatForCausalLM:
         cfg = self.cfg
-        tok = self._tokenizer()
         if self.resume_from is not None:
             return checkpointing.load_model(self.resume_from)
+        if hasattr(self.task, "vocab_size") and self.task.tokenizer_dir is None:  # synthetic tasks
+            if cfg.init:
+                return checkpointing.load_model(checkpointing.resolve_init(cfg.init))
+            ids = dict(vocab_size=self.task.vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+            overrides = {**cfg.model_overrides, **ids, "torch_dtype": "float32"}
+            try:
+                return LongCatForCausalLM(ModelConfig.from_preset(cfg.preset, **overrides))
+            except (ValueError, TypeError) as e:
+                raise TrainingError(f"model config: {e}") from e
+        tok = self._tokenizer()
         if cfg.init:
             path = checkpointing.resolve_init(cfg.init)
             self._log(f"init: weights from {path}")
@@ -553,7 +582,8 @@ class Trainer:
             if self.stats is not None:
                 self.stats.all_reduce(dist.all_reduce_sum)
                 rate_scale = factor if cfg.bias_update_decay == "lr" else 1.0
-                self.controller.update(self.moes, self.stats, rate_scale)
+                if cfg.train_only == "all":  # a frozen router keeps its bias too (indexer warm-up)
+                    self.controller.update(self.moes, self.stats, rate_scale)
             self.nonfinite_in_row = 0
         else:
             self.nonfinite_in_row += 1
