@@ -19,6 +19,7 @@ _COMMAND_MODULES = [
     "longcat2.train",  # train, sft
     "longcat2.plan",  # plan
     "longcat2.evals.cli",  # eval longctx, eval ppl
+    "longcat2.serve.cli",  # serve
 ]
 
 

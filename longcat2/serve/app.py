@@ -1,0 +1,284 @@
+"""The FastAPI application (both APIs, `/health`, `/metrics`) and the uvicorn runner.
+
+Design choices:
+- `create_app(state)` takes a ready `ServerState` (tokenizer + `EngineWorker` + config), so tests can serve
+  a real engine or a scripted stand-in through the same app; `load_state(config)` builds the real one from a
+  model directory (or the embedded default model) and `run_server` serves it with uvicorn.
+- Routes are plain handlers that parse their bodies themselves (see `core.parse_body`), so every failure
+  goes through one `APIError` path and comes back in the caller's API shape: Anthropic's for
+  `/v1/messages*`, OpenAI's for everything else (unknown routes and 405s included). Unexpected exceptions
+  are logged and answered with a 500 in the same shapes by the `_Guard` middleware, which does not
+  re-raise them, so the connection stays usable and the server keeps serving.
+- The routes are mounted at `/v1/...` and again under LongCat's own prefixes (`/openai/v1/...`,
+  `/anthropic/v1/...`), so clients configured for api.longcat.chat only need a new host.
+- A pure ASGI middleware counts requests by endpoint and status for `/metrics` (Starlette's
+  BaseHTTPMiddleware is avoided: it interferes with streaming and disconnect detection).
+- `run_server` lowers the interpreter's GIL switch interval (see `GIL_SWITCH_INTERVAL_S`): the engine
+  thread and the event loop share one interpreter, and the default 5 ms hand-off starves the engine.
+- Lifespan: the engine thread starts with the app; at shutdown uvicorn first stops accepting connections
+  and waits up to `shutdown_timeout` s for in-flight responses (streams included), then the worker aborts
+  whatever is left and its thread is joined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from longcat2.serve import anthropic_api, openai_api
+from longcat2.serve.batching import EngineWorker, Metrics
+from longcat2.serve.core import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, ServerConfig, ServerState
+from longcat2.serve.protocol import APIError, anthropic_error_body, openai_error_body
+
+log = logging.getLogger("longcat2.serve")
+
+_ENDPOINTS = {
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/health",
+    "/metrics",
+}
+
+
+# The engine thread releases the GIL in every torch op and must win it back from the event loop thread,
+# which holds it for up to the switch interval (5 ms by default) while it formats SSE chunks: with many
+# streams that convoy stalls every engine step. 0.5 ms measured ~2x the aggregate tokens/s at 8-16 streams.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+class ServeError(RuntimeError):
+    """The server cannot start (no model, unreadable model, bad options); the message says what to do."""
+
+
+def _is_anthropic(path: str) -> bool:
+    return path.rstrip("/").endswith("/messages") or "/messages/" in path
+
+
+def error_response(path: str, err: APIError) -> JSONResponse:
+    body = anthropic_error_body(err) if _is_anthropic(path) else openai_error_body(err)
+    return JSONResponse(body, status_code=err.status, headers=err.headers or None)
+
+
+class _Guard:
+    """ASGI middleware: counts responses per endpoint and status code, and turns an unexpected exception
+    into a logged 500 in the caller's API shape without re-raising it (a re-raised exception makes uvicorn
+    drop the connection, which breaks clients that reuse keep-alive connections)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        for prefix in ("/openai", "/anthropic"):
+            if path.startswith(prefix + "/v1/"):
+                path = path[len(prefix) :]
+        endpoint = (
+            path if path in _ENDPOINTS else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        )
+        status = [500]
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        started = [False]
+
+        async def guarded_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started[0] = True
+            await counting_send(message)
+
+        try:
+            await self.app(scope, receive, guarded_send)
+        except Exception as exc:
+            log.exception("unhandled error on %s", scope.get("path", ""))
+            if started[0]:
+                raise  # mid-response: nothing to send, the connection has to go
+            err = APIError(500, f"Internal server error: {type(exc).__name__}: {exc}")
+            await error_response(scope.get("path", ""), err)(scope, receive, counting_send)
+        finally:
+            self.metrics.record_request(endpoint, status[0])
+
+
+def create_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.worker.start()
+        log.info("serving %s (context %d tokens)", ", ".join(state.model_names), state.context_len)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.worker.shutdown, min(state.config.shutdown_timeout, 5.0))
+
+    app = FastAPI(title="longcat2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request.url.path, APIError(400, f"Invalid request: {exc.errors()[:3]}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        msg = f"Not found: {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        return error_response(request.url.path, APIError(exc.status_code, msg))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        running, queued = state.worker.load()
+        ok = state.worker.alive and not state.worker.draining
+        body = {
+            "status": "ok" if ok else ("draining" if state.worker.draining else "engine stopped"),
+            "models": state.model_names,
+            "context_length": state.context_len,
+            "running": running,
+            "queued": queued,
+            "max_batch": state.worker.max_batch,
+            "max_queue": state.worker.max_queue,
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        running, queued = state.worker.load()
+        state.metrics.set_load(running, queued)
+        if request.query_params.get("format") == "json":
+            return JSONResponse(state.metrics.snapshot())
+        return PlainTextResponse(state.metrics.prometheus(), media_type="text/plain; version=0.0.4")
+
+    for prefix in ("", "/openai"):
+        app.include_router(openai_api.router(state), prefix=prefix)
+    for prefix in ("", "/anthropic"):
+        app.include_router(anthropic_api.router(state), prefix=prefix)
+    app.add_middleware(_Guard, metrics=state.metrics)
+    return app
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def resolve_model_dir(config: ServerConfig) -> Path:
+    if config.model_dir is not None:
+        path = Path(config.model_dir)
+        if not (path / "config.json").is_file():
+            raise ServeError(f"--model {path}: not a model directory (no config.json in it)")
+        if not (path / "tokenizer.json").is_file():
+            raise ServeError(
+                f"--model {path}: no tokenizer.json next to the weights; copy the tokenizer files in"
+            )
+        return path
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise ServeError(
+            "no --model given and this installation has no embedded default model "
+            f"({DEFAULT_MODEL_DIR} is missing or empty). Pass --model DIR (a directory with config.json, "
+            "*.safetensors and tokenizer.json), or build the default model with scripts/build_default_model.sh."
+        )
+    return DEFAULT_MODEL_DIR
+
+
+def load_state(config: ServerConfig) -> ServerState:
+    """Load the model, tokenizer and engine named by `config` and wrap them in a `ServerState`."""
+    import torch
+
+    from longcat2.engine import Engine
+    from longcat2.model.longcat import LongCatForCausalLM
+    from longcat2.tokenizer import TokenizerError, load_tokenizer
+
+    path = resolve_model_dir(config)
+    try:
+        tokenizer = load_tokenizer(path)
+    except TokenizerError as e:
+        raise ServeError(str(e)) from e
+    dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
+    try:
+        model = LongCatForCausalLM.from_pretrained(path, dtype=dtype)
+    except (ValueError, OSError) as e:
+        raise ServeError(f"cannot load the model from {path}: {e}") from e
+    cfg = model.config
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ServeError(
+            f"the tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}"
+        )
+    ctx = config.max_model_len or cfg.max_position_embeddings
+    if config.max_model_len and config.max_model_len > cfg.max_position_embeddings:
+        log.warning(
+            "--max-model-len %d exceeds the model's max_position_embeddings %d",
+            config.max_model_len,
+            cfg.max_position_embeddings,
+        )
+    engine = Engine(
+        model,
+        max_batch_size=config.max_batch,
+        max_step_tokens=config.max_step_tokens,
+        speculative=config.speculative,
+        num_draft_tokens=config.num_draft_tokens,
+        detokenize=tokenizer.decode,
+        eos_token_id=tokenizer.eos_id,
+    )
+    metrics = Metrics()
+    worker = EngineWorker(
+        engine, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue, metrics=metrics
+    )
+    default_name = DEFAULT_MODEL_NAME if config.model_dir is None else path.resolve().name
+    names = list(dict.fromkeys(config.served_model_names or [default_name]))
+    info: dict[str, Any] = {"context_length": ctx, "max_model_len": ctx}
+    return ServerState(tokenizer, worker, names, ctx, config=config, metrics=metrics, model_info=info)
+
+
+def run_server(
+    config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+) -> None:
+    """Load the model and serve until SIGINT/SIGTERM."""
+    import uvicorn
+
+    state = load_state(config)
+    app = create_app(state)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    uv = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=int(config.shutdown_timeout),
+        access_log=log_level == "debug",
+    )
+    server = uvicorn.Server(uv)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal under the previous
+    # handlers: make that a clean exit (status 0) instead of a KeyboardInterrupt traceback / death by signal.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly) if main else None
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    raise SystemExit(0)

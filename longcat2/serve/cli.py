@@ -1,0 +1,114 @@
+"""`longcat2 serve`: an OpenAI- and Anthropic-compatible HTTP server for a LongCat model.
+
+Design choices:
+- Defaults are safe for a workstation: bind to 127.0.0.1 (use `--host 0.0.0.0` to expose it), no API key
+  unless `--api-key` or `LONGCAT2_API_KEY` is set.
+- `--model` defaults to the model embedded in the package; without one the command fails with a message
+  saying how to get one, before anything is loaded.
+- `--served-model-name` may list several names (aliases); `--any-model` accepts any model name, for
+  harnesses that insist on their own model ids (e.g. Claude Code's defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from longcat2.serve.app import ServeError, resolve_model_dir, run_server
+    from longcat2.serve.core import ServerConfig
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s"
+    )
+    config = ServerConfig(
+        model_dir=Path(args.model) if args.model else None,
+        served_model_names=args.served_model_name or [],
+        api_key=args.api_key or os.environ.get("LONGCAT2_API_KEY") or None,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_model_len=args.max_model_len,
+        default_max_tokens=args.default_max_tokens,
+        default_temperature=args.default_temperature,
+        clamp_max_tokens=args.clamp_max_tokens,
+        any_model=args.any_model,
+        speculative=args.speculative,
+        num_draft_tokens=args.num_draft_tokens,
+        dtype=args.dtype,
+        max_step_tokens=args.max_step_tokens,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    for name, value in (("--max-batch", args.max_batch), ("--max-step-tokens", args.max_step_tokens)):
+        if value < 1:
+            print(f"error: {name} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if args.max_queue < 0:
+        print(f"error: --max-queue must be >= 0, got {args.max_queue}", file=sys.stderr)
+        return 2
+    try:
+        resolve_model_dir(config)
+        print(
+            f"longcat2 serve: loading {config.model_dir or 'the embedded default model'} ...", file=sys.stderr
+        )
+        print(
+            f"longcat2 serve: http://{args.host}:{args.port}/v1 (OpenAI and Anthropic APIs)", file=sys.stderr
+        )
+        run_server(config, host=args.host, port=args.port, log_level=args.log_level)
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over the OpenAI and Anthropic APIs",
+        description=(
+            "Serve a LongCat model with continuous batching: OpenAI /v1/chat/completions, /v1/completions, "
+            "/v1/models; Anthropic /v1/messages, /v1/messages/count_tokens; /health and /metrics."
+        ),
+    )
+    p.add_argument("--model", default=None, help="model directory (config.json, safetensors, tokenizer.json); "
+                   "default: the embedded default model")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--api-key", default=None, help="require this key (Bearer or x-api-key); env LONGCAT2_API_KEY"
+    )
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) clients use (default: the model directory's name)")  # fmt: skip
+    p.add_argument("--any-model", action="store_true", help="accept any model name in requests")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a batch slot; more are refused with 429 (default 64)")  # fmt: skip
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length in tokens (default: the model's max_position_embeddings)")  # fmt: skip
+    p.add_argument("--default-max-tokens", type=int, default=None,
+                   help="output limit when a chat request sets none (default: the rest of the context)")  # fmt: skip
+    p.add_argument("--default-temperature", type=float, default=None,
+                   help="temperature when a request sets none (default 1.0, as the APIs)")  # fmt: skip
+    p.add_argument("--clamp-max-tokens", action="store_true",
+                   help="clamp max_tokens larger than the context instead of answering 400")  # fmt: skip
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument(
+        "--num-draft-tokens", type=int, default=None, help="draft tokens per speculative round (<= 3)"
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight dtype (default: the checkpoint's)")  # fmt: skip
+    p.add_argument(
+        "--max-step-tokens", type=int, default=512, help="token budget of one engine step (prefill chunks)"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on shutdown (default 30)")  # fmt: skip
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_cmd_serve)

@@ -1,0 +1,340 @@
+"""What the OpenAI and Anthropic front ends share: server configuration and state, authentication, model
+names, prompt encoding with context checks, sampling parameters, and one generation loop that turns engine
+chunks into chat events.
+
+Design choices:
+- Both APIs reduce a request to (OpenAI-style messages, tools, thinking flag), render it with
+  `longcat2.chat.render`, and parse the reply with one `chat.StreamParser` per request, so tool calls are
+  recognised identically in both APIs, streamed or not, and a tag split across tokens is never leaked.
+- Forced tool use (OpenAI `tool_choice: "required"` / a named function, Anthropic `any` / `tool`) is done
+  by prefilling the reply: the prompt ends in `<longcat_tool_call>` (plus `NAME\\n` for a named tool) and
+  the same prefix is fed to the parser first, so the model can only complete a call. `tool_choice: none`
+  renders the prompt without tools, and a call the model writes anyway is returned as text.
+- Context: `context_len` is the model's `max_position_embeddings` (or `--max-model-len`). A prompt that
+  leaves no room for output is a 400 that gives both numbers; a `max_tokens` larger than the whole context
+  is a 400 (unless `--clamp-max-tokens`); otherwise the output budget is `min(max_tokens, context -
+  prompt)` and running out of context ends the reply with finish reason "length".
+- Authentication: with an API key set, every `/v1/...` route needs `Authorization: Bearer KEY` or
+  `x-api-key: KEY` (compared in constant time); `/health` and `/metrics` stay open for probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from longcat2 import chat
+from longcat2.serve.batching import EngineWorker, Metrics, QueueFull, RequestHandle, ShuttingDown
+from longcat2.serve.protocol import APIError, validation_message
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default-model"
+DEFAULT_MODEL_NAME = "longcat-2.0-tiny"
+
+
+@dataclass
+class ServerConfig:
+    model_dir: Path | None = None  # None: the embedded default model
+    served_model_names: list[str] = field(default_factory=list)  # empty: derived from the model
+    api_key: str | None = None
+    max_batch: int = 16
+    max_queue: int = 64
+    max_model_len: int | None = None
+    default_max_tokens: int | None = None
+    default_temperature: float | None = None
+    clamp_max_tokens: bool = False
+    any_model: bool = False
+    speculative: bool = False
+    num_draft_tokens: int | None = None
+    dtype: str = "auto"
+    max_step_tokens: int = 512
+    shutdown_timeout: float = 30.0
+
+
+@dataclass
+class ServerState:
+    """Everything a request handler needs. Built by `app.load_state` (real model) or directly in tests."""
+
+    tokenizer: Any  # longcat2.tokenizer.Tokenizer (encode / decode / decode_stream / eos_id)
+    worker: EngineWorker
+    model_names: list[str]
+    context_len: int
+    config: ServerConfig = field(default_factory=ServerConfig)
+    metrics: Metrics = field(default_factory=Metrics)
+    created: int = field(default_factory=lambda: int(time.time()))
+    model_info: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ requests
+
+    def resolve_model(self, name: str) -> str:
+        if name in self.model_names or self.config.any_model:
+            return name
+        raise APIError(
+            404,
+            f"The model '{name}' does not exist; this server serves: {', '.join(self.model_names)}",
+            param="model",
+            code="model_not_found",
+        )
+
+    def check_auth(self, request: Request) -> None:
+        key = self.config.api_key
+        if not key:
+            return
+        given = request.headers.get("x-api-key")
+        if given is None:
+            auth = request.headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            given = token.strip() if scheme.lower() == "bearer" else None
+        if given is None:
+            raise APIError(
+                401,
+                "Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
+                code="invalid_api_key",
+            )
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise APIError(401, "Invalid API key", code="invalid_api_key")
+
+    async def encode(self, text: str) -> list[int]:
+        if len(text) > 50_000:  # keep the event loop responsive for long prompts
+            return await asyncio.to_thread(self.tokenizer.encode, text)
+        return self.tokenizer.encode(text)
+
+    def output_budget(self, prompt_len: int, requested: int | None, param: str) -> int:
+        """Max new tokens for a prompt of `prompt_len` tokens (see the module docstring for the rules)."""
+        ctx = self.context_len
+        if prompt_len >= ctx:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx} tokens, but the prompt is {prompt_len} tokens"
+                f" long, leaving no room for output. Please shorten the messages.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        room = ctx - prompt_len
+        if requested is None:
+            limit = self.config.default_max_tokens
+            return room if limit is None else min(room, limit)
+        if requested > ctx and not self.config.clamp_max_tokens:
+            raise APIError(
+                400,
+                f"{param} is too large: {requested}. This model's maximum context length is {ctx} tokens "
+                f"(the prompt uses {prompt_len}, so at most {room} tokens can be generated).",
+                param=param,
+                code="max_tokens_too_large",
+            )
+        return min(requested, room)
+
+    def sampling_params(
+        self,
+        *,
+        max_new_tokens: int,
+        temperature: float | None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        ignore_eos: bool | None = None,
+    ) -> Any:
+        from longcat2.engine import SamplingParams
+
+        if temperature is None:
+            temperature = (
+                self.config.default_temperature if self.config.default_temperature is not None else 1.0
+            )
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=float(temperature),
+            top_p=float(top_p) if top_p is not None else 1.0,
+            top_k=max(0, top_k) if top_k is not None else 0,
+            min_p=float(min_p or 0.0),
+            presence_penalty=float(presence_penalty or 0.0),
+            frequency_penalty=float(frequency_penalty or 0.0),
+            repetition_penalty=float(repetition_penalty or 1.0),
+            seed=seed,
+            stop=list(stop),
+            ignore_eos=bool(ignore_eos),
+        )
+
+    def submit(self, prompt_ids: list[int], params: Any, stops: Sequence[str] = ()) -> RequestHandle:
+        try:
+            return self.worker.submit(prompt_ids, params, stops)
+        except QueueFull as e:
+            raise APIError(429, str(e), code="server_busy", headers={"retry-after": "1"}) from e
+        except ShuttingDown as e:
+            raise APIError(503, f"Service unavailable: {e}", code="unavailable") from e
+
+
+def check_stops(stop: str | list[str] | None, param: str, limit: int = 16) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > limit:
+        raise APIError(400, f"{param}: at most {limit} stop sequences are supported", param=param)
+    if any(not s for s in stops):
+        raise APIError(400, f"{param}: stop sequences must be non-empty strings", param=param)
+    return stops
+
+
+def new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex[:24]
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class ChatPrompt:
+    """A rendered chat request: the prompt text, what to feed the parser first, and parsing options."""
+
+    text: str
+    prefix: str = ""  # forced reply start (tool_choice), fed to the parser before the model's output
+    tools: list[dict[str, Any]] | None = None  # tools for the parser (string-typed XML arguments)
+    calls_as_text: bool = False  # tool_choice "none": a call the model writes anyway stays text
+
+
+def build_chat_prompt(
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    thinking: bool | None,
+    tool_mode: str,
+    forced_name: str | None = None,
+) -> ChatPrompt:
+    """tool_mode: "auto" | "none" | "required" | "named" (with `forced_name`)."""
+    if tool_mode in ("required", "named") and not tools:
+        raise APIError(400, "tool_choice requires a tool, but no tools were given", param="tool_choice")
+    if tool_mode == "named":
+        names = [t["function"]["name"] for t in tools or []]
+        if forced_name not in names:
+            raise APIError(
+                400,
+                f"tool_choice names the tool {forced_name!r}, which is not in tools ({', '.join(names)})",
+                param="tool_choice",
+            )
+    try:
+        text = chat.render(messages, tools if tool_mode != "none" else None, True, thinking)
+    except chat.ChatFormatError as e:
+        raise APIError(400, str(e), param="messages") from e
+    prefix = ""
+    if tool_mode == "required":
+        prefix = chat.CALL_OPEN
+    elif tool_mode == "named":
+        prefix = f"{chat.CALL_OPEN}{forced_name}\n"
+    return ChatPrompt(text + prefix, prefix, tools, calls_as_text=tool_mode == "none")
+
+
+# -------------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Finished:
+    """The end of a chat generation. reason: "stop" | "length" | "tool_calls" | "abort" | "error"."""
+
+    reason: str
+    stop_sequence: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+ChatEvent = chat.TextDelta | chat.ReasoningDelta | chat.ToolCallEvent | Finished
+
+
+async def chat_events(
+    handle: RequestHandle, prompt: ChatPrompt, make_id: Callable[[], str]
+) -> AsyncIterator[ChatEvent]:
+    """Parse a request's output into chat events, ending with one `Finished`. Cancels the request when the
+    consumer stops early (client disconnect, handler cancelled)."""
+    parser = chat.StreamParser(prompt.tools, make_id=make_id)
+    calls = 0
+    done = False
+
+    def convert(events: list[chat.Event]) -> list[chat.Event]:
+        nonlocal calls
+        out: list[chat.Event] = []
+        for ev in events:
+            if isinstance(ev, chat.ToolCallEvent):
+                if prompt.calls_as_text:
+                    out.append(chat.TextDelta(chat.format_tool_call(ev.name, ev.arguments)))
+                    continue
+                calls += 1
+            out.append(ev)
+        return out
+
+    try:
+        for ev in convert(parser.feed(prompt.prefix) if prompt.prefix else []):
+            yield ev
+        async for chunk in handle:
+            for ev in convert(parser.feed(chunk.text)):
+                yield ev
+            if chunk.finished:
+                for ev in convert(parser.finish()):
+                    yield ev
+                reason = chunk.finish_reason or "stop"
+                stop_seq = chunk.stop_reason if isinstance(chunk.stop_reason, str) else None
+                if reason == "stop" and calls and stop_seq is None:
+                    reason = "tool_calls"
+                done = True
+                yield Finished(reason, stop_seq, handle.prompt_tokens, chunk.completion_tokens, chunk.error)
+                return
+    finally:
+        if not done:
+            handle.cancel()
+
+
+async def wait_or_disconnect(request: Request, coro: Any) -> Any:
+    """Await `coro`; if the client disconnects first, cancel it (its `finally` frees the request) and raise
+    `asyncio.CancelledError`."""
+    task = asyncio.ensure_future(coro)
+
+    async def disconnected() -> None:
+        while True:
+            message = await request.receive()
+            if message.get("type") == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+        raise asyncio.CancelledError("client disconnected")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
+    """Read and validate a JSON body; malformed JSON, a non-object body or invalid fields are 400s."""
+    raw = await request.body()
+    if not raw.strip():
+        raise APIError(400, "The request body is empty; expected a JSON object")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"Malformed JSON in the request body: {e}") from e
+    if not isinstance(data, dict):
+        raise APIError(400, f"The request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        msg, loc = validation_message(e)
+        raise APIError(400, f"Invalid request: {msg}", param=loc) from e

@@ -1,0 +1,98 @@
+"""The embedded default model through the real server with the unmodified SDKs: the README's tool-call round
+trip ("What is the weather in Paris?" → get_weather({"city": "Paris"}) → tool result → answer).
+Skipped until `scripts/build_default_model.sh` has installed the model into the package."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import openai
+import pytest
+from serve_helpers import ServerThread, wait_idle
+
+from longcat2.serve import ServerConfig, create_app, load_state
+from longcat2.serve.core import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
+
+pytestmark = pytest.mark.skipif(
+    not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no embedded default model (build it first)"
+)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "City name, e.g. Paris"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def default_server():
+    state = load_state(ServerConfig(default_temperature=0.0))
+    with ServerThread(create_app(state), state) as srv:
+        yield srv
+
+
+def test_openai_tool_round_trip(default_server):
+    client = openai.OpenAI(base_url=default_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list()] == [DEFAULT_MODEL_NAME]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(
+        model=DEFAULT_MODEL_NAME, messages=messages, tools=[WEATHER], max_tokens=64
+    )
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls", msg
+    assert msg.tool_calls[0].function.name == "get_weather"
+    assert json.loads(msg.tool_calls[0].function.arguments) == {"city": "Paris"}
+    messages += [
+        msg.model_dump(exclude_none=True),
+        {
+            "role": "tool",
+            "tool_call_id": msg.tool_calls[0].id,
+            "content": json.dumps(
+                {"city": "Paris", "temperature": 21, "unit": "celsius", "condition": "sunny"}
+            ),
+        },
+    ]
+    r2 = client.chat.completions.create(
+        model=DEFAULT_MODEL_NAME, messages=messages, tools=[WEATHER], max_tokens=64
+    )
+    assert r2.choices[0].finish_reason == "stop" and not r2.choices[0].message.tool_calls
+    assert "21" in r2.choices[0].message.content
+    # the same call, streamed
+    stream = client.chat.completions.create(
+        model=DEFAULT_MODEL_NAME, messages=messages[:1], tools=[WEATHER], max_tokens=64, stream=True
+    )
+    args = "".join(
+        tc.function.arguments or "" for c in stream if c.choices for tc in c.choices[0].delta.tool_calls or []
+    )
+    assert json.loads(args) == {"city": "Paris"}
+
+
+def test_anthropic_tool_round_trip(default_server):
+    client = anthropic.Anthropic(base_url=default_server.url, api_key="x", max_retries=0, timeout=120)
+    tool = {
+        "name": "get_weather",
+        "description": WEATHER["function"]["description"],
+        "input_schema": WEATHER["function"]["parameters"],
+    }
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.messages.create(model=DEFAULT_MODEL_NAME, max_tokens=64, tools=[tool], messages=messages)
+    assert r.stop_reason == "tool_use", r.content
+    use = next(b for b in r.content if b.type == "tool_use")
+    assert use.name == "get_weather" and use.input == {"city": "Paris"}
+    messages += [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in r.content]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": use.id, "content": '{"temperature": 21}'}],
+        },
+    ]
+    r2 = client.messages.create(model=DEFAULT_MODEL_NAME, max_tokens=64, tools=[tool], messages=messages)
+    assert r2.stop_reason == "end_turn" and r2.content and r2.content[0].type == "text"
+    wait_idle(default_server.state)
