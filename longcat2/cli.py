@@ -18,6 +18,7 @@ _COMMAND_MODULES = [
     "longcat2.data",  # prepare
     "longcat2.train",  # train, sft
     "longcat2.plan",  # plan
+    "longcat2.engine.cli",  # generate
     "longcat2.evals.cli",  # eval longctx, eval ppl
     "longcat2.serve.cli",  # serve
 ]

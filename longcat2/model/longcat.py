@@ -241,6 +241,31 @@ class LongCatForCausalLM(nn.Module):
         return LongCatOutput(logits=logits, hidden=hidden, mtp_logits=mtp_logits)
 
     # ------------------------------------------------------------------ conveniences
+    def generate(
+        self,
+        input_ids: torch.Tensor | list,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        speculative: bool = False,
+        **kwargs,
+    ) -> torch.Tensor | list:
+        """Generate with the inference engine (paged latent cache, sparse decode); temperature 0 = greedy.
+
+        input_ids [B, T] → [B, T + new] (prompt + output, pad-filled); a list of token-id lists (any lengths)
+        → the generated ids per prompt. Keywords: top_k, top_p, min_p, repetition_penalty,
+        presence_penalty, frequency_penalty, seed, stop_token_ids, ignore_eos, num_draft_tokens, stream
+        (a callback per engine event); see `longcat2.engine.generate`."""
+        from longcat2.engine import generate
+
+        return generate(
+            self,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            speculative=speculative,
+            **kwargs,
+        )
+
     def num_parameters(self, include_mtp: bool = False) -> int:
         return sum(
             p.numel() for n, p in self.named_parameters() if include_mtp or not n.startswith("model.mtp.")

@@ -1,0 +1,286 @@
+"""Decode step vs context length: dense MLA vs LSA, per layer, with the engine's kernels.
+
+One *layer* = what LongCat's decoder layer reads from its caches per decoded token: two MLA sublayers (the
+index owner and the CLI consumer) and one indexer. Both arms run the engine's own kernels on a paged cache
+holding one contiguous sequence (synthetic latents/keys; the selection is whatever random keys give):
+
+- dense: absorbed MLA over every cached latent of both sublayers (`kernels.dense_decode`, online softmax
+  over contiguous runs, no copy) — the best dense decode this engine has.
+- LSA: indexer score over the dynamic region [init, q - local] (`index_scan`, fp32 scores; or the bf16
+  two-pass `index_scan_select_bf16` that returns the same indices), top-k with forced sink/local tokens
+  (`lsa_rows`), gather of the selected latents for both sublayers and absorbed attention over them
+  (`gather_attention`).
+
+Weight projections (q/kv/o, indexer q/w) are identical in both arms and weight-bound, so they are left
+out, as in the bytes model of sparse_attention.md §5: dense = 2·L·(c+r)·e bytes, LSA = 2·k·(c+r)·e +
+L·d_I·e_I (L = context, k = index_topk, e = bytes per element). FLOPs: dense 2·L·2h(2c+r), LSA
+2·k·2h(2c+r) + L·2·h_I·d_I. "%BW" is achieved bytes/s over a measured 1-thread stream-read bandwidth.
+Times are the best of `--repeats` runs, the arms taking turns (the machine may be shared).
+
+    .venv/bin/python bench/decode_lsa.py                      # both configs, 4K … 1M
+    .venv/bin/python bench/decode_lsa.py --config longcat-2.0 --lengths 4096,131072 --repeats 5 --engine-lengths ""
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from longcat2.engine.cache import LayerSpec, PagedKVCache  # noqa: E402
+from longcat2.engine.kernels import (  # noqa: E402
+    attend_gathered,
+    dense_decode,
+    gather_attention,
+    gather_rows,
+    index_scan,
+    index_scan_select_bf16,
+    lsa_rows,
+)
+
+
+@dataclass
+class Dims:
+    name: str
+    heads: int
+    latent: int
+    rope: int
+    index_heads: int
+    index_dim: int
+    topk: int
+    init: int
+    local: int
+    dtype: torch.dtype
+
+
+CONFIGS = {
+    "longcat-2.0": Dims("longcat-2.0", 64, 512, 64, 32, 128, 2048, 16, 1024, torch.bfloat16),
+    "tiny": Dims("tiny", 4, 32, 8, 4, 16, 64, 4, 16, torch.float32),
+}
+
+
+def stream_bandwidth() -> float:
+    x = torch.ones(1 << 27)  # 512 MB fp32
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def timeit(fns: dict, repeats: dict[str, int]) -> dict[str, float]:
+    """Best time of each function; the functions take turns (interleaved), so load from other processes
+    on a shared machine hits every arm alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {k: float("inf") for k in fns}
+    for i in range(max(repeats.values())):
+        for k, fn in fns.items():
+            if i < repeats[k]:
+                t = time.perf_counter()
+                fn()
+                best[k] = min(best[k], time.perf_counter() - t)
+    return best
+
+
+def fill(t: torch.Tensor, block: int = 1 << 16) -> None:
+    g = torch.Generator().manual_seed(0)
+    for i in range(0, t.shape[0], block):
+        t[i : i + block] = torch.randn(t[i : i + block].shape, generator=g).to(t.dtype)
+
+
+def bench_length(d: Dims, length: int, repeats: int, bw: float, exact_scan: bool) -> dict[str, float]:
+    cache = PagedKVCache(
+        [LayerSpec(d.latent, d.rope, True), LayerSpec(d.latent, d.rope, False)],
+        d.index_dim,
+        block_size=4096,
+        num_blocks=-(-length // 4096),
+        dtype=d.dtype,
+    )
+    seq = cache.new_sequence()
+    cache.reserve(seq, length)
+    for t in [*cache.latent, *cache.rope, cache.index_keys[0]]:
+        fill(t)
+    e = torch.finfo(d.dtype).bits // 8
+    cache.index_key_max_norm[0] = float(cache.index_keys[0][:length].float().norm(dim=-1).max())
+    g = torch.Generator().manual_seed(1)
+    ql = [torch.randn(d.heads, d.latent, generator=g).to(d.dtype) for _ in range(2)]
+    qr = [torch.randn(d.heads, d.rope, generator=g).to(d.dtype) for _ in range(2)]
+    qi = torch.randn(d.index_heads, d.index_dim, generator=g).to(d.dtype)
+    wi = torch.randn(d.index_heads, generator=g) * d.index_heads**-0.5 * d.index_dim**-0.5
+    qpos = length - 1
+    lo, hi = d.init, qpos - d.local + 1
+    kd = d.topk - d.init - d.local
+    scale = (d.latent // 4) ** -0.5
+    keys = cache.index_keys[0]
+    lat_runs = [
+        [(cache.latent[i][r : r + m], cache.rope[i][r : r + m]) for _, r, m in cache.runs(seq, 0, length)]
+        for i in range(2)
+    ]
+    key_runs = [(a, keys[r : r + m]) for a, r, m in cache.runs(seq, lo, hi)]
+    q_pos = torch.tensor([qpos])
+
+    def dense() -> None:
+        for i in range(2):
+            dense_decode(ql[i], qr[i], lat_runs[i], scale)
+
+    def scan() -> torch.Tensor:
+        return index_scan(qi[None], wi[None], key_runs, lo, hi)
+
+    scores = scan()
+
+    def topk() -> torch.Tensor:
+        return lsa_rows(scores, q_pos, d.topk, d.init, d.local)
+
+    def two_pass() -> torch.Tensor:
+        return index_scan_select_bf16(qi, wi, key_runs, lo, hi, kd, cache.index_key_max_norm[0])
+
+    sel = topk()
+    slots = cache.slots(seq, sel)  # [1, k]
+
+    def gather() -> list:
+        return [gather_rows(cache.latent[i], cache.rope[i], slots) for i in range(2)]
+
+    gathered = gather()
+
+    def attention() -> None:
+        for i in range(2):
+            lat, rope, invalid = gathered[i]
+            attend_gathered(ql[i][None], qr[i][None], lat, rope, invalid, scale)
+
+    use_two_pass = d.dtype == torch.bfloat16 and not exact_scan
+    if use_two_pass:
+        assert torch.equal(two_pass(), sel[0, d.init : d.init + kd]), "bf16 two-pass selection differs"
+
+    def lsa() -> None:
+        if use_two_pass:
+            dyn = two_pass()
+            s = torch.cat([torch.arange(d.init), dyn, torch.arange(qpos - d.local + 1, qpos + 1)])[None]
+        else:
+            s = lsa_rows(scan(), q_pos, d.topk, d.init, d.local)
+        sl = cache.slots(seq, s)
+        for i in range(2):
+            gather_attention(ql[i][None], qr[i][None], cache.latent[i], cache.rope[i], sl, scale)
+
+    dense_reps = max(2, min(repeats, int(2e8 // (length * d.heads * d.latent)) + 1))
+    fns = {"dense": dense, "scan": scan, "topk": topk, "gather": gather, "attention": attention, "lsa": lsa}
+    if use_two_pass:
+        fns["scan2"] = two_pass
+    res = timeit(fns, {k: dense_reps if k == "dense" else repeats for k in fns})
+    kv = (d.latent + d.rope) * e
+    res["bytes_dense"] = 2 * length * kv
+    res["bytes_lsa"] = 2 * d.topk * kv + (hi - lo) * d.index_dim * e
+    res["flops_dense"] = 2 * length * 2 * d.heads * (2 * d.latent + d.rope)
+    res["flops_lsa"] = (
+        2 * d.topk * 2 * d.heads * (2 * d.latent + d.rope) + (hi - lo) * 2 * d.index_heads * d.index_dim
+    )
+    res["bw"] = bw
+    return res
+
+
+def engine_step(length: int, lsa: bool, repeats: int) -> float:
+    """Seconds per decode step of the whole `tiny` model through `ModelRunner` at a synthetic context."""
+    from longcat2 import ModelConfig
+    from longcat2.engine.runner import ModelRunner, Segment
+    from longcat2.model.longcat import LongCatForCausalLM
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny")
+    if not lsa:
+        cfg = cfg.replace(index_n_heads=0)
+    model = LongCatForCausalLM(cfg).eval()
+    runner = ModelRunner(model, block_size=4096, num_blocks=-(-(length + 64) // 4096))
+    g = torch.Generator().manual_seed(1)
+    seq = runner.new_sequence(torch.randint(4, 512, (length,), generator=g).tolist())
+    runner.cache.reserve(seq.blocks, length + repeats + 2)
+    for t in [*runner.cache.latent, *runner.cache.rope, *runner.cache.index_keys.values()]:
+        fill(t)
+    seq.blocks.num_tokens = length
+
+    ts = []
+    for i in range(repeats + 1):
+        pos = length + i
+        seq.tokens.append(7)
+        t0 = time.perf_counter()
+        runner.forward([Segment(seq, torch.tensor([7]), pos, "last")])
+        ts.append(time.perf_counter() - t0)
+    return min(ts[1:])
+
+
+def fmt_len(n: int) -> str:
+    return f"{n // (1 << 20)}M" if n % (1 << 20) == 0 else f"{n // 1024}K"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=[*CONFIGS, "all"], default="all")
+    ap.add_argument("--lengths", default="4096,16384,65536,131072,262144,1048576")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--exact-scan", action="store_true", help="bf16 configs: fp32 scan instead of two-pass")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--engine-lengths",
+        default="4096,32768,131072,1048576",
+        help="whole-model decode step of the tiny preset through the engine (empty: skip)",
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    bw = stream_bandwidth()
+    print(f"# {' '.join(sys.argv)}")
+    print(f"# torch {torch.__version__}, {args.threads} thread(s); stream read bandwidth {bw / 1e9:.1f} GB/s")
+    for name in CONFIGS if args.config == "all" else [args.config]:
+        d = CONFIGS[name]
+        scan_kind = "bf16 two-pass" if d.dtype == torch.bfloat16 and not args.exact_scan else "fp32"
+        print(
+            f"\n## {name}: {d.heads} heads, latent {d.latent}+{d.rope}, indexer {d.index_heads}x{d.index_dim}, "
+            f"top-k {d.topk} (forced {d.init}+{d.local}), {str(d.dtype).replace('torch.', '')} cache, "
+            f"{scan_kind} indexer scan; times per layer (2 sublayers + 1 indexer), ms"
+        )
+        print(
+            "| context | dense | LSA | dense/LSA | bytes model | % of model | index score | top-k | gather | "
+            "attention | dense GB/s (%BW) | LSA GB/s (%BW) | dense GFLOP/s | LSA GFLOP/s |"
+        )
+        print("|" + "---|" * 14)
+        for n in lengths:
+            r = bench_length(d, n, args.repeats, bw, args.exact_scan)
+            model_ratio = r["bytes_dense"] / r["bytes_lsa"]
+            ratio = r["dense"] / r["lsa"]
+            score = r.get("scan2", r["scan"])
+            topk_txt = "(in score)" if "scan2" in r else f"{r['topk'] * 1e3:.2f}"
+            score_txt = f"{score * 1e3:.2f}" + (" (incl. top-k)" if "scan2" in r else "")
+            print(
+                f"| {fmt_len(n)} | {r['dense'] * 1e3:.2f} | {r['lsa'] * 1e3:.3f} | {ratio:.1f}x | "
+                f"{model_ratio:.1f}x | {100 * ratio / model_ratio:.0f}% | {score_txt} | {topk_txt} | "
+                f"{r['gather'] * 1e3:.3f} | {r['attention'] * 1e3:.3f} | "
+                f"{r['bytes_dense'] / r['dense'] / 1e9:.1f} ({100 * r['bytes_dense'] / r['dense'] / bw:.0f}%) | "
+                f"{r['bytes_lsa'] / r['lsa'] / 1e9:.1f} ({100 * r['bytes_lsa'] / r['lsa'] / bw:.0f}%) | "
+                f"{r['flops_dense'] / r['dense'] / 1e9:.0f} | {r['flops_lsa'] / r['lsa'] / 1e9:.0f} |",
+                flush=True,
+            )
+    if args.engine_lengths:
+        print(
+            "\n## whole tiny model (2 layers, MoE, N-gram, LM head) decode step through ModelRunner, synthetic "
+            "cache; dense = the same weights without indexers"
+        )
+        print("| context | dense ms/token | LSA ms/token | dense/LSA | dense tok/s | LSA tok/s |")
+        print("|---|---|---|---|---|---|")
+        with torch.inference_mode():
+            for n in [int(x) for x in args.engine_lengths.split(",")]:
+                td = engine_step(n, False, args.repeats)
+                tl = engine_step(n, True, args.repeats)
+                print(
+                    f"| {fmt_len(n)} | {td * 1e3:.2f} | {tl * 1e3:.2f} | {td / tl:.1f}x | {1 / td:.0f} | {1 / tl:.0f} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Paged latent cache: MLA latents and LSA indexer keys for many sequences in one shared pool.
+
+Design choices:
+- What is cached is what MLA needs in absorbed form and nothing more: per attention sublayer the normalised,
+  α_kv-scaled latent `c_kv` [kv_lora_rank] and the rotated `k_rope` [qk_rope_head_dim] of every token, kept
+  as two separate contiguous tensors (slicing one 576-wide row is slow on CPU); per indexer owner (sublayer
+  0 of a layer under CLI, both sublayers without it, and each MTP module with LSA) the indexer key
+  [index_head_dim]. Per-head K/V are never materialised in the cache.
+- Storage is paged: every layer's tensor is a flat pool of `capacity = num_blocks * block_size` rows, and a
+  sequence owns a list of blocks (its block table). Token at position p of a sequence lives in pool row
+  `block_table[p // block_size] * block_size + p % block_size` (its *slot*) in every layer at once, so one
+  slot mapping per step serves all layers, and selected positions map to slots the same way.
+- Blocks are allocated contiguously when possible (a sequence first tries the blocks right after its last
+  block, a multi-block request first looks for a free run). Readers then see a sequence as a few contiguous
+  *runs* of rows and can scan them as views: the indexer scan and dense decode read keys and latents in
+  place, with no gather, whenever the block table is contiguous (always for a single sequence).
+- The pool grows by doubling (a copy) when it runs out of blocks, so callers need no capacity planning;
+  `max_blocks` caps it (a `CacheFull` error is raised rather than swapping).
+- The cache stores whatever dtype it is given (fp32 for tests, bf16 to halve bytes); indexer keys may use
+  their own dtype (`index_dtype`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from longcat2.config import ModelConfig
+
+
+class CacheFull(RuntimeError):
+    """The pool has no free blocks left and may not grow any further."""
+
+
+class BlockAllocator:
+    """Free-block bookkeeping with a preference for contiguous runs."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free = bytearray(b"\x01") * num_blocks
+        self.num_free = num_blocks
+
+    def grow(self, num_blocks: int) -> None:
+        extra = num_blocks - self.num_blocks
+        if extra > 0:
+            self._free.extend(b"\x01" * extra)
+            self.num_free += extra
+            self.num_blocks = num_blocks
+
+    def _take(self, start: int, n: int) -> list[int]:
+        self._free[start : start + n] = b"\x00" * n
+        self.num_free -= n
+        return list(range(start, start + n))
+
+    def allocate(self, n: int, after: int | None = None) -> list[int] | None:
+        """n blocks, contiguous with block `after` if possible, else one free run, else any free blocks.
+        None when fewer than n blocks are free."""
+        if n <= 0:
+            return []
+        if n > self.num_free:
+            return None
+        free = self._free
+        if after is not None and after + 1 + n <= self.num_blocks:
+            if free.find(b"\x00", after + 1, after + 1 + n) == -1:
+                return self._take(after + 1, n)
+        start = free.find(b"\x01" * n)  # first fit
+        if start != -1:
+            return self._take(start, n)
+        out: list[int] = []
+        pos = 0
+        while len(out) < n:  # fragmented: any free blocks, lowest first
+            pos = free.find(b"\x01", pos)
+            out.append(pos)
+            free[pos] = 0
+            pos += 1
+        self.num_free -= n
+        return out
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if self._free[b]:
+                raise ValueError(f"block {b} freed twice")
+            self._free[b] = 1
+        self.num_free += len(blocks)
+
+
+@dataclass
+class SeqBlocks:
+    """A sequence's view of the pool: its block table and how many positions hold valid entries."""
+
+    blocks: list[int] = field(default_factory=list)
+    num_tokens: int = 0  # positions 0..num_tokens-1 are written (in every layer)
+    _table: torch.Tensor | None = None  # int64 [len(blocks)], rebuilt lazily
+    _runs: list[tuple[int, int, int]] | None = None  # (first position, first slot, length) per run of blocks
+
+    def invalidate(self) -> None:
+        self._table = None
+        self._runs = None
+
+
+@dataclass
+class LayerSpec:
+    """Which pools one attention sublayer has (`index`: it owns an indexer)."""
+
+    latent_dim: int
+    rope_dim: int
+    index: bool
+
+
+class PagedKVCache:
+    """Pools for every attention sublayer of a model; sublayer ids: main layer l, sublayer i → 2l + i;
+    MTP module j → 2 * num_layers + j."""
+
+    def __init__(
+        self,
+        layers: list[LayerSpec],
+        index_head_dim: int,
+        *,
+        block_size: int = 256,
+        num_blocks: int = 16,
+        max_blocks: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        index_dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if block_size <= 0 or num_blocks <= 0:
+            raise ValueError("block_size and num_blocks must be positive")
+        self.layers = layers
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self.dtype = dtype
+        self.index_dtype = index_dtype or dtype
+        self.device = torch.device(device)
+        self.index_head_dim = index_head_dim
+        self.allocator = BlockAllocator(num_blocks)
+        cap = num_blocks * block_size
+        self.latent = [torch.zeros(cap, s.latent_dim, dtype=dtype, device=self.device) for s in layers]
+        self.rope = [torch.zeros(cap, s.rope_dim, dtype=dtype, device=self.device) for s in layers]
+        self.index_keys: dict[int, torch.Tensor] = {
+            i: torch.zeros(cap, index_head_dim, dtype=self.index_dtype, device=self.device)
+            for i, s in enumerate(layers)
+            if s.index
+        }
+        # running max of indexer-key L2 norms per owner (bf16 keys only: bounds of the bf16 two-pass scan)
+        self.index_key_max_norm: dict[int, float] = {i: 0.0 for i in self.index_keys}
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def for_model(
+        cls, model: torch.nn.Module, *, with_mtp: bool = False, dtype: torch.dtype | None = None, **kw
+    ) -> PagedKVCache:
+        """Layer specs read off a LongCatForCausalLM (its MLA modules decide who owns an indexer)."""
+        cfg: ModelConfig = model.config
+        specs = []
+        for layer in model.model.layers:
+            for attn in layer.self_attn:
+                specs.append(LayerSpec(cfg.kv_lora_rank, cfg.qk_rope_head_dim, attn.indexer is not None))
+        if with_mtp and model.model.mtp is not None:
+            for mtp_layer in model.model.mtp.layers:
+                specs.append(
+                    LayerSpec(cfg.kv_lora_rank, cfg.qk_rope_head_dim, mtp_layer.self_attn.indexer is not None)
+                )
+        if dtype is None:
+            dtype = next(model.parameters()).dtype
+        return cls(specs, cfg.index_head_dim, dtype=dtype, **kw)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def capacity(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def bytes_per_token(self) -> int:
+        e = torch.finfo(self.dtype).bits // 8
+        ei = torch.finfo(self.index_dtype).bits // 8
+        lat = sum((s.latent_dim + s.rope_dim) * e for s in self.layers)
+        return lat + len(self.index_keys) * self.index_head_dim * ei
+
+    # ------------------------------------------------------------------ allocation
+    def _grow(self, min_blocks: int) -> None:
+        new = max(min_blocks, 2 * self.num_blocks)
+        if self.max_blocks is not None:
+            if min_blocks > self.max_blocks:
+                raise CacheFull(f"cache needs {min_blocks} blocks, max_blocks={self.max_blocks}")
+            new = min(new, self.max_blocks)
+        extra = (new - self.num_blocks) * self.block_size
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(extra, t.shape[1])])
+
+        self.latent = [grown(t) for t in self.latent]
+        self.rope = [grown(t) for t in self.rope]
+        self.index_keys = {i: grown(t) for i, t in self.index_keys.items()}
+        self.allocator.grow(new)
+
+    def new_sequence(self) -> SeqBlocks:
+        return SeqBlocks()
+
+    def reserve(self, seq: SeqBlocks, num_tokens: int) -> None:
+        """Make sure positions 0..num_tokens-1 have slots."""
+        need = -(-num_tokens // self.block_size) - len(seq.blocks)
+        if need <= 0:
+            return
+        after = seq.blocks[-1] if seq.blocks else None
+        got = self.allocator.allocate(need, after)
+        if got is None:
+            self._grow(self.num_blocks - self.allocator.num_free + need)
+            got = self.allocator.allocate(need, after)
+            assert got is not None
+        seq.blocks.extend(got)
+        seq.invalidate()
+
+    def release(self, seq: SeqBlocks) -> None:
+        self.allocator.free(seq.blocks)
+        seq.blocks = []
+        seq.num_tokens = 0
+        seq.invalidate()
+
+    # ------------------------------------------------------------------ addressing
+    def table(self, seq: SeqBlocks) -> torch.Tensor:
+        if seq._table is None:
+            seq._table = torch.tensor(seq.blocks, dtype=torch.long, device=self.device)
+        return seq._table
+
+    def slots(self, seq: SeqBlocks, positions: torch.Tensor) -> torch.Tensor:
+        """positions [...] (int64, >= 0) → pool rows [...]; -1 stays -1."""
+        bs = self.block_size
+        safe = positions.clamp(min=0)
+        rows = self.table(seq)[safe // bs] * bs + safe % bs
+        return torch.where(positions >= 0, rows, positions)
+
+    def runs(self, seq: SeqBlocks, start: int, end: int) -> list[tuple[int, int, int]]:
+        """Contiguous pieces of positions [start, end): (first position, first pool row, length)."""
+        if seq._runs is None:
+            runs: list[tuple[int, int, int]] = []
+            bs = self.block_size
+            for i, b in enumerate(seq.blocks):
+                if runs and runs[-1][1] + runs[-1][2] == b * bs:
+                    p, r, n = runs[-1]
+                    runs[-1] = (p, r, n + bs)
+                else:
+                    runs.append((i * bs, b * bs, bs))
+            seq._runs = runs
+        out = []
+        for p, r, n in seq._runs:
+            lo, hi = max(p, start), min(p + n, end)
+            if lo < hi:
+                out.append((lo, r + lo - p, hi - lo))
+        return out
+
+    def read(self, pool: torch.Tensor, seq: SeqBlocks, start: int, end: int) -> torch.Tensor:
+        """Rows of positions [start, end) of one pool: a view when contiguous, else a gathered copy."""
+        pieces = self.runs(seq, start, end)
+        if len(pieces) == 1:
+            _, r, n = pieces[0]
+            return pool[r : r + n]
+        if not pieces:
+            return pool[:0]
+        return torch.cat([pool[r : r + n] for _, r, n in pieces])
+
+    # ------------------------------------------------------------------ writes
+    def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor) -> None:
+        """slots [N], latent [N, c], rope [N, r]."""
+        self.latent[layer].index_copy_(0, slots, latent.to(self.dtype))
+        self.rope[layer].index_copy_(0, slots, rope.to(self.dtype))
+
+    def write_index(self, layer: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """slots [N], keys [N, index_head_dim]."""
+        keys = keys.to(self.index_dtype)
+        self.index_keys[layer].index_copy_(0, slots, keys)
+        if keys.numel() and self.index_dtype == torch.bfloat16:
+            norm = float(keys.float().norm(dim=-1).max())
+            if norm > self.index_key_max_norm[layer]:
+                self.index_key_max_norm[layer] = norm

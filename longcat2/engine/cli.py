@@ -1,0 +1,151 @@
+"""`longcat2 generate`: run the inference engine from the command line.
+
+    longcat2 generate --model DIR --prompt "def fib(n):" --max-new-tokens 64 --stream
+    longcat2 generate --preset tiny --prompt-ids 1,2,3 --max-new-tokens 16 --seed 0
+
+A model directory is loaded with `LongCatForCausalLM.from_pretrained`; its tokenizer (if the directory has
+one) encodes `--prompt` and decodes the output. A preset builds a randomly initialised model (seeded by
+`--seed`), which has no tokenizer: give `--prompt-ids` and the output is printed as ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from longcat2.config import ConfigError, ModelConfig
+    from longcat2.engine import Engine, SamplingParams
+    from longcat2.model.longcat import LongCatForCausalLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    tokenizer = None
+    try:
+        if args.model:
+            path = Path(args.model)
+            model = LongCatForCausalLM.from_pretrained(path, dtype=dtype)
+            if (path / "tokenizer.json").is_file():
+                from longcat2.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(path)
+        else:
+            cfg = ModelConfig.from_preset(args.preset)
+            torch.manual_seed(args.seed if args.seed is not None else 0)
+            model = LongCatForCausalLM(cfg)
+            if dtype is not None:
+                model = model.to(dtype)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model.eval()
+    if args.prompt_ids is not None:
+        prompt = args.prompt_ids
+    elif tokenizer is not None:
+        prompt = tokenizer.encode(args.prompt)
+    else:
+        print("error: this model has no tokenizer; pass --prompt-ids 1,2,3", file=sys.stderr)
+        return 2
+    if not prompt:
+        print("error: the prompt is empty", file=sys.stderr)
+        return 2
+    if max(prompt) >= model.config.vocab_size or min(prompt) < 0:
+        print(f"error: prompt ids must be in [0, {model.config.vocab_size})", file=sys.stderr)
+        return 2
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop or [],
+        ignore_eos=args.ignore_eos,
+    )
+    engine = Engine(
+        model,
+        speculative=args.speculative,
+        num_draft_tokens=args.num_draft_tokens,
+        detokenize=tokenizer.decode if tokenizer is not None else None,
+        eos_token_id=-1,
+        max_step_tokens=args.prefill_chunk,
+    )
+    engine.add_request(prompt, params)
+    stream = tokenizer.decode_stream() if (tokenizer is not None and args.stream) else None
+    t0 = time.perf_counter()
+    first = None
+    out: list[int] = []
+    reason = None
+    for ev in engine.stream():
+        if ev.new_token_ids and first is None:
+            first = time.perf_counter() - t0
+        out.extend(ev.new_token_ids)
+        if args.stream:
+            if stream is not None:
+                sys.stdout.write("".join(stream.step(t) for t in ev.new_token_ids))
+            else:
+                sys.stdout.write("".join(f"{t} " for t in ev.new_token_ids))
+            sys.stdout.flush()
+        if ev.finished:
+            reason = ev.finish_reason
+    dt = time.perf_counter() - t0
+    if args.stream:
+        sys.stdout.write("\n")
+    elif tokenizer is not None:
+        print(tokenizer.decode(out))
+    else:
+        print(",".join(str(t) for t in out))
+    rate = f"{(len(out) - 1) / (dt - first):.1f} tok/s decode" if first is not None and len(out) > 1 else ""
+    extra = f", draft acceptance {engine.acceptance_rate:.0%}" if args.speculative else ""
+    print(
+        f"[{len(prompt)} prompt + {len(out)} generated tokens, finish: {reason}, "
+        f"first token {1000 * (first or 0):.0f} ms, {rate}{extra}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate text (or token ids) with the inference engine")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model directory (config.json + safetensors [+ tokenizer.json])")
+    src.add_argument("--preset", help="a ModelConfig preset with random weights (e.g. tiny)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the model directory)")
+    prompt.add_argument("--prompt-ids", type=_ids, help="prompt as comma-separated token ids")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (and the preset's weight seed)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument("--num-draft-tokens", type=int, default=None, help="1..3 (default: the MTP depth)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per engine step")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1 if (os.cpu_count() or 1) <= 2 else 0,
+        help="torch threads (0 = torch default; default 1 on machines with <= 2 CPUs)",
+    )
+    p.set_defaults(func=_cmd_generate)

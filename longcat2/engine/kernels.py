@@ -1,0 +1,327 @@
+"""Attention and indexer kernels of the inference engine (plain PyTorch ops on cached tensors).
+
+Design choices:
+- Semantics are the model's (`longcat2.model.lsa`): score I[t, s] = Σ_h w[t, h] · ReLU(q[t, h] · k[s]) in
+  fp32; sink positions s < init and local positions q - local < s <= q forced into the top-k budget; ties at
+  the boundary go to the larger position; indices sorted ascending, -1 for empty slots.
+- Selection without masking passes: for a query that sees more than `topk` keys the forced tokens are
+  disjoint and always in, so only the *dynamic* region [init, q - local] is scored and a top-(topk - init -
+  local) is taken there. One `topk(kd + 1)` both selects and proves there is no tie at the boundary
+  (value kd > value kd+1); only rows with a boundary tie take the exact slow path. This is the same set the
+  model's +inf/-inf masking and tie procedure produce, at the cost of one top-k.
+- Indexer scan: keys are read in place from the pool's contiguous runs, in blocks sized to keep the
+  [block, T*h] dot-product tile in L2 (scoring a long context in one GEMM would spill a T*h-times larger
+  intermediate to memory). Keys are promoted to fp32 per block, so bf16 keys give the fp32 reference
+  scores of bf16 values.
+- bf16 two-pass scan (decode, bf16 queries and keys): the dot products run as one bf16 GEMM (AMX on CPUs
+  that have it) whose outputs are rounded to bf16; with |round(x) - x| <= 2^-9 |x|, |q_h·k| <= |q_h| |k|
+  and the cache's running max key norm, every approximate score is within a certified δ of the exact
+  one. Keys within 2δ of the kd-th best approximate score are the only ones that can be selected; they
+  (a few % of the context) are rescored exactly in fp32 and selected with the exact rule. Result: the same
+  indices as the fp32 scan, at bf16 GEMM speed plus a small rescoring set.
+- Dense decode over a long context (models without LSA, and the dense baseline of the benchmarks) runs the
+  absorbed form over the contiguous runs with an online softmax in blocks, so no [h, S] tensor and no copy
+  of the latents are made.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+# L2-sized tile for the indexer scan: rows * T * h fp32 elements per dot-product block; at most SCAN_ROWS
+# query-head rows per tile in prefill.
+SCAN_TILE_ELEMS = 1 << 18
+SCAN_ROWS = 256
+
+
+def dense_rows(q_pos: torch.Tensor, width: int) -> torch.Tensor:
+    """Selection for queries that see <= width keys: all visible positions, ascending, -1 padded.
+    q_pos [T] → [T, width]."""
+    ar = torch.arange(width, device=q_pos.device)
+    return ar.expand(q_pos.shape[0], width).masked_fill(ar[None, :] > q_pos[:, None], -1)
+
+
+# ---------------------------------------------------------------------- indexer scan
+def index_scan(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    pieces: list[tuple[int, torch.Tensor]],
+    start: int,
+    end: int,
+) -> torch.Tensor:
+    """Exact fp32 indexer scores of keys at positions [start, end).
+
+    q [T, h, d] (any float dtype), w [T, h] fp32 (scale folded in), pieces = [(first position, keys [n, d])]
+    covering [start, end) in order (views into the pool). → scores [T, end - start] fp32."""
+    t, h, d = q.shape
+    qf = q.float().reshape(t * h, d)  # [T*h, d]
+    out = torch.empty(t, end - start, dtype=torch.float32, device=q.device)
+    blk = max(256, SCAN_TILE_ELEMS // (t * h))
+    if t == 1:
+        w1 = w.reshape(h).float()
+        for pos, keys in pieces:
+            for b0 in range(0, keys.shape[0], blk):
+                kb = keys[b0 : b0 + blk].float()  # [n, d]
+                dots = kb @ qf.t()  # [n, h]
+                dots.relu_()
+                o = pos - start + b0
+                torch.mv(dots, w1, out=out[0, o : o + kb.shape[0]])
+        return out
+    # several queries (prefill): tiles of [rows*h, blk] dot products, rows*h <= SCAN_ROWS so the tile stays
+    # in L2; keys are re-read per row chunk (they are d-wide, the tile is rows*h-wide)
+    rc = max(1, SCAN_ROWS // h)
+    blk = max(256, SCAN_TILE_ELEMS // (min(t, rc) * h))
+    for r0 in range(0, t, rc):
+        n_rows = min(rc, t - r0)
+        qr = qf[r0 * h : (r0 + n_rows) * h]  # [rows*h, d]
+        wr = w[r0 : r0 + n_rows].float()[:, :, None]  # [rows, h, 1]
+        for pos, keys in pieces:
+            for b0 in range(0, keys.shape[0], blk):
+                kb = keys[b0 : b0 + blk].float()  # [n, d]
+                dots = (qr @ kb.t()).view(n_rows, h, kb.shape[0])  # [rows, h, n]
+                dots.relu_()
+                o = pos - start + b0
+                out[r0 : r0 + n_rows, o : o + kb.shape[0]] = dots.mul_(wr).sum(1)
+    return out
+
+
+# ---------------------------------------------------------------------- selection
+def _tie_select(row: torch.Tensor, kd: int) -> torch.Tensor:
+    """Exact rule on one row [R]: the kd largest scores, ties at the boundary to larger positions.
+    → column indices [kd] (any order)."""
+    kth = row.topk(kd).values[-1]
+    greater = (row > kth).nonzero().squeeze(-1)
+    need = kd - greater.numel()
+    equal = (row == kth).nonzero().squeeze(-1)
+    return torch.cat([greater, equal[equal.numel() - need :]])
+
+
+def select_dynamic(scores: torch.Tensor, kd: int) -> torch.Tensor:
+    """scores [T, R] (every row has more than kd finite entries; -inf = not a candidate) → columns of
+    the kd selected keys per row [T, kd], ascending."""
+    t, r = scores.shape
+    if kd <= 0:
+        return scores.new_zeros(t, 0, dtype=torch.long)
+    vals, idx = scores.topk(min(kd + 1, r), dim=-1)  # [T, kd+1], descending
+    idx = idx[:, :kd]
+    if r > kd:
+        tied = (vals[:, kd - 1] == vals[:, kd]).nonzero().squeeze(-1)
+        if tied.numel():
+            idx = idx.clone()
+            for i in tied.tolist():
+                idx[i] = _tie_select(scores[i], kd)
+    return idx.sort(dim=-1).values
+
+
+def lsa_rows(scores: torch.Tensor, q_pos: torch.Tensor, topk: int, init: int, local: int) -> torch.Tensor:
+    """Selection for queries that see more than `topk` keys.
+
+    scores [T, R]: exact scores of key positions init .. init + R - 1 (the dynamic region of the last
+    row; overwritten: non-candidates become -inf); q_pos [T] ascending, every q_pos >= topk. Column j is a
+    candidate of row i iff init + j <= q_pos[i] - local. → positions [T, topk] ascending."""
+    t, r = scores.shape
+    kd = topk - init - local
+    limit = q_pos - local - init  # last candidate column per row
+    first_masked = int(limit.min()) + 1
+    if first_masked < r:  # only the tail columns differ between rows (masked in place)
+        cols = torch.arange(first_masked, r, device=scores.device)
+        scores[:, first_masked:].masked_fill_(cols[None, :] > limit[:, None], NEG_INF)
+    dyn = select_dynamic(scores, kd) + init
+    sink = torch.arange(init, device=scores.device).expand(t, init)
+    loc = q_pos[:, None] - local + 1 + torch.arange(local, device=scores.device)
+    return torch.cat([sink, dyn, loc], dim=1)
+
+
+# ---------------------------------------------------------------------- bf16 two-pass decode scan
+BF16_ROUND = 2.0**-8  # 2x the bf16 round-to-nearest bound 2^-9 (margin)
+
+
+def bf16_scan_bound(q: torch.Tensor, w: torch.Tensor, key_max_norm: float) -> float:
+    """δ with |approx - exact| <= δ for every key of L2 norm <= key_max_norm (see index_scan_select_bf16):
+    per head |bf16(r) - r| <= 2^-9 |r| <= 2^-9 ||q_h|| ||k||, plus fp32 accumulation-order terms
+    (d + h)·2^-23 of the same magnitude; 2x margin on all of it."""
+    h, d = q.shape
+    qn = q.float().norm(dim=-1)  # [h]
+    mass = float((w.reshape(h).float().abs() * qn).sum()) * key_max_norm  # >= Σ_h |w_h| |q_h·k|
+    return (BF16_ROUND + (d + h) * 2.0**-22) * mass
+
+
+def index_scan_select_bf16(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    pieces: list[tuple[int, torch.Tensor]],
+    start: int,
+    end: int,
+    kd: int,
+    key_max_norm: float,
+) -> torch.Tensor:
+    """One decode query: the kd best keys of positions [start, end) under the exact fp32 rule, found with a
+    bf16 GEMM scan plus exact rescoring of the keys whose certified interval reaches the threshold.
+
+    q [h, d] bf16 (exactly representable: a bf16 model's indexer query), w [h] fp32, pieces of bf16 keys,
+    key_max_norm >= every key's L2 norm. Approximate score a = Σ_h w_h ReLU(bf16(q_h·k)) (bf16 GEMM with
+    fp32 accumulation, rounded output), |a - exact| <= δ for all keys; keys with a >= a_(kd) - 2δ are the
+    only ones whose exact score can reach the kd-th largest exact score (ties included); they are rescored
+    in fp32. → selected positions [kd], ascending."""
+    h, d = q.shape
+    n = end - start
+    approx = torch.empty(n, dtype=torch.float32, device=q.device)
+    w1 = w.reshape(h).float()
+    qt = q.t().contiguous()  # [d, h]
+    blk = max(1024, SCAN_TILE_ELEMS // h)
+    for pos, keys in pieces:
+        for b0 in range(0, keys.shape[0], blk):
+            kb = keys[b0 : b0 + blk]
+            dots = (kb @ qt).float()  # [m, h]: bf16 GEMM, bf16-rounded outputs
+            dots.relu_()
+            o = pos - start + b0
+            torch.mv(dots, w1, out=approx[o : o + kb.shape[0]])
+    delta = bf16_scan_bound(q, w1, key_max_norm)
+    kth = approx.topk(kd).values[-1]
+    cand = (approx >= kth - 2 * delta).nonzero().squeeze(-1)  # [M] the only keys that can be selected
+    keys_c = _gather_positions(pieces, start, cand + start).float()  # [M, d]
+    exact = torch.relu(keys_c @ q.float().t()) @ w1  # [M] fp32 of bf16 values, as the reference computes
+    sel = select_dynamic(exact[None], kd)[0]
+    return (cand[sel] + start).sort().values
+
+
+def _gather_positions(
+    pieces: list[tuple[int, torch.Tensor]], start: int, positions: torch.Tensor
+) -> torch.Tensor:
+    if len(pieces) == 1:
+        pos0, keys = pieces[0]
+        return keys[positions - pos0]
+    out = []
+    for pos0, keys in pieces:
+        m = (positions >= pos0) & (positions < pos0 + keys.shape[0])
+        out.append(keys[positions[m] - pos0])
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------- attention over explicit slots
+def gather_attention(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    lat_pool: torch.Tensor,
+    rope_pool: torch.Tensor,
+    slots: torch.Tensor,
+    scale: float,
+    max_elems: int = 1 << 24,
+) -> torch.Tensor:
+    """Absorbed MLA of R queries over their own K cached keys (the model's `sparse_mla_attention` on the
+    pool, with `index_select` gathers and batched GEMMs).
+
+    q_latent [R, h, c], q_rope [R, h, r], lat_pool [P, c], rope_pool [P, r], slots [R, K] (-1 = empty)
+    → attended latent [R, h, c]."""
+    rows, k = slots.shape
+    h, c = q_latent.shape[1:]
+    r = q_rope.shape[-1]
+    chunk = max(1, max_elems // max(1, k * (c + r + h)))
+    outs = []
+    for s0 in range(0, rows, chunk):
+        lat, rope, invalid = gather_rows(lat_pool, rope_pool, slots[s0 : s0 + chunk])
+        outs.append(
+            attend_gathered(q_latent[s0 : s0 + chunk], q_rope[s0 : s0 + chunk], lat, rope, invalid, scale)
+        )
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def gather_rows(
+    lat_pool: torch.Tensor, rope_pool: torch.Tensor, slots: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """slots [C, K] (-1 = empty) → latents [C, K, c], rope keys [C, K, r], empty mask [C, 1, K] or None."""
+    n, k = slots.shape
+    flat = slots.reshape(-1)
+    invalid = flat < 0
+    if bool(invalid.any()):
+        flat = flat.clamp(min=0)
+        mask = invalid.view(n, 1, k)
+    else:
+        mask = None
+    lat = lat_pool.index_select(0, flat).view(n, k, -1)
+    rope = rope_pool.index_select(0, flat).view(n, k, -1)
+    return lat, rope, mask
+
+
+def attend_gathered(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    lat: torch.Tensor,
+    rope: torch.Tensor,
+    invalid: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Absorbed attention core: q_latent [C, h, c], q_rope [C, h, r] over lat [C, K, c], rope [C, K, r]
+    → [C, h, c] (scores and softmax in fp32)."""
+    ql, qr = q_latent.to(lat.dtype), q_rope.to(lat.dtype)
+    scores = torch.baddbmm(torch.bmm(qr, rope.transpose(1, 2)), ql, lat.transpose(1, 2)).float() * scale
+    if invalid is not None:
+        scores = scores.masked_fill(invalid, NEG_INF)  # [C, h, K]
+    probs = scores.softmax(dim=-1).to(lat.dtype)
+    return torch.bmm(probs, lat)  # [C, h, c]
+
+
+# ---------------------------------------------------------------------- dense prefill (expanded form)
+def dense_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: int,
+    scale: float,
+    max_elems: int = 1 << 21,
+) -> torch.Tensor:
+    """Causal attention of T queries at positions start.. over S = start + T expanded keys.
+
+    q [T, h, qk], k [S, h, qk], v [S, h, dv] → [T, h, dv]. Block-causal matmul/softmax/matmul over query
+    chunks of R rows (h·R·S <= max_elems scores, cache-sized): chunk rows [r0, r1) read only the keys
+    < start + r1, and only its diagonal [R, R] block needs the causal mask. (SDPA with an explicit mask is
+    slower on CPU, and its causal kernel needs T == S.)"""
+    t, h, _ = q.shape
+    s = k.shape[0]
+    kt = k.permute(1, 2, 0)  # [h, qk, S]
+    vh = v.transpose(0, 1)  # [h, S, dv]
+    qh = q.transpose(0, 1) * scale  # [h, T, qk]
+    rows = max(1, min(t, max_elems // (h * s)))
+    tri = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)  # future within the diagonal
+    out = torch.empty(h, t, v.shape[-1], dtype=v.dtype, device=q.device)
+    for r0 in range(0, t, rows):
+        r1 = min(t, r0 + rows)
+        n_keys = start + r1
+        scores = torch.matmul(qh[:, r0:r1], kt[:, :, :n_keys]).float()  # [h, R, keys]
+        scores[:, :, start + r0 :].masked_fill_(tri[: r1 - r0, : r1 - r0], NEG_INF)
+        probs = scores.softmax(dim=-1).to(v.dtype)
+        torch.matmul(probs, vh[:, :n_keys], out=out[:, r0:r1])
+    return out.transpose(0, 1)
+
+
+# ---------------------------------------------------------------------- dense decode (long contexts)
+def dense_decode(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    pieces: list[tuple[torch.Tensor, torch.Tensor]],
+    scale: float,
+    block: int = 8192,
+) -> torch.Tensor:
+    """Absorbed MLA for one query over every cached key, online softmax over blocks.
+
+    q_latent [h, c], q_rope [h, r]; pieces = [(latent [n, c], rope [n, r])] views of the pool. → [h, c]."""
+    h, c = q_latent.shape
+    m = torch.full((h, 1), NEG_INF, dtype=torch.float32, device=q_latent.device)
+    l_sum = torch.zeros(h, 1, dtype=torch.float32, device=q_latent.device)
+    acc = torch.zeros(h, c, dtype=torch.float32, device=q_latent.device)
+    ql, qr = q_latent, q_rope
+    for lat, rope in pieces:
+        if lat.dtype != ql.dtype:
+            ql, qr = q_latent.to(lat.dtype), q_rope.to(lat.dtype)
+        for b0 in range(0, lat.shape[0], block):
+            lb, rb = lat[b0 : b0 + block], rope[b0 : b0 + block]
+            s = torch.addmm(ql @ lb.t(), qr, rb.t()).float() * scale  # [h, n]
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            p = torch.exp(s - m_new)
+            corr = torch.exp(m - m_new)
+            l_sum = l_sum * corr + p.sum(dim=-1, keepdim=True)
+            acc = acc * corr + (p.to(lb.dtype) @ lb).float()
+            m = m_new
+    return (acc / l_sum).to(q_latent.dtype)

@@ -1,0 +1,122 @@
+"""Engine kernels against the model's reference semantics (selection, indexer scores, attention)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longcat2.engine.kernels import (
+    dense_decode,
+    dense_prefill,
+    dense_rows,
+    gather_attention,
+    index_scan,
+    index_scan_select_bf16,
+    lsa_rows,
+    select_dynamic,
+)
+from longcat2.model.lsa import force_and_mask, index_scores, select_topk, sparse_mla_attention
+
+
+def _reference(
+    scores_full: torch.Tensor, q_pos: torch.Tensor, topk: int, init: int, local: int
+) -> torch.Tensor:
+    masked = force_and_mask(scores_full[None], q_pos[None], init, local)[0]
+    return select_topk(masked, topk)
+
+
+@pytest.mark.parametrize("kind", ["random", "plateau", "ties"])
+@pytest.mark.parametrize("topk,init,local", [(64, 4, 16), (32, 0, 0), (24, 8, 16), (40, 3, 0)])
+def test_lsa_rows_equals_model_selection(kind: str, topk: int, init: int, local: int) -> None:
+    g = torch.Generator().manual_seed(100 * ["random", "plateau", "ties"].index(kind) + topk)
+    s, t = 300, 40
+    if kind == "random":
+        full = torch.randn(t, s, generator=g)
+    elif kind == "plateau":  # ReLU plateaus: most scores exactly 0, a few positive
+        full = torch.relu(torch.randn(t, s, generator=g) - 1.8)
+    else:  # heavy exact ties everywhere
+        full = torch.randint(0, 3, (t, s), generator=g).float()
+    q_pos = torch.arange(s - t, s)
+    ref = _reference(full, q_pos, topk, init, local)
+    got = lsa_rows(full[:, init : s - local].contiguous(), q_pos, topk, init, local)
+    assert torch.equal(got, ref)
+
+
+def test_dense_rows_match_model_for_short_queries() -> None:
+    full = torch.randn(10, 64)
+    q_pos = torch.arange(20, 30)
+    ref = _reference(full, q_pos, 64, 4, 16)
+    assert torch.equal(dense_rows(q_pos, 64), ref)
+
+
+def test_select_dynamic_tie_rule_prefers_larger_positions() -> None:
+    row = torch.tensor([[5.0, 1.0, 1.0, 1.0, 0.0, 1.0]])
+    assert select_dynamic(row, 3).tolist() == [[0, 3, 5]]
+
+
+def test_index_scan_matches_model_scores() -> None:
+    torch.manual_seed(1)
+    t, h, d, s = 5, 4, 16, 1000
+    q, w, k = torch.randn(t, h, d), torch.randn(t, h), torch.randn(s, d)
+    ref = index_scores(q[None], w[None], k[None])[0]
+    pieces = [(100, k[100:400]), (400, k[400:401]), (401, k[401:])]  # several runs
+    got = index_scan(q, w, pieces, 100, s)
+    torch.testing.assert_close(got, ref[:, 100:], rtol=1e-5, atol=1e-5)
+    got1 = index_scan(q[:1], w[:1], [(0, k)], 0, s)
+    torch.testing.assert_close(got1, ref[:1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_two_pass_scan_selects_exactly_the_fp32_set(seed: int) -> None:
+    """bf16 GEMM scan + certified bounds + exact rescoring = the fp32 scan's selection (ties included)."""
+    g = torch.Generator().manual_seed(seed)
+    h, d, s, kd = 8, 64, 6000, 200
+    q = torch.randn(h, d, generator=g).bfloat16()
+    w = torch.randn(h, generator=g) * 0.1
+    keys = torch.randn(s, d, generator=g).bfloat16()
+    keys[1000:1100] = keys[2000:2100]  # exact duplicate keys → exact score ties
+    norm = float(keys.float().norm(dim=-1).max())
+    exact = index_scan(q[None], w[None], [(0, keys)], 0, s)  # fp32 reference of bf16 values
+    ref = select_dynamic(exact, kd)[0]
+    pieces = [(0, keys[:2500]), (2500, keys[2500:])]
+    got = index_scan_select_bf16(q, w, pieces, 0, s, kd, norm)
+    assert torch.equal(got, ref)
+
+
+def test_gather_attention_matches_model_sparse_core() -> None:
+    torch.manual_seed(2)
+    r, h, c, rr, p, k = 6, 4, 32, 8, 200, 50
+    ql, qr = torch.randn(r, h, c), torch.randn(r, h, rr)
+    lat, rope = torch.randn(p, c), torch.randn(p, rr)
+    slots = torch.randint(0, p, (r, k))
+    slots[0, 40:] = -1
+    ref = sparse_mla_attention(ql[None], qr[None], lat[None], rope[None], slots[None], 0.3)[0]
+    got = gather_attention(ql, qr, lat, rope, slots, 0.3)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    got_chunked = gather_attention(ql, qr, lat, rope, slots, 0.3, max_elems=k * (c + rr + h))
+    torch.testing.assert_close(got_chunked, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_decode_online_softmax_matches_full_softmax() -> None:
+    torch.manual_seed(3)
+    h, c, rr, s = 4, 32, 8, 1000
+    ql, qr = torch.randn(h, c), torch.randn(h, rr)
+    lat, rope = torch.randn(s, c), torch.randn(s, rr)
+    ref = gather_attention(ql[None], qr[None], lat, rope, torch.arange(s)[None], 0.2)[0]
+    pieces = [(lat[:300], rope[:300]), (lat[300:], rope[300:])]
+    got = dense_decode(ql, qr, pieces, 0.2, block=128)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("start", [0, 37])
+def test_dense_prefill_matches_sdpa(start: int) -> None:
+    torch.manual_seed(4)
+    t, h, qk, dv = 20, 3, 12, 8
+    s = start + t
+    q, k, v = torch.randn(t, h, qk), torch.randn(s, h, qk), torch.randn(s, h, dv)
+    mask = torch.arange(s)[None, :] <= torch.arange(start, s)[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=0.3
+    ).transpose(0, 1)
+    got = dense_prefill(q, k, v, start, 0.3, max_elems=h * s * 7)  # several query chunks
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,173 @@
+"""Cached forward passes against the model's full (no-cache) forward, fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longcat2 import ModelConfig
+from longcat2.engine.runner import ModelRunner, Segment
+from longcat2.model.longcat import LongCatForCausalLM
+
+ATOL = 3e-5  # logits are O(1) (initializer_range 0.1); one changed top-k index moves them by > 1e-2
+
+
+def _model(preset: str, **overrides) -> LongCatForCausalLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(preset, initializer_range=0.1, **overrides)
+    return LongCatForCausalLM(cfg).eval()
+
+
+def _prefill(runner: ModelRunner, seq, ids: list[int], chunk: int) -> torch.Tensor:
+    out = None
+    for c0 in range(0, len(ids), chunk):
+        c1 = min(len(ids), c0 + chunk)
+        out = runner.forward([Segment(seq, torch.tensor(ids[c0:c1]), c0, "last")])
+    return out.logits[0][0]
+
+
+CASES = [
+    ("tiny", {}, 150),  # LSA sparse path (index_topk 64), CLI, N-gram
+    ("tiny", {}, 48),  # LSA model within index_topk: dense path
+    ("tiny", {"cli_factor": 1}, 120),  # every sublayer owns an indexer
+    ("tiny-flash", {}, 100),  # no LSA, no N-gram
+    ("tiny-flash-lite", {}, 90),  # N-gram (mean fusion), no LSA
+]
+
+
+@pytest.mark.parametrize("preset,overrides,prompt_len", CASES)
+def test_one_token_decode_equals_full_forward(preset: str, overrides: dict, prompt_len: int) -> None:
+    model = _model(preset, **overrides)
+    v = model.config.vocab_size
+    ids = torch.randint(4, v, (prompt_len + 4,)).tolist()
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))[0]
+    runner = ModelRunner(model, block_size=16, num_blocks=2)
+    other = runner.new_sequence(ids)  # a second sequence interleaves its blocks with the first one's
+    seq = runner.new_sequence(ids[:prompt_len])
+    for c0 in range(0, prompt_len, 37):  # chunked prefill, the other sequence growing in between
+        c1 = min(prompt_len, c0 + 37)
+        runner.forward([Segment(other, torch.tensor(ids[c0 : c0 + 17]), c0, "none")])
+        last = runner.forward([Segment(seq, torch.tensor(ids[c0:c1]), c0, "last")]).logits[0][0]
+    torch.testing.assert_close(last, full[prompt_len - 1], rtol=0, atol=ATOL)
+    for i in range(prompt_len, prompt_len + 4):
+        seq.tokens.append(ids[i])
+        out = runner.forward([Segment(seq, torch.tensor(ids[i : i + 1]), i, "last")])
+        torch.testing.assert_close(out.logits[0][0], full[i], rtol=0, atol=ATOL)
+    assert len(runner.cache.runs(seq.blocks, 0, prompt_len + 4)) > 1  # the reads crossed runs
+
+
+def test_sparse_selection_equals_model_indices() -> None:
+    model = _model("tiny")
+    ids = torch.randint(4, 512, (1, 130))
+    captured = {}
+
+    def grab(module, args, out) -> None:
+        captured["idx"] = out[1]
+
+    hook = model.model.layers[1].self_attn[0].register_forward_hook(grab)
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    runner = ModelRunner(model, block_size=32)
+    seq = runner.new_sequence(ids[0].tolist())
+    seen = []
+    orig = runner._select
+
+    def spy(lid, q, w, ctx):
+        sel = orig(lid, q, w, ctx)
+        if lid == 2:
+            seen.append(sel[0])
+        return sel
+
+    runner._select = spy
+    _prefill(runner, seq, ids[0].tolist(), chunk=70)  # both chunks see more than index_topk keys
+    got = torch.cat(seen)  # [130, 64]
+    assert torch.equal(got, captured["idx"][0])
+
+
+@pytest.mark.parametrize("chunk", [1, 29, 200])
+def test_chunked_prefill_equals_one_shot(chunk: int) -> None:
+    model = _model("tiny")
+    ids = torch.randint(4, 512, (140,)).tolist()
+    ref_runner = ModelRunner(model, block_size=64)
+    ref = ref_runner.new_sequence(ids)
+    ref_logits = _prefill(ref_runner, ref, ids, chunk=140)
+    runner = ModelRunner(model, block_size=16)
+    seq = runner.new_sequence(ids)
+    logits = _prefill(runner, seq, ids, chunk=chunk)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=ATOL)
+    pos = torch.arange(140)
+    for lid in range(len(runner.cache.latent)):
+        a = runner.cache.latent[lid][runner.cache.slots(seq.blocks, pos)]
+        b = ref_runner.cache.latent[lid][ref_runner.cache.slots(ref.blocks, pos)]
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for lid in runner.cache.index_keys:
+        a = runner.cache.index_keys[lid][runner.cache.slots(seq.blocks, pos)]
+        b = ref_runner.cache.index_keys[lid][ref_runner.cache.slots(ref.blocks, pos)]
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_dense_kernels_long_rows_and_expanded_form() -> None:
+    """Models without LSA: online-softmax dense decode and expanded-form prefill agree with the model."""
+    model = _model("tiny-flash")
+    ids = torch.randint(4, 512, (90,)).tolist()
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))[0]
+    runner = ModelRunner(model, block_size=16, dense_gather_max=8, expanded_min_rows=4)
+    seq = runner.new_sequence(ids)
+    last = _prefill(runner, seq, ids[:86], chunk=40)  # expanded form
+    torch.testing.assert_close(last, full[85], rtol=0, atol=ATOL)
+    out = runner.forward([Segment(seq, torch.tensor(ids[86:89]), 86, "all")])  # 3 rows: long dense decode
+    torch.testing.assert_close(out.logits[0], full[86:89], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("prompt_len", [50, 140])
+def test_mtp_cache_step_one_equals_training_mtp(prompt_len: int) -> None:
+    model = _model("tiny")
+    ids = torch.randint(4, 512, (prompt_len,)).tolist()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]), return_dict=True, with_mtp=True).mtp_logits[0][0]  # [P-1, V]
+    runner = ModelRunner(model, block_size=16, with_mtp=True)
+    seq = runner.new_sequence(ids)
+    hidden = []
+    for c0 in range(0, prompt_len, 45):
+        out = runner.forward([Segment(seq, torch.tensor(ids[c0 : c0 + 45]), c0, "none")])
+        hidden.append(out.hidden)
+    hidden = torch.cat(hidden)
+    got = []
+    for c0 in range(0, prompt_len - 1, 33):  # MTP rows p combine hidden p with token p+1
+        c1 = min(prompt_len - 1, c0 + 33)
+        seg = Segment(seq, torch.tensor(ids[c0 + 1 : c1 + 1]), c0, "all")
+        got.append(runner.mtp_forward([seg], hidden[c0:c1]).logits[0])
+    torch.testing.assert_close(torch.cat(got), ref, rtol=0, atol=ATOL)
+
+
+def test_bf16_two_pass_index_mode_selects_like_the_exact_scan() -> None:
+    """bf16 model + bf16 index keys: the bf16 GEMM two-pass decode scan returns the fp32 scan's indices."""
+    model = _model("tiny").to(torch.bfloat16)
+    ids = torch.randint(4, 512, (200,)).tolist()
+    sels = {}
+    logits = {}
+    for mode in ("exact", "bf16"):
+        runner = ModelRunner(model, block_size=32, index_mode=mode)
+        seq = runner.new_sequence(ids)
+        _prefill(runner, seq, ids[:190], chunk=95)
+        seen = []
+        orig = runner._select
+
+        def spy(lid, q, w, ctx, orig=orig, seen=seen):
+            sel = orig(lid, q, w, ctx)
+            seen.append(sel[0])
+            return sel
+
+        runner._select = spy
+        outs = []
+        for i in range(190, 200):
+            outs.append(runner.forward([Segment(seq, torch.tensor(ids[i : i + 1]), i, "last")]).logits[0][0])
+        sels[mode], logits[mode] = seen, torch.stack(outs)
+    assert all(torch.equal(a, b) for a, b in zip(sels["exact"], sels["bf16"]))
+    assert torch.equal(logits["exact"], logits["bf16"])
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))[0, 190:200].float()
+    assert (logits["bf16"].float() - full).abs().max() < 0.1 * full.abs().max()  # bf16 rounding only
