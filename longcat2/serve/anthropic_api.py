@@ -41,7 +41,7 @@ from longcat2.serve.core import (
     check_stops,
     new_id,
     parse_body,
-    wait_or_disconnect,
+    respond_chat,
 )
 from longcat2.serve.protocol import (
     AImageBlock,
@@ -54,7 +54,7 @@ from longcat2.serve.protocol import (
     MessagesRequest,
     anthropic_error_body,
 )
-from longcat2.serve.sse import SSEResponse, sse_event
+from longcat2.serve.sse import sse_event
 
 # ------------------------------------------------------------------------------------- conversion
 
@@ -193,13 +193,6 @@ def usage(fin: Finished) -> dict[str, int]:
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
     }
-
-
-def raise_for_finish(fin: Finished) -> None:
-    if fin.reason == "error":
-        raise APIError(500, fin.error or "generation failed")
-    if fin.reason == "abort":
-        raise APIError(503, "The request was cancelled because the server is shutting down")
 
 
 def message_response(events: list[Any], fin: Finished, rid: str, model: str) -> dict[str, Any]:
@@ -364,34 +357,14 @@ def router(state: ServerState) -> APIRouter:
         handle = state.submit(ids, params, stops)
         rid = new_id("msg_")
         events = chat_events(handle, prompt, lambda: new_id("toolu_"))
-        if req.stream:
-
-            async def body() -> AsyncIterator[bytes]:
-                try:
-                    async for b in message_stream(events, rid, model, len(ids)):
-                        yield b
-                finally:
-                    handle.cancel()
-                    await events.aclose()
-
-            return SSEResponse(body())
-
-        async def run() -> dict[str, Any]:
-            got: list[Any] = []
-            fin: Finished | None = None
-            try:
-                async for ev in events:
-                    if isinstance(ev, Finished):
-                        fin = ev
-                    else:
-                        got.append(ev)
-            finally:
-                handle.cancel()
-            assert fin is not None
-            raise_for_finish(fin)
-            return message_response(got, fin, rid, model)
-
-        return JSONResponse(await wait_or_disconnect(request, run()))
+        return await respond_chat(
+            request,
+            handle,
+            events,
+            bool(req.stream),
+            lambda evs: message_stream(evs, rid, model, len(ids)),
+            lambda got, fin: message_response(got, fin, rid, model),
+        )
 
     @r.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> JSONResponse:

@@ -294,6 +294,58 @@ async def chat_events(
             handle.cancel()
 
 
+def raise_for_finish(fin: Finished) -> None:
+    """A generation that ended in error or was cancelled becomes the API error of a non-streamed reply."""
+    if fin.reason == "error":
+        raise APIError(500, fin.error or "generation failed")
+    if fin.reason == "abort":
+        raise APIError(503, "The request was cancelled because the server is shutting down")
+
+
+async def respond_chat(
+    request: Request,
+    handle: RequestHandle,
+    events: AsyncIterator[ChatEvent],
+    stream: bool,
+    to_sse: Callable[[AsyncIterator[ChatEvent]], AsyncIterator[bytes]],
+    to_json: Callable[[list[Any], Finished], dict[str, Any]],
+) -> Any:
+    """The shape both chat APIs share: stream the events through `to_sse`, or collect them and build the
+    reply with `to_json`. Either way the request is cancelled (its engine slot freed) when the client goes."""
+    from fastapi.responses import JSONResponse
+
+    from longcat2.serve.sse import SSEResponse
+
+    if stream:
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for b in to_sse(events):
+                    yield b
+            finally:
+                handle.cancel()
+                await events.aclose()  # type: ignore[attr-defined]
+
+        return SSEResponse(body())
+
+    async def run() -> dict[str, Any]:
+        got: list[Any] = []
+        fin: Finished | None = None
+        try:
+            async for ev in events:
+                if isinstance(ev, Finished):
+                    fin = ev
+                else:
+                    got.append(ev)
+        finally:
+            handle.cancel()
+        assert fin is not None
+        raise_for_finish(fin)
+        return to_json(got, fin)
+
+    return JSONResponse(await wait_or_disconnect(request, run()))
+
+
 async def wait_or_disconnect(request: Request, coro: Any) -> Any:
     """Await `coro`; if the client disconnects first, cancel it (its `finally` frees the request) and raise
     `asyncio.CancelledError`."""

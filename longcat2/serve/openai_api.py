@@ -39,6 +39,8 @@ from longcat2.serve.core import (
     check_stops,
     new_id,
     parse_body,
+    raise_for_finish,
+    respond_chat,
     wait_or_disconnect,
 )
 from longcat2.serve.protocol import (
@@ -175,13 +177,6 @@ def usage(fin: Finished) -> dict[str, int]:
         "completion_tokens": fin.completion_tokens,
         "total_tokens": fin.prompt_tokens + fin.completion_tokens,
     }
-
-
-def raise_for_finish(fin: Finished) -> None:
-    if fin.reason == "error":
-        raise APIError(500, fin.error or "generation failed")
-    if fin.reason == "abort":
-        raise APIError(503, "The request was cancelled because the server is shutting down")
 
 
 def tool_call_dict(ev: chat.ToolCallEvent, with_index: bool = False) -> dict[str, Any]:
@@ -348,35 +343,15 @@ def router(state: ServerState) -> APIRouter:
         handle = state.submit(ids, params, stops)
         rid = new_id("chatcmpl-")
         events = chat_events(handle, prompt, lambda: new_id("call_"))
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-            async def body() -> AsyncIterator[bytes]:
-                try:
-                    async for b in chat_completion_stream(events, rid, model, include_usage):
-                        yield b
-                finally:
-                    handle.cancel()
-                    await events.aclose()
-
-            return SSEResponse(body())
-
-        async def run() -> dict[str, Any]:
-            got: list[Any] = []
-            fin: Finished | None = None
-            try:
-                async for ev in events:
-                    if isinstance(ev, Finished):
-                        fin = ev
-                    else:
-                        got.append(ev)
-            finally:
-                handle.cancel()
-            assert fin is not None
-            raise_for_finish(fin)
-            return chat_completion_response(got, fin, rid, model)
-
-        return JSONResponse(await wait_or_disconnect(request, run()))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await respond_chat(
+            request,
+            handle,
+            events,
+            bool(req.stream),
+            lambda evs: chat_completion_stream(evs, rid, model, include_usage),
+            lambda got, fin: chat_completion_response(got, fin, rid, model),
+        )
 
     @r.post("/v1/completions")
     async def completions(request: Request) -> Any:
