@@ -30,9 +30,12 @@ from longcat2.parallel.checkpoint import (
     list_sharded,
     load_extra,
     load_sharded,
+    prune_checkpoints,
     prune_sharded,
     remove_partial,
+    rng_state,
     save_sharded,
+    set_rng_state,
 )
 from longcat2.parallel.dispatch import ExpertParallelExperts, Traffic, all_to_all, expert_parallel
 from longcat2.parallel.mesh import (
@@ -78,9 +81,12 @@ __all__ = [
     "load_extra",
     "load_sharded",
     "parallelize",
+    "prune_checkpoints",
     "prune_sharded",
     "remove_partial",
+    "rng_state",
     "save_sharded",
+    "set_rng_state",
     "shutdown",
     "validate_degrees",
 ]

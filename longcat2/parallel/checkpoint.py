@@ -34,7 +34,7 @@ import random
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,7 @@ def _quiet() -> Iterator[None]:
 
 # ---------------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
+    """This process's torch / accelerator / numpy / python RNG states (plain lists: `weights_only` loads)."""
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -101,6 +102,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`'s output (an accelerator state only where one is present and saved)."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
@@ -121,15 +123,16 @@ def _tuples(x: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- files
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
+    """fsync every file below `path`, then `path` itself (before the rename that publishes it)."""
     for p in sorted(path.rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(path)
+    fsync_dir(path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover
@@ -147,18 +150,25 @@ def is_complete(path: str | Path) -> bool:
     return (p / META).is_file() and (p / ".metadata").is_file()
 
 
-def list_sharded(root: str | Path, prefix: str = "step_") -> list[tuple[int, Path]]:
+def list_step_dirs(
+    root: str | Path, complete: Callable[[Path], bool], prefix: str = "step_"
+) -> list[tuple[int, Path]]:
+    """(step, dir) of the `<prefix><step>` directories under `root` that `complete` accepts, oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
     out = []
     for p in root.iterdir():
-        if p.is_dir() and p.name.startswith(prefix) and is_complete(p):
+        if p.is_dir() and p.name.startswith(prefix) and complete(p):
             try:
                 out.append((int(p.name[len(prefix) :]), p))
             except ValueError:
                 continue
     return sorted(out)
+
+
+def list_sharded(root: str | Path, prefix: str = "step_") -> list[tuple[int, Path]]:
+    return list_step_dirs(root, is_complete, prefix)
 
 
 def latest_sharded(root: str | Path, prefix: str = "step_") -> Path | None:
@@ -167,24 +177,29 @@ def latest_sharded(root: str | Path, prefix: str = "step_") -> Path | None:
 
 
 def prune_sharded(root: str | Path, keep: int, prefix: str = "step_") -> None:
-    """Rank 0 keeps the newest `keep` checkpoints (0 = all) and removes `.tmp-*`/`.del-*` leftovers."""
-    if _rank_world()[0] != 0:
-        return
-    root = Path(root)
+    """Rank 0 keeps the newest `keep` complete sharded checkpoints under `root` (0 = all)."""
+    if _rank_world()[0] == 0:
+        prune_checkpoints(list_sharded(root, prefix), keep)
+
+
+def prune_checkpoints(ckpts: list[tuple[int, Path]], keep: int) -> None:
+    """Delete all but the newest `keep` (0 = keep all) of `ckpts` (oldest first, as the listings return
+    them). Each is renamed to `.del-<name>` first, so a half-deleted directory never looks like a checkpoint."""
     if keep > 0:
-        for _, old in list_sharded(root, prefix)[:-keep]:
-            doomed = root / f".del-{old.name}"
+        for _, old in ckpts[:-keep]:
+            doomed = old.parent / f".del-{old.name}"
             os.rename(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_partial(root: str | Path) -> list[str]:
-    """Delete leftovers of interrupted writes (call on rank 0 before the run writes anything)."""
+    """Delete the hidden leftovers (`.tmp-*`, `.del-*`, any `.`-name: a writer's temporaries) of interrupted
+    writes or prunes in a checkpoints folder (call on rank 0 before the run writes anything); returns them."""
     root = Path(root)
     gone = []
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith((".tmp-", ".del-")):
+            if p.name.startswith("."):
                 shutil.rmtree(p, ignore_errors=True)
                 gone.append(p.name)
     return gone
@@ -235,13 +250,13 @@ def save_sharded(
                 shutil.copyfile(f, tmp / Path(f).name)
         meta = {"format": FORMAT, "world_size": world, **(mesh_info or {})}
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         old = None
         if final.exists():
             old = final.parent / f".del-{final.name}-{token[0]}"
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -307,10 +322,17 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         return get_model_state_dict(model, options=opts)
 
 
-def export_hf(model: nn.Module, path: str | Path, dtype: torch.dtype | str | None = None) -> Path | None:
+def export_hf(
+    model: nn.Module,
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    files: list[str | Path] | None = None,
+) -> Path | None:
     """Collective: gather the weights to rank 0 and write an HF checkpoint (`from_pretrained`-loadable).
 
-    Returns the directory on rank 0, None elsewhere.
+    `files` (rank 0; missing ones are skipped) are copied in afterwards, e.g. the tokenizer files; an
+    existing `path` is replaced atomically, keeping files that are not the model's. Returns the directory
+    on rank 0, None elsewhere.
     """
     sd = full_state_dict(model)
     out: Path | None = None
@@ -328,5 +350,8 @@ def export_hf(model: nn.Module, path: str | Path, dtype: torch.dtype | str | Non
         if getattr(cfg, "tie_word_embeddings", False):  # assign=True gave the two names separate tensors
             plain.lm_head.weight = plain.model.embed_tokens.weight
         out = hf.save_pretrained(plain, path, dtype=dtype)
+        for f in files or []:
+            if Path(f).is_file():
+                shutil.copyfile(f, out / Path(f).name)
     _barrier()
     return out

@@ -198,6 +198,8 @@ def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.T
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
+    if not any(isinstance(g, DTensor) for g in grads):  # one process: torch's fused norm, on the device
+        return torch.nn.utils.get_total_norm(grads, norm_type, foreach=True)
     sharded, local_sq, other = [], torch.zeros((), dtype=torch.float32), []
     for g in grads:
         if isinstance(g, DTensor) and _covers_world_sharded(g):
@@ -217,14 +219,19 @@ def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.T
 
 @torch.no_grad()
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """Clip gradients in place to a global `max_norm`; returns the norm before clipping (a plain tensor)."""
-    params = list(params)
+    """Clip gradients in place to a global `max_norm` (<= 0: only measure); returns the norm before clipping.
+
+    Without DTensor gradients (one process) this is `torch.nn.utils.clip_grad_norm_(foreach=True)`: the
+    same numbers, no host sync."""
+    params = [p for p in params if p.grad is not None]
+    if max_norm <= 0:
+        return grad_norm(params, norm_type)
+    if not any(isinstance(p.grad, DTensor) for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, foreach=True)
     total = grad_norm(params, norm_type)
-    if max_norm > 0 and math.isfinite(float(total)):
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        c = float(coef)
+    if math.isfinite(float(total)):
+        c = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
         if c < 1.0:
             for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(c)
+                p.grad.mul_(c)
     return total

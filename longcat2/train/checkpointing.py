@@ -1,10 +1,14 @@
 """Training checkpoints: HF-layout model + tokenizer + trainer state, written atomically.
 
-Layout of `OUT/checkpoints/step_00000200/`:
+Layout of `OUT/checkpoints/step_00000200/` (one process):
     config.json, model.safetensors        the model (`LongCatForCausalLM.from_pretrained(dir)` loads it)
     tokenizer.json, tokenizer_config.json, special_tokens_map.json   (when the run has a tokenizer)
     trainer_state.pt                       optimizer, step, data position, every RNG, counters, run config
     train_config.json                      the run config, for people
+
+A run on several processes (torchrun) writes the sharded layout of `longcat2.parallel.checkpoint` into the
+same `step_*` names instead (DCP shards, `extra.pt`, per-rank RNG, `meta.json`, tokenizer files); the
+listings and `load_model` here read both.
 
 Design choices:
 - Atomicity by rename: everything is written into `checkpoints/.tmp-step_XXXXXXXX-PID/`, files and the
@@ -12,9 +16,10 @@ Design choices:
   directory therefore exists complete or not at all; a kill during the write leaves only a `.tmp-*`
   directory, which the next run deletes. Pruning old checkpoints renames them to `.del-*` before deleting,
   so a half-deleted directory never looks like a checkpoint, and it happens only after the new one is in
-  place: the last good checkpoint is never replaced by a partial one.
-- `latest_checkpoint` picks the highest step directory that has its trainer state; no "latest" pointer
-  file to get out of sync.
+  place: the last good checkpoint is never replaced by a partial one. (The fsync, prune, leftover and RNG
+  helpers are `longcat2.parallel.checkpoint`'s: one implementation for both layouts.)
+- `latest_checkpoint` picks the highest step directory that is complete in either layout; no "latest"
+  pointer file to get out of sync.
 - The trainer state is saved with `torch.save` and loaded with `weights_only=True` (no pickled code):
   RNG states of numpy/python are stored as plain lists.
 - Model files go through `longcat2.checkpoint` (released key names, per-expert tensors), so a checkpoint
@@ -25,16 +30,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from longcat2.config import ModelConfig
 from longcat2.model import LongCatForCausalLM
+from longcat2.parallel import checkpoint as sharded
+from longcat2.parallel.checkpoint import fsync_dir, fsync_tree, list_step_dirs, prune_checkpoints
 
 PREFIX = "step_"
 STATE_FILE = "trainer_state.pt"
@@ -43,27 +49,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------- model files
@@ -75,9 +60,24 @@ def save_model(model: LongCatForCausalLM, path: str | Path) -> None:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LongCatForCausalLM:
-    """Load an HF-layout LongCat directory (ours or released) with fp32 weights, in train mode."""
+    """Load an HF-layout LongCat directory (ours or released) or a sharded training checkpoint (any world
+    size; collective when a process group is up) with fp32 weights, in train mode."""
+    if is_sharded(path):
+        model = model_from_sharded(path)
+        sharded.load_sharded(path, model, restore_rng=False)
+        return model.to(device).train()
     model = LongCatForCausalLM.from_pretrained(path, dtype=torch.float32, device=device)
     return model.train()
+
+
+def model_from_sharded(path: str | Path) -> LongCatForCausalLM:
+    """A model of a sharded checkpoint's architecture (`extra["model_config"]`), initialised without
+    touching the global RNG; its weights are to be loaded from the checkpoint."""
+    cfg = sharded.load_extra(path).get("model_config")
+    if not isinstance(cfg, dict):
+        raise FileNotFoundError(f"{path}: the sharded checkpoint has no model_config in {sharded.EXTRA}")
+    with torch.random.fork_rng(devices=[]):
+        return LongCatForCausalLM(ModelConfig(**cfg)).train()
 
 
 def copy_tokenizer(src: str | Path | None, dst: str | Path) -> None:
@@ -89,67 +89,25 @@ def copy_tokenizer(src: str | Path | None, dst: str | Path) -> None:
             shutil.copyfile(f, Path(dst) / name)
 
 
-# ---------------------------------------------------------------------- RNG
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": _to_lists(random.getstate()),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    random.setstate(_to_tuples(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _to_lists(x: Any) -> Any:
-    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _to_tuples(x: Any) -> Any:
-    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
-
-
 # ---------------------------------------------------------------------- checkpoints
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE_FILE).is_file():
-            try:
-                out.append((int(p.name[len(PREFIX) :]), p))
-            except ValueError:
-                continue
-    return sorted(out)
+    """(step, dir) of the complete one-process (HF-layout) checkpoints under `root`, oldest first."""
+    return list_step_dirs(root, lambda p: (p / STATE_FILE).is_file(), PREFIX)
+
+
+def list_all(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, dir) of the complete checkpoints under `root` in either layout (HF or sharded), oldest first."""
+    return sorted(list_checkpoints(root) + sharded.list_sharded(root, PREFIX))
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    ckpts = list_checkpoints(root)
+    ckpts = list_all(root)
     return ckpts[-1][1] if ckpts else None
 
 
-def remove_partial(root: str | Path) -> list[str]:
-    """Delete the hidden leftovers (`.tmp-*`, `.del-*`, the model writer's temporaries) of an interrupted
-    write or prune in the checkpoints folder; returns their names."""
-    root = Path(root)
-    gone = []
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith("."):
-                shutil.rmtree(p, ignore_errors=True)
-                gone.append(p.name)
-    return gone
+def is_sharded(path: str | Path) -> bool:
+    """A complete checkpoint in the sharded (torchrun) layout."""
+    return sharded.is_complete(path)
 
 
 def save_checkpoint(
@@ -175,14 +133,10 @@ def save_checkpoint(
     if run_config is not None:
         (tmp / "train_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
     torch.save(trainer_state, tmp / STATE_FILE)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     os.rename(tmp, final)
-    _fsync_dir(root)
-    if keep > 0:
-        for _, old in list_checkpoints(root)[:-keep]:
-            doomed = root / f".del-{old.name}"
-            os.rename(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+    fsync_dir(root)
+    prune_checkpoints(list_all(root), keep)
     return final
 
 
@@ -191,9 +145,10 @@ def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
 
 
 def resolve_init(path: str | Path) -> Path:
-    """A model directory to start from: an HF-layout dir, a checkpoint dir, or a run's OUT dir (its latest)."""
+    """A model directory to start from (`load_model` reads it): an HF-layout dir, a checkpoint dir of either
+    layout, or a run's OUT dir (its latest checkpoint)."""
     p = Path(path)
-    if (p / "config.json").is_file():
+    if (p / "config.json").is_file() or is_sharded(p):
         return p
     for root in (p / "checkpoints", p):
         ck = latest_checkpoint(root)

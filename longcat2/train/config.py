@@ -81,7 +81,12 @@ class TrainConfig:
     # run control
     seed: int = _f(0, "seed of model init and data order")
     deterministic: bool = _f(False, "deterministic algorithms (bit-exact resume on CPU)")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    device: str = _f("auto", "auto (the current accelerator, else cpu) | cpu | cuda | cuda:N | <type>[:N]")
+    ep: int = _f(
+        1,
+        "expert-parallel degree under torchrun: routed experts split over groups of EP ranks, FSDP2 for the "
+        "rest (must divide the process count and n_routed_experts; per launch, not taken from a checkpoint)",
+    )
     threads: int | None = _f(
         None, "torch CPU threads (default: torch's; bit-exact resume needs the same count)"
     )
@@ -102,8 +107,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Fields a resumed run may change; everything else comes from the checkpoint.
+# Fields a resumed run may change; everything else comes from the checkpoint. The batch layout
+# (batch_size per rank, grad_accum) may change with the process count, so that a run resumed on another
+# world size can keep its global batch (batch_size x grad_accum x ranks; the trainer says when it changes).
 RESUME_MUTABLE = {
     "steps", "save_every", "keep_checkpoints", "eval_every", "eval_batches", "max_nonfinite", "progress",
-    "plot", "threads", "resume", "out", "device",
+    "plot", "threads", "resume", "out", "device", "ep", "batch_size", "grad_accum",
 }  # fmt: skip

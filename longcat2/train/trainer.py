@@ -9,9 +9,10 @@ Design choices:
   balance loss (+ `indexer_loss` · the LSA indexer KL of `sparse.py`, dense rows for the first
   `indexer_warmup` steps, then the selected set). After the step, the expert-bias controller
   (balance.py) updates `e_score_correction_bias` from the step's routing counts.
-- Precision: fp32 master weights; `auto` = bf16 autocast where the device has bf16 kernels (CUDA with
-  bf16, CPUs with AVX512-BF16/AMX), else fp32. On CPU the glibc heap is tuned so step temporaries are
-  reused instead of page-faulted in again (`tune_cpu_allocator`).
+- Precision: fp32 master weights; `auto` = bf16 autocast where the device has bf16 kernels (an
+  accelerator that reports bf16 support, CPUs with AVX512-BF16/AMX: `bf16_supported`), else fp32. On CPU
+  the glibc heap is tuned so step temporaries are reused instead of page-faulted in again
+  (`tune_cpu_allocator`).
 - Non-finite loss or gradient norm: the step is skipped (grads dropped, no optimizer/bias update, the data
   still advances), counted (`skipped` in metrics.jsonl) and the run aborts with a clear message after
   `max_nonfinite` in a row.
@@ -23,9 +24,19 @@ Design choices:
   resume metrics.jsonl is cut back to the checkpoint's step, so it reads as one run.
 - SIGINT/SIGTERM stop cleanly after the current step: it is checkpointed and the command exits with
   status 130 (a second signal stops at once, without a save).
-- torchrun-ready: rank/world come from `dist.py`; each rank reads its slice of the global batch, gradients
-  are averaged across ranks (plain data parallelism), only rank 0 writes files. Checked by hand with
-  `torchrun --nproc_per_node=2 -m longcat2.train train ...` on CPU/gloo; no test runs it.
+- Scale-out (`torchrun --nproc_per_node=N -m longcat2 train ... --ep E`, docs/distributed.md): the
+  process group, device and ("dp", "ep") mesh come from `longcat2.parallel.init_distributed` (one process:
+  no group, device from --device or `torch.accelerator`). With more than one rank the model is
+  `parallel.parallelize`d (routed experts split over `ep` with all-to-all dispatch, FSDP2 for the rest)
+  before the optimizer is built; each rank reads its slice of the global batch (batch_size is per rank),
+  FSDP averages gradients, `parallel.clip_grad_norm_` takes the norm across both meshes, routing counts are
+  summed over ranks for the bias update, a stop signal is agreed on by all ranks, and only rank 0 writes
+  metrics. Checkpoints are then sharded (`parallel.save_sharded`: DCP, any world size on resume, optimizer
+  included) and the run ends with a full HF export in OUT/hf. Resume works across world sizes in both
+  directions: a sharded checkpoint on one process (it keeps writing sharded ones), a one-process checkpoint
+  on N ranks (the optimizer moments restart: the HF-layout state is per process, not sharded).
+  --batch-size and --grad-accum may change on resume, to keep the global batch (batch_size x grad_accum x
+  ranks) at another world size.
 - Outputs under OUT: metrics.jsonl (one `train` line per step, `eval` lines with val loss and bits per
   byte), loss.png (matplotlib, Agg), checkpoints/step_XXXXXXXX (see checkpointing.py), train_config.json.
 """
@@ -47,9 +58,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from longcat2 import parallel
 from longcat2.config import ModelConfig
 from longcat2.model import LongCatForCausalLM
-from longcat2.train import balance, checkpointing, dist
+from longcat2.train import balance, checkpointing
 from longcat2.train.config import RESUME_MUTABLE, TrainConfig
 from longcat2.train.optim import MuonAdamW, Schedule, apply_schedule, param_groups_for
 
@@ -148,22 +160,29 @@ def tune_cpu_allocator() -> bool:
         return False
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast has fast kernels on `device`, for any device type: CPUs with AVX512-BF16/AMX
+    (oneDNN), an accelerator whose torch module reports it (`torch.<type>.is_bf16_supported`), else a tiny
+    bf16 matmul that must run."""
+    if not torch.amp.is_autocast_available(device.type):
+        return False
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    check = getattr(getattr(torch, device.type, None), "is_bf16_supported", None)
+    if callable(check):
+        return bool(check())
+    try:
+        x = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+        return bool(torch.isfinite(x @ x).all())
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
     if name == "fp32":
         return None
-    if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-    elif device.type == "cpu":
-        ok = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    else:
-        ok = False
+    ok = bf16_supported(device)
     if name == "bf16" and not ok:
         raise TrainingError(f"precision: bf16 is not supported on {device}; use --precision fp32")
     return torch.bfloat16 if ok else None
@@ -253,11 +272,15 @@ class Trainer:
                 f"{self.out} already holds checkpoints; pass --resume to continue that run or choose another --out"
             )
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.rank, self.world, local_rank = dist.init(self.device.type)
-        if self.device.type == "cuda" and self.world > 1 and cfg.device == "auto":
-            self.device = torch.device("cuda", local_rank)
+        try:
+            self.dist = parallel.init_distributed(ep=cfg.ep, device=cfg.device)  # "auto": torch.accelerator
+        except parallel.ParallelConfigError as e:
+            raise TrainingError(str(e)) from e
+        self.rank, self.world, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.main = self.rank == 0
+        self.sharded = self.world > 1  # the model is parallelized (FSDP2 + EP)
+        self.resume_sharded = self.resume_from is not None and checkpointing.is_sharded(self.resume_from)
+        self.sharded_checkpoints = self.sharded or self.resume_sharded
         if self.device.type == "cpu":
             tune_cpu_allocator()
         self._setup_determinism()
@@ -284,6 +307,11 @@ class Trainer:
                 raise TrainingError(
                     "train_only: indexer, but the model has no LSA indexer (index_n_heads is 0)"
                 )
+        if self.sharded:
+            try:
+                parallel.parallelize(self.model, self.dist.mesh, ep=cfg.ep)
+            except parallel.ParallelConfigError as e:
+                raise TrainingError(str(e)) from e
         self.moes = balance.moe_layers(self.model)
         self.distiller = None
         if cfg.indexer_loss > 0 and self.model.config.use_lsa:
@@ -319,12 +347,13 @@ class Trainer:
             self._load_state(self.resume_from)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            removed = checkpointing.remove_partial(self.ckpt_root)
+            removed = parallel.remove_partial(self.ckpt_root)
             if removed:
                 self._log(f"removed partial checkpoint writes: {', '.join(removed)}")
             if self.metrics_path.exists():
                 truncate_metrics(self.metrics_path, self.step)
             (self.out / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        parallel.barrier()
 
     # ------------------------------------------------------------------ setup
     def _log(self, msg: str) -> None:
@@ -337,11 +366,12 @@ class Trainer:
         error rather than being silently ignored."""
         assert self.resume_from is not None
         saved_json = self.resume_from / "train_config.json"
-        saved = (
-            json.loads(saved_json.read_text())
-            if saved_json.is_file()
-            else checkpointing.load_trainer_state(self.resume_from)["config"]
-        )
+        if saved_json.is_file():
+            saved = json.loads(saved_json.read_text())
+        elif checkpointing.is_sharded(self.resume_from):
+            saved = parallel.load_extra(self.resume_from)["config"]
+        else:
+            saved = checkpointing.load_trainer_state(self.resume_from)["config"]
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         base = TrainConfig(**{k: v for k, v in saved.items() if k in known})
         names = known if explicit is None else explicit
@@ -359,6 +389,7 @@ class Trainer:
             )
         base.resume = True
         base.out = cfg.out
+        base.ep = cfg.ep  # a property of this launch (its process count), not of the run
         return base
 
     def _setup_determinism(self) -> None:
@@ -367,8 +398,7 @@ class Trainer:
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-            if self.device.type == "cuda":
-                torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.benchmark = False
         if threads:
             torch.set_num_threads(threads)
 
@@ -397,6 +427,8 @@ class Trainer:
 
     def _make_model(self) -> LongCatForCausalLM:
         cfg = self.cfg
+        if self.resume_sharded:  # weights are loaded after parallelize, together with the optimizer
+            return checkpointing.model_from_sharded(self.resume_from)
         if self.resume_from is not None:
             return checkpointing.load_model(self.resume_from)
         if hasattr(self.task, "vocab_size") and self.task.tokenizer_dir is None:  # synthetic tasks
@@ -434,7 +466,8 @@ class Trainer:
         return LongCatForCausalLM(mcfg)
 
     # ------------------------------------------------------------------ state
-    def trainer_state(self) -> dict[str, Any]:
+    def _run_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides weights, optimizer and RNG (plain values: `weights_only` loads)."""
         return {
             "version": 1,
             "step": self.step,
@@ -442,29 +475,75 @@ class Trainer:
             "elapsed": self.elapsed,
             "nonfinite_in_row": self.nonfinite_in_row,
             "nonfinite_total": self.nonfinite_total,
-            "optimizer": self.optimizer.state_dict(),
             "data": self.task.state_dict(),
-            "rng": checkpointing.rng_state(),
             "config": self.cfg.to_dict(),
             "world_size": self.world,
         }
 
+    def trainer_state(self) -> dict[str, Any]:
+        """The one-process checkpoint's trainer_state.pt."""
+        return {**self._run_state(), "optimizer": self.optimizer.state_dict(), "rng": parallel.rng_state()}
+
     def _load_state(self, ckpt: Path) -> None:
-        st = checkpointing.load_trainer_state(ckpt)
+        if self.resume_sharded:  # collective: every rank loads its shards of model and optimizer
+            loaded = parallel.load_sharded(ckpt, self.model, self.optimizer)
+            st = loaded.extra
+            if not loaded.rng_restored:
+                self._log(f"resume: RNG states are per rank; fresh seeds on {self.world} rank(s)")
+        else:
+            st = checkpointing.load_trainer_state(ckpt)
+            saved_world = int(st.get("world_size", 1))
+            if self.sharded:
+                self._log(
+                    f"resume: {ckpt} is a one-process checkpoint; its optimizer state is not sharded, so the "
+                    f"optimizer moments restart on {self.world} ranks (weights, step, schedule and data "
+                    "position carry over)"
+                )
+            else:
+                self.optimizer.load_state_dict(st["optimizer"])
+            if saved_world == self.world:
+                parallel.set_rng_state(st["rng"])
         self.step = int(st["step"])
         self.tokens_seen = int(st["tokens_seen"])
         self.elapsed = float(st["elapsed"])
         self.nonfinite_in_row = int(st["nonfinite_in_row"])
         self.nonfinite_total = int(st["nonfinite_total"])
-        self.optimizer.load_state_dict(st["optimizer"])
         self.task.load_state_dict(st["data"])
-        checkpointing.set_rng_state(st["rng"])
+        saved = st.get("config", {})
+        cfg = self.cfg
+        old = (saved.get("batch_size", cfg.batch_size), saved.get("grad_accum", cfg.grad_accum))
+        old_global = old[0] * old[1] * int(st.get("world_size", 1))
+        new_global = cfg.batch_size * cfg.grad_accum * self.world
+        if old_global != new_global:
+            self._log(
+                f"resume: the global batch changes from {old_global} to {new_global} sequences "
+                f"({cfg.batch_size} x {cfg.grad_accum} accum x {self.world} rank(s)); keep it with "
+                "--grad-accum"
+            )
         self.last_saved = self.step
         self._log(f"resumed from {ckpt} at step {self.step}")
 
+    def _tokenizer_files(self) -> list[Path]:
+        d = self.task.tokenizer_dir
+        return [Path(d) / n for n in checkpointing.TOKENIZER_FILES] if d is not None else []
+
     def save(self) -> Path | None:
+        """Checkpoint the current step (collective when sharded); returns its directory on rank 0."""
         path = None
-        if self.main:
+        if self.sharded_checkpoints:
+            path = parallel.save_sharded(
+                self.ckpt_root / checkpointing.step_dir_name(self.step),
+                self.model,
+                self.optimizer,
+                extra={**self._run_state(), "model_config": self.model.config.to_dict()},
+                mesh_info={"ep": self.dist.ep, "dp": self.dist.dp},
+                files=[*self._tokenizer_files(), self.out / "train_config.json"],
+            )
+            if self.main:
+                parallel.prune_checkpoints(checkpointing.list_all(self.ckpt_root), self.cfg.keep_checkpoints)
+            else:
+                path = None
+        elif self.main:
             path = checkpointing.save_checkpoint(
                 self.ckpt_root,
                 self.step,
@@ -475,7 +554,15 @@ class Trainer:
                 keep=self.cfg.keep_checkpoints,
             )
         self.last_saved = self.step
-        dist.barrier()
+        parallel.barrier()
+        return path
+
+    def export_hf(self) -> Path | None:
+        """Collective: the full model as an HF checkpoint in OUT/hf (after a run with sharded checkpoints,
+        whose step directories `from_pretrained` cannot read)."""
+        path = parallel.export_hf(self.model, self.out / "hf", files=self._tokenizer_files())
+        if path is not None:
+            self._log(f"exported the model (HF layout, from_pretrained loads it) to {path}")
         return path
 
     # ------------------------------------------------------------------ maths
@@ -515,6 +602,10 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
         batches = self.task.eval_batches(self.cfg.eval_batches)
+        if self.world > 1:  # every rank must run as many forwards (collectives inside): the fewest any has
+            counts = torch.zeros(self.world, dtype=torch.float64)
+            counts[self.rank] = len(batches)
+            batches = batches[: int(parallel.all_reduce_sum(counts).min())]
         if not batches:
             return None
         self.model.eval()
@@ -528,7 +619,7 @@ class Trainer:
             loss_sum += float(ce) * n
             count += n
         self.model.train()
-        packed = dist.all_reduce_sum(torch.stack([loss_sum, count]))
+        packed = parallel.all_reduce_sum(torch.stack([loss_sum, count]))
         val = float(packed[0] / packed[1].clamp_min(1))
         rec: dict[str, Any] = {
             "type": "eval",
@@ -565,13 +656,11 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
             sums["total"] = sums.get("total", 0.0) + float(loss.detach()) / cfg.grad_accum
             tokens += x.numel()  # processed positions (SFT: padding included)
-        dist.all_reduce_grads(self.params)
-        if cfg.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True))
-        else:
-            gnorm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+        # sharded: FSDP has averaged the gradients over ranks (experts: all-to-all + FSDP), see parallelize.py
+        gnorm = float(parallel.clip_grad_norm_(self.params, cfg.grad_clip))  # global norm; 0 = no clipping
         loss_t = (
-            dist.all_reduce_sum(torch.tensor([sums["ce"], sums["total"]], dtype=torch.float64)) / self.world
+            parallel.all_reduce_sum(torch.tensor([sums["ce"], sums["total"]], dtype=torch.float64))
+            / self.world
         )
         ce, total = float(loss_t[0]), float(loss_t[1])
         finite = math.isfinite(total) and math.isfinite(gnorm)
@@ -580,7 +669,7 @@ class Trainer:
             apply_schedule(self.optimizer, factor)
             self.optimizer.step()
             if self.stats is not None:
-                self.stats.all_reduce(dist.all_reduce_sum)
+                self.stats.all_reduce(parallel.all_reduce_sum)  # global expert counts
                 rate_scale = factor if cfg.bias_update_decay == "lr" else 1.0
                 if cfg.train_only == "all":  # a frozen router keeps its bias too (indexer warm-up)
                     self.controller.update(self.moes, self.stats, rate_scale)
@@ -639,16 +728,20 @@ class Trainer:
             n_params = sum(p.numel() for p in self.model.parameters())
             mc = self.model.config
             prec = "fp32" if self.amp_dtype is None else "bf16 autocast"
+            layout = f" (ep {self.dist.ep} x dp {self.dist.dp}, FSDP2)" if self.sharded else ""
             self._log(
                 f"{cfg.mode}: {f'init {cfg.init}' if cfg.init else f'preset {cfg.preset}'} "
                 f"({n_params / 1e6:.2f} M params, vocab {mc.vocab_size}), "
                 f"{self.task.describe()}\n"
-                f"  {cfg.batch_size}x{cfg.seq_len} tokens x {cfg.grad_accum} accum x {self.world} rank(s), "
+                f"  {cfg.batch_size}x{cfg.seq_len} tokens x {cfg.grad_accum} accum x {self.world} rank(s)"
+                f"{layout}, "
                 f"{cfg.optimizer}, lr {cfg.lr}, {cfg.schedule}, {prec}, device {self.device}, "
                 f"target FFN experts/token {self.controller.target}"
             )
         if self.step >= cfg.steps:
             self._log(f"nothing to do: already at step {self.step} of {cfg.steps}")
+            if self.sharded_checkpoints and not (self.out / "hf" / "config.json").is_file():
+                self.export_hf()
             self._finish_outputs()
             return 0
         bar = None
@@ -695,6 +788,8 @@ class Trainer:
                     self.save()
                     if self.main and cfg.plot:
                         plot_metrics(self.metrics_path, self.out / "loss.png")
+                if self.world > 1:
+                    self._agree_on_stop()
                 if self._stop_requested:
                     if bar is not None:
                         bar.close()
@@ -718,6 +813,8 @@ class Trainer:
                 bar.close()
             for sig, h in old_handlers:
                 signal.signal(sig, h)
+        if status == 0 and self.sharded_checkpoints:
+            self.export_hf()
         self._finish_outputs()
         if status == 0 and self.main:
             recs = [r for r in read_metrics(self.metrics_path) if r.get("type") == "train"]
@@ -728,6 +825,13 @@ class Trainer:
                     f"{checkpointing.latest_checkpoint(self.ckpt_root)}"
                 )
         return status
+
+    def _agree_on_stop(self) -> None:
+        """A signal reaches the ranks at different moments: stop when any rank has one, all at the same step
+        (the final save is collective)."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], dtype=torch.float64)
+        if float(parallel.all_reduce_sum(flag)) > 0 and not self._stop_requested:
+            self._stop_requested = "a signal on another rank"
 
     def _finish_outputs(self) -> None:
         if self.main and self.cfg.plot and self.metrics_path.exists():
@@ -741,7 +845,8 @@ def run(cfg: TrainConfig, explicit: set[str] | None = None) -> int:
         trainer = Trainer(cfg, explicit)
         return trainer.train()
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank, world, _ = parallel.env_rank_world()
+        print(f"{f'[rank {rank}] ' if world > 1 else ''}error: {e}", file=sys.stderr)
         return 2
     finally:
-        dist.shutdown()
+        parallel.shutdown()
