@@ -55,6 +55,9 @@ class ModelConfig:
     v_head_dim: int = 128
     mla_scale_q_lora: bool = True
     mla_scale_kv_lora: bool = True
+    # eps of q_a_layernorm / kv_a_layernorm: transformers hard-codes 1e-6; a third-party reading of SGLang
+    # says it uses rms_norm_eps there. Not a released key: only the released weights settle it.
+    mla_norm_eps: float = 1e-6
     # RoPE
     rope_theta: float = 1_000_000.0
     rope_scaling: dict[str, Any] | None = field(
@@ -379,6 +382,7 @@ _VERBATIM = [
     "oe_vocab_size_ratio", "oe_neighbor_num", "oe_split_num", "index_n_heads", "index_head_dim", "index_topk",
     "index_init_tokens", "index_local_tokens", "index_k_norm_type", "indexer_rope_interleave", "cli_factor",
     "dsa_mtp_cli", "mtp_num_layers", "mtp_replicate_modules", "mtp_disable_over_tokenizer", "ngram_fusion",
+    "mla_norm_eps",
     "torch_dtype",
 ]  # fmt: skip
 _INT_KEYS = {f.name for f in dataclasses.fields(ModelConfig) if f.type in ("int", "int | None")}
@@ -481,7 +485,7 @@ def _fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             "oe_vocab_size_ratio", "oe_neighbor_num", "oe_split_num", "ngram_fusion", "index_n_heads",
             "index_head_dim", "index_topk", "index_init_tokens", "index_local_tokens", "index_k_norm_type",
             "indexer_rope_interleave", "cli_factor", "dsa_mtp_cli", "mtp_replicate_modules",
-            "mtp_disable_over_tokenizer",
+            "mtp_disable_over_tokenizer", "mla_norm_eps",
         ):  # fmt: skip
             d[k] = getattr(cfg, k)
     else:

@@ -23,7 +23,7 @@ from torch import nn
 
 from longcat2.config import ModelConfig, yarn_mscale
 
-LORA_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm / indexer k_norm (transformers hard-codes 1e-6)
+INDEXER_NORM_EPS = 1e-6  # indexer k_norm (as DeepSeek-V3.2 and transformers)
 
 
 class RMSNorm(nn.Module):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longcat2.config import ModelConfig
-from longcat2.model.layers import LORA_NORM_EPS, RMSNorm, apply_rope
+from longcat2.model.layers import INDEXER_NORM_EPS, RMSNorm, apply_rope
 
 
 class Indexer(nn.Module):
@@ -38,9 +38,9 @@ class Indexer(nn.Module):
         self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
         if cfg.index_k_norm_type == "rms":
-            self.k_norm: nn.Module = RMSNorm(self.head_dim, eps=LORA_NORM_EPS)
+            self.k_norm: nn.Module = RMSNorm(self.head_dim, eps=INDEXER_NORM_EPS)
         else:
-            self.k_norm = nn.LayerNorm(self.head_dim, eps=LORA_NORM_EPS)
+            self.k_norm = nn.LayerNorm(self.head_dim, eps=INDEXER_NORM_EPS)
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
         self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
 

@@ -139,3 +139,11 @@ def test_bad_hf_json_names_the_problem(tmp_path):
         ModelConfig.from_hf(tmp_path)
     with pytest.raises(ConfigError, match="unknown preset"):
         ModelConfig.from_preset("longcat-3")
+
+
+def test_lora_norm_eps_is_a_config_switch_that_round_trips():
+    cfg = ModelConfig.from_preset("tiny", mla_norm_eps=1e-5)
+    assert ModelConfig.from_hf(cfg.to_hf()).mla_norm_eps == 1e-5
+    from longcat2.model.attention import MLA
+
+    assert MLA(cfg, has_indexer=False).q_a_layernorm.eps == 1e-5
