@@ -1,4 +1,4 @@
-"""Fixtures for the server tests (helpers and the scripted engine live in `serve_helpers.py`)."""
+"""Fixtures for the server tests (helpers and the memorising fine-tune live in `serve_helpers.py`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from serve_helpers import GREETING, WEATHER_ANSWER, ServerThread, script, scripted_state
+from serve_helpers import GREETING, SCRIPT_DOC, WEATHER_ANSWER, ServerThread, memorise, scripted_state
 
 from longcat2.serve import ServerConfig, create_app, load_state
 from longcat2.tokenizer import load_tokenizer, train_tokenizer
@@ -22,7 +22,7 @@ def model_dir(tmp_path_factory) -> Path:
     texts = [
         inspect.getsource(json),
         inspect.getsource(inspect),
-        script.__doc__ or "",
+        SCRIPT_DOC,
         GREETING,
         WEATHER_ANSWER,
     ]
@@ -37,9 +37,16 @@ def model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def memorised_dir(model_dir, tmp_path_factory) -> Path:
+    """A tiny model fine-tuned (in the fixture) to answer the scripted conversations exactly under greedy
+    decoding through the real engine; same tokenizer as `model_dir`."""
+    return memorise(model_dir, tmp_path_factory.mktemp("memorised-model"))
+
+
 @pytest.fixture(scope="module")
-def scripted_server(model_dir) -> Iterator[ServerThread]:
-    state = scripted_state(model_dir)
+def scripted_server(memorised_dir) -> Iterator[ServerThread]:
+    state = scripted_state(memorised_dir)
     with ServerThread(create_app(state), state) as srv:
         yield srv
 

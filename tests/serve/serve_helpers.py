@@ -1,27 +1,29 @@
-"""Helpers for the server tests: a tiny random LongCat model on disk, a scripted engine stand-in, and real
-uvicorn servers on 127.0.0.1 (free ports) running in background threads.
+"""Helpers for the server tests: a tiny LongCat model that has memorised scripted replies, the real engine
+around it, and real uvicorn servers on 127.0.0.1 (free ports) running in background threads.
 
-The scripted engine (`ScriptedEngine`) has the `longcat2.engine.Engine` surface the server drives
-(add_request / step / abort / has_unfinished) but answers with scripted text chosen from the rendered
-prompt, one token per request per step, with a fixed sleep per step whatever the batch size. It makes tool
-calls, thinking and stop reasons deterministic, so the SDK round trips test the whole server (parsing,
-builders, SSE, batching, cancellation) without depending on what a random model writes. The real tiny
-model runs the same server in `real_server`.
+`memorise` fine-tunes a tiny model on the `SCRIPTED_CONVERSATIONS` (rendered with the server's own chat
+template) until greedy decoding through the real `longcat2.engine.Engine` reproduces every reply exactly, so
+tool calls, thinking and stop reasons are deterministic while every token still comes from the real model
+and engine: the SDK round trips test the whole stack. A tiny random model runs the same server in
+`real_server`.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import uvicorn
 
-from longcat2.engine import RequestOutput
+from longcat2 import chat
+from longcat2.config import ModelConfig
+from longcat2.engine import Engine, RequestOutput, SamplingParams
+from longcat2.model.longcat import LongCatForCausalLM, lm_loss
 from longcat2.serve import EngineWorker, Metrics, ServerConfig, ServerState
 from longcat2.tokenizer import load_tokenizer
 
@@ -47,96 +49,134 @@ THOUGHT = "The user says hi, so I greet them."
 COUNTING = "one two three four five six seven eight nine ten"
 
 
-def script(prompt: str) -> str:
-    """The scripted model: the reply text for a rendered LongCat prompt."""
-    last_turn = prompt.rsplit("<longcat_user>", 1)[-1]
-    if prompt.endswith("<longcat_tool_call>"):  # forced tool use: the prompt pre-opened a call
-        return TOOL_CALL_TEXT[len("<longcat_tool_call>") :]
-    if prompt.endswith("<longcat_tool_call>get_weather\n"):
-        return TOOL_CALL_TEXT[len("<longcat_tool_call>get_weather\n") :]
-    if "<longcat_tool_response>" in last_turn:
-        return WEATHER_ANSWER
-    if "weather in Paris" in last_turn and "get_weather" in prompt:
-        return "Let me check.\n" + TOOL_CALL_TEXT
-    if "count" in last_turn:
-        return COUNTING
-    if "long story" in last_turn:
-        return "once upon a time " * 400
-    if "/think_on" in last_turn:
-        return f"<longcat_think>\n{THOUGHT}\n</longcat_think>\n{GREETING}"
-    return GREETING
+SCRIPT_DOC = """The scripted replies the memorised model gives: a greeting, counting, a get_weather tool call for
+"What is the weather in Paris?" and the answer once the tool responded, and a thought when thinking is on."""
 
 
-@dataclass
-class _Seq:
-    rid: str
-    tokens: list[int]
-    max_new: int
-    out: int = 0
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
 
 
-class ScriptedEngine:
-    """`Engine` stand-in: scripted replies, continuous batching of up to `max_batch`, `step_s` per step."""
+def _assistant(content: str | None, **extra) -> dict:
+    return {"role": "assistant", "content": content, **extra}
 
-    def __init__(
-        self, tokenizer, reply: Callable[[str], str] = script, max_batch: int = 8, step_s: float = 0.005
-    ):
-        self.tok = tokenizer
-        self.reply = reply
-        self.max_batch = max_batch
+
+_CALL = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+_WEATHER_Q = _user("What is the weather in Paris?")
+_CALLED = _assistant("Let me check.", tool_calls=_CALL)
+LONG_STORY = "once upon a time " * 20
+
+# (messages ending with the reply to memorise, tools, thinking): each reply in them is trained (render_with_mask)
+SCRIPTED_CONVERSATIONS: list[tuple[list[dict], list[dict] | None, bool]] = [
+    ([_user("hi"), _assistant(GREETING)], None, False),
+    ([{"role": "system", "content": "Be brief."}, _user("hi"), _assistant(GREETING)], None, False),
+    ([_user("count"), _assistant(COUNTING)], None, False),
+    ([_user("please count"), _assistant(COUNTING)], None, False),
+    ([_user("hi"), _assistant(GREETING, reasoning_content=THOUGHT)], None, True),
+    ([_user("hi"), _assistant(GREETING), _user("count"), _assistant(COUNTING)], None, True),
+    ([_WEATHER_Q, _CALLED], [WEATHER_TOOL], False),
+    (
+        [_WEATHER_Q, _CALLED, {"role": "tool", "content": json.dumps({"sky": "sunny", "temp_c": 22})}]
+        + [_assistant(WEATHER_ANSWER)],
+        [WEATHER_TOOL],
+        False,
+    ),
+    (
+        [_WEATHER_Q, _CALLED, {"role": "tool", "content": "sunny, 22 degrees"}, _assistant(WEATHER_ANSWER)],
+        [WEATHER_TOOL],
+        False,
+    ),
+    ([_user("hi"), _assistant(None, tool_calls=_CALL)], [WEATHER_TOOL], False),  # forced tool choice
+    ([_user("a long story"), _assistant(LONG_STORY)], None, False),  # trained without its end: keeps going
+]
+RAW_COMPLETION = ("please count", COUNTING)  # /v1/completions: raw text, then the reply and EOS
+
+
+def memorise(tokenizer_dir: Path, out: Path, steps: int = 150, lr: float = 1e-2) -> Path:
+    """Train a tiny LongCat model until greedy decoding through the real `Engine` reproduces every scripted
+    reply exactly (asserted), and save it with the tokenizer in `out`."""
+    tok = load_tokenizer(tokenizer_dir)
+    seqs: list[tuple[list[int], list[int]]] = []
+    for messages, tools, thinking in SCRIPTED_CONVERSATIONS:
+        ids, mask = chat.render_with_mask(messages, tools, tok, thinking=thinking)
+        seqs.append((ids, mask))
+    seqs[-1][1][-1] = 0  # the long story has no end
+    prompt, reply = (tok.encode(t) for t in RAW_COMPLETION)
+    seqs.append((prompt + reply + [tok.eos_id], [0] * len(prompt) + [1] * (len(reply) + 1)))
+    width = max(len(ids) for ids, _ in seqs)
+    inputs = torch.full((len(seqs), width), tok.eos_id)
+    labels = torch.full((len(seqs), width), -100)
+    for i, (ids, mask) in enumerate(seqs):
+        inputs[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(ids) - 1] = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
+    # expected greedy replies, prompted exactly as the server prompts (chat.render + generation prompt)
+    checks = []
+    for messages, tools, thinking in SCRIPTED_CONVERSATIONS[:-1]:
+        head = chat.render(messages[:-1], tools, True, thinking)
+        checks.append(
+            (tok.encode(head), tok.encode(chat.render(messages, tools, False, thinking)[len(head) :]))
+        )
+    checks.append((prompt, reply + [tok.eos_id]))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 busy cores: one thread is several times faster for this tiny model
+    try:
+        torch.manual_seed(0)
+        cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, mtp_num_layers=0)
+        model = LongCatForCausalLM(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        wrong: list = []
+        for step in range(steps):
+            model.train()
+            loss = lm_loss(model(inputs), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step >= 40 and step % 10 == 0 or step == steps - 1:
+                with torch.no_grad():
+                    engine = Engine(model, detokenize=tok.decode, eos_token_id=tok.eos_id)
+                    got = engine.generate([p for p, _ in checks], SamplingParams(max_new_tokens=64))
+                wrong = [(tok.decode(p), tok.decode(g)) for (p, want), g in zip(checks, got) if g != want]
+                if not wrong:
+                    break
+        assert not wrong, f"the model did not memorise {len(wrong)} replies: {wrong[:2]}"
+    finally:
+        torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)  # the tokenizer; the random model's files are overwritten next
+    model.eval().save_pretrained(out)
+    return out
+
+
+class FaultyEngine(Engine):
+    """The real `Engine` with a fault injector around its real steps (not a stand-in: every token still
+    comes from the model): `fail_next_step` makes the next `step()` raise, `step_s` sleeps before each step
+    that has work, so a test can hold requests in flight long enough to fill the queue."""
+
+    def __init__(self, model, *, step_s: float = 0.0, **kw) -> None:
+        super().__init__(model, **kw)
         self.step_s = step_s
-        self.waiting: deque[_Seq] = deque()
-        self.active: dict[str, _Seq] = {}
-        self.aborted: list[str] = []
-        self.added = 0
-        self.max_active_seen = 0
         self.fail_next_step = False
-
-    def add_request(self, prompt_ids, params=None, request_id=None) -> str:
-        text = self.tok.decode(prompt_ids)
-        toks = self.tok.encode(self.reply(text)) + [self.tok.eos_id]
-        self.waiting.append(_Seq(request_id, toks, params.max_new_tokens))
-        self.added += 1
-        return request_id
-
-    def abort(self, request_id: str) -> bool:
-        for s in list(self.waiting):
-            if s.rid == request_id:
-                self.waiting.remove(s)
-                self.aborted.append(request_id)
-                return True
-        if self.active.pop(request_id, None) is not None:
-            self.aborted.append(request_id)
-            return True
-        return False
-
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.active or self.aborted)
 
     def step(self) -> list[RequestOutput]:
         if self.fail_next_step:
             self.fail_next_step = False
             raise RuntimeError("injected failure")
-        outs = [RequestOutput(rid, [], True, "abort") for rid in self.aborted]
-        self.aborted = []
-        while self.waiting and len(self.active) < self.max_batch:
-            s = self.waiting.popleft()
-            self.active[s.rid] = s
-        self.max_active_seen = max(self.max_active_seen, len(self.active))
-        if self.active:
+        if self.step_s and self.has_unfinished():
             time.sleep(self.step_s)
-        for rid, s in list(self.active.items()):
-            tok = s.tokens[s.out]
-            s.out += 1
-            if tok == self.tok.eos_id:
-                outs.append(RequestOutput(rid, [tok], True, "stop", tok))
-            elif s.out >= s.max_new or s.out >= len(s.tokens):
-                outs.append(RequestOutput(rid, [tok], True, "length"))
-            else:
-                outs.append(RequestOutput(rid, [tok], False))
-                continue
-            del self.active[rid]
-        return outs
+        return super().step()
+
+
+def load_engine(model_dir: Path, *, max_batch: int = 8, step_s: float = 0.0):
+    """(tokenizer, real engine) for a model directory, wired like `longcat2.serve.app.load_state`."""
+    tok = load_tokenizer(model_dir)
+    model = LongCatForCausalLM.from_pretrained(model_dir)
+    engine = FaultyEngine(
+        model, step_s=step_s, max_batch_size=max_batch, detokenize=tok.decode, eos_token_id=tok.eos_id
+    )
+    return tok, engine
 
 
 # ------------------------------------------------------------------------------------------- servers
@@ -182,10 +222,12 @@ def wait_idle(state: ServerState, timeout: float = 10.0) -> None:
     assert state.worker.in_flight == 0, f"{state.worker.in_flight} requests still in flight"
 
 
-def scripted_state(model_dir: Path, *, max_batch=8, max_queue=16, step_s=0.005, **config) -> ServerState:
-    tok = load_tokenizer(model_dir)
-    engine = ScriptedEngine(tok, max_batch=max_batch, step_s=step_s)
+def scripted_state(model_dir: Path, *, max_batch=8, max_queue=16, step_s=0.0, **config) -> ServerState:
+    """A `ServerState` around the real engine and the memorised model in `model_dir` (as `serve --model`
+    builds it, with the engine's fault injector available)."""
+    tok, engine = load_engine(model_dir, max_batch=max_batch, step_s=step_s)
     metrics = Metrics()
     worker = EngineWorker(engine, tok, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
-    cfg = ServerConfig(max_batch=max_batch, max_queue=max_queue, **config)
-    return ServerState(tok, worker, ["longcat-test", "alias"], 4096, config=cfg, metrics=metrics)
+    cfg = ServerConfig(max_batch=max_batch, max_queue=max_queue, default_temperature=0.0, **config)
+    ctx = engine.cfg.max_position_embeddings
+    return ServerState(tok, worker, ["longcat-test", "alias"], ctx, config=cfg, metrics=metrics)

@@ -169,8 +169,8 @@ def test_health_and_metrics(http):
 
 
 @pytest.fixture(scope="module")
-def auth_server(model_dir):
-    state = scripted_state(model_dir, api_key="s3cret")
+def auth_server(memorised_dir):
+    state = scripted_state(memorised_dir, api_key="s3cret")
     with ServerThread(create_app(state), state) as srv:
         yield srv
 
@@ -210,9 +210,9 @@ def test_auth(auth_server):
 
 
 @pytest.fixture
-def small_server(model_dir):
-    """One batch slot, one queue slot, slow steps."""
-    state = scripted_state(model_dir, max_batch=1, max_queue=1, step_s=0.02)
+def small_server(memorised_dir):
+    """One batch slot, one queue slot, slow steps (the real engine, slowed by its fault injector)."""
+    state = scripted_state(memorised_dir, max_batch=1, max_queue=1, step_s=0.02)
     with ServerThread(create_app(state), state) as srv:
         yield srv
 
@@ -263,7 +263,10 @@ def test_queue_full_then_disconnect_frees_slots(small_server):
         t1.join(10)
         t2.join(10)
         wait_idle(state)
-        assert not state.worker.engine.active and not state.worker.engine.waiting
+        engine = state.worker.engine
+        assert not engine.requests and not engine.scheduler.has_work()
+        alloc = engine.runner.cache.allocator
+        assert alloc.num_free == alloc.num_blocks  # every cache block is back in the pool
         r = c.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "count"}]})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == COUNTING
     wait_idle(state)
@@ -276,7 +279,7 @@ def test_non_streamed_disconnect_frees_slot(small_server):
         with pytest.raises(httpx.ReadTimeout):
             c.post("/v1/messages", json=body)  # the client gives up and closes the connection
     wait_idle(state)
-    assert not state.worker.engine.active
+    assert not state.worker.engine.requests and not state.worker.engine.scheduler.has_work()
     with httpx.Client(base_url=small_server.url, timeout=30) as c:
         assert c.post("/v1/messages", json=MSG).json()["content"][0]["text"] == GREETING
 

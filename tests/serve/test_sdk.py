@@ -1,5 +1,6 @@
-"""The unmodified `openai` and `anthropic` SDKs against a real server (scripted engine: deterministic replies,
-so tool calls, thinking and stop reasons are checked exactly)."""
+"""The unmodified `openai` and `anthropic` SDKs against a real server on the real engine, running a tiny model
+that memorised the scripted replies (deterministic under greedy decoding, so tool calls, thinking and stop
+reasons are checked exactly)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from serve_helpers import TOOL_CALL_TEXT, WEATHER_TOOL, ScriptedEngine
+from serve_helpers import COUNTING, LONG_STORY, TOOL_CALL_TEXT, WEATHER_TOOL, load_engine
 
 from longcat2 import chat
 from longcat2.engine import SamplingParams
@@ -341,52 +341,42 @@ def test_stop_matcher():
 # ------------------------------------------------------------------------------------------- worker
 
 
-class _Tok:
-    """Character-level stand-in tokenizer: ids are code points, eos = 0."""
-
-    eos_id = 0
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
-
-    def decode(self, ids) -> str:
-        return "".join(chr(i) for i in ids)
-
-    def decode_stream(self):
-        class D:
-            def step(self, i: int) -> str:
-                return chr(i)
-
-        return D()
+def _worker(model_dir, **kw):
+    """The worker around the real engine and the memorised model (see `serve_helpers.memorise`)."""
+    tok, engine = load_engine(model_dir, max_batch=kw.get("max_batch", 2))
+    worker = EngineWorker(engine, tok, max_batch=kw.get("max_batch", 2), max_queue=kw.get("max_queue", 2))
+    return worker, engine, tok
 
 
-def _worker(reply: str, **kw) -> tuple[EngineWorker, ScriptedEngine]:
-    engine = ScriptedEngine(_Tok(), reply=lambda _: reply, max_batch=kw.get("max_batch", 2), step_s=0.001)
-    return EngineWorker(
-        engine, _Tok(), max_batch=kw.get("max_batch", 2), max_queue=kw.get("max_queue", 2)
-    ), engine
+def _prompt(tok, text: str) -> list[int]:
+    return tok.encode(chat.render([{"role": "user", "content": text}]))
 
 
-def test_worker_streams_and_stops():
-    worker, _ = _worker("hello STOP world")
+def test_worker_streams_and_stops(memorised_dir):
+    worker, _, tok = _worker(memorised_dir)
+    count = _prompt(tok, "count")
 
     async def run():
         worker.start()
         try:
-            h = worker.submit([1, 2], SamplingParams(max_new_tokens=100, stop=["STOP"]), ["STOP"])
+            h = worker.submit(count, SamplingParams(max_new_tokens=100, stop=["four"]), ["four"])
             c = await h.collect()
-            assert (c.text, c.finish_reason, c.stop_reason) == ("hello ", "stop", "STOP")
-            h = worker.submit([1, 2], SamplingParams(max_new_tokens=3))
+            assert (c.text.strip(), c.finish_reason, c.stop_reason) == ("one two three", "stop", "four")
+            h = worker.submit(count, SamplingParams(max_new_tokens=3))
             c = await h.collect()
-            assert (c.text, c.finish_reason, c.completion_tokens) == ("hel", "length", 3)
-            h = worker.submit([1], SamplingParams(max_new_tokens=100))
+            assert (c.text, c.finish_reason, c.completion_tokens) == (
+                tok.decode(tok.encode(COUNTING)[:3]),
+                "length",
+                3,
+            )
+            h = worker.submit(count, SamplingParams(max_new_tokens=100))
             c = await h.collect()
             assert (c.text, c.finish_reason, c.stop_reason) == (
-                "hello STOP world",
+                COUNTING,
                 "stop",
-                0,
+                tok.eos_id,
             )  # EOS not decoded
-            assert c.completion_tokens == len("hello STOP world") + 1
+            assert c.completion_tokens == len(tok.encode(COUNTING)) + 1
         finally:
             worker.shutdown(1)
 
@@ -394,25 +384,27 @@ def test_worker_streams_and_stops():
     assert not worker.alive
 
 
-def test_worker_queue_cancel_and_shutdown():
-    worker, engine = _worker("x" * 10_000, max_batch=1, max_queue=1)
+def test_worker_queue_cancel_and_shutdown(memorised_dir):
+    worker, engine, tok = _worker(memorised_dir, max_batch=1, max_queue=1)
+    story = _prompt(tok, "a long story")
+    endless = SamplingParams(max_new_tokens=3000, ignore_eos=True)
 
     async def run():
         worker.start()
-        a = worker.submit([1], SamplingParams(max_new_tokens=10_000))
-        b = worker.submit([1], SamplingParams(max_new_tokens=10_000))
+        a = worker.submit(story, endless)
+        b = worker.submit(story, endless)
         with pytest.raises(QueueFull):
-            worker.submit([1], SamplingParams(max_new_tokens=5))
+            worker.submit(story, SamplingParams(max_new_tokens=5))
         first = await a._req.queue.get()
-        assert first.text == "x"
+        assert first.text and LONG_STORY.startswith(first.text)
         b.cancel()  # cancelled while waiting for a slot
         a.cancel()  # cancelled while running
-        for _ in range(200):
-            if worker.in_flight == 0:
+        for _ in range(500):
+            if worker.in_flight == 0 and not engine.requests:
                 break
             await asyncio.sleep(0.01)
-        assert worker.in_flight == 0 and not engine.active and not engine.waiting
-        c = worker.submit([1], SamplingParams(max_new_tokens=10_000))
+        assert worker.in_flight == 0 and not engine.requests and not engine.scheduler.has_work()
+        c = worker.submit(story, endless)
         await c._req.queue.get()
         await asyncio.to_thread(worker.shutdown, 0.05)  # gives up waiting and aborts it
         last = None
@@ -420,7 +412,7 @@ def test_worker_queue_cancel_and_shutdown():
             last = chunk
         assert last.finish_reason == "abort"
         with pytest.raises(ShuttingDown):
-            worker.submit([1], SamplingParams(max_new_tokens=5))
+            worker.submit(story, SamplingParams(max_new_tokens=5))
 
     asyncio.run(run())
 
