@@ -300,6 +300,19 @@ class ModelConfig:
         return _fields_to_hf(self)
 
 
+def parse_override(text: str) -> tuple[str, Any]:
+    """'KEY=VALUE' (VALUE parsed as JSON when it is JSON, else a string) → (key, value); for CLI flags."""
+    import argparse
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 

@@ -6,18 +6,31 @@ import argparse
 import json
 from pathlib import Path
 
+from longcat2.config import parse_override
+
 
 def _load_model(args: argparse.Namespace):
     import torch
 
     from longcat2.config import ModelConfig
+    from longcat2.model.attention import set_sparse_attention
     from longcat2.model.longcat import LongCatForCausalLM
 
     torch.set_num_threads(args.threads)
+    overrides = dict(args.override or [])
     if args.model:
-        return LongCatForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    torch.manual_seed(0)
-    return LongCatForCausalLM(ModelConfig.from_preset(args.preset)).eval()
+        model = LongCatForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        if (
+            overrides
+        ):  # shape-preserving fields only (LSA budget, RoPE scaling, ...): same weights, new config
+            state = model.state_dict()
+            model = LongCatForCausalLM(model.config.replace(**overrides).validate())
+            model.load_state_dict(state)
+    else:
+        torch.manual_seed(0)
+        model = LongCatForCausalLM(ModelConfig.from_preset(args.preset, **overrides))
+    set_sparse_attention(model, args.attention == "sparse")
+    return model.eval()
 
 
 def _cmd_longctx(args: argparse.Namespace) -> int:
@@ -70,6 +83,19 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         g.add_argument("--model", help="checkpoint folder (HF layout)")
         g.add_argument("--preset", help="random-init preset (smoke test)")
         q.add_argument("--json", action="store_true")
+        q.add_argument(
+            "--attention",
+            choices=["sparse", "dense"],
+            default="sparse",
+            help="dense: never select (A/B runs)",
+        )
+        q.add_argument(
+            "--override",
+            action="append",
+            type=parse_override,
+            metavar="KEY=VALUE",
+            help="override a shape-preserving model config field, e.g. index_topk=128 (repeatable)",
+        )
         q.add_argument("--threads", type=int, default=1)
         q.add_argument("--seed", type=int, default=1234)
         q.set_defaults(func=func)

@@ -145,3 +145,10 @@ class MLA(nn.Module):
         q, w = self.indexer.queries(x, p.q_lora, cos, sin)
         with torch.no_grad():
             return lsa_select(self.indexer, q.detach(), w.detach(), keys.detach(), positions, self.cfg)
+
+
+def set_sparse_attention(model: nn.Module, enabled: bool) -> None:
+    """Switch LSA selection on or off in every MLA sublayer (off = exact dense attention at any length)."""
+    for module in model.modules():
+        if isinstance(module, MLA):
+            module.sparse_enabled = enabled

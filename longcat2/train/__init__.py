@@ -14,21 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import typing
 from typing import Any
 
+from longcat2.config import parse_override
+
 SFT_DEFAULTS = {"out": "runs/sft", "steps": 200, "lr": 1e-3, "warmup": 10, "save_every": 50, "eval_every": 50}
-
-
-def _parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--model expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
 
 
 def _add_config_args(p: argparse.ArgumentParser, mode: str) -> None:
@@ -66,7 +57,7 @@ def _add_config_args(p: argparse.ArgumentParser, mode: str) -> None:
         "--model",
         dest="model_overrides",
         action="append",
-        type=_parse_override,
+        type=parse_override,
         default=argparse.SUPPRESS,
         metavar="KEY=VALUE",
         help="override a model config field of the preset (repeatable), e.g. --model hidden_size=128",

@@ -67,6 +67,9 @@ class TrainConfig:
     balance_groups: int = _f(4, "expert-parallel groups for the balance loss")
     indexer_loss: float = _f(0.0, "weight of the LSA indexer KL distillation loss (0 = off; train/sparse.py)")
     indexer_warmup: int = _f(0, "steps of dense-row indexer KL before the selected-set (sparse) KL")
+    indexer_cross_layer: bool = _f(
+        True, "distil a cross-layer owner toward the mean of the attention of every sublayer it serves"
+    )
     attention: str = _f(
         "sparse",
         "sparse (LSA top-k once the context exceeds index_topk) | dense (never select)",

@@ -60,13 +60,6 @@ def attention_distribution(
         return summed / summed.sum(-1, keepdim=True)
 
 
-def set_sparse_attention(model: nn.Module, enabled: bool) -> None:
-    """Switch LSA selection on or off in every MLA sublayer (off = exact dense attention at any length)."""
-    for module in model.modules():
-        if isinstance(module, MLA):
-            module.sparse_enabled = enabled
-
-
 class IndexerDistiller:
     """Attach to a LongCatForCausalLM; after each forward, `loss(mode)` returns the indexer KL and recall."""
 

@@ -297,7 +297,7 @@ class Trainer:
         if cfg.grad_checkpointing:
             self.model.model.gradient_checkpointing = True
         if cfg.attention == "dense":
-            from longcat2.train.sparse import set_sparse_attention
+            from longcat2.model.attention import set_sparse_attention
 
             set_sparse_attention(self.model, False)
         if cfg.train_only == "indexer":
@@ -317,7 +317,7 @@ class Trainer:
         if cfg.indexer_loss > 0 and self.model.config.use_lsa:
             from longcat2.train.sparse import IndexerDistiller
 
-            self.distiller = IndexerDistiller(self.model)
+            self.distiller = IndexerDistiller(self.model, cross_layer_target=cfg.indexer_cross_layer)
         self.stats = balance.RoutingStats.for_model(self.moes) if self.moes else None
         mc = self.model.config
         target = cfg.target_ffn_experts
@@ -433,7 +433,9 @@ class Trainer:
             return checkpointing.load_model(self.resume_from)
         if hasattr(self.task, "vocab_size") and self.task.tokenizer_dir is None:  # synthetic tasks
             if cfg.init:
-                return checkpointing.load_model(checkpointing.resolve_init(cfg.init))
+                return self._init_with_overrides(
+                    checkpointing.load_model(checkpointing.resolve_init(cfg.init))
+                )
             ids = dict(vocab_size=self.task.vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
             overrides = {**cfg.model_overrides, **ids, "torch_dtype": "float32"}
             try:
@@ -444,7 +446,7 @@ class Trainer:
         if cfg.init:
             path = checkpointing.resolve_init(cfg.init)
             self._log(f"init: weights from {path}")
-            model = checkpointing.load_model(path)
+            model = self._init_with_overrides(checkpointing.load_model(path))
             if model.config.vocab_size < tok.vocab_size:
                 raise TrainingError(
                     f"init: the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
@@ -464,6 +466,33 @@ class Trainer:
         except (ValueError, TypeError) as e:
             raise TrainingError(f"model config: {e}") from e
         return LongCatForCausalLM(mcfg)
+
+    def _init_with_overrides(self, model: LongCatForCausalLM) -> LongCatForCausalLM:
+        """Apply `--model KEY=VALUE` to an --init model: fields that leave every weight shape alone (LSA
+        budget, RoPE scaling, fusion rule, ...) are taken; a field that would change a shape is an error."""
+        overrides = dict(self.cfg.model_overrides)
+        if not overrides:
+            return model
+        try:
+            new_cfg = model.config.replace(**overrides).validate()
+        except (ValueError, TypeError) as e:
+            raise TrainingError(f"model config: {e}") from e
+        with torch.random.fork_rng(devices=[]):
+            rebuilt = LongCatForCausalLM(new_cfg)
+        old, new = model.state_dict(), rebuilt.state_dict()
+        for key in sorted(set(old) | set(new)):
+            if key not in old or key not in new or old[key].shape != new[key].shape:
+                shapes = (
+                    tuple(old[key].shape) if key in old else None,
+                    tuple(new[key].shape) if key in new else None,
+                )
+                raise TrainingError(
+                    f"--model {', '.join(overrides)}: changes the weights of the --init model at {key} "
+                    f"({shapes[0]} -> {shapes[1]}); only shape-preserving fields can change on --init"
+                )
+        rebuilt.load_state_dict(old)
+        self._log(f"init: model config overrides {overrides}")
+        return rebuilt.train()
 
     # ------------------------------------------------------------------ state
     def _run_state(self) -> dict[str, Any]:

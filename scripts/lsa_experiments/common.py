@@ -111,8 +111,8 @@ def load(path: str | Path, attention: str = "sparse", **fields: Any):
 
     import torch
 
+    from longcat2.model.attention import set_sparse_attention
     from longcat2.model.longcat import LongCatForCausalLM
-    from longcat2.train.sparse import set_sparse_attention
 
     torch.set_num_threads(1)
     src = latest(path)
