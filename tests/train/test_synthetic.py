@@ -49,3 +49,24 @@ def test_indexer_warmup_stage_trains_only_the_indexer(tmp_path):
     assert changed and all(".indexer." in n for n in changed)
     assert all(torch.equal(m.router.e_score_correction_bias, b) for m, b in zip(trainer.moes, bias))
     assert all(not m.sparse_enabled for m in trainer.model.modules() if hasattr(m, "sparse_enabled"))
+
+
+def test_init_applies_shape_preserving_overrides_and_rejects_others(tmp_path):
+    base = dict(
+        preset="tiny", data="task:passkey", seq_len=96, batch_size=2, steps=1, save_every=0, eval_every=0,
+        progress=False, plot=False, threads=1, mtp_weight=0.0,
+    )  # fmt: skip
+    Trainer(TrainConfig(**base, out=str(tmp_path / "a"))).train()
+    t = Trainer(
+        TrainConfig(
+            **base, out=str(tmp_path / "b"), init=str(tmp_path / "a"), model_overrides={"index_topk": 32}
+        )
+    )
+    assert t.model.config.index_topk == 32
+    assert all(m.cfg.index_topk == 32 for m in t.model.modules() if hasattr(m, "sparse_enabled"))
+    with pytest.raises(Exception, match="changes the weights"):
+        Trainer(
+            TrainConfig(
+                **base, out=str(tmp_path / "c"), init=str(tmp_path / "a"), model_overrides={"hidden_size": 32}
+            )
+        )
