@@ -179,6 +179,23 @@ def usage(fin: Finished) -> dict[str, int]:
     }
 
 
+def _sampling_params(state: ServerState, req: Any, budget: int, stops: list[str]) -> Any:
+    """Engine sampling parameters from the fields both OpenAI request types share."""
+    return state.sampling_params(
+        max_new_tokens=budget,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        seed=req.seed,
+        stop=stops,
+        ignore_eos=req.ignore_eos,
+    )
+
+
 def tool_call_dict(ev: chat.ToolCallEvent, with_index: bool = False) -> dict[str, Any]:
     d: dict[str, Any] = {
         "id": ev.id,
@@ -327,19 +344,7 @@ def router(state: ServerState) -> APIRouter:
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         budget = state.output_budget(len(ids), requested, param)
-        params = state.sampling_params(
-            max_new_tokens=budget,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
-            seed=req.seed,
-            stop=stops,
-            ignore_eos=req.ignore_eos,
-        )
+        params = _sampling_params(state, req, budget, stops)
         handle = state.submit(ids, params, stops)
         rid = new_id("chatcmpl-")
         events = chat_events(handle, prompt, lambda: new_id("call_"))
@@ -380,19 +385,7 @@ def router(state: ServerState) -> APIRouter:
             raise APIError(400, "prompt: the prompt is empty", param="prompt")
         requested = req.max_tokens if req.max_tokens is not None else 16
         budget = state.output_budget(len(ids), requested, "max_tokens")
-        params = state.sampling_params(
-            max_new_tokens=budget,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
-            seed=req.seed,
-            stop=stops,
-            ignore_eos=req.ignore_eos,
-        )
+        params = _sampling_params(state, req, budget, stops)
         handle = state.submit(ids, params, stops)
         rid = new_id("cmpl-")
         created = int(time.time())
