@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_reference import random_longcat_flash
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -68,25 +69,12 @@ def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
-def _hf_model(rope_scaling):
-    transformers = pytest.importorskip("transformers")
-    cfg = ModelConfig.from_preset("tiny-flash", rope_scaling=rope_scaling)
-    skip = {"architectures", "model_type", "torch_dtype", "rope_scaling", "mtp_num_layers"}
-    hf_cfg = transformers.LongcatFlashConfig(**{k: v for k, v in cfg.to_hf().items() if k not in skip})
-    hf = transformers.LongcatFlashForCausalLM(hf_cfg).eval()
-    with torch.no_grad():
-        for name, buf in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.copy_(torch.randn_like(buf) * 0.05)
-    return transformers, cfg, hf
-
-
 # ---------------------------------------------------------------------- parity with transformers
 
 
 @pytest.mark.parametrize("rope_scaling", [None, YARN], ids=["plain", "yarn"])
 def test_transformers_checkpoint_loads_with_same_logits(tmp_path, rope_scaling):
-    _, cfg, hf = _hf_model(rope_scaling)
+    _, cfg, hf = random_longcat_flash(rope_scaling)
     hf.save_pretrained(tmp_path / "hf")
     ours = LongCatForCausalLM.from_pretrained(tmp_path / "hf")  # strict
     assert ours.config == cfg
@@ -111,7 +99,7 @@ def test_transformers_checkpoint_loads_with_same_logits(tmp_path, rope_scaling):
 
 @pytest.mark.parametrize("rope_scaling", [None, YARN], ids=["plain", "yarn"])
 def test_our_checkpoint_loads_in_transformers(tmp_path, rope_scaling):
-    transformers, cfg, hf = _hf_model(rope_scaling)
+    transformers, cfg, hf = random_longcat_flash(rope_scaling)
     hf.save_pretrained(tmp_path / "hf")
     ours = LongCatForCausalLM.from_pretrained(tmp_path / "hf")
     ours.save_pretrained(tmp_path / "ours")  # longcat_flash: transformers-compatible by default
@@ -124,7 +112,7 @@ def test_our_checkpoint_loads_in_transformers(tmp_path, rope_scaling):
 
 def test_transformers_key_quirks(tmp_path):
     """What transformers 5.x writes: gate/up (no down) for the zero experts, no MTP. Our compat save matches."""
-    _, cfg, hf = _hf_model(None)
+    _, cfg, hf = random_longcat_flash(None)
     hf.save_pretrained(tmp_path / "hf")
     hf_keys = _keys(tmp_path / "hf")
     e, z = cfg.n_routed_experts, cfg.zero_expert_num

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from hf_reference import random_longcat_flash
 
 from longcat2.commands import model_stats
 from longcat2.config import ModelConfig
@@ -19,15 +20,7 @@ YARN = {
 
 
 def _hf_pair(rope_scaling):
-    transformers = pytest.importorskip("transformers")
-    cfg = ModelConfig.from_preset("tiny-flash", rope_scaling=rope_scaling)
-    skip = {"architectures", "model_type", "torch_dtype", "rope_scaling", "mtp_num_layers"}
-    hf_cfg = transformers.LongcatFlashConfig(**{k: v for k, v in cfg.to_hf().items() if k not in skip})
-    hf = transformers.LongcatFlashForCausalLM(hf_cfg).eval()
-    with torch.no_grad():
-        for name, buf in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.copy_(torch.randn_like(buf) * 0.05)  # non-zero: selection must use it, gates must not
+    _, cfg, hf = random_longcat_flash(rope_scaling)
     ours = LongCatForCausalLM(cfg).eval()
     state = {}
     e, i = cfg.n_routed_experts, cfg.expert_ffn_hidden_size
