@@ -191,41 +191,25 @@ def param_groups_for(
             kind = "adamw"
         buckets[kind].append(p)
         names[kind].append(name)
+    mlr = lr if muon_lr is None else muon_lr
+    settings = {  # bucket → (is Muon, peak LR, weight decay)
+        "muon": (True, mlr, weight_decay),
+        "adamw": (False, lr, weight_decay),
+        "adamw_no_decay": (False, lr, 0.0),
+    }
     groups: list[dict[str, Any]] = []
-    if buckets["muon"]:
-        mlr = lr if muon_lr is None else muon_lr
-        groups.append(
-            dict(
-                params=buckets["muon"],
-                names=names["muon"],
-                muon=True,
-                lr=mlr,
-                base_lr=mlr,
-                weight_decay=weight_decay,
+    for kind, (muon, group_lr, wd) in settings.items():
+        if buckets[kind]:
+            groups.append(
+                dict(
+                    params=buckets[kind],
+                    names=names[kind],
+                    muon=muon,
+                    lr=group_lr,
+                    base_lr=group_lr,
+                    weight_decay=wd,
+                )
             )
-        )
-    if buckets["adamw"]:
-        groups.append(
-            dict(
-                params=buckets["adamw"],
-                names=names["adamw"],
-                muon=False,
-                lr=lr,
-                base_lr=lr,
-                weight_decay=weight_decay,
-            )
-        )
-    if buckets["adamw_no_decay"]:
-        groups.append(
-            dict(
-                params=buckets["adamw_no_decay"],
-                names=names["adamw_no_decay"],
-                muon=False,
-                lr=lr,
-                base_lr=lr,
-                weight_decay=0.0,
-            )
-        )
     return groups
 
 

@@ -90,6 +90,25 @@ def train(out: Path, steps: int, flags: list[str]) -> dict[str, Any]:
     return {"wall_s": wall, "metrics": train_recs, "evals": [r for r in recs if r.get("type") == "eval"]}
 
 
+def warmup_stage(out: Path, steps: int, flags: list[str], init: str | Path) -> dict[str, Any]:
+    """Stage W: only the indexers train, on the dense-row KL, with dense attention."""
+    return train(
+        out, steps,
+        [*flags, "--init", str(init), "--train-only", "indexer", "--attention", "dense",
+         "--indexer-loss", "1", "--indexer-warmup", str(steps)],
+    )  # fmt: skip
+
+
+def sparse_and_control(root: Path, steps: int, flags: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage S (sparse from root/W, indexer KL on the selected set) and the dense control C (from root/D),
+    same steps, LR and data."""
+    s = train(
+        root / "S", steps, [*flags, "--init", str(root / "W"), "--attention", "sparse", "--indexer-loss", "1"]
+    )
+    c = train(root / "C", steps, [*flags, "--init", str(root / "D"), "--attention", "dense"])
+    return s, c
+
+
 def derive(src_run: str | Path, dst: str | Path, **fields: Any) -> Path:
     """Copy the latest checkpoint of src_run (weights + config) to dst with config fields changed."""
     src = latest(src_run)

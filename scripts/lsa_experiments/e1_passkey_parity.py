@@ -53,21 +53,11 @@ def main() -> None:
     stage = ["--lr", "1e-3", "--warmup", "10"]
     w_lr = ["--lr", str(P["w_lr"]), "--warmup", "10"]  # indexer-only: a tiny indexer needs a larger LR
     # stage W: indexer-only dense warm-up
-    w = C.train(
-        root / "W", P["w_steps"],
-        [*data, *every, *w_lr, "--init", str(d_lsa), "--train-only", "indexer", "--attention", "dense",
-         "--indexer-loss", "1", "--indexer-warmup", str(P["w_steps"])],
-    )  # fmt: skip
+    w = C.warmup_stage(root / "W", P["w_steps"], [*data, *every, *w_lr], d_lsa)
     walls["W"] = w["wall_s"]
     # stage S: sparse training; control C: dense, same steps / LR / data from D
-    s = C.train(
-        root / "S", P["s_steps"],
-        [*data, *every, *stage, "--init", str(root / "W"), "--attention", "sparse", "--indexer-loss", "1"],
-    )  # fmt: skip
-    walls["S"] = s["wall_s"]
-    walls["C"] = C.train(
-        root / "C", P["s_steps"], [*data, *every, *stage, "--init", str(root / "D"), "--attention", "dense"]
-    )["wall_s"]
+    s, c = C.sparse_and_control(root, P["s_steps"], [*data, *every, *stage])
+    walls["S"], walls["C"] = s["wall_s"], c["wall_s"]
 
     # evaluation
     import torch

@@ -76,11 +76,7 @@ def main() -> None:
     d_lsa = C.derive(
         root / "D", root / "D_lsa", index_topk=P["log_k"], index_init_tokens=sink, index_local_tokens=local
     )
-    w = C.train(
-        root / "W", P["w_steps"],
-        [*data, *every, *w_lr, "--init", str(d_lsa), "--train-only", "indexer", "--attention", "dense",
-         "--indexer-loss", "1", "--indexer-warmup", str(P["w_steps"])],
-    )  # fmt: skip
+    w = C.warmup_stage(root / "W", P["w_steps"], [*data, *every, *w_lr], d_lsa)
     walls["W"] = w["wall_s"]
     s_runs = {}
     if P["s_steps"]:

@@ -81,20 +81,10 @@ def main() -> None:
         [*data, *every, "--attention", "dense", "--model", "rope_scaling=null", *model_flags,
          *[f for b in budget for f in ("--model", b)]],
     )["wall_s"]  # fmt: skip
-    w = C.train(
-        root / "W", P["w_steps"],
-        [*data, *every, *w_lr, "--init", str(root / "D"), "--train-only", "indexer", "--attention", "dense",
-         "--indexer-loss", "1", "--indexer-warmup", str(P["w_steps"])],
-    )  # fmt: skip
+    w = C.warmup_stage(root / "W", P["w_steps"], [*data, *every, *w_lr], root / "D")
     walls["W"] = w["wall_s"]
-    s = C.train(
-        root / "S", P["s_steps"],
-        [*data, *every, *stage, "--init", str(root / "W"), "--attention", "sparse", "--indexer-loss", "1"],
-    )  # fmt: skip
-    walls["S"] = s["wall_s"]
-    walls["C"] = C.train(
-        root / "C", P["s_steps"], [*data, *every, *stage, "--init", str(root / "D"), "--attention", "dense"]
-    )["wall_s"]
+    s, c = C.sparse_and_control(root, P["s_steps"], [*data, *every, *stage])
+    walls["S"], walls["C"] = s["wall_s"], c["wall_s"]
 
     from longcat2.data import ensure_prepared
 
