@@ -1,5 +1,10 @@
 # The two commands of the README. Both do all set-up on a fresh machine (venv, torch CPU wheel, deps).
-.PHONY: demo test lint setup
+.PHONY: serve demo test lint setup
+
+# the main job: the OpenAI/Anthropic-compatible server on the model embedded in the package (port 8000)
+serve:
+	scripts/setup.sh
+	.venv/bin/longcat2 serve
 
 demo:
 	scripts/setup.sh

@@ -747,20 +747,40 @@ def _check_vocab(shard_dir: Path, meta: dict[str, Any], vocab_size: int) -> Path
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    missing = [f"--{n}" for n in ("data", "tokenizer") if getattr(args, n) is None]
+    if missing and not args.task:
+        print(
+            f"error: prepare needs {' and '.join(missing)} (or --task SPEC for synthetic tasks)",
+            file=sys.stderr,
+        )
+        return 2
     t0 = time.perf_counter()
     try:
-        meta = prepare(
-            args.data,
-            args.tokenizer,
-            args.out,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            max_bytes=args.max_bytes,
-        )
-    except (DataError, TokenizerError) as e:
+        if args.task:
+            from longcat2.train.synthetic import prepare_task_files
+
+            spec = args.task if args.task.startswith("task:") else f"task:{args.task}"
+            meta = prepare_task_files(
+                spec, args.out, seq_len=args.seq_len, n_train=args.examples, n_val=args.val_examples,
+                seed=args.seed,
+            )  # fmt: skip
+        else:
+            meta = prepare(
+                args.data, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                max_bytes=args.max_bytes,
+            )  # fmt: skip
+    except (DataError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    if args.task:
+        print(
+            f"prepared {meta['spec']} in {time.perf_counter() - t0:.1f}s -> {args.out}\n"
+            f"  train: {tr['rows']:,} rows x {args.seq_len + 1} tokens ({tr['answer_tokens']:,} answer tokens)\n"
+            f"  val:   {va['rows']:,} rows ({va['answer_tokens']:,} answer tokens); vocab {meta['vocab_size']}\n"
+            f"  train on it with: longcat2 train --data {args.out} --seq-len {args.seq_len} ..."
+        )
+        return 0
     print(
         f"prepared {meta['source']} in {time.perf_counter() - t0:.1f}s -> {args.out}\n"
         f"  train: {tr['tokens']:,} tokens, {tr['documents']:,} documents, {tr['files']} file(s)\n"
@@ -779,12 +799,18 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "prepare",
         help="tokenize a corpus into train/val token shards",
-        description="Tokenize a corpus into OUT/train.bin, OUT/val.bin (numpy memmaps) and OUT/meta.json.",
+        description="Tokenize a corpus into OUT/train.bin, OUT/val.bin (numpy memmaps) and OUT/meta.json; "
+        "or, with --task, write synthetic long-context task rows (passkey, niah, mqar, vt) for `train --data OUT`.",
     )
+    p.add_argument("--data", help="a text file, a folder, a .jsonl file ('text' field), or 'stdlib'")
+    p.add_argument("--tokenizer", help="tokenizer directory (from `longcat2 tokenizer train`)")
     p.add_argument(
-        "--data", required=True, help="a text file, a folder, a .jsonl file ('text' field), or 'stdlib'"
+        "--task",
+        help="synthetic tasks instead of a corpus: NAME[+NAME...][:key=value,...], e.g. passkey+niah:n_needles=4",
     )
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory (from `longcat2 tokenizer train`)")
+    p.add_argument("--seq-len", type=int, default=1024, help="--task: tokens per training row (default 1024)")
+    p.add_argument("--examples", type=int, default=10000, help="--task: training rows (default 10000)")
+    p.add_argument("--val-examples", type=int, default=256, help="--task: validation rows (default 256)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--val-fraction",
@@ -792,6 +818,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_VAL_FRACTION,
         help=f"share of files held out for validation (default {DEFAULT_VAL_FRACTION})",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the validation split / of the task rows (default 0)"
+    )
     p.add_argument("--max-bytes", type=int, default=None, help="read at most this many bytes of text")
     p.set_defaults(func=_cmd_prepare)

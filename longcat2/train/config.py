@@ -26,8 +26,8 @@ class TrainConfig:
     )
     data: str = _f(
         "stdlib",
-        "prepared data dir, a text file/folder/.jsonl, 'stdlib', or synthetic tasks 'task:passkey+niah[:k=v,...]' "
-        "(sft: a chat .jsonl)",
+        "prepared data dir, a text file/folder/.jsonl, 'stdlib', synthetic tasks 'task:passkey+niah[:k=v,...]' "
+        "or a folder from `longcat2 prepare --task` (sft: a chat .jsonl)",
     )
     val_data: str | None = _f(None, "sft: validation chat .jsonl (default: hold out a share of --data)")
     data_cache: str | None = _f(

@@ -40,6 +40,9 @@ class IndexerLossOutput:
     loss: torch.Tensor  # summed over owner layers, mean over rows
     recall: list[float] = field(default_factory=list)  # per owner layer
     kl: list[float] = field(default_factory=list)  # per owner layer
+    # per owner layer: the most any index_topk keys can capture (top-k of the target itself) = recall's
+    # upper bound; recall / ceiling separates a weak indexer from diffuse attention
+    recall_ceiling: list[float] = field(default_factory=list)
 
 
 def attention_distribution(
@@ -100,17 +103,18 @@ class IndexerDistiller:
             if cap is None:
                 raise RuntimeError("IndexerDistiller.loss: run a forward pass of the model first")
             rcap = self._captured.get(id(reuser)) if reuser is not None and self.cross_layer_target else None
-            kl, recall = self._layer_loss(owner, cap, reuser, rcap, mode)
+            kl, recall, ceiling = self._layer_loss(owner, cap, reuser, rcap, mode)
             total = kl if total is None else total + kl
             out.kl.append(float(kl.detach()))
             out.recall.append(recall)
+            out.recall_ceiling.append(ceiling)
         out.loss = total if total is not None else out.loss
         self._captured.clear()
         return out
 
     def _layer_loss(
         self, owner: MLA, cap: _Capture, reuser: MLA | None, rcap: _Capture | None, mode: str
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, float, float]:
         cfg = owner.cfg
         indexer = owner.indexer
         assert indexer is not None
@@ -121,7 +125,7 @@ class IndexerDistiller:
         keys = indexer.keys(x, cap.cos, cap.sin)  # inputs detached: grads reach indexer params only
         q, w = indexer.queries(x, q_lora, cap.cos, cap.sin)
         kl_sum = x.new_zeros((), dtype=torch.float32)
-        recall_sum, recall_rows = 0.0, 0
+        recall_sum, ceiling_sum, recall_rows = 0.0, 0.0, 0
         for start in range(0, t, self.chunk):
             rows = slice(start, min(start + self.chunk, t))
             target = attention_distribution(owner, x, cap.cos, cap.sin, cap.positions, rows)
@@ -147,6 +151,8 @@ class IndexerDistiller:
             long_rows = visible > cfg.index_topk
             if bool(long_rows.any()):
                 recall_sum += float(p_sel.sum(-1)[:, long_rows].sum())
+                best = target[:, long_rows].topk(cfg.index_topk, dim=-1).values.sum(-1)  # [B, long rows]
+                ceiling_sum += float(best.sum())
                 recall_rows += int(long_rows.sum()) * b
             if mode == "sparse" and cap.indices is not None:
                 p = p_sel / p_sel.sum(-1, keepdim=True).clamp_min(1e-12)
@@ -157,5 +163,6 @@ class IndexerDistiller:
             plogp = torch.where(p > 0, p * p.clamp_min(1e-30).log(), torch.zeros_like(p))
             cross = torch.where(p > 0, p * log_q, torch.zeros_like(p))
             kl_sum = kl_sum + (plogp - cross).sum()
-        recall = recall_sum / recall_rows if recall_rows else 1.0
-        return kl_sum / (b * t), recall
+        if not recall_rows:
+            return kl_sum / (b * t), 1.0, 1.0
+        return kl_sum / (b * t), recall_sum / recall_rows, ceiling_sum / recall_rows

@@ -403,13 +403,15 @@ class Trainer:
             torch.set_num_threads(threads)
 
     def _make_task(self) -> Task:
-        if self.cfg.data.startswith("task:"):
-            from longcat2.train.synthetic import SyntheticTask
+        from longcat2.train.synthetic import PreparedTask, SyntheticTask, read_task_meta
 
+        cfg = self.cfg
+        task_cls = SyntheticTask if cfg.data.startswith("task:") else None
+        if task_cls is None and read_task_meta(cfg.data) is not None:
+            task_cls = PreparedTask
+        if task_cls is not None:
             try:
-                return SyntheticTask(
-                    self.cfg.data, self.cfg.batch_size, self.cfg.seq_len, self.cfg.seed, self.rank, self.world
-                )
+                return task_cls(cfg.data, cfg.batch_size, cfg.seq_len, cfg.seed, self.rank, self.world)
             except ValueError as e:
                 raise TrainingError(str(e)) from e
         if self.cfg.mode == "sft":
@@ -622,6 +624,11 @@ class Trainer:
             total = total + cfg.indexer_loss * ind.loss.to(total.device)
             parts["indexer_kl"] = ind.loss.detach()
             parts["indexer_recall"] = torch.tensor(sum(ind.recall) / max(1, len(ind.recall)))
+            parts["indexer_recall_ceiling"] = torch.tensor(
+                sum(ind.recall_ceiling) / max(1, len(ind.recall_ceiling))
+            )
+            for i, r in enumerate(ind.recall):
+                parts[f"indexer_recall@{i}"] = torch.tensor(r)
         if cfg.balance_loss > 0 and self.moes:
             bal = balance.device_balance_loss(self.moes, cfg.balance_groups)
             total = total + cfg.balance_loss * bal
@@ -726,9 +733,13 @@ class Trainer:
         for k in ("mtp", "z", "balance"):
             if k in sums:
                 rec[f"{k}_loss"] = sums[k]
-        for k in ("indexer_kl", "indexer_recall"):
+        for k in ("indexer_kl", "indexer_recall", "indexer_recall_ceiling"):
             if k in sums:
                 rec[k] = sums[k]
+        layer_keys = sorted((k for k in sums if k.startswith("indexer_recall@")), key=lambda k: int(k[15:]))
+        per_layer = [sums[k] for k in layer_keys]
+        if per_layer:  # one entry per indexer-owning attention sublayer, in model order
+            rec["indexer_recall_per_layer"] = per_layer
         if not finite:
             rec["skipped"] = True
             rec["nonfinite_in_row"] = self.nonfinite_in_row

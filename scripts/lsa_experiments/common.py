@@ -1,6 +1,6 @@
 """Shared helpers of the LSA experiments (scripts/lsa_experiments/e*.py).
 
-- `train(out, *flags)`: one `python -m longcat2 train` call (always `--threads 1`, fp32, no MTP forward);
+- `train(out, *flags)`: one `python -m longcat2 train` call (`--threads 1` unless LSA_THREADS, fp32, no MTP);
   skipped when OUT already holds its final checkpoint, so a rerun only does the missing stages; a failure
   that looks transient (another developer editing the trainer) is retried once after a minute.
 - `derive(src_run, dst, **fields)`: an HF folder = the latest checkpoint of `src_run` with config fields
@@ -33,7 +33,7 @@ RESULTS = REPO / "scripts" / "lsa_experiments" / "results"
 
 COMMON = [
     "--threads",
-    "1",
+    os.environ.get("LSA_THREADS", "1"),
     "--precision",
     "fp32",
     "--mtp-weight",
@@ -107,6 +107,30 @@ def sparse_and_control(root: Path, steps: int, flags: list[str]) -> tuple[dict[s
     )
     c = train(root / "C", steps, [*flags, "--init", str(root / "D"), "--attention", "dense"])
     return s, c
+
+
+def prepare_task(out: Path, task: str, seq: int, rows: int, val_rows: int = 64) -> Path:
+    """`longcat2 prepare --task` into `out` (skipped when it is already there with these settings)."""
+    from longcat2.train.synthetic import read_task_meta
+
+    meta = read_task_meta(out)
+    if (
+        meta
+        and meta["seq_len"] == seq
+        and meta["splits"]["train"]["rows"] >= rows
+        and meta["spec"] == f"task:{task}"
+    ):
+        return out
+    cmd = [PY, "-m", "longcat2", "prepare", "--task", task, "--seq-len", str(seq), "--examples", str(rows),
+           "--val-examples", str(val_rows), "--out", str(out)]  # fmt: skip
+    log("$ " + " ".join(cmd[1:]))
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return out
+
+
+def mean_last(metrics: list[dict], key: str, n: int = 10) -> float | None:
+    vals = [r[key] for r in metrics if r.get(key) is not None][-n:]
+    return sum(vals) / len(vals) if vals else None
 
 
 def derive(src_run: str | Path, dst: str | Path, **fields: Any) -> Path:

@@ -1,10 +1,10 @@
 """E5: YaRN length extension: train at L, evaluate passkey at 4L with DeepSeek-YaRN scaling (goal >= 90 %).
 
-Scaled version, on E1's models (trained at L = 256 with rope_scaling null): the dense
+On E1's models (trained at L = 256, or 512 with --full, with rope_scaling null): the dense
 control C (LSA off) and the sparse model S (LSA on), each evaluated at L, 2L, 4L with (a) no scaling and
 (b) `rope_scaling = {"rope_type": "deepseek_yarn", "factor": 4, "original_max_position_embeddings": L,
 "beta_fast": 32, "beta_slow": 1, "mscale": 1, "mscale_all_dim": 1}` set at load time (no fine-tuning), and
-(c) the same YaRN scaling after a short fine-tune at 4L with it (default 60 steps, full 200; 0 = skip).
+(c) the same YaRN scaling after a short fine-tune at 4L with it (default 60 steps, full 100; 0 = skip).
 
     .venv/bin/python scripts/lsa_experiments/e5_yarn.py                      # scaled (~4 min with the fine-tunes)
     .venv/bin/python scripts/lsa_experiments/e5_yarn.py --finetune-steps 0   # evaluation only (~1 min)
@@ -31,13 +31,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true")
     ap.add_argument(
-        "--finetune-steps", type=int, default=None, help="YaRN fine-tune steps at 4L (default 60, full 200)"
+        "--finetune-steps", type=int, default=None, help="YaRN fine-tune steps at 4L (default 60, full 100)"
     )
     args = ap.parse_args()
     e1 = "e1_full" if args.full else "e1"
-    L = 1024 if args.full else 256
-    ft = args.finetune_steps if args.finetune_steps is not None else (200 if args.full else 60)
-    depths, per_cell = (10, 8) if args.full else (5, 10)
+    L = 512 if args.full else 256  # e1's training length
+    ft = args.finetune_steps if args.finetune_steps is not None else (100 if args.full else 60)
+    depths, per_cell = (5, 10)
     lengths = [L, 2 * L, 4 * L]
     tag = "e5_full" if args.full else "e5"
     root = C.RUNS / tag
@@ -47,7 +47,7 @@ def main() -> None:
         if C.latest(run) is None:
             raise SystemExit(f"run {e1} first: no checkpoint in {run}")
     if ft:
-        task = "passkey+niah" if args.full else "passkey"
+        task = "passkey"
         for name, (run, att) in list(arms.items()):
             key = name.split()[0]
             src = C.derive(run, root / f"{key}_yarn_init", rope_scaling=yarn(4.0, L))

@@ -77,13 +77,17 @@ def test_dense_warmup_raises_indexer_recall():
     opt = torch.optim.Adam(params, lr=3e-3)
     dist = IndexerDistiller(model)
     ids = torch.randint(4, cfg.vocab_size, (4, 128))
-    recalls = []
+    recalls, ceilings = [], []
     for _ in range(30):
         with torch.no_grad():
             model(ids)
         out = dist.loss("dense")
         recalls.append(sum(out.recall) / len(out.recall))
+        # the ceiling (the most any top-k keys can hold) bounds the recall
+        assert all(r <= c + 1e-5 for r, c in zip(out.recall, out.recall_ceiling))
+        ceilings.append(out.recall_ceiling)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
     assert recalls[-1] > recalls[0] + 0.05, recalls
+    assert max(ceilings[0]) < 1.0  # rows see more keys than the budget: even the best top-k misses mass
