@@ -13,6 +13,9 @@ Design choices:
   `/anthropic/v1/...`), so clients configured for api.longcat.chat only need a new host.
 - A pure ASGI middleware counts requests by endpoint and status for `/metrics` (Starlette's
   BaseHTTPMiddleware is avoided: it interferes with streaming and disconnect detection).
+- Requests that set no temperature get `--default-temperature`, else the model's `generation_config.json`
+  (greedy when it says `do_sample: false`, as the embedded model does), else the APIs' 1.0 — the
+  Anthropic SDK no longer sends a temperature at all.
 - `run_server` lowers the interpreter's GIL switch interval (see `GIL_SWITCH_INTERVAL_S`): the engine
   thread and the event loop share one interpreter, and the default 5 ms hand-off starves the engine.
 - Lifespan: the engine thread starts with the app; at shutdown uvicorn first stops accepting connections
@@ -23,6 +26,8 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -200,6 +205,24 @@ def resolve_model_dir(config: ServerConfig) -> Path:
     return DEFAULT_MODEL_DIR
 
 
+def model_default_temperature(path: Path) -> float | None:
+    """Temperature for requests that set none, from the model's HF `generation_config.json`: 0 (greedy)
+    when it says `do_sample: false`, else its `temperature`; None when the file or field is absent."""
+    f = Path(path) / "generation_config.json"
+    if not f.is_file():
+        return None
+    try:
+        gen = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ServeError(f"cannot read {f}: {e}") from e
+    if gen.get("do_sample") is False:
+        return 0.0
+    t = gen.get("temperature")
+    if t is not None and (not isinstance(t, (int, float)) or t < 0):
+        raise ServeError(f"{f}: temperature must be a number >= 0, got {t!r}")
+    return None if t is None else float(t)
+
+
 def load_state(config: ServerConfig) -> ServerState:
     """Load the model, tokenizer and engine named by `config` and wrap them in a `ServerState`."""
     import torch
@@ -243,6 +266,8 @@ def load_state(config: ServerConfig) -> ServerState:
     worker = EngineWorker(
         engine, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue, metrics=metrics
     )
+    if config.default_temperature is None:  # the model's generation_config.json, as vLLM does by default
+        config = dataclasses.replace(config, default_temperature=model_default_temperature(path))
     default_name = DEFAULT_MODEL_NAME if config.model_dir is None else path.resolve().name
     names = list(dict.fromkeys(config.served_model_names or [default_name]))
     info: dict[str, Any] = {"context_length": ctx, "max_model_len": ctx}

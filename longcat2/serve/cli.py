@@ -95,7 +95,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="output limit when a chat request sets none (default: the rest of the context)")  # fmt: skip
     p.add_argument("--default-temperature", type=float, default=None,
-                   help="temperature when a request sets none (default 1.0, as the APIs)")  # fmt: skip
+                   help="temperature when a request sets none (default: the model's generation_config.json, else 1.0)")  # fmt: skip
     p.add_argument("--clamp-max-tokens", action="store_true",
                    help="clamp max_tokens larger than the context instead of answering 400")  # fmt: skip
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")

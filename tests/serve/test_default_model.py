@@ -33,7 +33,8 @@ WEATHER = {
 
 @pytest.fixture(scope="module")
 def default_server():
-    state = load_state(ServerConfig(default_temperature=0.0))
+    state = load_state(ServerConfig())  # greedy: the model's generation_config.json says do_sample false
+    assert state.config.default_temperature == 0.0
     with ServerThread(create_app(state), state) as srv:
         yield srv
 

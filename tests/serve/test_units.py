@@ -443,3 +443,20 @@ def test_chat_prompt_calls_as_text():
     out = asyncio.run(run())
     assert isinstance(out[0], chat.TextDelta) and "get_weather" in out[0].text
     assert out[-1] == Finished("stop", None, 3, 2)
+
+
+def test_default_temperature_from_generation_config(tmp_path):
+    from longcat2.serve.app import ServeError, model_default_temperature
+
+    assert model_default_temperature(tmp_path) is None  # no file: the APIs' default applies
+    f = tmp_path / "generation_config.json"
+    for content, expected in (({"do_sample": False, "temperature": 0.7}, 0.0), ({"temperature": 0.6}, 0.6),
+                              ({"top_p": 0.9}, None)):  # fmt: skip
+        f.write_text(json.dumps(content))
+        assert model_default_temperature(tmp_path) == expected
+    f.write_text(json.dumps({"temperature": "hot"}))
+    with pytest.raises(ServeError, match="generation_config.json: temperature"):
+        model_default_temperature(tmp_path)
+    f.write_text("{not json")
+    with pytest.raises(ServeError, match="cannot read"):
+        model_default_temperature(tmp_path)
