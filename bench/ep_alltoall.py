@@ -23,80 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
-import socket
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from longcat2.parallel.launch import run_distributed  # noqa: E402
 
 PRESET = "tiny-flash"
 LONGCAT2_HIDDEN, BF16 = 8192, 2
-
-
-# ---------------------------------------------------------------------- process launch
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(fn, rank: int, world: int, port: int, args: tuple, q) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    try:
-        q.put((rank, True, fn(rank, world, *args)))
-    except BaseException:
-        q.put((rank, False, traceback.format_exc()))
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def spawn(fn, world: int, *args: Any, timeout: float = 600.0) -> list[Any]:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_entry, args=(fn, r, world, port, args, q), daemon=True) for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    out: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(out) < world:
-            try:
-                rank, ok, payload = q.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
-            except queue.Empty:
-                if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
-                    raise RuntimeError(f"{fn.__name__}: a rank died or the run timed out") from None
-                continue
-            if not ok:
-                raise RuntimeError(f"rank {rank}:\n{payload}")
-            out[rank] = payload
-        for p in procs:
-            p.join(timeout=30)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-    return [out[r] for r in range(world)]
 
 
 # ---------------------------------------------------------------------- workers
@@ -201,7 +140,7 @@ def main() -> int:
     # 1. traffic
     rows = {}
     for sc in (True, False):
-        per_rank = spawn(traffic_worker, 2, sc, args.steps, args.batch, args.seq)
+        per_rank = run_distributed(traffic_worker, 2, sc, args.steps, args.batch, args.seq, timeout=600)
         rows[sc] = per_rank
     assert [r["losses"] for r in rows[True]] == [r["losses"] for r in rows[False]] or all(
         abs(a - b) <= 1e-5 * abs(b)
@@ -257,7 +196,9 @@ def main() -> int:
     step_s: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     for _ in range(args.repeats):  # configurations take turns, so a burst of outside load hits all of them
         for name, world, ep in runs:
-            r = spawn(speed_worker, world, ep, args.steps, args.warmup, args.batch, args.seq)[0]
+            r = run_distributed(
+                speed_worker, world, ep, args.steps, args.warmup, args.batch, args.seq, timeout=600
+            )[0]
             step_s[name].append(r["step_s"])
     results["scaling"] = {}
     base = None

@@ -4,7 +4,8 @@ mesh validation errors inside a real process group (one job, to pay the process 
 from __future__ import annotations
 
 import pdist_workers as W
-from pdist_launch import run_distributed
+
+from longcat2.parallel.launch import run_distributed
 
 
 def test_dispatch_combine_skewed_routing() -> None:

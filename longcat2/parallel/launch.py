@@ -1,4 +1,6 @@
-"""Run a function in N real processes on CPU (gloo): spawn, a free port per run, a timeout.
+"""Run a function in N local processes as a torchrun-style job: spawn, a free port per run, a timeout.
+
+Used by the multi-process tests and `bench/ep_alltoall.py`; `torchrun` is the launcher for real jobs.
 
 `run_distributed(fn, world_size, *args)` starts `world_size` processes with the spawn start method (fork +
 gloo can deadlock inside big pytest sessions), sets the torchrun environment variables (RANK, WORLD_SIZE,
@@ -105,7 +107,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                         ) from None
                 continue
             if not ok:
-                raise AssertionError(f"rank {rank} of {fn.__name__} failed:\n{payload}")
+                raise RuntimeError(f"rank {rank} of {fn.__name__} failed:\n{payload}")
             results[rank] = _map(payload, _to_torch)
         for p in procs:
             p.join(timeout=30)
