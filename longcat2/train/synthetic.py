@@ -217,7 +217,8 @@ class PreparedTask(SyntheticTask):
     def _rows(self, split: str, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         toks, mask = self.split[split]
         cut = slice(toks.shape[1] - (self.seq_len + 1), None)  # rows are right-aligned: keep the answers
-        return _xy(toks[np.sort(idx)][:, cut], mask[np.sort(idx)][:, cut])
+        rows = np.sort(idx)  # ascending reads from the memmaps
+        return _xy(toks[rows][:, cut], mask[rows][:, cut])
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.split["train"][0])

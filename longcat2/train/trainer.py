@@ -736,7 +736,9 @@ class Trainer:
         for k in ("indexer_kl", "indexer_recall", "indexer_recall_ceiling"):
             if k in sums:
                 rec[k] = sums[k]
-        layer_keys = sorted((k for k in sums if k.startswith("indexer_recall@")), key=lambda k: int(k[15:]))
+        layer_keys = sorted(
+            (k for k in sums if k.startswith("indexer_recall@")), key=lambda k: int(k.partition("@")[2])
+        )
         per_layer = [sums[k] for k in layer_keys]
         if per_layer:  # one entry per indexer-owning attention sublayer, in model order
             rec["indexer_recall_per_layer"] = per_layer

@@ -280,12 +280,22 @@ def save_json(name: str, obj: Any) -> Path:
 
 
 def figure(name: str):
-    """(fig, path) helper: matplotlib Agg; caller saves with dpi ~90 to stay < 200 KB."""
+    """The path of figure `name` (docs/figures/NAME.png), with matplotlib on Agg; save with `save_figure`."""
     import matplotlib
 
     matplotlib.use("Agg")
     FIGS.mkdir(parents=True, exist_ok=True)
     return FIGS / f"{name}.png"
+
+
+def save_figure(fig, path: Path) -> None:
+    """Tight layout, 80 dpi (keeps the PNGs < 200 KB), close, log."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    log(f"wrote {path}")
 
 
 def metric_series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -144,10 +144,7 @@ def plot(res: dict, s_metrics: list, w_metrics: list, name: str) -> None:
     b.set_ylabel("indexer recall (train batches)")
     b.grid(alpha=0.3)
     b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    C.log(f"wrote {path}")
+    C.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -166,10 +166,7 @@ def sweep(
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("query accuracy" if task == "mqar" else "exact match")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    C.log(f"wrote {path}")
+    C.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -123,9 +123,7 @@ def main() -> None:
     ax.set_ylabel("val loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    C.save_figure(fig, path)
     print(
         f"E3 delta trailing (S - C) {res['delta_trailing']:+.4f} nats, delta val {res['delta_val']:+.4f}; "
         f"recall S {res['train_recall_last']['S']:.3f}; pass {res['pass']}"

@@ -149,9 +149,7 @@ def main() -> None:
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, loc="upper left", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    C.save_figure(fig, path)
     print(
         "E4 consumer recall after S: "
         + ", ".join(f"{n} {a[n]['consumer_recall_S']:.3f}" for n in names)

@@ -106,9 +106,7 @@ def main() -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    C.save_figure(fig, path)
     print("E5 passkey at 4L: " + ", ".join(f"{k} {v[4 * L]:.2f}" for k, v in res["results"].items()))
 
 
