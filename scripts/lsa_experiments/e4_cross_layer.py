@@ -3,8 +3,7 @@
 Three arms, each W (indexer-only dense warm-up) + S (sparse training) from E1's stage-D checkpoint with the
 E1 budget: `avg` = one indexer per layer serves both sublayers, KL target = mean of owner and reuser
 attention (the library default); `owner` = same sharing, target = owner attention only (the ablation:
-`IndexerDistiller(cross_layer_target=False)`, which has no `longcat2 train` flag, hence this driver uses the
-library API); `noshare` = cli_factor 1, every sublayer has its own indexer (the upper bound).
+`longcat2 train --no-indexer-cross-layer`); `noshare` = cli_factor 1, every sublayer has its own indexer (the upper bound).
 Metric: recall of the reusing (consumer) sublayer's own dense attention captured by the selected set, and
 passkey accuracy. Pass: `avg` closes >= 80 % of the consumer-recall gap between `owner` and `noshare`.
 
@@ -24,35 +23,21 @@ import common as C  # noqa: E402
 
 SCALED = dict(w_lr=1e-2, e1="e1", task="passkey", seq=256, batch=16, w_steps=40, s_steps=60, topk=32, sink=4, local=8,
               lengths=[256, 512], depths=5, per_cell=10)  # fmt: skip
-FULL = dict(w_lr=3e-3, e1="e1_full", task="passkey+niah", seq=1024, batch=8, w_steps=200, s_steps=600, topk=64, sink=4,
-            local=16, lengths=[1024, 2048, 4096], depths=10, per_cell=8)  # fmt: skip
+FULL = dict(w_lr=3e-3, e1="e1_full", task="passkey", seq=512, batch=8, w_steps=200, s_steps=600, topk=64, sink=4,
+            local=32, lengths=[512, 1024, 2048], depths=5, per_cell=8)  # fmt: skip
 
 
 def run_stage(out: Path, steps: int, init: Path, P: dict, sparse: bool, cross_layer_target: bool) -> dict:
-    """One stage through the library Trainer (optionally with the owner-only distillation target)."""
-    import json
-
-    from longcat2.train.config import TrainConfig
-    from longcat2.train.sparse import IndexerDistiller
-    from longcat2.train.trainer import Trainer
-
-    if not C.done(out, steps):
-        cfg = TrainConfig(
-            data=f"task:{P['task']}", seq_len=P["seq"], batch_size=P["batch"], steps=steps, out=str(out),
-            init=str(init), lr=1e-3 if sparse else P["w_lr"], warmup=10, threads=1, precision="fp32", mtp_weight=0.0, progress=False,
-            save_every=0, eval_every=0, eval_batches=4, keep_checkpoints=1, indexer_loss=1.0,
-            indexer_warmup=steps if not sparse else 0, attention="sparse" if sparse else "dense",
-            train_only="all" if sparse else "indexer",
-        )  # fmt: skip
-        C.log(f"train {out.name}: {steps} steps, sparse={sparse}, cross_layer_target={cross_layer_target}")
-        tr = Trainer(cfg)
-        if not cross_layer_target:
-            tr.distiller.remove()
-            tr.distiller = IndexerDistiller(tr.model, cross_layer_target=False)
-        if tr.train() != 0:
-            raise SystemExit(f"{out} failed")
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {"metrics": [r for r in recs if r.get("type") == "train"]}
+    """Stage W (indexer-only warm-up) or S (sparse) as a `longcat2 train` call; the owner-only arm adds
+    `--no-indexer-cross-layer`."""
+    flags = ["--data", f"task:{P['task']}", "--seq-len", str(P["seq"]), "--batch-size", str(P["batch"]),
+             "--lr", str(1e-3 if sparse else P["w_lr"]), "--warmup", "10", "--save-every", "0",
+             "--eval-every", "0", "--eval-batches", "4"]  # fmt: skip
+    if not cross_layer_target:
+        flags.append("--no-indexer-cross-layer")
+    if not sparse:
+        return C.warmup_stage(out, steps, flags, init)
+    return C.train(out, steps, [*flags, "--init", str(init), "--attention", "sparse", "--indexer-loss", "1"])
 
 
 def main() -> None:
