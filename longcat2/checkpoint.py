@@ -30,12 +30,13 @@ Design choices:
   * `model.mtp.*` in the file when the model has no MTP head, and `model.mtp.oe_*` when
     `mtp_disable_over_tokenizer` (our MTP has no N-gram input): skipped;
   * zero-expert tensors `...experts.{e}.*` with n_routed_experts <= e < n_routed_experts + zero_expert_num
-    (transformers 5.x writes gate/up tensors for the identity experts): skipped;
+    (transformers 5.0-5.24 wrote gate/up tensors for the identity experts): skipped;
   * `lm_head.weight` next to `model.embed_tokens.weight` when the embeddings are tied: skipped.
-- transformers quirk on save. transformers 5.x stacks gate/up over routed + zero experts and refuses a file
-  without the zero-expert gate/up tensors. `transformers_compat=True` writes zero-filled gate/up tensors for
-  them (no down_proj, as transformers does); the default (`None`) turns it on for `hf_format ==
-  "longcat_flash"`, the only format transformers implements, and off otherwise (released layout).
+- Layout on save. The default is the released layout for every family: routed experts only, MTP included.
+  It is what the released checkpoints look like and what vLLM, SGLang and transformers >= 5.25 load
+  (transformers ignores the MTP tensors). transformers 5.0-5.24 stacked gate/up over routed + zero experts
+  and refused a file without zero-expert gate/up tensors; `transformers_compat=True` writes zero-filled ones
+  for those versions (no down_proj, as they did). vLLM rejects such a folder, so it is never the default.
 - Atomic saves. Everything is written into a fresh temporary directory next to the target, then swapped in
   with two renames (old → backup, temp → target; the backup is restored if the second rename fails, deleted
   after it succeeds). An exception mid-write leaves the previous checkpoint untouched. Files in an existing
@@ -572,21 +573,19 @@ def save_pretrained(
     model: nn.Module,
     path: str | Path,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    transformers_compat: bool | None = None,
+    transformers_compat: bool = False,
     dtype: torch.dtype | str | None = None,
 ) -> Path:
     """Write config.json + safetensors (sharded with an index when over `max_shard_size`) atomically.
 
     `dtype` casts floating parameters on the way out (the router stays fp32 below fp32); `None` keeps them.
-    `transformers_compat` (default: on for hf_format "longcat_flash") adds the zero-filled zero-expert gate/up
-    tensors transformers 5.x needs. Returns the checkpoint folder.
+    The released layout (what vLLM, SGLang and transformers >= 5.25 load); `transformers_compat=True` adds the
+    zero-filled zero-expert gate/up tensors that transformers 5.0-5.24 need. Returns the checkpoint folder.
     """
     cfg: ModelConfig = model.config  # type: ignore[assignment]
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path}: exists and is not a directory")
-    if transformers_compat is None:
-        transformers_compat = cfg.hf_format == "longcat_flash"
     out_dtype = _resolve_dtype(dtype, cfg) if dtype is not None else None
     limit = parse_size(max_shard_size)
     if limit <= 0:

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 
 HF_FORMATS = ("longcat", "longcat_flash", "longcat_flash_ngram")
-NGRAM_FUSIONS = ("mean", "residual")  # mean: (word + Σp)/(1+T) (Flash-Lite); residual: word + Σp/(1+T) (2.0)
+NGRAM_FUSIONS = ("mean", "residual")  # mean: (word + Σp)/(1+T) (Flash-Lite, 2.0); residual: word + Σp/(1+T)
 INDEX_K_NORMS = ("rms", "layernorm")
 
 
@@ -55,9 +55,9 @@ class ModelConfig:
     v_head_dim: int = 128
     mla_scale_q_lora: bool = True
     mla_scale_kv_lora: bool = True
-    # eps of q_a_layernorm / kv_a_layernorm: transformers hard-codes 1e-6; a third-party reading of SGLang
-    # says it uses rms_norm_eps there. Not a released key: only the released weights settle it.
-    mla_norm_eps: float = 1e-6
+    # eps of q_a_layernorm / kv_a_layernorm. None: rms_norm_eps, as SGLang's LongCat-2.0 model builds them
+    # (the 2.0 family); the Flash presets set transformers' hard-coded 1e-6. Not a released config key.
+    mla_norm_eps: float | None = None
     # RoPE
     rope_theta: float = 1_000_000.0
     rope_scaling: dict[str, Any] | None = field(
@@ -84,7 +84,7 @@ class ModelConfig:
     oe_vocab_size_ratio: float = 100.567
     oe_neighbor_num: int = 5
     oe_split_num: int = 4
-    ngram_fusion: str = "residual"
+    ngram_fusion: str = "mean"  # the reference engines' 2.0 rule (SGLang, vLLM, FluentLLM)
     # LSA indexer: off when index_n_heads == 0
     index_n_heads: int = 32
     index_head_dim: int = 128
@@ -148,6 +148,11 @@ class ModelConfig:
         return rs
 
     @property
+    def lora_norm_eps(self) -> float:
+        """The eps of MLA's q_a/kv_a RMSNorms: `mla_norm_eps`, or `rms_norm_eps` when that is None."""
+        return self.rms_norm_eps if self.mla_norm_eps is None else self.mla_norm_eps
+
+    @property
     def softmax_scale(self) -> float:
         """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under DeepSeek-YaRN."""
         scale = self.qk_head_dim**-0.5
@@ -182,6 +187,11 @@ class ModelConfig:
             f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}",
         )
         need(self.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        need(
+            self.mla_norm_eps is None or self.mla_norm_eps > 0,
+            "mla_norm_eps",
+            f"must be > 0 or null (= rms_norm_eps), got {self.mla_norm_eps}",
+        )
         need(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
         # MoE
         need(self.n_routed_experts >= 0, "n_routed_experts", f"must be >= 0, got {self.n_routed_experts}")
@@ -325,7 +335,7 @@ _FLASH = dict(
     vocab_size=131072, hidden_size=6144, num_layers=28, num_attention_heads=64, ffn_hidden_size=12288,
     expert_ffn_hidden_size=2048, n_routed_experts=512, zero_expert_num=256, moe_topk=12,
     routed_scaling_factor=6.0, rope_theta=10_000_000.0, rope_scaling=None, max_position_embeddings=131072,
-    oe_split_num=0, index_n_heads=0, mtp_num_layers=1, hf_format="longcat_flash",
+    oe_split_num=0, index_n_heads=0, mtp_num_layers=1, mla_norm_eps=1e-6, hf_format="longcat_flash",
 )  # fmt: skip
 
 _FLASH_LITE = dict(
@@ -335,7 +345,7 @@ _FLASH_LITE = dict(
     rope_scaling={"rope_type": "yarn", "factor": 10.0, "original_max_position_embeddings": 32768,
                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
     max_position_embeddings=327680, oe_vocab_size_ratio=78.0, oe_neighbor_num=4, oe_split_num=4,
-    ngram_fusion="mean", index_n_heads=0, mtp_num_layers=1, hf_format="longcat_flash_ngram",
+    ngram_fusion="mean", index_n_heads=0, mtp_num_layers=1, mla_norm_eps=1e-6, hf_format="longcat_flash_ngram",
 )  # fmt: skip
 
 # Tiny debug presets: same code paths, toy sizes; each runs a forward in well under a second on one core.
@@ -350,14 +360,14 @@ _TINY = dict(
     _TINY_COMMON, routed_scaling_factor=2.0, rope_theta=10000.0,
     rope_scaling={"rope_type": "deepseek_yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
-    oe_vocab_size_ratio=7.31, oe_neighbor_num=3, oe_split_num=2, ngram_fusion="residual",
+    oe_vocab_size_ratio=7.31, oe_neighbor_num=3, oe_split_num=2, ngram_fusion="mean",
     index_n_heads=4, index_head_dim=16, index_topk=64, index_init_tokens=4, index_local_tokens=16,
     mtp_num_layers=3, hf_format="longcat",
 )  # fmt: skip
 
 _TINY_FLASH = dict(
     _TINY_COMMON, routed_scaling_factor=2.0, rope_theta=10000.0, rope_scaling=None, oe_split_num=0,
-    index_n_heads=0, mtp_num_layers=1, hf_format="longcat_flash",
+    index_n_heads=0, mtp_num_layers=1, mla_norm_eps=1e-6, hf_format="longcat_flash",
 )  # fmt: skip
 
 _TINY_FLASH_LITE = dict(
@@ -365,7 +375,7 @@ _TINY_FLASH_LITE = dict(
     rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048,
                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
     hidden_size=48, oe_vocab_size_ratio=5.13, oe_neighbor_num=4, oe_split_num=2, ngram_fusion="mean", index_n_heads=0,
-    mtp_num_layers=1, hf_format="longcat_flash_ngram",
+    mtp_num_layers=1, mla_norm_eps=1e-6, hf_format="longcat_flash_ngram",
 )  # fmt: skip
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -399,7 +409,7 @@ _VERBATIM = [
     "torch_dtype",
 ]  # fmt: skip
 _INT_KEYS = {f.name for f in dataclasses.fields(ModelConfig) if f.type in ("int", "int | None")}
-_FLOAT_KEYS = {f.name for f in dataclasses.fields(ModelConfig) if f.type == "float"}
+_FLOAT_KEYS = {f.name for f in dataclasses.fields(ModelConfig) if f.type in ("float", "float | None")}
 
 
 def _detect_format(raw: dict[str, Any]) -> str:
@@ -498,9 +508,11 @@ def _fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             "oe_vocab_size_ratio", "oe_neighbor_num", "oe_split_num", "ngram_fusion", "index_n_heads",
             "index_head_dim", "index_topk", "index_init_tokens", "index_local_tokens", "index_k_norm_type",
             "indexer_rope_interleave", "cli_factor", "dsa_mtp_cli", "mtp_replicate_modules",
-            "mtp_disable_over_tokenizer", "mla_norm_eps",
+            "mtp_disable_over_tokenizer",
         ):  # fmt: skip
             d[k] = getattr(cfg, k)
+        if cfg.mla_norm_eps is not None:  # not a released key: written only when it overrides rms_norm_eps
+            d["mla_norm_eps"] = cfg.mla_norm_eps
     else:
         # transformers 5.x reads rope_parameters (theta inside) and knows YaRN as "yarn"
         d["model_type"] = fmt

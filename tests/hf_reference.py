@@ -1,8 +1,13 @@
 """The independent reference for parity tests: a random transformers LongcatFlashForCausalLM built from one of
-our presets, with a non-zero router correction bias (selection must use it, gates must not)."""
+our presets, with a non-zero router correction bias (selection must use it, gates must not).
+
+transformers 5.0-5.24 stacked the experts' gate/up over routed + zero (identity) experts and wrote/required
+gate/up tensors for the identity experts; 5.25 stacks the routed experts only, as the released checkpoints
+do. `legacy_zero_expert_layout` tells which one the installed release uses."""
 
 import pytest
 import torch
+from packaging.version import Version
 
 from longcat2.config import ModelConfig
 
@@ -23,3 +28,8 @@ def random_longcat_flash(rope_scaling=None, preset: str = "tiny-flash"):
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn_like(buf) * 0.05)
     return transformers, cfg, hf
+
+
+def legacy_zero_expert_layout(transformers) -> bool:
+    """True for transformers < 5.25, which writes and requires gate/up tensors for the zero experts."""
+    return Version(transformers.__version__).release < (5, 25)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_reference import random_longcat_flash
+from hf_reference import legacy_zero_expert_layout, random_longcat_flash
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -74,7 +74,7 @@ def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("rope_scaling", [None, YARN], ids=["plain", "yarn"])
 def test_transformers_checkpoint_loads_with_same_logits(tmp_path, rope_scaling):
-    _, cfg, hf = random_longcat_flash(rope_scaling)
+    transformers, cfg, hf = random_longcat_flash(rope_scaling)
     hf.save_pretrained(tmp_path / "hf")
     ours = LongCatForCausalLM.from_pretrained(tmp_path / "hf")  # strict
     assert ours.config == cfg
@@ -86,9 +86,12 @@ def test_transformers_checkpoint_loads_with_same_logits(tmp_path, rope_scaling):
     rep = ours.load_report
     assert not rep.missing and not rep.unexpected
     assert rep.mtp_initialised  # transformers drops the MTP head; ours is freshly initialised
-    assert any(
-        ".experts.8.gate_proj" in k for k in rep.ignored
-    )  # zero-expert gate/up written by transformers
+    e, z = cfg.n_routed_experts, cfg.zero_expert_num
+    zero_keys = [k for k in rep.ignored if any(f".experts.{x}." in k for x in range(e, e + z))]
+    if legacy_zero_expert_layout(transformers):
+        assert zero_keys  # transformers < 5.25 writes zero-expert gate/up; they are skipped
+    else:
+        assert not rep.ignored  # >= 5.25 writes the released layout: nothing to skip
     mtp = ours.model.mtp
     assert torch.equal(mtp.norm.weight, torch.ones_like(mtp.norm.weight))
     std = mtp.layers[0].eh_proj.weight.std().item()
@@ -102,7 +105,8 @@ def test_our_checkpoint_loads_in_transformers(tmp_path, rope_scaling):
     transformers, cfg, hf = random_longcat_flash(rope_scaling)
     hf.save_pretrained(tmp_path / "hf")
     ours = LongCatForCausalLM.from_pretrained(tmp_path / "hf")
-    ours.save_pretrained(tmp_path / "ours")  # longcat_flash: transformers-compatible by default
+    # the default (released) layout for transformers >= 5.25; older releases need the zero-expert tensors
+    ours.save_pretrained(tmp_path / "ours", transformers_compat=legacy_zero_expert_layout(transformers))
     back = transformers.LongcatFlashForCausalLM.from_pretrained(tmp_path / "ours").eval()
     ids = _ids(cfg, 40)
     with torch.no_grad():
@@ -111,30 +115,41 @@ def test_our_checkpoint_loads_in_transformers(tmp_path, rope_scaling):
 
 
 def test_transformers_key_quirks(tmp_path):
-    """What transformers 5.x writes: gate/up (no down) for the zero experts, no MTP. Our compat save matches."""
-    _, cfg, hf = random_longcat_flash(None)
+    """What transformers writes: no MTP; the zero experts' gate/up (no down) before 5.25, the released layout
+    (routed experts only) from 5.25 on. Our default save is the released layout, `transformers_compat=True`
+    the pre-5.25 one; both load back to the same state."""
+    transformers, cfg, hf = random_longcat_flash(None)
     hf.save_pretrained(tmp_path / "hf")
     hf_keys = _keys(tmp_path / "hf")
     e, z = cfg.n_routed_experts, cfg.zero_expert_num
+    legacy = legacy_zero_expert_layout(transformers)
     for x in range(e, e + z):
-        assert f"model.layers.0.mlp.experts.{x}.gate_proj.weight" in hf_keys
-        assert f"model.layers.0.mlp.experts.{x}.up_proj.weight" in hf_keys
+        assert (f"model.layers.0.mlp.experts.{x}.gate_proj.weight" in hf_keys) == legacy
+        assert (f"model.layers.0.mlp.experts.{x}.up_proj.weight" in hf_keys) == legacy
         assert f"model.layers.0.mlp.experts.{x}.down_proj.weight" not in hf_keys
     assert not any(k.startswith("model.mtp.") for k in hf_keys)
 
     ours = LongCatForCausalLM.from_pretrained(tmp_path / "hf")
     ours.save_pretrained(tmp_path / "compat", transformers_compat=True)
-    ours.save_pretrained(tmp_path / "released", transformers_compat=False)
+    ours.save_pretrained(tmp_path / "released")  # the default
     compat, released = _keys(tmp_path / "compat"), _keys(tmp_path / "released")
-    assert hf_keys <= compat
-    assert compat - released == {k for k in hf_keys if any(f"experts.{x}." in k for x in range(e, e + z))}
+    zero_gate_up = {
+        f"model.layers.{i}.mlp.experts.{x}.{p}.weight"
+        for i in range(cfg.num_layers)
+        for x in range(e, e + z)
+        for p in ("gate_proj", "up_proj")
+    }
+    assert compat - released == zero_gate_up
+    assert {k for k in released if not k.startswith("model.mtp.")} == hf_keys - zero_gate_up
     assert any(k.startswith("model.mtp.") for k in released)
     zero = load_file(str(tmp_path / "compat" / "model.safetensors"))[
         f"model.layers.1.mlp.experts.{e}.up_proj.weight"
     ]
     assert not zero.any()
-    again = LongCatForCausalLM.from_pretrained(tmp_path / "released")
-    _assert_same_state(ours, again)
+    for folder in ("released", "compat"):  # older transformers' files keep loading
+        again = LongCatForCausalLM.from_pretrained(tmp_path / folder)
+        _assert_same_state(ours, again)
+    assert sorted(again.load_report.ignored) == sorted(zero_gate_up)
 
 
 # ---------------------------------------------------------------------- round trips

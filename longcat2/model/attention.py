@@ -43,10 +43,10 @@ class MLA(nn.Module):
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=False)
-        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=cfg.mla_norm_eps)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=cfg.lora_norm_eps)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(H, cfg.kv_lora_rank + self.rope, bias=False)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=cfg.mla_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=cfg.lora_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(h * self.v_dim, H, bias=False)
         self.indexer = Indexer(cfg) if has_indexer else None

@@ -9,8 +9,9 @@ Design choices:
   missing context at the start of a sequence). The EOS itself belongs to the segment it ends.
 - `history` carries the n−1 tokens before the current chunk (decode steps, chunked prefill); -1 marks "no
   token" and behaves like the sequence start.
-- Fusion is a config switch: "mean" = (word + Σ p_i) / (1 + T) (Flash-Lite's released code),
-  "residual" = word + Σ p_i / (1 + T) (what a port of the released LongCat-2.0 weights reports).
+- Fusion is a config switch: "mean" = (word + Σ p_i) / (1 + T) (Flash-Lite's released code and the
+  reference engines' LongCat-2.0 rule: SGLang, vLLM, FluentLLM), "residual" = word + Σ p_i / (1 + T) (one
+  unverified community port; the embedded default model was trained with it and says so in config.json).
 """
 
 from __future__ import annotations

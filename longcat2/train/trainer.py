@@ -10,7 +10,8 @@ Design choices:
   `indexer_warmup` steps, then the selected set). After the step, the expert-bias controller
   (balance.py) updates `e_score_correction_bias` from the step's routing counts.
 - Precision: fp32 master weights; `auto` = bf16 autocast where the device has bf16 kernels (an
-  accelerator that reports bf16 support, CPUs with AVX512-BF16/AMX: `bf16_supported`), else fp32. On CPU
+  accelerator that reports bf16 support, CPUs with AVX512-BF16/AMX: `bf16_supported`), else fp32; an explicit
+  `bf16` runs wherever bf16 autocast works (on other CPUs it is emulated and slower, with a warning). On CPU
   the glibc heap is tuned so step temporaries are reused instead of page-faulted in again
   (`tune_cpu_allocator`).
 - Non-finite loss or gradient norm: the step is skipped (grads dropped, no optimizer/bias update, the data
@@ -46,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
@@ -64,6 +66,8 @@ from longcat2.model import LongCatForCausalLM
 from longcat2.train import balance, checkpointing
 from longcat2.train.config import RESUME_MUTABLE, TrainConfig
 from longcat2.train.optim import MuonAdamW, Schedule, apply_schedule, param_groups_for
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 
@@ -171,6 +175,13 @@ def bf16_supported(device: torch.device) -> bool:
     check = getattr(getattr(torch, device.type, None), "is_bf16_supported", None)
     if callable(check):
         return bool(check())
+    return bf16_runs(device)
+
+
+def bf16_runs(device: torch.device) -> bool:
+    """Whether bf16 autocast works at all on `device` (fast or emulated): a tiny bf16 matmul must run."""
+    if not torch.amp.is_autocast_available(device.type):
+        return False
     try:
         x = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
         return bool(torch.isfinite(x @ x).all())
@@ -179,13 +190,17 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
+    """The autocast dtype, or None for plain fp32. `auto` takes bf16 only where it has fast kernels; `bf16`
+    takes it wherever it runs."""
     if name == "fp32":
         return None
-    ok = bf16_supported(device)
-    if name == "bf16" and not ok:
-        raise TrainingError(f"precision: bf16 is not supported on {device}; use --precision fp32")
-    return torch.bfloat16 if ok else None
+    fast = bf16_supported(device)
+    if name == "bf16" and not fast:
+        if not bf16_runs(device):
+            raise TrainingError(f"precision: bf16 does not run on {device}; use --precision fp32")
+        log.warning("precision: %s has no native bf16 kernels; bf16 is emulated (slower than fp32)", device)
+        return torch.bfloat16
+    return torch.bfloat16 if fast else None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +148,37 @@ def test_lora_norm_eps_is_a_config_switch_that_round_trips():
     from longcat2.model.attention import MLA
 
     assert MLA(cfg, has_indexer=False).q_a_layernorm.eps == 1e-5
+
+
+def test_2_0_defaults_follow_the_reference_engines(tmp_path):
+    """A LongcatCausalLM config.json without the switches: N-gram mean fusion and MLA norm eps =
+    rms_norm_eps (SGLang's longcat_flash_pro); Flash keeps transformers' 1e-6."""
+    from longcat2.model.attention import MLA
+
+    released = {k: v for k, v in RELEASED_2_0.items() if k not in ("ngram_fusion", "mla_norm_eps")}
+    cfg = ModelConfig.from_hf(released)
+    assert cfg.ngram_fusion == "mean"
+    assert cfg.mla_norm_eps is None and cfg.lora_norm_eps == cfg.rms_norm_eps == 1e-5
+    assert "mla_norm_eps" not in cfg.to_hf()  # not a released key: written only as an override
+    assert ModelConfig.from_hf({**released, "rms_norm_eps": 1e-6}).lora_norm_eps == 1e-6
+    for preset in ("longcat-2.0", "tiny"):
+        p = ModelConfig.from_preset(preset)
+        assert p.ngram_fusion == "mean" and p.lora_norm_eps == p.rms_norm_eps
+    tiny = ModelConfig.from_preset("tiny")
+    mla = MLA(tiny, has_indexer=False)
+    assert mla.q_a_layernorm.eps == mla.kv_a_layernorm.eps == tiny.rms_norm_eps == 1e-5
+    for preset in ("longcat-flash", "longcat-flash-lite", "tiny-flash", "tiny-flash-lite"):
+        flash = ModelConfig.from_preset(preset)
+        assert flash.lora_norm_eps == 1e-6
+        assert ModelConfig.from_hf(flash.to_hf()).lora_norm_eps == 1e-6
+    assert ModelConfig.from_hf({**released, "ngram_fusion": "residual"}).ngram_fusion == "residual"
+
+
+def test_embedded_model_keeps_the_rules_it_was_trained_with():
+    import longcat2
+
+    DEFAULT_MODEL_DIR = Path(longcat2.__file__).parent / "assets" / "default-model"
+    raw = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    assert raw["ngram_fusion"] == "residual" and raw["mla_norm_eps"] == 1e-6
+    cfg = ModelConfig.from_hf(DEFAULT_MODEL_DIR)
+    assert cfg.ngram_fusion == "residual" and cfg.lora_norm_eps == 1e-6

@@ -150,6 +150,7 @@ def test_device_precision_and_ep_checks(prepared, tmp_path):
     assert resolve_precision("fp32", cpu) is None
     assert bf16_supported(torch.device("meta")) is False  # no autocast for the device type
     assert resolve_precision("auto", cpu) == (torch.bfloat16 if bf16_supported(cpu) else None)
+    assert resolve_precision("bf16", cpu) == torch.bfloat16  # emulated where the CPU has no bf16 kernels
     with pytest.raises(TrainingError, match=r"^ep: .*\(2\) must divide the world size \(1\)"):
         Trainer(
             TrainConfig(
