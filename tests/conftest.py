@@ -1,3 +1,7 @@
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,3 +11,22 @@ def _one_thread_and_seed():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def umask_027() -> Iterator[Callable[[Path], None]]:
+    """Run under umask 027 and check a written tree: every file 0640 and every folder 0750, the modes a plain
+    `open()` / `mkdir()` give (not a private temporary file's 0600, nor a hard-coded 0644)."""
+    old = os.umask(0o027)
+
+    def check(root: Path) -> None:
+        found = [p for p in [root, *root.rglob("*")] if not p.is_symlink()]
+        assert any(p.is_file() for p in found), f"{root}: no files"
+        for p in found:
+            want = 0o750 if p.is_dir() else 0o640
+            assert p.stat().st_mode & 0o777 == want, f"{p}: mode {p.stat().st_mode & 0o777:o}, want {want:o}"
+
+    try:
+        yield check
+    finally:
+        os.umask(old)
