@@ -1,4 +1,6 @@
 import os
+import shutil
+import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,3 +32,24 @@ def umask_027() -> Iterator[Callable[[Path], None]]:
         yield check
     finally:
         os.umask(old)
+
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """A prepared data dir (train/val shards + tokenizer) from ~300 KB of stdlib sources."""
+    from longcat2.data import ensure_prepared
+
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "src"
+    src.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    size = 0
+    for f in sorted(stdlib.glob("*.py")):
+        if size > 300_000:
+            break
+        shutil.copyfile(f, src / f.name)
+        size += f.stat().st_size
+    return ensure_prepared(src, root / "prepared", VOCAB, max_bytes=None, val_fraction=0.1)
