@@ -130,7 +130,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text (or token ids) with the inference engine")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help=MODEL_HELP)
-    src.add_argument("--preset", choices=list(PRESETS), help="a preset with random weights (e.g. tiny)")
+    src.add_argument("--preset", choices=list(PRESETS), metavar="PRESET",
+                     help=f"a preset with random weights: {', '.join(PRESETS)}")  # fmt: skip
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the model directory)")
     prompt.add_argument("--prompt-ids", type=_ids, help="prompt as comma-separated token ids")

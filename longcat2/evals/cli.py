@@ -101,7 +101,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         q = ev.add_parser(name, help=helptext)
         g = q.add_mutually_exclusive_group()
         g.add_argument("--model", help=MODEL_HELP)
-        g.add_argument("--preset", choices=list(PRESETS), help="random-init preset (smoke test)")
+        g.add_argument("--preset", choices=list(PRESETS), metavar="PRESET",
+                       help=f"a preset with random weights, a smoke test: {', '.join(PRESETS)}")  # fmt: skip
         q.add_argument("--json", action="store_true")
         q.add_argument(
             "--attention",

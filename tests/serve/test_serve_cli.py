@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -39,6 +40,12 @@ def test_options():
     )
     a = _parse("--served-model-name", "a", "b", "--any-model", "--clamp-max-tokens")
     assert a.served_model_name == ["a", "b"] and a.any_model and a.clamp_max_tokens and a.model is None
+
+
+@pytest.mark.skipif(not (model_dir.DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no embedded model")
+def test_embedded_model_by_name_keeps_its_name():
+    state = serve_app.load_state(ServerConfig(model_dir=Path(model_dir.DEFAULT_MODEL_NAME)))
+    assert state.model_names == [model_dir.DEFAULT_MODEL_NAME]  # not the package folder's "default-model"
 
 
 def test_no_embedded_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
