@@ -1,9 +1,10 @@
 # The two commands of the README. Both do all set-up on a fresh machine (venv, torch CPU wheel, deps).
 .PHONY: serve demo test lint setup
 
-# the main job: the OpenAI/Anthropic-compatible server on the model embedded in the package (port 8000)
+# the main job: the OpenAI/Anthropic-compatible server on the model embedded in the package (port 8000),
+# with the openai and anthropic SDKs in .venv so that the README's client examples run as they are
 serve:
-	scripts/setup.sh
+	scripts/setup.sh --clients
 	.venv/bin/longcat2 serve
 
 demo:

@@ -561,8 +561,12 @@ def _entries(
 
 
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """One safetensors file (a module-level hook so tests can simulate a failure mid-save)."""
+    """One safetensors file (a module-level hook so tests can simulate a failure mid-save).
+
+    safetensors writes through a private temporary file (mode 0600); give the file the mode a plain `open()`
+    gives, 0666 minus the umask, which is what the fresh save directory got (0777 minus the umask)."""
     save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, path.parent.stat().st_mode & 0o666)
 
 
 def _owned(name: str) -> bool:

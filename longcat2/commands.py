@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from longcat2.config import PRESETS, ModelConfig
+from longcat2.model_dir import resolve_config
 
 
 def model_stats(cfg: ModelConfig) -> dict[str, Any]:
@@ -77,19 +78,23 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    cfg = ModelConfig.from_hf(args.config) if args.config else ModelConfig.from_preset(args.preset)
+    cfg = (
+        ModelConfig.from_hf(resolve_config(args.config))
+        if args.config
+        else ModelConfig.from_preset(args.preset)
+    )
     stats = model_stats(cfg)
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
     print(f"model: {args.config or args.preset} ({cfg.hf_format})")
-    print(
-        f"  total parameters     {_fmt_b(stats['total_params'])} (MTP excluded: {_fmt_b(stats['mtp_params'])})"
-    )
+    print(f"  total parameters     {_fmt_b(stats['total_params'])} (without the MTP head)")
     print(
         f"  active parameters    {_fmt_b(stats['active_params_min'])} – {_fmt_b(stats['active_params_max'])}"
         f" (0 … {cfg.moe_topk} FFN experts per token)"
     )
+    if stats["mtp_params"]:
+        print(f"  MTP head             {_fmt_b(stats['mtp_params'])} (not in the totals above)")
     print(f"  KV cache (bf16)      {stats['kv_cache_bytes_per_token']:,} bytes/token")
     if cfg.use_lsa:
         print(f"  indexer keys (bf16)  {stats['indexer_cache_bytes_per_token']:,} bytes/token")
@@ -158,7 +163,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameters and cache sizes of a preset or config.json")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--preset", default="longcat-2.0", choices=list(PRESETS))
-    g.add_argument("--config", help="path to a config.json (or a checkpoint folder)")
+    g.add_argument(
+        "--config",
+        help="a config.json, a model or checkpoint folder, a training run folder or longcat-2.0-tiny",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -193,9 +192,8 @@ def save_backend(
         "special_tokens_map.json": json.dumps(special_map, indent=2) + "\n",
     }
     for name, text in texts.items():
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        tmp = out / f".{name}.tmp-{os.getpid()}"  # open() (not mkstemp's 0600): the umask's mode
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, out / name)
     return out
 

@@ -478,3 +478,14 @@ def test_parse_size():
     assert ckpt.parse_size(1234) == 1234
     with pytest.raises(ValueError, match="max_shard_size"):
         ckpt.parse_size("lots")
+
+
+def test_saved_files_follow_the_umask(tmp_path, umask_027):
+    # safetensors writes through a 0600 temporary file; a checkpoint must be readable as the umask allows
+    m = _model("tiny")
+    m.save_pretrained(tmp_path / "one")
+    m.save_pretrained(tmp_path / "sharded", max_shard_size="60KB")
+    (tmp_path / "one" / "README.md").write_text("kept\n")
+    m.save_pretrained(tmp_path / "one")  # a re-save keeps the files it carries over as they were
+    for folder in ("one", "sharded"):
+        umask_027(tmp_path / folder)

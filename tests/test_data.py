@@ -87,6 +87,11 @@ def test_prepare_counts_split_by_file_and_skips(tmp_path: Path, corpus, tok: Tok
     assert shards.tokenizer_dir == Path(tok.path).resolve()
 
 
+def test_prepared_files_follow_the_umask(tmp_path: Path, corpus, tok: Tokenizer, umask_027) -> None:
+    prepare(corpus[0], tok.path, tmp_path / "prepared")
+    umask_027(tmp_path / "prepared")
+
+
 def test_prepare_is_deterministic_and_seeded(tmp_path: Path, corpus, tok: Tokenizer) -> None:
     root, _ = corpus
     metas = [

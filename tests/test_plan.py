@@ -347,3 +347,13 @@ def test_cli_errors_and_table(tmp_path: Path) -> None:
     cfg_path.write_text(json.dumps(ModelConfig.from_preset("longcat-flash").to_hf()))
     r = _cli("--config", str(cfg_path), "--hardware", "h100")
     assert r.returncode == 0 and "560.66 B" in r.stdout and "parameters" in r.stdout
+
+
+def test_cli_search_needs_a_cluster_size() -> None:
+    r = _cli("--preset", "longcat-2.0", "--search")
+    assert r.returncode == 2 and "--chips N (e.g. --chips 128)" in r.stderr and "Traceback" not in r.stderr
+    # pinned tp, pp, cp and dp give the cluster size: their product (8 * 4 * 1 * 4 = 128 chips)
+    r = _cli("--preset", "longcat-flash-lite", "--search", "--tp", "8", "--pp", "4", "--cp", "1", "--dp", "4",
+             "--global-batch", "512", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["search"]["chips"] == 128

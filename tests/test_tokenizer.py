@@ -50,6 +50,10 @@ def test_files_written_and_special_ids(tok_dir: Path) -> None:
         assert tok.decode([i]) == t
 
 
+def test_files_follow_the_umask(tmp_path: Path, umask_027) -> None:
+    umask_027(train_tokenizer(CORPUS[:4], 300, tmp_path / "tok"))
+
+
 @pytest.mark.parametrize("text", ROUND_TRIP)
 def test_round_trip(tok_dir: Path, text: str) -> None:
     tok = load_tokenizer(tok_dir)

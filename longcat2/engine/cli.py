@@ -1,11 +1,15 @@
 """`longcat2 generate`: run the inference engine from the command line.
 
-    longcat2 generate --model DIR --prompt "def fib(n):" --max-new-tokens 64 --stream
+    longcat2 generate --prompt "def fib(n):" --max-new-tokens 64 --stream     # the embedded model
+    longcat2 generate --model runs/x --prompt "import os"                      # a run's latest checkpoint
     longcat2 generate --preset tiny --prompt-ids 1,2,3 --max-new-tokens 16 --seed 0
 
-A model directory is loaded with `LongCatForCausalLM.from_pretrained`; its tokenizer (if the directory has
-one) encodes `--prompt` and decodes the output. A preset builds a randomly initialised model (seeded by
-`--seed`), which has no tokenizer: give `--prompt-ids` and the output is printed as ids.
+`--model` (default: the embedded `longcat-2.0-tiny`) is resolved by `longcat2.model_dir` (a model folder,
+a training run folder, or the embedded model's name) and loaded with `LongCatForCausalLM.from_pretrained`;
+its tokenizer (if the folder has one) encodes `--prompt` and decodes the output. The EOS / stop token that
+ends the generation is not printed (as vLLM and transformers' `skip_special_tokens` leave it out). A preset
+builds a randomly initialised model (seeded by `--seed`), which has no tokenizer: give `--prompt-ids` and the
+output is printed as ids.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
+
+from longcat2.config import PRESETS
+from longcat2.model_dir import MODEL_HELP
 
 
 def _ids(text: str) -> list[int]:
@@ -27,31 +33,29 @@ def _ids(text: str) -> list[int]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from longcat2.config import ConfigError, ModelConfig
+    from longcat2.config import ModelConfig
     from longcat2.engine import Engine, SamplingParams
+    from longcat2.engine.scheduler import text_token_ids
     from longcat2.model.longcat import LongCatForCausalLM
+    from longcat2.model_dir import resolve_model_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     tokenizer = None
-    try:
-        if args.model:
-            path = Path(args.model)
-            model = LongCatForCausalLM.from_pretrained(path, dtype=dtype)
-            if (path / "tokenizer.json").is_file():
-                from longcat2.tokenizer import load_tokenizer
+    if args.preset is None:  # errors (a bad --model, a broken checkpoint) are reported by longcat2.cli
+        path = resolve_model_dir(args.model)
+        model = LongCatForCausalLM.from_pretrained(path, dtype=dtype)
+        if (path / "tokenizer.json").is_file():
+            from longcat2.tokenizer import load_tokenizer
 
-                tokenizer = load_tokenizer(path)
-        else:
-            cfg = ModelConfig.from_preset(args.preset)
-            torch.manual_seed(args.seed if args.seed is not None else 0)
-            model = LongCatForCausalLM(cfg)
-            if dtype is not None:
-                model = model.to(dtype)
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            tokenizer = load_tokenizer(path)
+    else:
+        cfg = ModelConfig.from_preset(args.preset)
+        torch.manual_seed(args.seed if args.seed is not None else 0)
+        model = LongCatForCausalLM(cfg)
+        if dtype is not None:
+            model = model.to(dtype)
     model.eval()
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
@@ -89,15 +93,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     stream = tokenizer.decode_stream() if (tokenizer is not None and args.stream) else None
     t0 = time.perf_counter()
     first = None
-    out: list[int] = []
+    out: list[int] = []  # every generated id (the count below); text_ids: those printed as text
+    text_ids: list[int] = []
     reason = None
     for ev in engine.stream():
         if ev.new_token_ids and first is None:
             first = time.perf_counter() - t0
         out.extend(ev.new_token_ids)
+        text_ids.extend(text_token_ids(ev))
         if args.stream:
             if stream is not None:
-                sys.stdout.write("".join(stream.step(t) for t in ev.new_token_ids))
+                sys.stdout.write("".join(stream.step(t) for t in text_token_ids(ev)))
             else:
                 sys.stdout.write("".join(f"{t} " for t in ev.new_token_ids))
             sys.stdout.flush()
@@ -107,7 +113,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.stream:
         sys.stdout.write("\n")
     elif tokenizer is not None:
-        print(tokenizer.decode(out))
+        print(tokenizer.decode(text_ids))
     else:
         print(",".join(str(t) for t in out))
     rate = f"{(len(out) - 1) / (dt - first):.1f} tok/s decode" if first is not None and len(out) > 1 else ""
@@ -122,9 +128,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text (or token ids) with the inference engine")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model directory (config.json + safetensors [+ tokenizer.json])")
-    src.add_argument("--preset", help="a ModelConfig preset with random weights (e.g. tiny)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help=MODEL_HELP)
+    src.add_argument("--preset", choices=list(PRESETS), metavar="PRESET",
+                     help=f"a preset with random weights: {', '.join(PRESETS)}")  # fmt: skip
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the model directory)")
     prompt.add_argument("--prompt-ids", type=_ids, help="prompt as comma-separated token ids")

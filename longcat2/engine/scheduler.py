@@ -45,6 +45,14 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)  # all output tokens so far
 
 
+def text_token_ids(out: RequestOutput) -> list[int]:
+    """`out.new_token_ids` without the stop token (EOS or a stop token id) that ended the request: the ids
+    kept in `token_ids`, but left out of the text, as vLLM and transformers' decoding leave them out."""
+    ids = list(out.new_token_ids)
+    stop_token = out.finished and out.finish_reason == "stop" and isinstance(out.stop_reason, int)
+    return ids[:-1] if stop_token and ids and ids[-1] == out.stop_reason else ids
+
+
 @dataclass
 class Request:
     request_id: str

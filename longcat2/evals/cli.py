@@ -1,4 +1,9 @@
-"""`longcat2 eval longctx` and `longcat2 eval ppl`."""
+"""`longcat2 eval longctx` and `longcat2 eval ppl`.
+
+`--model` (default: the embedded `longcat-2.0-tiny`) is resolved by `longcat2.model_dir`: a model folder, a
+training run folder (its latest checkpoint) or the embedded model's name. `--preset` evaluates a randomly
+initialised model (a smoke test). `--lengths` takes spaces, commas or both (`256 512`, `256,512`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,21 @@ import argparse
 import json
 from pathlib import Path
 
-from longcat2.config import parse_override
+from longcat2.config import PRESETS, parse_override
+from longcat2.model_dir import MODEL_HELP
+
+
+def _ints(text: str) -> list[int]:
+    """One `--lengths` word: an integer or a comma-separated list of them."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by spaces or commas, got {text!r}"
+        ) from e
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"lengths must be positive, got {text!r}")
+    return values
 
 
 def _load_model(args: argparse.Namespace):
@@ -15,11 +34,12 @@ def _load_model(args: argparse.Namespace):
     from longcat2.config import ModelConfig
     from longcat2.model.attention import set_sparse_attention
     from longcat2.model.longcat import LongCatForCausalLM
+    from longcat2.model_dir import resolve_model_dir
 
     torch.set_num_threads(args.threads)
     overrides = dict(args.override or [])
-    if args.model:
-        model = LongCatForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if args.preset is None:
+        model = LongCatForCausalLM.from_pretrained(resolve_model_dir(args.model), dtype=torch.float32)
         if (
             overrides
         ):  # shape-preserving fields only (LSA budget, RoPE scaling, ...): same weights, new config
@@ -37,7 +57,7 @@ def _cmd_longctx(args: argparse.Namespace) -> int:
     from longcat2.evals.longctx import evaluate_longctx, heatmap
 
     model = _load_model(args)
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = list(dict.fromkeys(n for word in args.lengths for n in word))  # flattened, in order, once each
     res = evaluate_longctx(
         model, args.task, lengths, depths=args.depths, per_cell=args.per_cell, seed=args.seed
     )
@@ -79,9 +99,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         ("ppl", _cmd_ppl, "validation loss, bits per byte, trailing-token loss"),
     ):
         q = ev.add_parser(name, help=helptext)
-        g = q.add_mutually_exclusive_group(required=True)
-        g.add_argument("--model", help="checkpoint folder (HF layout)")
-        g.add_argument("--preset", help="random-init preset (smoke test)")
+        g = q.add_mutually_exclusive_group()
+        g.add_argument("--model", help=MODEL_HELP)
+        g.add_argument("--preset", choices=list(PRESETS), metavar="PRESET",
+                       help=f"a preset with random weights, a smoke test: {', '.join(PRESETS)}")  # fmt: skip
         q.add_argument("--json", action="store_true")
         q.add_argument(
             "--attention",
@@ -101,7 +122,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         q.set_defaults(func=func)
         if name == "longctx":
             q.add_argument("--task", default="passkey", choices=["passkey", "niah", "mqar", "vt"])
-            q.add_argument("--lengths", default="1024,2048,4096,8192")
+            q.add_argument(
+                "--lengths",
+                nargs="+",
+                type=_ints,
+                default=[[1024, 2048, 4096, 8192]],
+                metavar="N",
+                help="context lengths, separated by spaces or commas (default: 1024 2048 4096 8192)",
+            )
             q.add_argument("--depths", type=int, default=10)
             q.add_argument("--per-cell", type=int, default=8)
             q.add_argument("--heatmap", help="write a heatmap PNG here")

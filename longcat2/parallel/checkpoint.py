@@ -34,7 +34,7 @@ import random
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +51,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from longcat2.model_dir import SHARDED_META, list_step_dirs
+from longcat2.model_dir import is_sharded_checkpoint as is_complete
+
 FORMAT = "longcat2-dcp-1"
-META = "meta.json"
+META = SHARDED_META
 EXTRA = "extra.pt"
 
 
@@ -143,28 +146,6 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def is_complete(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / META).is_file() and (p / ".metadata").is_file()
-
-
-def list_step_dirs(
-    root: str | Path, complete: Callable[[Path], bool], prefix: str = "step_"
-) -> list[tuple[int, Path]]:
-    """(step, dir) of the `<prefix><step>` directories under `root` that `complete` accepts, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith(prefix) and complete(p):
-            try:
-                out.append((int(p.name[len(prefix) :]), p))
-            except ValueError:
-                continue
-    return sorted(out)
 
 
 def list_sharded(root: str | Path, prefix: str = "step_") -> list[tuple[int, Path]]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import textwrap
 from typing import Any
 
 from longcat2.config import ConfigError, ModelConfig
+from longcat2.model_dir import resolve_config
 
 from . import model_math as mm
 from .cluster import (
@@ -50,7 +52,7 @@ def add_cli(subparsers: Any) -> None:
     )
     a("--json", action="store_true", help="print JSON instead of tables")
     a = p.add_argument_group("training").add_argument
-    a("--chips", type=int, help="cluster size (default: tp*pp*cp*dp)")
+    a("--chips", type=int, help="cluster size (default: tp*pp*cp*dp; --search needs it)")
     a("--train-tokens", type=float, default=35e12)
     a("--global-batch", type=int, default=2048, help="sequences per optimizer step")
     a("--seq-len", type=int, default=8192)
@@ -64,7 +66,7 @@ def add_cli(subparsers: Any) -> None:
     a("--no-zero1", action="store_true", help="replicate optimizer states over DP")
     a("--recompute", choices=RECOMPUTE, default="selective")
     a("--offload", action="store_true", help="optimizer states in host memory")
-    a("--search", action="store_true", help="search layouts for --chips, ranked by step time")
+    a("--search", action="store_true", help="rank the layouts that fit on --chips N chips by step time")
     a("--top", type=int, default=10, help="layouts to show with --search")
     a = p.add_argument_group("serving").add_argument
     a("--serve", action="store_true", help="plan a deployment")
@@ -79,7 +81,11 @@ def add_cli(subparsers: Any) -> None:
 
 
 def build_plan(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = ModelConfig.from_hf(args.config) if args.config else ModelConfig.from_preset(args.preset)
+    cfg = (
+        ModelConfig.from_hf(resolve_config(args.config))
+        if args.config
+        else ModelConfig.from_preset(args.preset)
+    )
     hw = load_hardware(args.hardware, dict(kv.split("=", 1) for kv in args.hw if "=" in kv))
     bad = [kv for kv in args.hw if "=" not in kv]
     if bad:
@@ -108,10 +114,15 @@ def build_plan(args: argparse.Namespace) -> dict[str, Any]:
     )
     degrees = {k: getattr(args, k) for k in ("tp", "pp", "ep", "cp", "dp")}
     if args.search:
-        if not args.chips:
-            raise PlanError("chips: --search needs --chips")
         fixed = {k: v for k, v in degrees.items() if v is not None}
-        out["search"] = search_layouts(cfg, hw, args.chips, wl, asm, args.top, args.micro_batch, fixed)
+        pinned = {"tp", "pp", "cp", "dp"} <= set(fixed)  # then the cluster size is their product
+        chips = args.chips or (math.prod(fixed[k] for k in ("tp", "pp", "cp", "dp")) if pinned else 0)
+        if not chips:
+            raise PlanError(
+                "chips: --search ranks the layouts of one cluster size: give it with --chips N "
+                f"(e.g. --chips {16 * hw.chips_per_node}), or pin --tp --pp --cp --dp"
+            )
+        out["search"] = search_layouts(cfg, hw, chips, wl, asm, args.top, args.micro_batch, fixed)
     elif args.chips or any(v is not None for v in degrees.values()):
         d = {k: (v or 1) for k, v in degrees.items()}
         if degrees["dp"] is None and args.chips:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from longcat2.cli import run_command
 from longcat2.serve.cli import add_cli
 
 
@@ -13,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     add_cli(sub)
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
+    return run_command(args)
 
 
 if __name__ == "__main__":

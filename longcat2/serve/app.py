@@ -12,7 +12,8 @@ Design choices:
 - The routes are mounted at `/v1/...` and again under LongCat's own prefixes (`/openai/v1/...`,
   `/anthropic/v1/...`), so clients configured for api.longcat.chat only need a new host.
 - A pure ASGI middleware counts requests by endpoint and status for `/metrics` (Starlette's
-  BaseHTTPMiddleware is avoided: it interferes with streaming and disconnect detection).
+  BaseHTTPMiddleware is avoided: it interferes with streaming and disconnect detection); another writes
+  the access log (`access_log.py`: one line per request with its status, seconds and tokens in/out).
 - Requests that set no temperature get `--default-temperature`, else the model's `generation_config.json`
   (greedy when it says `do_sample: false`, as the embedded model does), else the APIs' 1.0 — the
   Anthropic SDK no longer sends a temperature at all.
@@ -43,9 +44,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from longcat2 import model_dir
 from longcat2.serve import anthropic_api, openai_api
+from longcat2.serve.access_log import AccessLog
 from longcat2.serve.batching import EngineWorker, Metrics
-from longcat2.serve.core import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, ServerConfig, ServerState
+from longcat2.serve.core import DEFAULT_MODEL_NAME, ServerConfig, ServerState
 from longcat2.serve.protocol import APIError, anthropic_error_body, openai_error_body
 
 log = logging.getLogger("longcat2.serve")
@@ -180,6 +183,8 @@ def create_app(state: ServerState) -> FastAPI:
     for prefix in ("", "/anthropic"):
         app.include_router(anthropic_api.router(state), prefix=prefix)
     app.add_middleware(_Guard, metrics=state.metrics)
+    if state.config.access_log:
+        app.add_middleware(AccessLog)  # added last: the outermost, it sees the guard's 500s
     return app
 
 
@@ -187,22 +192,17 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 def resolve_model_dir(config: ServerConfig) -> Path:
-    if config.model_dir is not None:
-        path = Path(config.model_dir)
-        if not (path / "config.json").is_file():
-            raise ServeError(f"--model {path}: not a model directory (no config.json in it)")
-        if not (path / "tokenizer.json").is_file():
-            raise ServeError(
-                f"--model {path}: no tokenizer.json next to the weights; copy the tokenizer files in"
-            )
-        return path
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+    """The model folder `--model` names (`longcat2.model_dir`: a model folder, a training run folder, the
+    embedded model's name, or nothing for the embedded model); it must hold a tokenizer."""
+    try:
+        path = model_dir.resolve_model_dir(config.model_dir)
+    except model_dir.ModelDirError as e:
+        raise ServeError(str(e)) from e
+    if not (path / "tokenizer.json").is_file():
         raise ServeError(
-            "no --model given and this installation has no embedded default model "
-            f"({DEFAULT_MODEL_DIR} is missing or empty). Pass --model DIR (a directory with config.json, "
-            "*.safetensors and tokenizer.json), or build the default model with scripts/build_default_model.sh."
+            f"--model {path}: no tokenizer.json next to the weights; copy the tokenizer files in"
         )
-    return DEFAULT_MODEL_DIR
+    return path
 
 
 def model_default_temperature(path: Path) -> float | None:
@@ -268,7 +268,8 @@ def load_state(config: ServerConfig) -> ServerState:
     )
     if config.default_temperature is None:  # the model's generation_config.json, as vLLM does by default
         config = dataclasses.replace(config, default_temperature=model_default_temperature(path))
-    default_name = DEFAULT_MODEL_NAME if config.model_dir is None else path.resolve().name
+    embedded = path.resolve() == model_dir.DEFAULT_MODEL_DIR.resolve()
+    default_name = DEFAULT_MODEL_NAME if embedded else Path(config.model_dir or path).resolve().name
     names = list(dict.fromkeys(config.served_model_names or [default_name]))
     info: dict[str, Any] = {"context_length": ctx, "max_model_len": ctx}
     return ServerState(tokenizer, worker, names, ctx, config=config, metrics=metrics, model_info=info)
@@ -289,7 +290,7 @@ def run_server(
         port=port,
         log_level=log_level,
         timeout_graceful_shutdown=int(config.shutdown_timeout),
-        access_log=log_level == "debug",
+        access_log=False,  # ours (serve/access_log.py) logs at the end of a response, with token counts
     )
     server = uvicorn.Server(uv)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal under the previous

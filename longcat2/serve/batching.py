@@ -39,6 +39,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from longcat2.engine.scheduler import text_token_ids
+
 log = logging.getLogger("longcat2.serve")
 
 
@@ -329,6 +331,11 @@ class RequestHandle:
         self.prompt_tokens = len(req.prompt_ids)
         self.finished = False
 
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far (counted by the engine thread)."""
+        return self._req.completion_tokens
+
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._iter()
 
@@ -592,9 +599,7 @@ class EngineWorker:
             req.first_token = True
             self.metrics.record_ttft(time.monotonic() - req.submitted)
         assert req.decoder is not None and req.matcher is not None
-        stop_token = out.finished and out.finish_reason == "stop" and isinstance(out.stop_reason, int)
-        text_ids = ids[:-1] if stop_token and ids and ids[-1] == out.stop_reason else ids
-        raw = "".join(req.decoder.step(t) for t in text_ids)
+        raw = "".join(req.decoder.step(t) for t in text_token_ids(out))  # type: ignore[arg-type]
         text = req.matcher.push(raw)
         if req.matcher.matched is not None:
             if not out.finished:

@@ -3,8 +3,9 @@
 Design choices:
 - Defaults are safe for a workstation: bind to 127.0.0.1 (use `--host 0.0.0.0` to expose it), no API key
   unless `--api-key` or `LONGCAT2_API_KEY` is set.
-- `--model` defaults to the model embedded in the package; without one the command fails with a message
-  saying how to get one, before anything is loaded.
+- `--model` defaults to the model embedded in the package and accepts its name, a model folder or a
+  training run folder (its latest checkpoint; `longcat2.model_dir`); an installation without the embedded
+  model fails with a message saying how to get one, before anything is loaded.
 - `--served-model-name` may list several names (aliases); `--any-model` accepts any model name, for
   harnesses that insist on their own model ids (e.g. Claude Code's defaults).
 """
@@ -17,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from longcat2.model_dir import MODEL_HELP
+
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from longcat2.serve.app import ServeError, resolve_model_dir, run_server
@@ -27,7 +30,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s"
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
     )
     config = ServerConfig(
         model_dir=Path(args.model) if args.model else None,
@@ -45,6 +50,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_step_tokens=args.max_step_tokens,
         shutdown_timeout=args.shutdown_timeout,
+        access_log=args.access_log,
     )
     for name, value in (("--max-batch", args.max_batch), ("--max-step-tokens", args.max_step_tokens)):
         if value < 1:
@@ -54,10 +60,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: --max-queue must be >= 0, got {args.max_queue}", file=sys.stderr)
         return 2
     try:
-        resolve_model_dir(config)
-        print(
-            f"longcat2 serve: loading {config.model_dir or 'the embedded default model'} ...", file=sys.stderr
-        )
+        path = resolve_model_dir(config)
+        print(f"longcat2 serve: loading {path} ...", file=sys.stderr)
         print(
             f"longcat2 serve: http://{args.host}:{args.port}/v1 (OpenAI and Anthropic APIs)", file=sys.stderr
         )
@@ -77,8 +81,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
             "/v1/models; Anthropic /v1/messages, /v1/messages/count_tokens; /health and /metrics."
         ),
     )
-    p.add_argument("--model", default=None, help="model directory (config.json, safetensors, tokenizer.json); "
-                   "default: the embedded default model")  # fmt: skip
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument(
@@ -111,4 +114,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown (default 30)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="log one line per request: client, method, path, status, seconds, tokens in/out "
+                   "(default on; --no-access-log turns it off)")  # fmt: skip
     p.set_defaults(func=_cmd_serve)

@@ -34,13 +34,12 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from longcat2 import chat
+from longcat2.model_dir import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME  # noqa: F401 (re-exported)
+from longcat2.serve import access_log
 from longcat2.serve.batching import EngineWorker, Metrics, QueueFull, RequestHandle, ShuttingDown
 from longcat2.serve.protocol import APIError, validation_message
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default-model"
-DEFAULT_MODEL_NAME = "longcat-2.0-tiny"
 
 
 @dataclass
@@ -60,6 +59,7 @@ class ServerConfig:
     dtype: str = "auto"
     max_step_tokens: int = 512
     shutdown_timeout: float = 30.0
+    access_log: bool = True  # one log line per request (serve/access_log.py)
 
 
 @dataclass
@@ -172,11 +172,13 @@ class ServerState:
 
     def submit(self, prompt_ids: list[int], params: Any, stops: Sequence[str] = ()) -> RequestHandle:
         try:
-            return self.worker.submit(prompt_ids, params, stops)
+            handle = self.worker.submit(prompt_ids, params, stops)
         except QueueFull as e:
             raise APIError(429, str(e), code="server_busy", headers={"retry-after": "1"}) from e
         except ShuttingDown as e:
             raise APIError(503, f"Service unavailable: {e}", code="unavailable") from e
+        access_log.track(handle)  # its token counts go into the request's access-log line
+        return handle
 
 
 def check_stops(stop: str | list[str] | None, param: str, limit: int = 16) -> list[str]:

@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="longcat2")
     add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    from longcat2.cli import run_command
+
+    return run_command(args)
 
 
 __all__ = ["add_cli", "config_from_args", "main"]

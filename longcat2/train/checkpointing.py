@@ -39,6 +39,7 @@ from torch import nn
 
 from longcat2.config import ModelConfig
 from longcat2.model import LongCatForCausalLM
+from longcat2.model_dir import resolve_model_dir
 from longcat2.parallel import checkpoint as sharded
 from longcat2.parallel.checkpoint import fsync_dir, fsync_tree, list_step_dirs, prune_checkpoints
 
@@ -146,15 +147,8 @@ def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
 
 def resolve_init(path: str | Path) -> Path:
     """A model directory to start from (`load_model` reads it): an HF-layout dir, a checkpoint dir of either
-    layout, or a run's OUT dir (its latest checkpoint)."""
-    p = Path(path)
-    if (p / "config.json").is_file() or is_sharded(p):
-        return p
-    for root in (p / "checkpoints", p):
-        ck = latest_checkpoint(root)
-        if ck is not None:
-            return ck
-    raise FileNotFoundError(f"{p}: no config.json and no checkpoints/step_* directory to start from")
+    layout, a run's OUT dir (its latest checkpoint) or the embedded model's name (`longcat2.model_dir`)."""
+    return resolve_model_dir(path, flag="--init", sharded_ok=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -22,7 +22,9 @@ class TrainConfig:
     preset: str = _f("tiny", "model preset (see `longcat2 presets`)")
     model_overrides: dict[str, Any] = _f(None, "model config overrides KEY=VALUE", cli=False)
     init: str | None = _f(
-        None, "start from these weights: an HF-layout dir, a checkpoint dir or a run's OUT dir"
+        None,
+        "start from these weights: an HF-layout dir, a checkpoint dir, a run's OUT dir (its latest checkpoint) "
+        "or longcat-2.0-tiny (the embedded model)",
     )
     data: str = _f(
         "stdlib",

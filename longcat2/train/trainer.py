@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from longcat2 import parallel
 from longcat2.config import ModelConfig
 from longcat2.model import LongCatForCausalLM
+from longcat2.model_dir import ModelDirError
 from longcat2.train import balance, checkpointing
 from longcat2.train.config import RESUME_MUTABLE, TrainConfig
 from longcat2.train.optim import MuonAdamW, Schedule, apply_schedule, param_groups_for
@@ -901,7 +902,7 @@ def run(cfg: TrainConfig, explicit: set[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, explicit)
         return trainer.train()
-    except TrainingError as e:
+    except (TrainingError, ModelDirError) as e:
         rank, world, _ = parallel.env_rank_world()
         print(f"{f'[rank {rank}] ' if world > 1 else ''}error: {e}", file=sys.stderr)
         return 2

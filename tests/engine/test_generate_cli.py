@@ -1,12 +1,16 @@
-"""`longcat2 generate` (the engine's CLI module, independent of the top-level command registry)."""
+"""`longcat2 generate`: the engine's CLI module on its own, and the real command in a subprocess (the
+embedded default model, the EOS left out of the text, one-line errors)."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 
 from longcat2.engine.cli import add_cli
+from longcat2.model_dir import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
 
 
 def _run(argv: list[str]) -> int:
@@ -45,4 +49,38 @@ def test_generate_sampling_seed_and_errors(capsys: pytest.CaptureFixture[str]) -
     assert capsys.readouterr().out == a
     assert _run(["generate", "--preset", "tiny", "--prompt", "hello"]) == 2  # no tokenizer for a preset
     assert "prompt-ids" in capsys.readouterr().err
-    assert _run(["generate", "--preset", "nope", "--prompt-ids", "1"]) == 2
+    with pytest.raises(SystemExit):  # argparse: invalid choice, exit status 2
+        _run(["generate", "--preset", "nope", "--prompt-ids", "1"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def _generate(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "longcat2", "generate", *argv], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+CHAT_PROMPT = "<longcat_user>What is the capital of France?<longcat_assistant>"
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no embedded default model")
+def test_embedded_model_is_the_default_and_eos_is_not_printed() -> None:
+    plain = _generate("--prompt", CHAT_PROMPT, "--max-new-tokens", "40")
+    assert plain.returncode == 0, plain.stderr
+    assert "finish: stop" in plain.stderr  # the model ended its answer with EOS ...
+    assert "Paris" in plain.stdout and "</longcat_s>" not in plain.stdout  # ... which is not printed
+    named = _generate(
+        "--model", DEFAULT_MODEL_NAME, "--prompt", CHAT_PROMPT, "--max-new-tokens", "40", "--stream"
+    )
+    assert named.returncode == 0, named.stderr
+    assert named.stdout == plain.stdout  # the same model by its name, streamed: the same text, no EOS
+    assert "</longcat_s>" not in named.stdout and "finish: stop" in named.stderr
+
+
+def test_bad_model_is_one_line_without_traceback(tmp_path) -> None:
+    r = _generate("--model", str(tmp_path), "--prompt", "x")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"longcat2 generate: error: --model {tmp_path}: not a model folder (no config.json) and no "
+        "checkpoints/step_* in it (expected a model folder, a training run folder, or 'longcat-2.0-tiny' for "
+        "the embedded model)"
+    ]

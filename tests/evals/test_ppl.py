@@ -5,8 +5,10 @@ import math
 import subprocess
 import sys
 
+import pytest
 import torch
 
+from longcat2.cli import build_parser
 from longcat2.config import ModelConfig
 from longcat2.data import prepare
 from longcat2.evals.ppl import evaluate_ppl
@@ -41,9 +43,22 @@ def test_eval_longctx_cli_json(tmp_path):
     png = tmp_path / "h.png"
     out = subprocess.run(
         [sys.executable, "-m", "longcat2", "eval", "longctx", "--preset", "tiny", "--task", "passkey",
-         "--lengths", "96,160", "--depths", "2", "--per-cell", "1", "--json", "--heatmap", str(png)],
+         "--lengths", "96", "160", "--depths", "2", "--per-cell", "1", "--json", "--heatmap", str(png)],
         capture_output=True, text=True, check=True, timeout=120,
     )  # fmt: skip
     res = json.loads(out.stdout)
     assert res["lengths"] == [96, 160] and res["depths"] == [0.0, 1.0]
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("words", [["96", "160"], ["96,160"], ["96,", "160"], ["96", "160,96"]])
+def test_longctx_lengths_take_spaces_and_commas(words):
+    args = build_parser().parse_args(["eval", "longctx", "--preset", "tiny", "--lengths", *words])
+    assert [n for word in args.lengths for n in word][:2] == [96, 160]
+
+
+def test_longctx_bad_lengths_are_an_argparse_error(capsys):
+    for bad in ("96,x", "0"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["eval", "longctx", "--lengths", bad])
+        assert "--lengths" in capsys.readouterr().err

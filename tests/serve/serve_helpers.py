@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
 import uvicorn
 
@@ -186,6 +188,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60.0) -> None:
+    """Wait until the server process `proc` answers 200 on `url`/health (fails if it exits or times out)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, "the server process exited"
+        assert time.monotonic() < deadline, f"the server did not answer on {url} within {timeout:.0f}s"
+        time.sleep(0.1)
 
 
 class ServerThread:

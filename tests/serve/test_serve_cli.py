@@ -10,12 +10,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
+from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import free_port
+from serve_helpers import free_port, wait_healthy
 
+from longcat2 import model_dir
 from longcat2.serve import app as serve_app
 from longcat2.serve.cli import add_cli
 from longcat2.serve.core import ServerConfig
@@ -41,8 +42,14 @@ def test_options():
     assert a.served_model_name == ["a", "b"] and a.any_model and a.clamp_max_tokens and a.model is None
 
 
+@pytest.mark.skipif(not (model_dir.DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no embedded model")
+def test_embedded_model_by_name_keeps_its_name():
+    state = serve_app.load_state(ServerConfig(model_dir=Path(model_dir.DEFAULT_MODEL_NAME)))
+    assert state.model_names == [model_dir.DEFAULT_MODEL_NAME]  # not the package folder's "default-model"
+
+
 def test_no_embedded_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(serve_app, "DEFAULT_MODEL_DIR", tmp_path / "default-model")
+    monkeypatch.setattr(model_dir, "DEFAULT_MODEL_DIR", tmp_path / "default-model")
     with pytest.raises(serve_app.ServeError, match="no embedded default model"):
         serve_app.resolve_model_dir(ServerConfig())
     args = _parse()
@@ -50,7 +57,7 @@ def test_no_embedded_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "--model" in err and "build_default_model.sh" in err
     args = _parse("--model", str(tmp_path))
-    assert args.func(args) == 2 and "not a model directory" in capsys.readouterr().err
+    assert args.func(args) == 2 and "not a model folder (no config.json)" in capsys.readouterr().err
 
 
 def test_graceful_shutdown_finishes_streams(model_dir):
@@ -70,17 +77,7 @@ def test_graceful_shutdown_finishes_streams(model_dir):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                proc.stdout.read() if proc.stdout else ""
-            )
-            time.sleep(0.1)
+        wait_healthy(proc, url)
         body = {
             "model": model_dir.name,
             "messages": [{"role": "user", "content": "hi"}],

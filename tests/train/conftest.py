@@ -1,34 +1,12 @@
-"""Shared fixtures: a small prepared corpus (a few standard-library files, a 512-token BPE) and a chat file."""
+"""Shared fixtures: chat files (the prepared corpus `prepared` is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
-import sysconfig
 from pathlib import Path
 
 import pytest
-
-VOCAB = 512
-
-
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory) -> Path:
-    """A prepared data dir (train/val shards + tokenizer) from ~300 KB of stdlib sources."""
-    from longcat2.data import ensure_prepared
-
-    root = tmp_path_factory.mktemp("corpus")
-    src = root / "src"
-    src.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    size = 0
-    for f in sorted(stdlib.glob("*.py")):
-        if size > 300_000:
-            break
-        shutil.copyfile(f, src / f.name)
-        size += f.stat().st_size
-    return ensure_prepared(src, root / "prepared", VOCAB, max_bytes=None, val_fraction=0.1)
 
 
 def write_chats(path: Path, n: int = 40, seed: int = 0, tool_every: int = 0) -> Path:

@@ -105,10 +105,11 @@ def test_prepared_task_files_hold_the_stream_rows_and_resume_exactly(tmp_path):
         PreparedTask(out, batch_size=2, seq_len=200, seed=3)
 
 
-def test_trainer_reads_a_prepared_task_folder(tmp_path):
+def test_trainer_reads_a_prepared_task_folder(tmp_path, umask_027):
     from longcat2.train.synthetic import prepare_task_files
 
     prepare_task_files("task:passkey", tmp_path / "tasks", seq_len=96, n_train=8, n_val=4)
+    umask_027(tmp_path / "tasks")
     cfg = TrainConfig(
         preset="tiny", data=str(tmp_path / "tasks"), seq_len=96, batch_size=2, steps=2, out=str(tmp_path / "run"),
         mtp_weight=0.0, save_every=0, eval_every=2, eval_batches=2, progress=False, plot=False, threads=1,

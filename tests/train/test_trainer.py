@@ -30,7 +30,7 @@ def _train(cfg: TrainConfig) -> tuple[Trainer, list[dict]]:
     return t, read_metrics(cfg.out + "/metrics.jsonl")
 
 
-def test_tiny_run_loss_falls_and_writes_everything(prepared, tmp_path):
+def test_tiny_run_loss_falls_and_writes_everything(prepared, tmp_path, umask_027):
     cfg = _cfg(prepared, tmp_path / "run", steps=30, plot=True, target_ffn_experts=1.0)
     t, recs = _train(cfg)
     train = [r for r in recs if r["type"] == "train"]
@@ -61,6 +61,9 @@ def test_tiny_run_loss_falls_and_writes_everything(prepared, tmp_path):
         assert torch.equal(a, b), n  # weights and the routing bias buffers
     st = checkpointing.load_trainer_state(latest)
     assert st["step"] == 30 and "optimizer" in st and "rng" in st and "data" in st
+    umask_027(
+        out
+    )  # checkpoints, metrics and plot readable as the umask allows (safetensors' temp file is 0600)
 
 
 def test_nonfinite_steps_are_skipped_then_abort(prepared, tmp_path, monkeypatch):
