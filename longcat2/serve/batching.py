@@ -22,8 +22,11 @@ Design choices:
   removes a waiting request or aborts a running one at the next step boundary, which frees its cache
   blocks and batch slot. `shutdown(timeout)` stops admitting, lets running requests finish for up to
   `timeout` seconds, then aborts the rest and joins the thread.
-- If `engine.step()` raises, every request in flight fails with an "error" chunk (the API layer reports a
-  500 or an error event) and the engine is asked to abort them so the next requests start clean.
+- A request that fails on its own inside the engine step (its forward or its sampling raised; the engine
+  isolates it) ends with an "error" chunk carrying the engine's message; the others in the batch go on.
+  Only if `engine.step()` itself raises does every request in flight fail with an "error" chunk (the API
+  layer reports a 500 or an error event), and the engine is asked to abort them so the next requests
+  start clean.
 - `Metrics` is a small thread-safe registry rendered in the Prometheus text format (`GET /metrics`).
 """
 
@@ -586,6 +589,10 @@ class EngineWorker:
         self.metrics.record_step(batch, produced, dt, running, queued)
 
     def _on_output(self, req: _Req, out: EngineOutput) -> None:
+        if out.finished and out.finish_reason == "error":
+            log.warning("request %s failed in the engine: %s", req.rid, getattr(out, "error", None))
+            self._finish_local(req, "error", f"engine error: {getattr(out, 'error', None) or 'unknown'}")
+            return
         ids = list(out.new_token_ids)
         req.completion_tokens += len(ids)
         if ids and not req.first_token:
