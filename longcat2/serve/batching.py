@@ -16,6 +16,10 @@ Design choices:
   matches them: text that could be the start of a stop string is held back until it is resolved, the
   text is cut before the stop string, and the engine request is aborted as soon as a stop string appears.
   The engine is given the stop strings as well so it can stop on its own step.
+- Slow clients: a request whose consumer has not taken `max_backlog` delivered chunks (a streaming client
+  that stopped reading: the SSE writer blocks once the socket buffers fill) is aborted and ends with an
+  "error" chunk, so it does not hold a batch slot while the server generates output nobody reads, and
+  its undelivered output stays bounded.
 - Admission control: at most `max_batch` requests run and at most `max_queue` wait; `submit` raises
   `QueueFull` beyond that (the API layer answers 429) and `ShuttingDown` once draining began (503).
 - Cancellation: `RequestHandle.cancel()` (called when a client disconnects or a handler is cancelled)
@@ -320,6 +324,8 @@ class _Req:
     admitted: bool = False
     done: bool = False
     first_token: bool = False
+    sent: int = 0  # chunks delivered (engine thread)
+    taken: int = 0  # chunks the consumer took (event loop)
 
 
 class RequestHandle:
@@ -338,6 +344,7 @@ class RequestHandle:
     async def _iter(self) -> AsyncIterator[Chunk]:
         while not self.finished:
             chunk = await self._req.queue.get()
+            self._req.taken += 1
             if chunk.finished:
                 self.finished = True
             yield chunk
@@ -375,6 +382,7 @@ class EngineWorker:
         metrics: Metrics | None = None,
         make_params: Callable[..., Any] | None = None,
         idle_wait_s: float = 0.5,
+        max_backlog: int = 2048,
     ) -> None:
         if max_batch <= 0 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
@@ -384,6 +392,7 @@ class EngineWorker:
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self.idle_wait_s = idle_wait_s
+        self.max_backlog = max_backlog
         self._cond = threading.Condition()
         self._inbox: list[_Req] = []
         self._cancels: list[str] = []
@@ -464,6 +473,7 @@ class EngineWorker:
     # ------------------------------------------------------------------ engine thread
 
     def _deliver(self, req: _Req, chunk: Chunk) -> None:
+        req.sent += 1
         if chunk.finished:
             req.done = True
             self.metrics.record_finish(chunk.finish_reason or "unknown")
@@ -613,6 +623,14 @@ class EngineWorker:
             text += req.matcher.flush()
             stop_reason = out.stop_reason
             self._deliver(req, Chunk(text, ids, req.completion_tokens, reason, stop_reason))
+            return
+        if req.sent - req.taken >= self.max_backlog:
+            log.warning(
+                "request %s aborted: its client has not read %d chunks", req.rid, req.sent - req.taken
+            )
+            self.engine.abort(req.rid)  # its "abort" event will find the request done and be ignored
+            msg = f"the client stopped reading: {req.sent - req.taken} chunks were not read"
+            self._finish_local(req, "error", msg)
             return
         if text or ids:
             self._deliver(req, Chunk(text, ids, req.completion_tokens))
