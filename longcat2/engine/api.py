@@ -263,7 +263,13 @@ class Engine:
 
     def _event(self, req: Request, kept: list[int]) -> RequestOutput:
         ev = RequestOutput(
-            req.request_id, kept, req.finished, req.finish_reason, req.stop_reason, list(req.output), req.error
+            req.request_id,
+            kept,
+            req.finished,
+            req.finish_reason,
+            req.stop_reason,
+            list(req.output),
+            req.error,
         )
         if req.on_output is not None:
             req.on_output(ev)

@@ -14,6 +14,15 @@ Design choices:
   leaves no room for output is a 400 that gives both numbers; a `max_tokens` larger than the whole context
   is a 400 (unless `--clamp-max-tokens`); otherwise the output budget is `min(max_tokens, context -
   prompt)` and running out of context ends the reply with finish reason "length".
+- Request hygiene (`parse_body`): a body over `max_request_bytes` is a 413 as soon as that is known
+  (Content-Length, else while it streams in); bodies that are not UTF-8, nest deeper than `MAX_JSON_DEPTH`
+  or carry lone UTF-16 surrogates are 400s before validation, so nothing downstream (pydantic, the
+  tokenizer) meets them.
+- Prompts: chat prompts are encoded from `chat.render_parts`, so only the template's tags become control
+  tokens and all request text is encoded as text. A prompt whose length alone proves it cannot fit the
+  context (characters / the tokenizer's longest token) is refused before tokenising; prompts longer than
+  `INLINE_TOKENIZE_CHARS` are tokenised in a worker thread by a tokenizer call that releases the GIL, so
+  neither the event loop nor the engine thread stalls. `count_tokens` applies the same refusal.
 - Authentication: with an API key set, every `/v1/...` route needs `Authorization: Bearer KEY` or
   `x-api-key: KEY` (compared in constant time); `/health` and `/metrics` stay open for probes (with a key
   set, `/health` does not list the served models: that is `/v1/models`, behind the key).
