@@ -69,7 +69,9 @@ class ChatFormatError(ValueError):
 
 
 class _Encoder(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    special_ids: dict[str, int]
+
+    def encode_plain_batch(self, texts: list[str]) -> list[list[int]]: ...
 
 
 # -------------------------------------------------------------------------------------------- render
@@ -330,20 +332,21 @@ def render_with_mask(
 ) -> tuple[list[int], list[int]]:
     """Token ids of the full transcript (no generation prompt) and a loss mask that is 1 exactly on what the
     assistant produces: reasoning block, content, tool calls and the closing `</longcat_s>` of each reply
-    (a reply with `"train": False` stays 0). Pieces are cut at special tokens, so the ids equal
-    `tokenizer.encode(render(messages, tools, add_generation_prompt=False, thinking=...))`."""
+    (a reply with `"train": False` stays 0). Only the template's tags become special ids: message text is
+    encoded with `tokenizer.encode_plain_batch` (special-token spellings stay text), so the ids equal
+    `tokenizer.encode(render(messages, tools, add_generation_prompt=False, thinking=...))` whenever no
+    message spells a tag. Pieces are cut at tags, so the masking changes no token boundary."""
     segs = _segments(messages, tools, False, thinking, tool_format, keep_history_reasoning)
-    merged: list[tuple[str, bool]] = []
+    merged: list[tuple[list[str], bool]] = []
     for parts, train in segs:
-        text = "".join(parts)
         if merged and merged[-1][1] == train:
-            merged[-1] = (merged[-1][0] + text, train)
+            merged[-1][0].extend(parts)
         else:
-            merged.append((text, train))
+            merged.append((list(parts), train))
     ids: list[int] = []
     mask: list[int] = []
-    for text, train in merged:
-        piece = list(tokenizer.encode(text))
+    for parts, train in merged:
+        piece = encode_parts(merge_parts(parts), tokenizer.encode_plain_batch, tokenizer.special_ids)
         ids += piece
         mask += [int(train)] * len(piece)
     return ids, mask
