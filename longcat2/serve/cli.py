@@ -47,7 +47,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         max_request_bytes=args.max_request_bytes,
     )
-    for name, value in (("--max-batch", args.max_batch), ("--max-step-tokens", args.max_step_tokens)):
+    positive = (
+        ("--max-batch", args.max_batch),
+        ("--max-step-tokens", args.max_step_tokens),
+        ("--max-request-bytes", args.max_request_bytes),
+    )
+    for name, value in positive:
         if value < 1:
             print(f"error: {name} must be >= 1, got {value}", file=sys.stderr)
             return 2

@@ -9,6 +9,9 @@ Design choices:
   clients that send fields we do not know (`store`, `metadata`, `cache_control`, betas...) keep working.
   Fields whose value we cannot honour (n > 1, image parts, logprobs, structured output) are rejected
   with a 400 that names them rather than silently ignored.
+- Values are bounded where the engine has limits: `seed` within what torch generators take
+  ([-2**63, 2**64 - 1]), `logit_bias` values within OpenAI's [-100, 100] (finite), a tool schema's
+  `properties` an object of schema objects (in `count_tokens` too, so it agrees with `messages`).
 - Roles and content-block types are closed sets (`Literal` / discriminated unions), so an unknown role or
   block type is a 400 that lists the allowed values.
 - `APIError` carries an HTTP status and a message; `openai_error_body` / `anthropic_error_body` render it

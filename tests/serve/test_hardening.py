@@ -138,7 +138,14 @@ EXTREME = [
 ]
 
 
-@pytest.mark.parametrize("path,body,want", EXTREME, ids=[json.dumps(b)[-60:] for _, b, _ in EXTREME])
+@pytest.mark.parametrize(
+    "path,body,want",
+    EXTREME,
+    ids=[
+        p.removeprefix("/v1/") + "".join(f",{k}={b[k]}" for k in b if k not in CHAT and k not in COMP)
+        for p, b, _ in EXTREME
+    ],
+)
 def test_nan_producing_sampling_values_are_handled_beside_other_streams(server, path, body, want):
     """These values passed validation and made the engine step raise (NaN probabilities), aborting every
     request in the batch. Now temperatures below 1e-5 are greedy, top_p keeps the top token (so 1e-300 is
