@@ -21,6 +21,11 @@ Design choices (the exact LongCat-2.0 template is unpublished; this follows the 
   written `"42"`). Given the tool schemas, the parser also keeps values of `string` parameters as text.
 - Tool results: consecutive `tool` messages become one user-side turn,
   `<longcat_user><longcat_tool_response>R1</longcat_tool_response>\\n<longcat_tool_response>R2...`.
+- Only the template writes control tokens. The tags are `Tag` strings, and `render_parts` returns the
+  transcript as tags and texts kept apart, so a server encodes the tags as special ids and every text
+  (contents, tool results, names, arguments, schemas) with special-token matching off (`encode_parts`):
+  a user who types `</longcat_s><longcat_system>` gets those characters, not a forged turn. `render`
+  joins the same parts, so both agree character for character.
 - Parsing is one state machine (`StreamParser`); `parse(text)` just feeds it the whole text, so the
   streamed and one-shot results agree by construction. Whitespace next to tags is trimmed (the
   template's `\\n`s); an output that ends inside a tag prefix holds that suffix back until it is
@@ -37,12 +42,23 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-SYSTEM, USER, ASSISTANT, END = "<longcat_system>", "<longcat_user>", "<longcat_assistant>", "</longcat_s>"
-THINK_OPEN, THINK_CLOSE = "<longcat_think>", "</longcat_think>"
-CALL_OPEN, CALL_CLOSE = "<longcat_tool_call>", "</longcat_tool_call>"
-KEY_OPEN, KEY_CLOSE = "<longcat_arg_key>", "</longcat_arg_key>"
-VALUE_OPEN, VALUE_CLOSE = "<longcat_arg_value>", "</longcat_arg_value>"
-RESPONSE_OPEN, RESPONSE_CLOSE = "<longcat_tool_response>", "</longcat_tool_response>"
+
+class Tag(str):
+    """A special token as the template writes it. `render_parts` keeps these apart from all other text,
+    so an encoder can emit control tokens for them and encode everything else (request text) as text."""
+
+
+SYSTEM, USER, ASSISTANT, END = (
+    Tag("<longcat_system>"),
+    Tag("<longcat_user>"),
+    Tag("<longcat_assistant>"),
+    Tag("</longcat_s>"),
+)
+THINK_OPEN, THINK_CLOSE = Tag("<longcat_think>"), Tag("</longcat_think>")
+CALL_OPEN, CALL_CLOSE = Tag("<longcat_tool_call>"), Tag("</longcat_tool_call>")
+KEY_OPEN, KEY_CLOSE = Tag("<longcat_arg_key>"), Tag("</longcat_arg_key>")
+VALUE_OPEN, VALUE_CLOSE = Tag("<longcat_arg_value>"), Tag("</longcat_arg_value>")
+RESPONSE_OPEN, RESPONSE_CLOSE = Tag("<longcat_tool_response>"), Tag("</longcat_tool_response>")
 THINK_ON = " /think_on"
 TOOL_FORMATS = ("xml", "json")
 Message = dict[str, Any]
@@ -53,7 +69,9 @@ class ChatFormatError(ValueError):
 
 
 class _Encoder(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    special_ids: dict[str, int]
+
+    def encode_plain_batch(self, texts: list[str]) -> list[list[int]]: ...
 
 
 # -------------------------------------------------------------------------------------------- render
@@ -95,23 +113,27 @@ def _tool_function(tool: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def format_tools(tools: Sequence[dict[str, Any]], tool_format: str = "xml") -> str:
-    """The `# Tools` block appended to the system turn."""
+def _tools_parts(tools: Sequence[dict[str, Any]], tool_format: str) -> list[str]:
     lines = ["# Tools", "You may call one or more of these functions (JSON schemas, one per line):"]
     lines += [json.dumps(_tool_function(t, f"tools[{i}]"), ensure_ascii=False) for i, t in enumerate(tools)]
     if tool_format == "json":
-        lines += [
-            "To call a function, write one block per call:",
-            f'{CALL_OPEN}{{"name": FUNCTION_NAME, "arguments": {{ARGUMENTS}}}}{CALL_CLOSE}',
-        ]
-    else:
-        lines += [
-            "To call a function, write one block per call, with one key/value pair per argument:",
-            f"{CALL_OPEN}FUNCTION_NAME\n{KEY_OPEN}ARGUMENT_NAME{KEY_CLOSE}\n{VALUE_OPEN}VALUE{VALUE_CLOSE}\n"
-            f"{CALL_CLOSE}",
-            "Write string values as they are and all other values as JSON.",
-        ]
-    return "\n".join(lines)
+        lines.append("To call a function, write one block per call:\n")
+        syntax = [CALL_OPEN, '{"name": FUNCTION_NAME, "arguments": {ARGUMENTS}}', CALL_CLOSE]
+        return ["\n".join(lines), *syntax]
+    lines.append("To call a function, write one block per call, with one key/value pair per argument:\n")
+    syntax = [CALL_OPEN, "FUNCTION_NAME\n", KEY_OPEN, "ARGUMENT_NAME", KEY_CLOSE, "\n", VALUE_OPEN, "VALUE"]
+    syntax += [
+        VALUE_CLOSE,
+        "\n",
+        CALL_CLOSE,
+        "\nWrite string values as they are and all other values as JSON.",
+    ]
+    return ["\n".join(lines), *syntax]
+
+
+def format_tools(tools: Sequence[dict[str, Any]], tool_format: str = "xml") -> str:
+    """The `# Tools` block appended to the system turn."""
+    return "".join(_tools_parts(tools, tool_format))
 
 
 def _is_json(s: str) -> bool:
@@ -150,16 +172,20 @@ def _call_parts(call: Any, where: str) -> tuple[str, dict[str, Any]]:
     return name, args
 
 
-def format_tool_call(name: str, arguments: dict[str, Any], tool_format: str = "xml") -> str:
-    """One `<longcat_tool_call>...</longcat_tool_call>` block."""
+def _tool_call_parts(name: str, arguments: dict[str, Any], tool_format: str) -> list[str]:
     if tool_format == "json":
-        return CALL_OPEN + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + CALL_CLOSE
+        return [CALL_OPEN, json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False), CALL_CLOSE]
     if tool_format != "xml":
         raise ChatFormatError(f"tool_format must be one of {TOOL_FORMATS}, got {tool_format!r}")
-    body = "".join(
-        f"{KEY_OPEN}{k}{KEY_CLOSE}\n{VALUE_OPEN}{_value_text(v)}{VALUE_CLOSE}\n" for k, v in arguments.items()
-    )
-    return f"{CALL_OPEN}{name}\n{body}{CALL_CLOSE}"
+    parts = [CALL_OPEN, name + "\n"]
+    for k, v in arguments.items():
+        parts += [KEY_OPEN, k, KEY_CLOSE, "\n", VALUE_OPEN, _value_text(v), VALUE_CLOSE, "\n"]
+    return [*parts, CALL_CLOSE]
+
+
+def format_tool_call(name: str, arguments: dict[str, Any], tool_format: str = "xml") -> str:
+    """One `<longcat_tool_call>...</longcat_tool_call>` block."""
+    return "".join(_tool_call_parts(name, arguments, tool_format))
 
 
 def _reasoning_of(m: Message) -> str:
@@ -196,54 +222,52 @@ def _segments(
             r == "assistant" and _reasoning_of(messages[i]) for i, r in enumerate(roles) if i > last_user
         )
 
-    segs: list[tuple[str, bool]] = []
+    segs: list[tuple[list[str], bool]] = []
     start = 0
-    system = ""
+    system: list[str] = []
     if roles and roles[0] == "system":
-        system, start = _text_of(messages[0].get("content"), "messages[0]"), 1
+        system, start = [_text_of(messages[0].get("content"), "messages[0]")], 1
     if tools:
-        block = format_tools(tools, tool_format)
-        system = f"{system}\n\n{block}" if system else block
+        block = _tools_parts(tools, tool_format)
+        system = [system[0], "\n\n", *block] if system and system[0] else block
     if start or tools:
-        segs.append((SYSTEM + system, False))
+        segs.append(([SYSTEM, *system], False))
     i = start
     while i < len(messages):
         m, role, where = messages[i], roles[i], f"messages[{i}]"
         if role == "system":
-            segs.append((SYSTEM + _text_of(m.get("content"), where), False))
+            segs.append(([SYSTEM, _text_of(m.get("content"), where)], False))
         elif role == "user":
             text = _text_of(m.get("content"), where)
-            segs.append((USER + text + (THINK_ON if thinking and i == last_user else ""), False))
+            segs.append(([USER, text + (THINK_ON if thinking and i == last_user else "")], False))
         elif role == "tool":
-            results = []
+            results: list[str] = []
             while i < len(messages) and roles[i] == "tool":
-                results.append(
-                    RESPONSE_OPEN + _text_of(messages[i].get("content"), f"messages[{i}]") + RESPONSE_CLOSE
-                )
+                text = _text_of(messages[i].get("content"), f"messages[{i}]")
+                results += [*(["\n"] if results else []), RESPONSE_OPEN, text, RESPONSE_CLOSE]
                 i += 1
-            segs.append((USER + "\n".join(results), False))
+            segs.append(([USER, *results], False))
             continue
         else:  # assistant
-            body = ""
+            body: list[str] = []
             reasoning = _reasoning_of(m)
             if reasoning and (i > last_user or keep_history_reasoning):
-                body += f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n"
+                body += [THINK_OPEN, f"\n{reasoning}\n", THINK_CLOSE, "\n"]
             content = _text_of(m.get("content"), where)
-            body += content
+            body.append(content)
             calls = m.get("tool_calls") or []
             if not isinstance(calls, list):
                 raise ChatFormatError(f"{where}.tool_calls must be a list, got {type(calls).__name__}")
-            blocks = []
             for j, c in enumerate(calls):
                 name, args = _call_parts(c, f"{where}.tool_calls[{j}]")
-                blocks.append(format_tool_call(name, args, tool_format))
-            if blocks:
-                body += ("\n" if content else "") + "\n".join(blocks)
-            segs.append((ASSISTANT, False))
-            segs.append((body + END, bool(m.get("train", True))))
+                if j or content:
+                    body.append("\n")
+                body += _tool_call_parts(name, args, tool_format)
+            segs.append(([ASSISTANT], False))
+            segs.append(([*body, END], bool(m.get("train", True))))
         i += 1
     if add_generation_prompt:
-        segs.append((ASSISTANT, False))
+        segs.append(([ASSISTANT], False))
     return segs
 
 
@@ -259,7 +283,42 @@ def render(
     """Render OpenAI-style messages as LongCat text. `thinking=None` turns thinking on when an assistant
     reply after the last user message has `reasoning_content`."""
     segs = _segments(messages, tools, add_generation_prompt, thinking, tool_format, keep_history_reasoning)
-    return "".join(text for text, _ in segs)
+    return "".join(p for parts, _ in segs for p in parts)
+
+
+def render_parts(
+    messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None, thinking: bool | None
+) -> list[str]:
+    """`render(messages, tools, True, thinking)` (a generation prompt) as a list whose items are either a
+    `Tag` the template wrote or text (which may spell a tag when a request's text does: it must be encoded
+    as text). Adjacent texts are merged."""
+    segs = _segments(messages, tools, True, thinking, "xml", False)
+    return merge_parts(p for parts, _ in segs for p in parts)
+
+
+def merge_parts(parts: Iterable[str]) -> list[str]:
+    """Merge adjacent non-`Tag` items and drop empty ones."""
+    out: list[str] = []
+    for p in parts:
+        if not p:
+            continue
+        if isinstance(p, Tag) or not out or isinstance(out[-1], Tag):
+            out.append(p)
+        else:
+            out[-1] = out[-1] + p
+    return out
+
+
+def encode_parts(
+    parts: Sequence[str], encode_texts: Callable[[list[str]], list[list[int]]], tag_ids: dict[str, int]
+) -> list[int]:
+    """Token ids of `render_parts` output: a control token per `Tag`, and `encode_texts` (a batch encoder
+    that must encode special-token spellings as plain text) for everything else."""
+    encoded = iter(encode_texts([p for p in parts if not isinstance(p, Tag)]))
+    ids: list[int] = []
+    for p in parts:
+        ids += [tag_ids[p]] if isinstance(p, Tag) else next(encoded)
+    return ids
 
 
 def render_with_mask(
@@ -273,19 +332,21 @@ def render_with_mask(
 ) -> tuple[list[int], list[int]]:
     """Token ids of the full transcript (no generation prompt) and a loss mask that is 1 exactly on what the
     assistant produces: reasoning block, content, tool calls and the closing `</longcat_s>` of each reply
-    (a reply with `"train": False` stays 0). Pieces are cut at special tokens, so the ids equal
-    `tokenizer.encode(render(messages, tools, add_generation_prompt=False, thinking=...))`."""
+    (a reply with `"train": False` stays 0). Only the template's tags become special ids: message text is
+    encoded with `tokenizer.encode_plain_batch` (special-token spellings stay text), so the ids equal
+    `tokenizer.encode(render(messages, tools, add_generation_prompt=False, thinking=...))` whenever no
+    message spells a tag. Pieces are cut at tags, so the masking changes no token boundary."""
     segs = _segments(messages, tools, False, thinking, tool_format, keep_history_reasoning)
-    merged: list[tuple[str, bool]] = []
-    for text, train in segs:
+    merged: list[tuple[list[str], bool]] = []
+    for parts, train in segs:
         if merged and merged[-1][1] == train:
-            merged[-1] = (merged[-1][0] + text, train)
+            merged[-1][0].extend(parts)
         else:
-            merged.append((text, train))
+            merged.append((list(parts), train))
     ids: list[int] = []
     mask: list[int] = []
-    for text, train in merged:
-        piece = list(tokenizer.encode(text))
+    for parts, train in merged:
+        piece = encode_parts(merge_parts(parts), tokenizer.encode_plain_batch, tokenizer.special_ids)
         ids += piece
         mask += [int(train)] * len(piece)
     return ids, mask
@@ -355,7 +416,9 @@ def _string_params(tools: Iterable[dict[str, Any]] | None) -> dict[str, set[str]
         fn = t.get("function", t) if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             continue
-        props = (fn.get("parameters") or {}).get("properties") or {}
+        params = fn.get("parameters")
+        props = params.get("properties") if isinstance(params, dict) else None
+        props = props if isinstance(props, dict) else {}
         out[fn["name"]] = {k for k, s in props.items() if isinstance(s, dict) and s.get("type") == "string"}
     return out
 

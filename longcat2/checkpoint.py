@@ -24,9 +24,14 @@ Design choices:
   the key (and both shapes). `strict=False` tolerates missing/unexpected keys: missing parameters are freshly
   initialised (with the model's `init_weights` rule), unexpected ones are skipped; shape mismatches remain
   errors. Every load leaves a `LoadReport` on `model.load_report` and logs it when something was skipped.
+- Integer tensors where the model holds floating-point values (an int8-quantized file) are an error naming
+  the key: they cannot be read as numbers without a quantization scheme, and the only one supported is
+  float8 block-wise (above). A tensor the index places in a file that does not hold it is an error naming
+  the key and the file.
 - Tolerated by design, even with `strict=True` (all listed in the report):
-  * absent `model.mtp.*` (transformers drops the MTP head when it saves a Flash model): our MTP head keeps a
-    fresh initialisation;
+  * a wholly absent MTP head, no `model.mtp.*` tensor at all (transformers drops the MTP head when it saves
+    a Flash model): our MTP head keeps a fresh initialisation. A partly present MTP head is incomplete:
+    with `strict=True` its missing tensors are errors like any other;
   * `model.mtp.*` in the file when the model has no MTP head, and `model.mtp.oe_*` when
     `mtp_disable_over_tokenizer` (our MTP has no N-gram input): skipped;
   * zero-expert tensors `...experts.{e}.*` with n_routed_experts <= e < n_routed_experts + zero_expert_num
@@ -302,6 +307,15 @@ class _ShardReader:
     def handle(self, key: str) -> Any:
         return self.handle_for(self.where[key])
 
+    def tensor(self, key: str, get: Callable[[Any], Any]) -> Any:
+        """get(handle of key's file), with a failure (e.g. an index entry naming the wrong shard) reported
+        as a CheckpointError that names the key and the file."""
+        handle = self.handle(key)
+        try:
+            return get(handle)
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{key}: cannot be read from {self.folder / self.where[key]} ({e})") from e
+
     def close(self) -> None:
         if self._handle is not None:
             self._handle.__exit__(None, None, None)
@@ -345,15 +359,24 @@ def load_pretrained(
 
     shards = _ShardReader(files, weight_map)
 
-    def read(key: str, expected: tuple[int, ...]) -> torch.Tensor:
+    def fetch(key: str) -> torch.Tensor:
+        return shards.tensor(key, lambda h: h.get_tensor(key))
+
+    def read(key: str, expected: tuple[int, ...], floating: bool) -> torch.Tensor:
         """One checkpoint tensor, shape-checked, FP8-dequantised to fp32 if it has a scale."""
-        shape = tuple(shards.handle(key).get_slice(key).get_shape())
+        shape = tuple(shards.tensor(key, lambda h: h.get_slice(key).get_shape()))
         if shape != expected:
             raise CheckpointError(f"{key}: shape mismatch, checkpoint has {shape}, model expects {expected}")
-        t = shards.handle(key).get_tensor(key)
+        t = fetch(key)
         scale_key = key + _SCALE_SUFFIX
+        if floating and not t.dtype.is_floating_point and scale_key not in shards.where:
+            raise CheckpointError(
+                f"{key}: stored as {t.dtype} in {shards.where[key]}, but the model expects floating-point "
+                "values; integer (quantized) weights cannot be read as numbers without a quantization scheme "
+                "(only float8 block-wise weights with *.weight_scale_inv tensors are supported)"
+            )
         if scale_key in shards.where:
-            scale = shards.handle(scale_key).get_tensor(scale_key)
+            scale = fetch(scale_key)
             try:
                 t = dequantize_fp8_blockwise(t.to(dev), scale.to(dev), block)
             except ValueError as e:
@@ -383,8 +406,9 @@ def load_pretrained(
                 continue
             current = slots.current(ours)
             dt = target_dtype(ours, current)
+            floating = current.dtype.is_floating_point
             if expert is None:
-                t = read(key, tuple(current.shape))
+                t = read(key, tuple(current.shape), floating)
                 slots.assign(ours, t.to(device=dev, dtype=dt))
                 loaded.add(ours)
                 continue
@@ -397,7 +421,7 @@ def load_pretrained(
             if ours not in stacked:  # allocate the stacked destination once
                 stacked[ours] = (torch.empty(current.shape, dtype=dt, device=dev), set())
             dest, filled = stacked[ours]
-            dest[expert].copy_(read(key, tuple(current.shape[1:])))
+            dest[expert].copy_(read(key, tuple(current.shape[1:]), floating))
             filled.add(expert)
             if len(filled) == num_experts:
                 slots.assign(ours, dest)
@@ -418,6 +442,10 @@ def load_pretrained(
         fresh.append(name)
         slots.assign(name, torch.empty(current.shape, dtype=target_dtype(name, current), device=dev))
 
+    mtp_partial = report.mtp_initialised and any(n.startswith("model.mtp.") for n in loaded)
+    if mtp_partial:  # only a wholly absent MTP head (transformers drops it) is tolerated
+        report.missing.extend(report.mtp_initialised)
+        report.mtp_initialised.clear()
     if strict and (report.missing or report.unexpected):
         problems = [f"missing {k}" for k in report.missing] + [f"unexpected {k}" for k in report.unexpected]
         shown = "; ".join(problems[:10]) + (f"; ... ({len(problems)} total)" if len(problems) > 10 else "")

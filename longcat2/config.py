@@ -301,8 +301,10 @@ class ModelConfig:
                 raise ConfigError(f"config.json: no such file {p}")
             try:
                 raw = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"config.json: not valid JSON ({p}: {e})") from e
+            if not isinstance(raw, dict):
+                raise ConfigError(f"config.json: expected a JSON object, got a JSON {_json_kind(raw)} ({p})")
         return cls(**_hf_to_fields(raw))
 
     def to_hf(self) -> dict[str, Any]:
@@ -410,6 +412,14 @@ _VERBATIM = [
 ]  # fmt: skip
 _INT_KEYS = {f.name for f in dataclasses.fields(ModelConfig) if f.type in ("int", "int | None")}
 _FLOAT_KEYS = {f.name for f in dataclasses.fields(ModelConfig) if f.type in ("float", "float | None")}
+_NOT_NULL = {
+    **{f.name: "an integer" for f in dataclasses.fields(ModelConfig) if f.type == "int"},
+    **{f.name: "a number" for f in dataclasses.fields(ModelConfig) if f.type == "float"},
+}
+
+
+def _json_kind(v: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(v), "number")
 
 
 def _detect_format(raw: dict[str, Any]) -> str:
@@ -446,6 +456,9 @@ def _hf_to_fields(raw: dict[str, Any]) -> dict[str, Any]:
         if key not in raw:
             raise ConfigError(f"{key}: required key missing from config.json")
     nullable = ("bos_token_id", "eos_token_id", "pad_token_id")
+    for key in _VERBATIM:  # null where a number is needed is an error, not "use the default"
+        if raw.get(key, 0) is None and key in _NOT_NULL:
+            raise ConfigError(f"{key}: null in config.json; expected {_NOT_NULL[key]}")
     for key in _VERBATIM:
         if key in raw and (raw[key] is not None or key in nullable):
             out[key] = raw[key]

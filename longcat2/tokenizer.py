@@ -10,8 +10,11 @@ Design choices:
   `</longcat_s>` (EOS), 3 `<pad>`, then the chat/tool tags. That matches the model config defaults
   (bos/eos/pad = 1/2/3). EOS is `</longcat_s>`, the chat turn terminator, so one id ends both a
   pre-training document and an assistant turn and generation stops on it either way.
-- Every special token is a single id in both directions and is matched anywhere in input text (so a
-  rendered chat transcript tokenizes with its tags as single ids). Nothing is added implicitly:
+- Every special token is a single id in both directions and is matched anywhere in input text by `encode`
+  (so a rendered chat transcript tokenizes with its tags as single ids). `encode_plain_batch` is for text
+  from a request: it never matches special tokens (a second backend with `encode_special_tokens` on), and
+  it releases the GIL while it works, so a huge prompt tokenised in a worker thread does not stall the
+  server's event loop or engine thread. Nothing is added implicitly:
   `encode` adds BOS/EOS only when asked, and the saved `tokenizer.json` has no post-processor, so
   `transformers` encodes the same ids as `Tokenizer.encode`.
 - A directory holds `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`, which
@@ -223,6 +226,16 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer{where} lacks special token(s) {missing}")
         self.special_ids: dict[str, int] = ids  # type: ignore[assignment]
         self.unk_id, self.bos_id, self.eos_id, self.pad_id = (ids[t] for t in (UNK, BOS, EOS, PAD))
+        self._plain: tokenizers.Tokenizer | None = None
+        self._max_token_chars: int | None = None
+
+    @property
+    def max_token_chars(self) -> int:
+        """The longest token in characters: a text of n characters has at least n / this many tokens
+        (every character is at least one byte, every byte-level token at most this many bytes)."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(len(t) for t in self.backend.get_vocab(with_added_tokens=True))
+        return self._max_token_chars
 
     @property
     def vocab_size(self) -> int:
@@ -234,6 +247,14 @@ class Tokenizer:
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def encode_plain_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of each text, special-token spellings encoded as ordinary text (releases the GIL)."""
+        if self._plain is None:
+            plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
 
     def encode_batch(self, texts: Sequence[str], *, add_eos: bool = False) -> list[list[int]]:
         out = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -489,3 +490,59 @@ def test_saved_files_follow_the_umask(tmp_path, umask_027):
     m.save_pretrained(tmp_path / "one")  # a re-save keeps the files it carries over as they were
     for folder in ("one", "sharded"):
         umask_027(tmp_path / folder)
+
+
+# ---------------------------------------------------------------------- hardening (issue 20)
+
+
+def test_integer_weights_are_an_error_not_silently_cast(flash_ck):
+    """An all-int8 model.safetensors used to load "with every tensor matched" (values cast to float)."""
+    _, path = flash_ck
+    _rewrite(path, lambda t: t.update({k: v.to(torch.int8) for k, v in t.items()}))
+    with pytest.raises(CheckpointError, match=r"stored as torch\.int8 in model\.safetensors.*floating-point"):
+        LongCatForCausalLM.from_pretrained(path)
+    with pytest.raises(CheckpointError, match="int8"):
+        LongCatForCausalLM.from_pretrained(path, strict=False)
+
+
+def test_strict_load_refuses_a_partly_missing_mtp_head(flash_ck):
+    m, path = flash_ck
+    key = "model.mtp.embed_tokens.weight"
+    assert key in _keys(path)
+    _rewrite(path, lambda t: t.pop(key))
+    with pytest.raises(CheckpointError, match=rf"missing {re.escape(key)}"):
+        LongCatForCausalLM.from_pretrained(path)
+    back = LongCatForCausalLM.from_pretrained(path, strict=False)  # non-strict: reported, initialised
+    assert key in back.load_report.missing
+    # a wholly absent MTP head (transformers drops it) stays tolerated, and reported
+    _rewrite(path, lambda t: [t.pop(k) for k in list(t) if k.startswith("model.mtp.")])
+    back = LongCatForCausalLM.from_pretrained(path)
+    assert key in back.load_report.mtp_initialised and not back.load_report.missing
+
+
+def test_config_json_of_the_wrong_shape_names_the_file_and_key(flash_ck):
+    m, path = flash_ck
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"config\.json: expected a JSON object, got a JSON list") as err:
+        LongCatForCausalLM.from_pretrained(path)
+    assert str(path / "config.json") in str(err.value)
+    (path / "config.json").write_text(json.dumps(m.config.to_hf() | {"hidden_size": None}))
+    with pytest.raises(ConfigError, match="hidden_size: null in config.json; expected an integer"):
+        LongCatForCausalLM.from_pretrained(path)
+    (path / "config.json").write_text(json.dumps(m.config.to_hf() | {"rms_norm_eps": None}))
+    with pytest.raises(ConfigError, match="rms_norm_eps: null"):
+        LongCatForCausalLM.from_pretrained(path)
+
+
+def test_index_entry_pointing_at_the_wrong_shard_names_key_and_file(flash_ck):
+    m, path = flash_ck
+    (path / "model.safetensors").unlink()
+    m.save_pretrained(path, max_shard_size="40KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    key = next(k for k, f in index["weight_map"].items() if f == shards[0])
+    index["weight_map"][key] = shards[1]
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as err:
+        LongCatForCausalLM.from_pretrained(path)
+    assert key in str(err.value) and shards[1] in str(err.value)

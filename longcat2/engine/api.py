@@ -7,6 +7,10 @@ Design choices:
   same events. A server calls `step()` from its own loop/thread and routes events by `request_id`.
 - `abort(request_id)` takes effect immediately: blocks are freed and a final event with finish_reason
   "abort" is emitted by the next `step()`.
+- One request's failure is its own: if the batched forward, a speculative round or the MTP prefill raises,
+  the engine retries it one request at a time and only a request that still fails is dropped; a request
+  whose sampling or stop handling raises is dropped alone. A dropped request ends with finish_reason
+  "error" and the exception's message in `RequestOutput.error`, and its cache blocks are freed.
 - Stop strings need text: pass `detokenize(ids) -> str` (e.g. `tokenizer.decode`).
 - Speculative decoding is an engine mode (all decode rows go through MTP draft + verify rounds); prefill is
   shared with plain decoding and additionally fills the MTP cache.
@@ -135,52 +139,137 @@ class Engine:
         prefill, decode = self.scheduler.schedule()
         new: dict[str, list[int]] = {}
         segs: list[Segment] = []
+        owners: list[Request] = []
         for req, n in prefill:
             if req.seq is None:
                 req.seq = self.runner.new_sequence(req.prompt)
             s = req.num_prefilled
             done = s + n == len(req.prompt)
             segs.append(Segment(req.seq, torch.tensor(req.prompt[s : s + n]), s, "last" if done else "none"))
+            owners.append(req)
         plain = decode if self.spec is None else []
         for req in plain:
             seq = req.seq
             segs.append(Segment(seq, torch.tensor(seq.tokens[-1:]), len(seq.tokens) - 1, "last"))
-        if segs:
-            out = self.runner.forward(segs)
-            chunks = []
-            for i, (req, n) in enumerate(prefill):
-                start = req.num_prefilled
-                req.num_prefilled += n
-                self.stats["prompt_tokens"] += n
-                if self.spec is not None:
-                    chunks.append((req, start, n, out.hidden[out.offsets[i] : out.offsets[i] + n]))
-                if req.num_prefilled == len(req.prompt):
-                    new[req.request_id] = [req.sampler.sample(out.logits[i][0])]
-                    req.status = Status.DECODE
-            if chunks:
-                self.spec.after_prefill(chunks)  # type: ignore[union-attr]
-            for j, req in enumerate(plain):
-                new[req.request_id] = [req.sampler.sample(out.logits[len(prefill) + j][0])]
+            owners.append(req)
+        results = self._forward(segs, owners, events) if segs else []
+        chunks = []
+        for i, (req, n) in enumerate(prefill):
+            if results[i] is None:
+                continue
+            logits, hidden = results[i]
+            start = req.num_prefilled
+            req.num_prefilled += n
+            self.stats["prompt_tokens"] += n
+            if self.spec is not None:
+                chunks.append((req, start, n, hidden))
+            if req.num_prefilled == len(req.prompt):
+                req.status = Status.DECODE
+                self._sample(req, logits, new, events)
+        if chunks:
+            self._isolated_batch(chunks, [c[0] for c in chunks], events, self.spec.after_prefill)  # type: ignore[union-attr]
+        for j, req in enumerate(plain):
+            res = results[len(prefill) + j]
+            if res is not None:
+                self._sample(req, res[0], new, events)
         if self.spec is not None and decode:
-            for req, toks in zip(decode, self.spec.round(decode)):
-                new[req.request_id] = toks
+            live = [r for r in decode if not r.finished]
+
+            def spec_round(reqs: list[Request]) -> None:
+                for req, toks in zip(reqs, self.spec.round(reqs)):  # type: ignore[union-attr]
+                    new[req.request_id] = toks
+
+            self._isolated_batch(live, live, events, spec_round)
         for rid, toks in new.items():
-            req = self.requests[rid]
-            kept = req.append(toks, self.eos_token_id, self.detokenize)
-            for t in kept:
-                req.sampler.observe(t)
-            req.seq.tokens.extend(kept)  # type: ignore[union-attr]
-            self.stats["output_tokens"] += len(kept)
-            events.append(self._event(req, kept))
-            if req.finished:
-                self._release(req)
+            req = self.requests.get(rid)
+            if req is None or req.finished:
+                continue
+            self._isolated(req, events, lambda r=req, t=toks: self._append(r, t, events))
         self.stats["steps"] += 1
         self.stats["time_s"] += time.perf_counter() - t0
         return events
 
+    def _sample(
+        self, req: Request, logits: torch.Tensor, new: dict[str, list[int]], events: list[RequestOutput]
+    ) -> None:
+        """logits [1, V] → the request's next token in `new` (or the request fails alone)."""
+        try:
+            new[req.request_id] = [req.sampler.sample(logits[0])]
+        except Exception as e:
+            self._fail(req, e, events)
+
+    def _append(self, req: Request, toks: list[int], events: list[RequestOutput]) -> None:
+        kept = req.append(toks, self.eos_token_id, self.detokenize)
+        for t in kept:
+            req.sampler.observe(t)
+        req.seq.tokens.extend(kept)  # type: ignore[union-attr]
+        self.stats["output_tokens"] += len(kept)
+        events.append(self._event(req, kept))
+        if req.finished:
+            self._release(req)
+
+    # ------------------------------------------------------------------ failure isolation
+    # A failure while running or sampling one request fails that request alone ("error" event with the
+    # message) and the rest of the step goes on: batched work that raises is retried one request at a time,
+    # so only the request that fails on its own is dropped (its cache blocks are freed).
+    def _fail(self, req: Request, exc: Exception, events: list[RequestOutput]) -> None:
+        if req.finished:
+            return
+        req.error = f"{type(exc).__name__}: {exc}"
+        req._finish("error")
+        self._release(req)
+        events.append(self._event(req, []))
+
+    def _isolated(self, req: Request, events: list[RequestOutput], fn: Callable[[], Any]) -> None:
+        if req.finished:
+            return
+        try:
+            fn()
+        except Exception as e:
+            self._fail(req, e, events)
+
+    def _isolated_batch(
+        self, items: list[Any], reqs: list[Request], events: list[RequestOutput], fn: Callable[[list], Any]
+    ) -> None:
+        """fn(items) for the whole batch; if it raises, fn([item]) per request, failing those that raise."""
+        items = [x for x, r in zip(items, reqs) if not r.finished]
+        reqs = [r for r in reqs if not r.finished]
+        if not items:
+            return
+        try:
+            fn(items)
+            return
+        except Exception as e:
+            if len(items) == 1:
+                self._fail(reqs[0], e, events)
+                return
+        for item, req in zip(items, reqs):
+            self._isolated(req, events, lambda x=item: fn([x]))
+
+    def _forward(
+        self, segs: list[Segment], owners: list[Request], events: list[RequestOutput]
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor] | None]:
+        """Per segment: (logits, hidden rows [T, H]), or None when its request failed."""
+        results: list[tuple[torch.Tensor | None, torch.Tensor] | None] = [None] * len(segs)
+
+        def run(idx: list[int]) -> None:
+            out = self.runner.forward([segs[i] for i in idx])
+            for k, i in enumerate(idx):
+                t = int(segs[i].tokens.shape[0])
+                results[i] = (out.logits[k], out.hidden[out.offsets[k] : out.offsets[k] + t])
+
+        self._isolated_batch(list(range(len(segs))), owners, events, run)
+        return results
+
     def _event(self, req: Request, kept: list[int]) -> RequestOutput:
         ev = RequestOutput(
-            req.request_id, kept, req.finished, req.finish_reason, req.stop_reason, list(req.output)
+            req.request_id,
+            kept,
+            req.finished,
+            req.finish_reason,
+            req.stop_reason,
+            list(req.output),
+            req.error,
         )
         if req.on_output is not None:
             req.on_output(ev)

@@ -3,8 +3,16 @@
 Design choices:
 - `SamplingParams` follows the OpenAI/vLLM vocabulary (temperature, top_k, top_p, min_p, repetition /
   presence / frequency penalties, seed, stop token ids, stop strings, max_new_tokens) so the API server can
-  pass requests through unchanged. temperature == 0 (or top_k == 1) means greedy.
-- Order of logit processing: penalties (repetition on prompt + output tokens, HF/vLLM rule: positive logits
+  pass requests through unchanged. temperature below `GREEDY_TEMPERATURE` (1e-5, vLLM's threshold; 0
+  included) or top_k == 1 means greedy: that is the limit of sampling as the temperature goes to 0, and
+  dividing logits by a temperature such as 1e-45 would overflow them to inf and the probabilities to NaN.
+- No validated parameter may produce NaN probabilities: processed logits are clamped to the finite fp32
+  range (an extreme repetition penalty such as 1e-300 overflows them to ±inf), and top-p always keeps the
+  most likely token (top_p: 1e-300 then means greedy). NaN logits from the model itself still raise in
+  `torch.multinomial`; the engine fails that request alone.
+- `logit_bias` ({token id: bias}, OpenAI semantics) is added to the logits before everything else, so it
+  also steers greedy decoding (-100 effectively bans a token, +100 forces it).
+- Order of logit processing: logit bias → penalties (repetition on prompt + output tokens, HF/vLLM rule: positive logits
   divided, negative multiplied; presence and frequency on output tokens only) → temperature → top-k →
   top-p (smallest set whose mass reaches p, the top token always kept) → min-p (drop tokens below min_p ×
   the top probability). Greedy takes the argmax after penalties.
@@ -18,10 +26,14 @@ Design choices:
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
 import torch
+
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -39,6 +51,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings; need the engine's detokenize callback
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,10 +72,11 @@ class SamplingParams:
         need(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
         need(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
+        need(all(math.isfinite(b) for b in self.logit_bias.values()), "logit_bias", "biases must be finite")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def uses_penalties(self) -> bool:
@@ -79,6 +93,10 @@ class RequestSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.counts: torch.Tensor | None = None  # output token counts [V] (penalties only)
         self.seen: torch.Tensor | None = None  # prompt or output token present [V] (repetition penalty)
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids [B], biases [B])
+        if params.logit_bias:
+            ids, vals = zip(*sorted(params.logit_bias.items()))
+            self.bias = (torch.tensor(ids, dtype=torch.long), torch.tensor(vals, dtype=torch.float32))
         if params.uses_penalties:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32)
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
@@ -103,6 +121,8 @@ class RequestSampler:
         """logits [V] → penalised fp32 logits [V]."""
         x = logits.float()
         p = self.params
+        if self.bias is not None:
+            x = x.index_add(0, self.bias[0].to(x.device), self.bias[1].to(x.device))
         if self.counts is not None:
             if p.repetition_penalty != 1.0:
                 pen = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
@@ -111,6 +131,7 @@ class RequestSampler:
                 x = x - p.frequency_penalty * self.counts
             if p.presence_penalty:
                 x = x - p.presence_penalty * (self.counts > 0).float()
+            x = x.clamp(-_FP32_MAX, _FP32_MAX)
         return x
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -119,7 +140,7 @@ class RequestSampler:
         p = self.params
         if p.greedy:
             return torch.nn.functional.one_hot(x.argmax(), x.shape[-1]).float()
-        x = x / p.temperature
+        x = (x / p.temperature).clamp(-_FP32_MAX, _FP32_MAX)
         if p.top_k and p.top_k < x.shape[-1]:
             kth = x.topk(p.top_k).values[-1]
             x = x.masked_fill(x < kth, float("-inf"))
@@ -128,6 +149,7 @@ class RequestSampler:
             sp, si = probs.sort(descending=True)
             cum = sp.cumsum(-1)
             drop = (cum - sp) >= p.top_p  # mass before this token already reaches top_p
+            drop[0] = False  # the most likely token always stays (top_p below fp32's resolution)
             probs = probs.scatter(0, si, sp.masked_fill(drop, 0.0))
         if p.min_p > 0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)

@@ -40,9 +40,10 @@ class RequestOutput:
     request_id: str
     new_token_ids: list[int]
     finished: bool
-    finish_reason: str | None = None  # "stop" (stop id/string/EOS), "length", "abort"
+    finish_reason: str | None = None  # "stop" (stop id/string/EOS), "length", "abort", "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended the request
     token_ids: list[int] = field(default_factory=list)  # all output tokens so far
+    error: str | None = None  # finish_reason "error": what failed
 
 
 def text_token_ids(out: RequestOutput) -> list[int]:
@@ -69,6 +70,7 @@ class Request:
     pending_hidden: torch.Tensor | None = None  # speculative: main hidden of positions mtp_len .. N-1
     drafts_proposed: int = 0
     drafts_accepted: int = 0
+    error: str | None = None  # why the request failed (finish_reason "error")
 
     @property
     def finished(self) -> bool:

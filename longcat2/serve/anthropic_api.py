@@ -340,11 +340,11 @@ def router(state: ServerState) -> APIRouter:
     @r.post("/v1/messages")
     async def messages(request: Request) -> Any:
         state.check_auth(request)
-        req = await parse_body(request, MessagesRequest)
+        req = await parse_body(request, MessagesRequest, state.config.max_request_bytes)
         model = state.resolve_model(req.model)
         stops = check_stops(req.stop_sequences, "stop_sequences")
         prompt = chat_prompt(req)
-        ids = await state.encode(prompt.text)
+        ids = await state.encode_chat(prompt)
         budget = state.output_budget(len(ids), req.max_tokens, "max_tokens")
         params = state.sampling_params(
             max_new_tokens=budget,
@@ -369,10 +369,10 @@ def router(state: ServerState) -> APIRouter:
     @r.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> JSONResponse:
         state.check_auth(request)
-        req = await parse_body(request, CountTokensRequest)
+        req = await parse_body(request, CountTokensRequest, state.config.max_request_bytes)
         state.resolve_model(req.model)
         prompt = chat_prompt(req)
-        ids = await state.encode(prompt.text)
+        ids = await state.encode_chat(prompt)
         return JSONResponse({"input_tokens": len(ids)})
 
     return r

@@ -11,6 +11,8 @@ Design choices:
   re-raise them, so the connection stays usable and the server keeps serving.
 - The routes are mounted at `/v1/...` and again under LongCat's own prefixes (`/openai/v1/...`,
   `/anthropic/v1/...`), so clients configured for api.longcat.chat only need a new host.
+- `/health` (GET and HEAD) and `/metrics` stay open for probes, which cannot send keys; with an API key
+  set, `/health` leaves out the served model names, which only `/v1/models` (behind the key) lists.
 - A pure ASGI middleware counts requests by endpoint and status for `/metrics` (Starlette's
   BaseHTTPMiddleware is avoided: it interferes with streaming and disconnect detection); another writes
   the access log (`access_log.py`: one line per request with its status, seconds and tokens in/out).
@@ -155,13 +157,14 @@ def create_app(state: ServerState) -> FastAPI:
         msg = f"Not found: {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
         return error_response(request.url.path, APIError(exc.status_code, msg))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         running, queued = state.worker.load()
         ok = state.worker.alive and not state.worker.draining
         body = {
             "status": "ok" if ok else ("draining" if state.worker.draining else "engine stopped"),
-            "models": state.model_names,
+            # with an API key, what is served is for key holders (GET /v1/models); probes get the status
+            **({} if state.config.api_key else {"models": state.model_names}),
             "context_length": state.context_len,
             "running": running,
             "queued": queued,

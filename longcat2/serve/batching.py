@@ -16,14 +16,21 @@ Design choices:
   matches them: text that could be the start of a stop string is held back until it is resolved, the
   text is cut before the stop string, and the engine request is aborted as soon as a stop string appears.
   The engine is given the stop strings as well so it can stop on its own step.
+- Slow clients: a request whose consumer has not taken `max_backlog` delivered chunks (a streaming client
+  that stopped reading: the SSE writer blocks once the socket buffers fill) is aborted and ends with an
+  "error" chunk, so it does not hold a batch slot while the server generates output nobody reads, and
+  its undelivered output stays bounded.
 - Admission control: at most `max_batch` requests run and at most `max_queue` wait; `submit` raises
   `QueueFull` beyond that (the API layer answers 429) and `ShuttingDown` once draining began (503).
 - Cancellation: `RequestHandle.cancel()` (called when a client disconnects or a handler is cancelled)
   removes a waiting request or aborts a running one at the next step boundary, which frees its cache
   blocks and batch slot. `shutdown(timeout)` stops admitting, lets running requests finish for up to
   `timeout` seconds, then aborts the rest and joins the thread.
-- If `engine.step()` raises, every request in flight fails with an "error" chunk (the API layer reports a
-  500 or an error event) and the engine is asked to abort them so the next requests start clean.
+- A request that fails on its own inside the engine step (its forward or its sampling raised; the engine
+  isolates it) ends with an "error" chunk carrying the engine's message; the others in the batch go on.
+  Only if `engine.step()` itself raises does every request in flight fail with an "error" chunk (the API
+  layer reports a 500 or an error event), and the engine is asked to abort them so the next requests
+  start clean.
 - `Metrics` is a small thread-safe registry rendered in the Prometheus text format (`GET /metrics`).
 """
 
@@ -319,6 +326,8 @@ class _Req:
     admitted: bool = False
     done: bool = False
     first_token: bool = False
+    sent: int = 0  # chunks delivered (engine thread)
+    taken: int = 0  # chunks the consumer took (event loop)
 
 
 class RequestHandle:
@@ -342,6 +351,7 @@ class RequestHandle:
     async def _iter(self) -> AsyncIterator[Chunk]:
         while not self.finished:
             chunk = await self._req.queue.get()
+            self._req.taken += 1
             if chunk.finished:
                 self.finished = True
             yield chunk
@@ -379,6 +389,7 @@ class EngineWorker:
         metrics: Metrics | None = None,
         make_params: Callable[..., Any] | None = None,
         idle_wait_s: float = 0.5,
+        max_backlog: int = 2048,
     ) -> None:
         if max_batch <= 0 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
@@ -388,6 +399,7 @@ class EngineWorker:
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self.idle_wait_s = idle_wait_s
+        self.max_backlog = max_backlog
         self._cond = threading.Condition()
         self._inbox: list[_Req] = []
         self._cancels: list[str] = []
@@ -468,6 +480,7 @@ class EngineWorker:
     # ------------------------------------------------------------------ engine thread
 
     def _deliver(self, req: _Req, chunk: Chunk) -> None:
+        req.sent += 1
         if chunk.finished:
             req.done = True
             self.metrics.record_finish(chunk.finish_reason or "unknown")
@@ -593,6 +606,10 @@ class EngineWorker:
         self.metrics.record_step(batch, produced, dt, running, queued)
 
     def _on_output(self, req: _Req, out: EngineOutput) -> None:
+        if out.finished and out.finish_reason == "error":
+            log.warning("request %s failed in the engine: %s", req.rid, getattr(out, "error", None))
+            self._finish_local(req, "error", f"engine error: {getattr(out, 'error', None) or 'unknown'}")
+            return
         ids = list(out.new_token_ids)
         req.completion_tokens += len(ids)
         if ids and not req.first_token:
@@ -611,6 +628,14 @@ class EngineWorker:
             text += req.matcher.flush()
             stop_reason = out.stop_reason
             self._deliver(req, Chunk(text, ids, req.completion_tokens, reason, stop_reason))
+            return
+        if req.sent - req.taken >= self.max_backlog:
+            log.warning(
+                "request %s aborted: its client has not read %d chunks", req.rid, req.sent - req.taken
+            )
+            self.engine.abort(req.rid)  # its "abort" event will find the request done and be ignored
+            msg = f"the client stopped reading: {req.sent - req.taken} chunks were not read"
+            self._finish_local(req, "error", msg)
             return
         if text or ids:
             self._deliver(req, Chunk(text, ids, req.completion_tokens))

@@ -51,8 +51,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_step_tokens=args.max_step_tokens,
         shutdown_timeout=args.shutdown_timeout,
         access_log=args.access_log,
+        max_request_bytes=args.max_request_bytes,
     )
-    for name, value in (("--max-batch", args.max_batch), ("--max-step-tokens", args.max_step_tokens)):
+    positive = (
+        ("--max-batch", args.max_batch),
+        ("--max-step-tokens", args.max_step_tokens),
+        ("--max-request-bytes", args.max_request_bytes),
+    )
+    for name, value in positive:
         if value < 1:
             print(f"error: {name} must be >= 1, got {value}", file=sys.stderr)
             return 2
@@ -113,6 +119,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown (default 30)")  # fmt: skip
+    p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024,
+                   help="larger request bodies are refused with a 413 (default 32 MiB)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="log one line per request: client, method, path, status, seconds, tokens in/out "

@@ -14,8 +14,18 @@ Design choices:
   leaves no room for output is a 400 that gives both numbers; a `max_tokens` larger than the whole context
   is a 400 (unless `--clamp-max-tokens`); otherwise the output budget is `min(max_tokens, context -
   prompt)` and running out of context ends the reply with finish reason "length".
+- Request hygiene (`parse_body`): a body over `max_request_bytes` is a 413 as soon as that is known
+  (Content-Length, else while it streams in); bodies that are not UTF-8, nest deeper than `MAX_JSON_DEPTH`
+  or carry lone UTF-16 surrogates are 400s before validation, so nothing downstream (pydantic, the
+  tokenizer) meets them.
+- Prompts: chat prompts are encoded from `chat.render_parts`, so only the template's tags become control
+  tokens and all request text is encoded as text. A prompt whose length alone proves it cannot fit the
+  context (characters / the tokenizer's longest token) is refused before tokenising; prompts longer than
+  `INLINE_TOKENIZE_CHARS` are tokenised in a worker thread by a tokenizer call that releases the GIL, so
+  neither the event loop nor the engine thread stalls. `count_tokens` applies the same refusal.
 - Authentication: with an API key set, every `/v1/...` route needs `Authorization: Bearer KEY` or
-  `x-api-key: KEY` (compared in constant time); `/health` and `/metrics` stay open for probes.
+  `x-api-key: KEY` (compared in constant time); `/health` and `/metrics` stay open for probes (with a key
+  set, `/health` does not list the served models: that is `/v1/models`, behind the key).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from longcat2.serve.batching import EngineWorker, Metrics, QueueFull, RequestHan
 from longcat2.serve.protocol import APIError, validation_message
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+INLINE_TOKENIZE_CHARS = 20_000  # longer prompts are tokenised in a worker thread
 
 
 @dataclass
@@ -60,6 +71,7 @@ class ServerConfig:
     max_step_tokens: int = 512
     shutdown_timeout: float = 30.0
     access_log: bool = True  # one log line per request (serve/access_log.py)
+    max_request_bytes: int = 32 * 1024 * 1024  # larger bodies are a 413
 
 
 @dataclass
@@ -105,10 +117,38 @@ class ServerState:
         if not hmac.compare_digest(given.encode(), key.encode()):
             raise APIError(401, "Invalid API key", code="invalid_api_key")
 
+    def check_fits(self, num_chars: int, param: str) -> None:
+        """Refuse, before tokenising it, a prompt of `num_chars` characters that cannot fit the context:
+        it has at least num_chars / tokenizer.max_token_chars tokens."""
+        at_least = -(-num_chars // max(1, self.tokenizer.max_token_chars))
+        if at_least >= self.context_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.context_len} tokens, but the prompt "
+                f"({num_chars} characters) is at least {at_least} tokens long. Please shorten the {param}.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    async def _tokenize(self, num_chars: int, fn: Callable[[], list[int]]) -> list[int]:
+        if num_chars > INLINE_TOKENIZE_CHARS:  # in a worker thread (the tokenizer releases the GIL)
+            return await asyncio.to_thread(fn)
+        return fn()
+
     async def encode(self, text: str) -> list[int]:
-        if len(text) > 50_000:  # keep the event loop responsive for long prompts
-            return await asyncio.to_thread(self.tokenizer.encode, text)
-        return self.tokenizer.encode(text)
+        """Raw text (`/v1/completions`: the caller writes the whole template, special tokens included)."""
+        self.check_fits(len(text), "prompt")
+        tok = self.tokenizer
+        return await self._tokenize(len(text), lambda: tok.encode_batch([text])[0])
+
+    async def encode_chat(self, prompt: ChatPrompt) -> list[int]:
+        """A rendered chat prompt: the template's tags become control tokens, all request text is text."""
+        chars = sum(len(p) for p in prompt.parts)
+        self.check_fits(chars, "messages")
+        tok = self.tokenizer
+        return await self._tokenize(
+            chars, lambda: chat.encode_parts(prompt.parts, tok.encode_plain_batch, tok.special_ids)
+        )
 
     def output_budget(self, prompt_len: int, requested: int | None, param: str) -> int:
         """Max new tokens for a prompt of `prompt_len` tokens (see the module docstring for the rules)."""
@@ -149,6 +189,7 @@ class ServerState:
         seed: int | None = None,
         stop: Sequence[str] = (),
         ignore_eos: bool | None = None,
+        logit_bias: dict[int, float] | None = None,
     ) -> Any:
         from longcat2.engine import SamplingParams
 
@@ -168,6 +209,7 @@ class ServerState:
             seed=seed,
             stop=list(stop),
             ignore_eos=bool(ignore_eos),
+            logit_bias=dict(logit_bias or {}),
         )
 
     def submit(self, prompt_ids: list[int], params: Any, stops: Sequence[str] = ()) -> RequestHandle:
@@ -199,12 +241,17 @@ def new_id(prefix: str) -> str:
 
 @dataclass
 class ChatPrompt:
-    """A rendered chat request: the prompt text, what to feed the parser first, and parsing options."""
+    """A rendered chat request: the prompt as `chat.render_parts` (template tags kept apart from request
+    text), what to feed the parser first, and parsing options."""
 
-    text: str
+    parts: list[str]
     prefix: str = ""  # forced reply start (tool_choice), fed to the parser before the model's output
     tools: list[dict[str, Any]] | None = None  # tools for the parser (string-typed XML arguments)
     calls_as_text: bool = False  # tool_choice "none": a call the model writes anyway stays text
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 def build_chat_prompt(
@@ -226,15 +273,14 @@ def build_chat_prompt(
                 param="tool_choice",
             )
     try:
-        text = chat.render(messages, tools if tool_mode != "none" else None, True, thinking)
+        parts = chat.render_parts(messages, tools if tool_mode != "none" else None, thinking)
     except chat.ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from e
-    prefix = ""
-    if tool_mode == "required":
-        prefix = chat.CALL_OPEN
-    elif tool_mode == "named":
-        prefix = f"{chat.CALL_OPEN}{forced_name}\n"
-    return ChatPrompt(text + prefix, prefix, tools, calls_as_text=tool_mode == "none")
+    forced = [] if tool_mode not in ("required", "named") else [chat.CALL_OPEN]
+    if tool_mode == "named":
+        forced.append(f"{forced_name}\n")
+    parts = chat.merge_parts([*parts, *forced])
+    return ChatPrompt(parts, "".join(forced), tools, calls_as_text=tool_mode == "none")
 
 
 # -------------------------------------------------------------------------------------------- generation
@@ -376,17 +422,101 @@ async def wait_or_disconnect(request: Request, coro: Any) -> Any:
             task.cancel()
 
 
-async def parse_body(request: Request, model: type[ModelT]) -> ModelT:
-    """Read and validate a JSON body; malformed JSON, a non-object body or invalid fields are 400s."""
-    raw = await request.body()
+MAX_JSON_DEPTH = 100  # deeper request bodies are a 400 (nothing legitimate nests this deep)
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, or a 413 as soon as it is known to exceed `max_bytes` (from Content-Length, else
+    while it streams in), so an oversized body is never held in memory."""
+
+    def too_large() -> APIError:
+        return APIError(
+            413,
+            f"The request body is larger than this server's limit of {max_bytes} bytes "
+            "(serve --max-request-bytes)",
+            code="request_too_large",
+        )
+
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise too_large()
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > max_bytes:
+            raise too_large()
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _where(loc: tuple | None) -> str:
+    keys: list[str] = []
+    while loc is not None:
+        keys.append(str(loc[0]))
+        loc = loc[1]
+    return ".".join(reversed(keys))
+
+
+def check_json(data: Any) -> None:
+    """Reject what json.loads accepts but nothing downstream can handle: nesting deeper than
+    `MAX_JSON_DEPTH` and strings with lone UTF-16 surrogates (`"\\ud800"`: not encodable as UTF-8, so no
+    tokenizer can read them). Iterative, so a deep body cannot exhaust the interpreter's stack."""
+    stack: list[tuple[Any, int, tuple | None]] = [(data, 1, None)]
+    while stack:
+        obj, depth, loc = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(
+                400, f"The request body is nested more than {MAX_JSON_DEPTH} levels deep", param=_where(loc)
+            )
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                _check_text(k, loc)
+                if isinstance(v, (dict, list, str)):
+                    stack.append((v, depth + 1, (k, loc)))
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                if isinstance(v, (dict, list, str)):
+                    stack.append((v, depth + 1, (i, loc)))
+        elif isinstance(obj, str):
+            _check_text(obj, loc)
+
+
+def _check_text(s: str, loc: tuple | None) -> None:
+    if s.isascii():
+        return
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = _where(loc)
+        raise APIError(
+            400,
+            f"{where or 'The request body'}: the text contains a lone UTF-16 surrogate "
+            f"({s[e.start : e.end].encode('utf-8', 'surrogatepass')!r} at character {e.start}), which is not "
+            "valid Unicode",
+            param=where or None,
+        ) from None
+
+
+async def parse_body(request: Request, model: type[ModelT], max_bytes: int) -> ModelT:
+    """Read and validate a JSON body: too large is a 413; not UTF-8, malformed or too deeply nested JSON,
+    lone surrogates, a non-object body or invalid fields are 400s."""
+    raw = await read_body(request, max_bytes)
     if not raw.strip():
         raise APIError(400, "The request body is empty; expected a JSON object")
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"The request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise APIError(400, f"Malformed JSON in the request body: {e}") from e
+    except RecursionError:
+        raise APIError(400, f"The request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
     if not isinstance(data, dict):
         raise APIError(400, f"The request body must be a JSON object, got {type(data).__name__}")
+    check_json(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:

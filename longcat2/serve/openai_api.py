@@ -15,8 +15,12 @@ Design choices:
 - `stream_options.include_usage` adds `"usage": null` to every chunk and a final chunk with empty
   `choices` and the usage, as the API does. Errors after the stream started are sent as a
   `data: {"error": ...}` event before `data: [DONE]`.
-- `/v1/completions` is raw text in, raw text out (no chat template); a prompt may be a string or token ids
-  (a list of one prompt is accepted; batches are a 400, as is n > 1).
+- `/v1/completions` is raw text in, raw text out (no chat template): the caller writes the whole prompt,
+  so special-token spellings in it are encoded as special tokens (as a template would); a prompt may be
+  a string or token ids (a list of one prompt is accepted; batches are a 400, as is n > 1). Chat
+  requests never are: there only the template writes control tokens (see `chat.render_parts`).
+- `logit_bias` follows OpenAI: string token ids → biases in [-100, 100] added to the logits (greedy
+  decoding included); a key that is not a token id of this tokenizer is a 400.
 """
 
 from __future__ import annotations
@@ -193,7 +197,23 @@ def _sampling_params(state: ServerState, req: Any, budget: int, stops: list[str]
         seed=req.seed,
         stop=stops,
         ignore_eos=req.ignore_eos,
+        logit_bias=logit_bias(state, req.logit_bias),
     )
+
+
+def logit_bias(state: ServerState, bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's `logit_bias` ({"token id": bias in [-100, 100]}, the range checked by the request model)
+    with the ids checked against the tokenizer."""
+    out: dict[int, float] = {}
+    vocab = state.tokenizer.vocab_size
+    for key, value in (bias or {}).items():
+        tid = int(key) if key.strip().lstrip("-").isdigit() else None
+        if tid is None or not 0 <= tid < vocab:
+            raise APIError(
+                400, f"logit_bias: {key!r} is not a token id (an integer in [0, {vocab}))", param="logit_bias"
+            )
+        out[tid] = float(value)
+    return out
 
 
 def tool_call_dict(ev: chat.ToolCallEvent, with_index: bool = False) -> dict[str, Any]:
@@ -335,12 +355,12 @@ def router(state: ServerState) -> APIRouter:
     @r.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         state.check_auth(request)
-        req = await parse_body(request, ChatCompletionRequest)
+        req = await parse_body(request, ChatCompletionRequest, state.config.max_request_bytes)
         model = state.resolve_model(req.model)
         _check_unsupported(req)
         stops = check_stops(req.stop, "stop")
         prompt = chat_prompt(req)
-        ids = await state.encode(prompt.text)
+        ids = await state.encode_chat(prompt)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         budget = state.output_budget(len(ids), requested, param)
@@ -361,7 +381,7 @@ def router(state: ServerState) -> APIRouter:
     @r.post("/v1/completions")
     async def completions(request: Request) -> Any:
         state.check_auth(request)
-        req = await parse_body(request, CompletionRequest)
+        req = await parse_body(request, CompletionRequest, state.config.max_request_bytes)
         model = state.resolve_model(req.model)
         _check_unsupported(req)
         stops = check_stops(req.stop, "stop")

@@ -9,6 +9,9 @@ Design choices:
   clients that send fields we do not know (`store`, `metadata`, `cache_control`, betas...) keep working.
   Fields whose value we cannot honour (n > 1, image parts, logprobs, structured output) are rejected
   with a 400 that names them rather than silently ignored.
+- Values are bounded where the engine has limits: `seed` within what torch generators take
+  ([-2**63, 2**64 - 1]), `logit_bias` values within OpenAI's [-100, 100] (finite), a tool schema's
+  `properties` an object of schema objects (in `count_tokens` too, so it agrees with `messages`).
 - Roles and content-block types are closed sets (`Literal` / discriminated unions), so an unknown role or
   block type is a 400 that lists the allowed values.
 - `APIError` carries an HTTP status and a message; `openai_error_body` / `anthropic_error_body` render it
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 # ----------------------------------------------------------------------------------------- errors
 
@@ -105,6 +108,25 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
+def _check_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A tool's JSON schema: `properties`, when given, maps names to schema objects."""
+    if schema is None or "properties" not in schema:
+        return schema
+    props = schema["properties"]
+    if not isinstance(props, dict):
+        raise ValueError(f"'properties' must be an object (name -> JSON schema), got {type(props).__name__}")
+    bad = [k for k, v in props.items() if not isinstance(v, dict)]
+    if bad:
+        raise ValueError(f"'properties.{bad[0]}' must be a JSON schema object")
+    return schema
+
+
+ToolSchema = Annotated[dict[str, Any] | None, AfterValidator(_check_schema)]
+# torch.Generator.manual_seed accepts exactly this range (negative seeds wrap around)
+Seed = Annotated[int | None, Field(default=None, ge=-(2**63), le=2**64 - 1)]
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI: biases are in [-100, 100]
+
+
 # ------------------------------------------------------------------------------------------ OpenAI
 
 
@@ -136,7 +158,7 @@ class OAIMessage(_Request):
 class OAIFunctionDef(_Request):
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: ToolSchema = None
     strict: bool | None = None
 
 
@@ -177,7 +199,11 @@ class _SamplingFields(_Request):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
-    seed: int | None = None
+    seed: Seed = None
+    logit_bias: (
+        dict[str, Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT, allow_inf_nan=False)]]
+        | None
+    ) = None  # token id (as a string key) → bias; the ids are checked against the vocabulary by the handler
     stop: str | list[str] | None = None
     ignore_eos: bool | None = None  # vLLM extension (benchmarks)
     n: int | None = Field(default=None, ge=1)
@@ -276,7 +302,7 @@ class AMessage(_Request):
 class ATool(_Request):
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
-    input_schema: dict[str, Any] | None = None
+    input_schema: ToolSchema = None
     type: str | None = None  # "custom" or absent; server tools (web_search_...) are rejected
 
 
@@ -303,7 +329,7 @@ class MessagesRequest(_MessagesBase):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
     metadata: dict[str, Any] | None = None
-    seed: int | None = None  # not in Anthropic's API; accepted for reproducible tests
+    seed: Seed = None  # not in Anthropic's API; accepted for reproducible tests
 
 
 class CountTokensRequest(_MessagesBase):

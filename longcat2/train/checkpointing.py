@@ -19,7 +19,14 @@ Design choices:
   place: the last good checkpoint is never replaced by a partial one. (The fsync, prune, leftover and RNG
   helpers are `longcat2.parallel.checkpoint`'s: one implementation for both layouts.)
 - `latest_checkpoint` picks the highest step directory that is complete in either layout; no "latest"
-  pointer file to get out of sync.
+  pointer file to get out of sync. Resuming trusts nothing unread: `latest_good_checkpoint` verifies the
+  candidates newest first (`verify_checkpoint`: the trainer state loads, every safetensors file's header
+  and size agree, config.json parses; a sharded checkpoint's extra state loads) and falls back past the
+  broken ones, returning what it skipped and why, for the caller's warning.
+- A step directory that already exists when that step is saved again is replaced unless it verifies (it
+  may be one resume skipped, or one whose trainer_state.pt was deleted): it is moved aside to `.del-*`,
+  the new one renamed into place, and the old one deleted, so a rerun never fails on `Directory not empty`
+  and leaves no `.tmp-*` behind.
 - The trainer state is saved with `torch.save` and loaded with `weights_only=True` (no pickled code):
   RNG states of numpy/python are stored as plain lists.
 - Model files go through `longcat2.checkpoint` (released key names, per-expert tensors), so a checkpoint
@@ -125,7 +132,7 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    if final.is_dir() and (final / STATE_FILE).is_file():
+    if final.is_dir() and (final / STATE_FILE).is_file() and verify_checkpoint(final) is None:
         return final  # already written (e.g. a save step coinciding with the final step after resume)
     tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -135,14 +142,68 @@ def save_checkpoint(
         (tmp / "train_config.json").write_text(json.dumps(run_config, indent=2, default=str) + "\n")
     torch.save(trainer_state, tmp / STATE_FILE)
     fsync_tree(tmp)
+    old = root / f".del-{final.name}-{os.getpid()}"
+    if final.exists():  # an incomplete or broken checkpoint of this step: replaced
+        os.rename(final, old)
     os.rename(tmp, final)
     fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
     prune_checkpoints(list_all(root), keep)
     return final
 
 
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint file cannot be read back; the message names the file."""
+
+
 def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
-    return torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=True)
+    f = Path(ckpt) / STATE_FILE
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, missing file: name the file
+        raise CheckpointCorrupt(f"{f}: cannot be read ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointCorrupt(f"{f}: not a trainer state (no step)")
+    return state
+
+
+def verify_checkpoint(ckpt: str | Path) -> str | None:
+    """None when the checkpoint reads back (see the module docstring for what is checked), else what is
+    wrong, naming the file. Cheap: tensors are not loaded, only headers and sizes checked."""
+    from safetensors import safe_open
+
+    ckpt = Path(ckpt)
+    try:
+        if is_sharded(ckpt):
+            sharded.load_extra(ckpt)
+            return None
+        load_trainer_state(ckpt)
+        json.loads((ckpt / "config.json").read_text())
+        files = sorted(ckpt.glob("*.safetensors"))
+        if not files:
+            return f"{ckpt}: no *.safetensors model file"
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as h:  # checks the header against the file size
+                    h.keys()
+            except Exception as e:
+                return f"{f}: cannot be read ({e})"
+    except CheckpointCorrupt as e:
+        return str(e)
+    except Exception as e:
+        return f"{ckpt}: cannot be read ({type(e).__name__}: {e})"
+    return None
+
+
+def latest_good_checkpoint(root: str | Path) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint under `root` that verifies, or None; why each newer one was skipped)."""
+    skipped = []
+    for _, ckpt in reversed(list_all(root)):
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            return ckpt, skipped
+        skipped.append(f"{ckpt.name}: {problem}")
+    return None, skipped
 
 
 def resolve_init(path: str | Path) -> Path:

@@ -4,7 +4,8 @@ Design choices:
 - Input: one JSON object per line with OpenAI-style `messages` (system/user/assistant/tool, tool calls,
   `reasoning_content`) and optional `tools`. Each conversation is rendered with the project's chat
   template (`longcat2.chat.render_with_mask`): the ids equal the tokenizer's encoding of the rendered
-  transcript, and the mask is 1 exactly on what the assistant produces (reasoning, content, tool calls and
+  transcript (a tag spelled inside message text stays text: only the template writes control tokens),
+  and the mask is 1 exactly on what the assistant produces (reasoning, content, tool calls and
   the closing `</longcat_s>`). Label of position t = id[t+1] where mask[t+1] = 1, else -100.
 - Bad lines (invalid JSON, no `messages`, a template error) and conversations with no assistant token are
   skipped and counted, never fatal; an empty result is an error. Conversations longer than seq_len + 1

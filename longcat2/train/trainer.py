@@ -279,8 +279,14 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.metrics_path = self.out / "metrics.jsonl"
         self.resume_from: Path | None = None
+        skipped: list[str] = []
         if cfg.resume:
-            self.resume_from = checkpointing.latest_checkpoint(self.ckpt_root)
+            self.resume_from, skipped = checkpointing.latest_good_checkpoint(self.ckpt_root)
+            if skipped and self.resume_from is None:
+                raise TrainingError(
+                    "--resume: no readable checkpoint in "
+                    f"{self.ckpt_root}: " + "; ".join(skipped) + " (move them away to start afresh)"
+                )
             if self.resume_from is not None:
                 cfg = self._merge_resumed_config(cfg, explicit)
         elif checkpointing.latest_checkpoint(self.ckpt_root) is not None:
@@ -294,6 +300,8 @@ class Trainer:
             raise TrainingError(str(e)) from e
         self.rank, self.world, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self.main = self.rank == 0
+        for why in skipped:
+            self._log(f"warning: resume skips a checkpoint that cannot be read back: {why}")
         self.sharded = self.world > 1  # the model is parallelized (FSDP2 + EP)
         self.resume_sharded = self.resume_from is not None and checkpointing.is_sharded(self.resume_from)
         self.sharded_checkpoints = self.sharded or self.resume_sharded

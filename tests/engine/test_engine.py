@@ -221,3 +221,87 @@ def test_request_validation(tiny: LongCatForCausalLM) -> None:
         eng.add_request([1, 2], SamplingParams(stop=["x"]))  # no detokenize callback
     with pytest.raises(ValueError):
         SamplingParams(top_p=0.0)
+
+
+# --------------------------------------------------------------------------- hardening (issue 20)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": 1e-45},
+        {"temperature": 5e-324},
+        {"temperature": 1e-40},
+        {"temperature": 1.0, "top_p": 1e-300},
+        {"temperature": 1.0, "repetition_penalty": 1e-300},
+        {"temperature": 1e-45, "repetition_penalty": 1e-300, "top_p": 1e-300},
+    ],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
+)
+def test_extreme_sampling_values_never_make_nan(kw: dict) -> None:
+    """Values that passed validation and used to give NaN probabilities: a temperature below 1e-5 is
+    greedy, top_p 1e-300 keeps the top token (greedy), repetition_penalty 1e-300 gives finite logits."""
+    logits = torch.tensor([2.0, -1.0, 0.5, 1.0, -3.0])
+    s = RequestSampler(SamplingParams(**kw), [0, 1, 3], 5)
+    probs = s.probs(logits)
+    assert torch.isfinite(probs).all() and abs(float(probs.sum()) - 1) < 1e-6
+    assert all(0 <= s.sample(logits) < 5 for _ in range(20))
+    if kw.get("temperature", 1.0) < 1e-5 or "top_p" in kw:  # the limits are greedy
+        assert s.sample(logits) == int(s.process(logits).argmax())
+
+
+def test_logit_bias_steers_greedy_and_sampling() -> None:
+    logits = torch.tensor([2.0, -1.0, 0.5, 1.0, -3.0])
+    assert RequestSampler(SamplingParams(logit_bias={0: -100.0}), [], 5).sample(logits) == 3
+    assert RequestSampler(SamplingParams(logit_bias={4: 100.0}), [], 5).sample(logits) == 4
+    sampled = RequestSampler(SamplingParams(temperature=1.0, logit_bias={1: 100.0}, seed=3), [], 5)
+    assert {sampled.sample(logits) for _ in range(20)} == {1}
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: float("nan")})
+
+
+class _PoisonedEngine(Engine):
+    """The real engine with a fault injector: a request whose seed is POISON raises while sampling, and a
+    forward over a segment that contains token POISON_TOKEN raises (as a kernel failure would)."""
+
+    POISON, POISON_TOKEN = 666, 7
+
+    def add_request(self, prompt_ids, params=None, request_id=None, on_output=None) -> str:
+        rid = super().add_request(prompt_ids, params, request_id, on_output)
+        if params is not None and params.seed == self.POISON:
+
+            def boom(logits: torch.Tensor) -> int:
+                raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+
+            self.requests[rid].sampler.sample = boom  # type: ignore[method-assign]
+        return rid
+
+    def __init__(self, model, **kw) -> None:
+        super().__init__(model, **kw)
+        forward = self.runner.forward
+
+        def guarded(segs):
+            if any(self.POISON_TOKEN in s.tokens.tolist() for s in segs):
+                raise RuntimeError("injected kernel failure")
+            return forward(segs)
+
+        self.runner.forward = guarded  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_one_failing_request_fails_alone(tiny: LongCatForCausalLM, speculative: bool) -> None:
+    """A request that fails while sampling or in the forward ends with finish_reason "error" and a
+    message; the other requests of the same batches finish exactly as they would alone."""
+    prompts = [p for p in _prompts((12, 30, 9, 21)) if 7 not in p]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    want = Engine(tiny, speculative=speculative).generate(prompts, params)
+    eng = _PoisonedEngine(tiny, max_batch_size=8, block_size=16, speculative=speculative)
+    good = [eng.add_request(p, params) for p in prompts]
+    bad_sample = eng.add_request(prompts[0], SamplingParams(max_new_tokens=6, seed=_PoisonedEngine.POISON))
+    bad_forward = eng.add_request([5, 7, 9], params)
+    finished = {ev.request_id: ev for ev in eng.stream() if ev.finished}
+    assert [finished[r].token_ids for r in good] == want
+    for rid in (bad_sample, bad_forward):
+        assert finished[rid].finish_reason == "error" and finished[rid].error
+    assert "nan" in finished[bad_sample].error and "kernel" in finished[bad_forward].error
+    assert eng.runner.cache.allocator.num_free == eng.runner.cache.num_blocks  # everything released

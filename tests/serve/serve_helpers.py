@@ -155,12 +155,28 @@ def memorise(tokenizer_dir: Path, out: Path, steps: int = 150, lr: float = 1e-2)
 class FaultyEngine(Engine):
     """The real `Engine` with a fault injector around its real steps (not a stand-in: every token still
     comes from the model): `fail_next_step` makes the next `step()` raise, `step_s` sleeps before each step
-    that has work, so a test can hold requests in flight long enough to fill the queue."""
+    that has work, so a test can hold requests in flight long enough to fill the queue; a request with
+    seed `POISON_SEED` raises while sampling (as NaN probabilities did). `prompts` records the token ids
+    each request was given."""
+
+    POISON_SEED = 666_666
 
     def __init__(self, model, *, step_s: float = 0.0, **kw) -> None:
         super().__init__(model, **kw)
         self.step_s = step_s
         self.fail_next_step = False
+        self.prompts: dict[str, list[int]] = {}
+
+    def add_request(self, prompt_ids, params=None, request_id=None, on_output=None) -> str:
+        rid = super().add_request(prompt_ids, params, request_id, on_output)
+        self.prompts[rid] = list(prompt_ids)
+        if params is not None and params.seed == self.POISON_SEED and rid in self.requests:
+
+            def poisoned(logits):
+                raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+
+            self.requests[rid].sampler.sample = poisoned
+        return rid
 
     def step(self) -> list[RequestOutput]:
         if self.fail_next_step:
@@ -205,9 +221,10 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60.0) -> Non
 
 
 class ServerThread:
-    """A uvicorn server for `app` on 127.0.0.1:<free port> in a daemon thread."""
+    """A uvicorn server for `app` on 127.0.0.1:<free port> in a daemon thread. `send_buffer`: the kernel
+    send buffer of its connections in bytes (small: a client that stops reading blocks the server soon)."""
 
-    def __init__(self, app, state: ServerState) -> None:
+    def __init__(self, app, state: ServerState, send_buffer: int | None = None) -> None:
         self.state = state
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -215,7 +232,13 @@ class ServerThread:
             app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=5
         )
         self.server = uvicorn.Server(cfg)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        sockets = None
+        if send_buffer is not None:  # accepted connections inherit the listening socket's buffer size
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+            sock.bind(("127.0.0.1", self.port))
+            sockets = [sock]
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": sockets}, daemon=True)
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
@@ -238,12 +261,32 @@ def wait_idle(state: ServerState, timeout: float = 10.0) -> None:
     assert state.worker.in_flight == 0, f"{state.worker.in_flight} requests still in flight"
 
 
-def scripted_state(model_dir: Path, *, max_batch=8, max_queue=16, step_s=0.0, **config) -> ServerState:
+def scripted_state(
+    model_dir: Path, *, max_batch=8, max_queue=16, step_s=0.0, max_backlog=2048, **config
+) -> ServerState:
     """A `ServerState` around the real engine and the memorised model in `model_dir` (as `serve --model`
     builds it, with the engine's fault injector available)."""
     tok, engine = load_engine(model_dir, max_batch=max_batch, step_s=step_s)
     metrics = Metrics()
-    worker = EngineWorker(engine, tok, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
+    worker = EngineWorker(
+        engine, tok, max_batch=max_batch, max_queue=max_queue, metrics=metrics, max_backlog=max_backlog
+    )
     cfg = ServerConfig(max_batch=max_batch, max_queue=max_queue, default_temperature=0.0, **config)
     ctx = engine.cfg.max_position_embeddings
     return ServerState(tok, worker, ["longcat-test", "alias"], ctx, config=cfg, metrics=metrics)
+
+
+def openai_error(r, status: int) -> dict:
+    """The `error` object of an OpenAI-shaped error response with this status."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def anthropic_error(r, status: int, kind: str) -> dict:
+    """The `error` object of an Anthropic-shaped error response with this status and error type."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["type"] == "error" and body["error"]["type"] == kind and body["error"]["message"]
+    return body["error"]

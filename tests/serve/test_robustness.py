@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 from serve_helpers import COUNTING, GREETING, ServerThread, scripted_state, wait_idle
+from serve_helpers import anthropic_error as _anthropic_error
+from serve_helpers import openai_error as _openai_error
 
 from longcat2.serve import create_app
 
@@ -23,20 +25,6 @@ MSG = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tok
 def http(scripted_server) -> httpx.Client:
     with httpx.Client(base_url=scripted_server.url, timeout=30) as c:
         yield c
-
-
-def _openai_error(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    return err
-
-
-def _anthropic_error(r: httpx.Response, status: int, kind: str) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body["type"] == "error" and body["error"]["type"] == kind and body["error"]["message"]
-    return body["error"]
 
 
 def _still_serving(http: httpx.Client) -> None:
@@ -303,10 +291,10 @@ def test_engine_failure_is_reported_and_recovered(small_server):
 
 
 def test_unexpected_error_is_a_500_in_each_shape(http, scripted_server, monkeypatch):
-    async def boom(text: str) -> list[int]:
+    async def boom(prompt) -> list[int]:
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr(scripted_server.state, "encode", boom)
+    monkeypatch.setattr(scripted_server.state, "encode_chat", boom)
     err = _openai_error(http.post("/v1/chat/completions", json=CHAT), 500)
     assert "kaput" in err["message"] and err["type"] == "server_error"
     _anthropic_error(http.post("/v1/messages", json=MSG), 500, "api_error")

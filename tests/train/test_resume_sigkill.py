@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from longcat2.train import checkpointing
 from longcat2.train.trainer import read_metrics
 
 
@@ -125,3 +126,70 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(prepared, tmp_path, ref_
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert _signature(ref) == _signature(cut)
+
+
+# ------------------------------------------------------------------ broken checkpoints (issue 20)
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("."))
+
+
+def _resume_to_the_end(prepared: Path, out: Path) -> str:
+    done = subprocess.run(
+        _args(prepared, out, "fp32") + ["--resume"], env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def test_sigkill_during_a_save_then_resume_is_bit_exact(prepared, tmp_path, ref_root):
+    """SIGKILL while a checkpoint is being written (a `.tmp-step_*` directory exists): the resumed run
+    starts from the previous complete checkpoint, removes the partial one and reproduces the curve."""
+    ref, cut = _reference(prepared, ref_root, "fp32"), tmp_path / "cut"
+    ckpts = cut / "checkpoints"
+    proc = subprocess.Popen(_args(prepared, cut, "fp32"), env=_env(), stdout=subprocess.DEVNULL)
+    caught: list[str] = []
+    try:
+        while proc.poll() is None and not caught:
+            if ckpts.is_dir() and any(checkpointing.list_all(ckpts)):  # past the first save: catch the next
+                caught = [n for n in os.listdir(ckpts) if n.startswith(".tmp-step_")]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert caught, "the run finished without being caught inside a save"
+    assert _leftovers(cut), "the kill left no partial checkpoint"
+    err = _resume_to_the_end(prepared, cut)
+    assert "resumed from" in err
+    assert _signature(ref) == _signature(cut)
+    assert _leftovers(cut) == []
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncate model.safetensors", "truncate trainer_state.pt", "delete trainer_state.pt"]
+)
+def test_resume_falls_back_past_a_broken_newest_checkpoint(prepared, tmp_path, ref_root, damage):  # fmt: skip
+    """The newest checkpoint is unreadable: resume warns, naming it and the file, continues from the newest
+    good one and reproduces the uninterrupted curve bit for bit; the broken step is rewritten when the run
+    reaches it again (a directory without trainer_state.pt used to crash that save with `Directory not
+    empty`, on every rerun) and nothing temporary is left behind."""
+    ref, cut = _reference(prepared, ref_root, "fp32"), tmp_path / "cut"
+    _run_and_kill(_args(prepared, cut, "fp32"), cut, after_lines=10)
+    good, newest = [p for _, p in checkpointing.list_all(cut / "checkpoints")][-2:]
+    action, name = damage.split()
+    f = newest / name
+    if action == "delete":
+        f.unlink()
+    else:
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 2)
+    assert checkpointing.verify_checkpoint(newest) is not None
+    err = _resume_to_the_end(prepared, cut)
+    assert f"resumed from {good} " in err
+    if action == "truncate":
+        assert f"skips a checkpoint that cannot be read back: {newest.name}: {f}" in err
+    assert _signature(ref) == _signature(cut)
+    assert _leftovers(cut) == []
+    remaining = sorted((cut / "checkpoints").iterdir())  # the rewritten step was pruned like any other
+    assert remaining and all(checkpointing.verify_checkpoint(p) is None for p in remaining)
