@@ -22,20 +22,26 @@ from torch import nn
 from longcat2.config import ModelConfig
 
 
+class FP32Linear(nn.Linear):
+    """A linear layer that always computes in fp32, whatever the dtype of its weight and input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias.float() if self.bias is not None else None
+        return F.linear(x.float(), self.weight.float(), b)
+
+
 class Router(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_experts = cfg.n_routed_experts + cfg.zero_expert_num
         self.top_k = cfg.moe_topk
         self.scaling = cfg.routed_scaling_factor
-        self.classifier = nn.Linear(cfg.hidden_size, self.num_experts, bias=cfg.router_bias)
+        self.classifier = FP32Linear(cfg.hidden_size, self.num_experts, bias=cfg.router_bias)
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] → gates [N, k] fp32, expert ids [N, k], probs [N, E] fp32."""
-        w = self.classifier.weight.float()
-        b = self.classifier.bias.float() if self.classifier.bias is not None else None
-        probs = F.linear(x.float(), w, b).softmax(dim=-1)
+        probs = self.classifier(x).softmax(dim=-1)
         with torch.no_grad():
             choice = probs + self.e_score_correction_bias.float()
             ids = choice.topk(self.top_k, dim=-1).indices
