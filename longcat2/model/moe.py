@@ -8,7 +8,9 @@ Design choices:
 - Routed experts are stacked parameters [E, out, in] (per-expert HF keys are split/merged by the checkpoint
   adapter). Tokens are sorted by expert and run as one grouped GEMM (`torch._grouped_mm`) when the device and
   dtype allow it, else as a loop over the contiguous per-expert segments of the sorted tokens: either way
-  only experts that received tokens do work.
+  only experts that received tokens do work. The experts module is always called (even with no rows), so
+  expert parallelism swaps only `experts` (see `longcat2.parallel.dispatch`): one MoE forward for one
+  process and many.
 - Zero experts cost nothing: their contribution is (Σ zero-expert gates) · x, added locally.
 - The MoE records the last routing decision (`last_topk`, detached) for load statistics and bias control.
 """
@@ -93,8 +95,8 @@ class Experts(nn.Module):
 
 def linear_by_expert(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [M, in] sorted by expert with `counts` [E] rows each; weight [E, out, in] → [M, out]."""
-    if x.shape[0] == 0:
-        return x.new_zeros(0, weight.shape[1])
+    if x.shape[0] == 0:  # no rows: still an output that depends on the weight (EP/FSDP need its gradient)
+        return F.linear(x, weight[0])
     if _grouped_mm_ok(x, weight):
         offs = counts.cumsum(0).to(torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs))
@@ -115,21 +117,18 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # [N, H]
         gates, ids, probs = self.router(x)
         self.last_topk, self.last_probs = ids.detach(), probs
-        n, k = ids.shape
+        k = ids.shape[1]
+        n_dispatched = self.experts.num_experts  # expert ids the experts module serves; the rest are identity
         flat_ids = ids.reshape(-1)  # [N*k]
         flat_gates = gates.reshape(-1)
-        routed = flat_ids < self.n_routed
         # identity experts: Σ gates · x, computed locally
-        zero_gate = (gates * (ids >= self.n_routed)).sum(-1, keepdim=True)  # [N, 1]
+        zero_gate = (gates * (ids >= n_dispatched)).sum(-1, keepdim=True)  # [N, 1]
         out = (zero_gate * x.float()).to(x.dtype)
-        if bool(routed.any()):
-            slot = routed.nonzero().squeeze(-1)  # positions in the [N*k] list
-            expert = flat_ids[slot]
-            order = torch.sort(expert, stable=True).indices
-            slot = slot[order]
-            token = slot // k
-            counts = torch.bincount(flat_ids[slot], minlength=self.n_routed)
-            y = self.experts(x[token], counts)  # [M, H]
-            y = y * flat_gates[slot].unsqueeze(-1).to(y.dtype)
-            out = out.index_add(0, token, y.to(out.dtype))
-        return out.view(shape)
+        slot = (flat_ids < n_dispatched).nonzero().squeeze(-1)  # positions in the [N*k] list
+        order = torch.sort(flat_ids[slot], stable=True).indices
+        slot = slot[order]
+        token = slot // k
+        counts = torch.bincount(flat_ids[slot], minlength=n_dispatched)
+        y = self.experts(x[token], counts)  # [M, H]; always called (EP: every rank enters the collectives)
+        y = y * flat_gates[slot].unsqueeze(-1).to(y.dtype)
+        return out.index_add(0, token, y.to(out.dtype)).view(shape)
