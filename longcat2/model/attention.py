@@ -111,7 +111,9 @@ class MLA(nn.Module):
     def unabsorb(self, o_latent: torch.Tensor) -> torch.Tensor:
         """Attended latents [..., T, h, c] → values [..., T, h*v] (the V half of kv_b_proj)."""
         w_uv = self._kv_b_halves()[1]
-        out = torch.matmul(o_latent.to(w_uv.dtype).transpose(-3, -2), w_uv.transpose(1, 2))  # [..., h, T, v]
+        if o_latent.dtype != w_uv.dtype:
+            o_latent = o_latent.to(w_uv.dtype)
+        out = torch.matmul(o_latent.transpose(-3, -2), w_uv.transpose(1, 2))  # [..., h, T, v]
         return out.transpose(-3, -2).flatten(-2)
 
     def expand(self, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -114,5 +114,6 @@ def apply_rope(
     else:
         half = x.shape[-1] // 2
         a, b = x[..., :half], x[..., half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if cos.dtype != x.dtype:  # (cos/sin normally arrive in the activation dtype already)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)

@@ -45,7 +45,7 @@ class Router(nn.Module):
         """x [N, H] → gates [N, k] fp32, expert ids [N, k], probs [N, E] fp32."""
         probs = self.classifier(x).softmax(dim=-1)
         with torch.no_grad():
-            choice = probs + self.e_score_correction_bias.float()
+            choice = probs + self.e_score_correction_bias  # (an fp32 buffer)
             ids = choice.topk(self.top_k, dim=-1).indices
         gates = probs.gather(1, ids) * self.scaling
         return gates, ids, probs
@@ -88,17 +88,22 @@ class Experts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted [M, H] grouped by expert (counts [E]) → [M, H]."""
-        g = linear_by_expert(x_sorted, self.gate_proj, counts)
-        u = linear_by_expert(x_sorted, self.up_proj, counts)
-        return linear_by_expert(F.silu(g) * u, self.down_proj, counts)
+        offs = counts.cumsum(0).to(torch.int32)  # shared by the three grouped GEMMs
+        g = linear_by_expert(x_sorted, self.gate_proj, counts, offs)
+        u = linear_by_expert(x_sorted, self.up_proj, counts, offs)
+        return linear_by_expert(F.silu(g) * u, self.down_proj, counts, offs)
 
 
-def linear_by_expert(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """x [M, in] sorted by expert with `counts` [E] rows each; weight [E, out, in] → [M, out]."""
+def linear_by_expert(
+    x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, in] sorted by expert with `counts` [E] rows each; weight [E, out, in] → [M, out].
+    `offs`: counts.cumsum(0) as int32, when the caller already has it."""
     if x.shape[0] == 0:  # no rows: still an output that depends on the weight (EP/FSDP need its gradient)
         return F.linear(x, weight[0])
     if _grouped_mm_ok(x, weight):
-        offs = counts.cumsum(0).to(torch.int32)
+        if offs is None:
+            offs = counts.cumsum(0).to(torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs))
     return _segment_linear(x, weight, counts.tolist())
 

@@ -148,9 +148,10 @@ class ExpertParallelExperts(nn.Module):
         )
         if x.shape[0] == 0:  # keep x (the dispatch all-to-all) and the weights in the graph
             return _zero_dependency(x.new_zeros(0, d_w.shape[1]), [x, g_w, u_w, d_w])
-        g = linear_by_expert(x, g_w, counts)
-        u = linear_by_expert(x, u_w, counts)
-        return linear_by_expert(F.silu(g) * u, d_w, counts)
+        offs = counts.cumsum(0).to(torch.int32)
+        g = linear_by_expert(x, g_w, counts, offs)
+        u = linear_by_expert(x, u_w, counts, offs)
+        return linear_by_expert(F.silu(g) * u, d_w, counts, offs)
 
     def run_local(self, x: torch.Tensor, per_slot: torch.Tensor) -> torch.Tensor:
         """Rows received for this rank, grouped by local slot (per_slot [V] rows each) → outputs."""
