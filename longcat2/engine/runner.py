@@ -35,10 +35,6 @@ class SeqState:
     tokens: list[int] = field(default_factory=list)  # the sequence so far (prompt + accepted output)
     mtp_len: int = 0  # MTP cache holds exact step-1 entries for positions < mtp_len
 
-    @property
-    def num_cached(self) -> int:
-        return self.blocks.num_tokens
-
 
 @dataclass
 class Segment:

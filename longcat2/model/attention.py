@@ -99,18 +99,18 @@ class MLA(nn.Module):
         )
 
     # ------------------------------------------------------------------ absorbed / expanded forms
-    def _kv_b_halves(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        return w[:, : self.nope], w[:, self.nope :]  # W_uk [h, nope, c], W_uv [h, v, c]
+    def _kv_b(self) -> torch.Tensor:
+        """kv_b_proj's weight per head: [h, nope + v, c] (rows :nope = W_uk, nope: = W_uv)."""
+        return self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
 
     def absorb(self, q_nope: torch.Tensor) -> torch.Tensor:
         """q_nope [..., T, h, nope] → latent queries q_nope · W_uk [..., T, h, c] (one GEMM per head)."""
-        w_uk = self._kv_b_halves()[0]
+        w_uk = self._kv_b()[:, : self.nope]  # [h, nope, c]
         return torch.matmul(q_nope.transpose(-3, -2), w_uk).transpose(-3, -2)
 
     def unabsorb(self, o_latent: torch.Tensor) -> torch.Tensor:
         """Attended latents [..., T, h, c] → values [..., T, h*v] (the V half of kv_b_proj)."""
-        w_uv = self._kv_b_halves()[1]
+        w_uv = self._kv_b()[:, self.nope :]  # [h, v, c]
         if o_latent.dtype != w_uv.dtype:
             o_latent = o_latent.to(w_uv.dtype)
         out = torch.matmul(o_latent.transpose(-3, -2), w_uv.transpose(1, 2))  # [..., h, T, v]
@@ -200,14 +200,13 @@ class MLA(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         positions: torch.Tensor,
-        index_keys: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Run the indexer; None when every query sees <= index_topk keys (exact dense attention)."""
         assert self.indexer is not None
         max_visible = int(positions.max().item()) + 1
         if max_visible <= self.cfg.index_topk or not self.sparse_enabled:
             return None
-        keys = self.indexer.keys(x, cos, sin) if index_keys is None else index_keys
+        keys = self.indexer.keys(x, cos, sin)
         q, w = self.indexer.queries(x, p.q_lora, cos, sin)
         with torch.no_grad():
             return lsa_select(self.indexer, q.detach(), w.detach(), keys.detach(), positions, self.cfg)
