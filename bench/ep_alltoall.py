@@ -72,7 +72,10 @@ def traffic_worker(
 
     info = P.init_distributed(ep=world)
     model = _model(num_layers=2)
-    P.parallelize(model, info.mesh, short_circuit_zero=short_circuit)
+    if not short_circuit:  # the baseline: zero-expert slots travel like routed ones
+        for moe in (m for m in model.modules() if isinstance(m, MoE)):
+            P.dispatch_zero_experts(moe, info.mesh["ep"])
+    P.parallelize(model, info.mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     losses, slots, routed = [], 0, 0

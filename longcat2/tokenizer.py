@@ -34,6 +34,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
+from longcat2.corpus import DataError, read_file_documents, resolve_files
+
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</longcat_s>", "<pad>"
 CHAT_TOKENS = (
     "<longcat_system>",
@@ -81,8 +83,6 @@ def _texts(
     files_or_texts: Iterable[str | Path], max_bytes: int | None, on_skip: Callable[[Path, str], None] | None
 ) -> Iterator[str]:
     """Paths are read as corpus files (text, or `.jsonl` with a `text` field); plain strings are texts."""
-    from longcat2.data import read_file_documents  # data imports this module; import lazily
-
     used = 0
     for item in files_or_texts:
         if isinstance(item, Path):
@@ -302,8 +302,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from longcat2.data import DataError, resolve_files
-
     try:
         src = resolve_files(args.data, max_bytes=args.max_bytes)
     except DataError as e:

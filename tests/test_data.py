@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from longcat2 import corpus as C
 from longcat2 import data as D
 from longcat2.data import BatchSampler, DataError, TokenShards, ensure_prepared, load_split, prepare
 from longcat2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -176,11 +177,11 @@ def test_truncated_shard_is_detected(tmp_path: Path, corpus, tok: Tokenizer) -> 
 
 
 def test_stdlib_source_capped(tmp_path: Path, tok: Tokenizer) -> None:
-    src = D.resolve_files("stdlib", max_bytes=120_000)
+    src = C.resolve_files("stdlib", max_bytes=120_000)
     assert src.kind == "stdlib" and 0 < len(src.files) < src.total_files
     assert all(f.suffix == ".py" and "site-packages" not in f.parts for f in src.files)
-    assert D.resolve_files("stdlib", max_bytes=120_000).files == src.files  # stable order
-    no_tests = D.stdlib_files(include_tests=False)[1]
+    assert C.resolve_files("stdlib", max_bytes=120_000).files == src.files  # stable order
+    no_tests = C.stdlib_files(include_tests=False)[1]
     assert not any({"test", "tests"} & set(f.relative_to(src.root).parts[:-1]) for f in no_tests)
     meta = prepare("stdlib", tok, tmp_path / "o", max_bytes=120_000)
     assert meta["source_kind"] == "stdlib" and meta["text_bytes"] <= 120_000

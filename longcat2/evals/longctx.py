@@ -1,9 +1,13 @@
 """Long-context evaluation: accuracy of a model on synthetic tasks per length × needle depth.
 
 Design choices:
-- Exact match per example = every answer token is the argmax given the true prefix (one forward pass,
-  equal to greedy decoding of the answer). MQAR reports the fraction of queries answered.
-- Examples of the same length are batched; the model runs in eval mode without gradient.
+- Scored through the inference engine, the path users are served with: each prompt is prefilled into the
+  paged cache up to its first answer token (chunked), then the rest of the example is fed one true token
+  per step as cached decode (sparse LSA decode once the context exceeds index_topk). Exact match per
+  answer span = every answer token is the argmax given the true prefix (teacher forcing, equal to greedy
+  decoding of the answer). MQAR reports the fraction of queries answered.
+- Examples are batched: one engine step carries a prefill chunk or a decode row of every example of the
+  batch; the model runs in eval mode without gradient.
 - Output: a JSON-able dict {task, lengths, depths, accuracy[length][depth], mean}, and optionally a heatmap
   PNG (matplotlib, Agg backend).
 """
@@ -17,25 +21,64 @@ from typing import Any
 import numpy as np
 import torch
 
+from longcat2.engine.runner import ModelRunner, Segment
 from longcat2.evals.tasks import Example, TaskVocab, make_examples
 
 
 @torch.no_grad()
+def predict_answers(
+    model: torch.nn.Module, examples: list[Example], batch_size: int = 4, prefill_chunk: int = 2048
+) -> list[dict[int, int]]:
+    """Per example {position t: the engine's argmax prediction of token t given tokens < t}, for every t
+    from the first answer token to the end (prefill + teacher-forced cached decode)."""
+    runner = ModelRunner(model, block_size=128)
+    preds: list[dict[int, int]] = []
+    for b0 in range(0, len(examples), batch_size):
+        batch = examples[b0 : b0 + batch_size]
+        toks = [torch.from_numpy(e.tokens) for e in batch]
+        seqs = [runner.new_sequence(e.tokens.tolist()) for e in batch]  # (N-gram history)
+        first = [e.answers[0][0] for e in batch]  # prefill positions < first
+        out: list[dict[int, int]] = [{} for _ in batch]
+        done = [0] * len(batch)
+        while True:  # chunked prefill; the last chunk's last row predicts token `first`
+            segs, who = [], []
+            for i, (d, f) in enumerate(zip(done, first)):
+                if d < f:
+                    n = min(prefill_chunk, f - d)
+                    segs.append(Segment(seqs[i], toks[i][d : d + n], d, "last" if d + n == f else "none"))
+                    who.append(i)
+                    done[i] = d + n
+            if not segs:
+                break
+            step = runner.forward(segs)
+            for logits, i in zip(step.logits, who):
+                if logits is not None:
+                    out[i][first[i]] = int(logits[0].argmax())
+        for t_off in range(max(len(e.tokens) - f for e, f in zip(batch, first)) - 1):  # decode
+            segs, who = [], []
+            for i, (e, f) in enumerate(zip(batch, first)):
+                t = f + t_off  # feed the true token t, predict t + 1
+                if t < len(e.tokens) - 1:
+                    segs.append(Segment(seqs[i], toks[i][t : t + 1], t, "last"))
+                    who.append(i)
+            step = runner.forward(segs)
+            for logits, i in zip(step.logits, who):
+                out[i][first[i] + t_off + 1] = int(logits[0].argmax())
+        for seq in seqs:
+            runner.free(seq)
+        preds.extend(out)
+    return preds
+
+
+def exact_match(example: Example, pred: dict[int, int]) -> float:
+    """The fraction of answer spans whose tokens are all predicted exactly (pred: position → token)."""
+    ok = [all(pred.get(t) == int(example.tokens[t]) for t in range(a, b)) for a, b in example.answers]
+    return float(np.mean(ok))
+
+
 def score_examples(model: torch.nn.Module, examples: list[Example], batch_size: int = 4) -> list[float]:
-    """Per-example accuracy: the fraction of answer spans whose tokens are all predicted exactly."""
-    device = next(model.parameters()).device
-    scores: list[float] = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        width = max(len(e.tokens) for e in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, e in enumerate(batch):
-            ids[i, : len(e.tokens)] = torch.from_numpy(e.tokens)  # right padding never affects earlier logits
-        pred = model(ids.to(device)).argmax(-1).cpu()  # pred[:, t] predicts token t+1
-        for i, e in enumerate(batch):
-            ok = [bool((pred[i, a - 1 : b - 1] == ids[i, a:b]).all()) for a, b in e.answers]
-            scores.append(float(np.mean(ok)))
-    return scores
+    """Per-example accuracy through the engine (see `predict_answers` and `exact_match`)."""
+    return [exact_match(e, p) for e, p in zip(examples, predict_answers(model, examples, batch_size))]
 
 
 def evaluate_longctx(

@@ -1,20 +1,29 @@
-"""Multi-head Latent Attention (MLA) with LongCat's LoRA scaling, dense or LSA-sparse.
+"""Multi-head Latent Attention (MLA) with LongCat's LoRA scaling, dense or LSA-sparse, with or without a cache.
 
 Design choices:
-- Projection (`project`) and attention (`attend`) are separate so the inference engine can store the
-  latent (c_kv, k_rope) in its own cache and call `attend` with cached latents; the model itself never
-  expands per-head K/V for the sparse path.
+- One forward for training, evaluation and the inference engine. `forward(..., cache=None)` is full causal
+  attention over the given tokens. With a `cache` (an `AttentionCache`, built per step by the engine: the
+  step's positions, cache slots, which rows belong to which sequence) the layer does its own math
+  (projection, indexer keys and queries, o_proj) and hands the cache-facing parts to the cache: store the
+  new latent (c_kv, k_rope) and indexer key, select top-k over the cached index keys, attend over the
+  cached latents. The cache stays a kernel provider; the model never expands per-head K/V for the sparse
+  path and the engine never re-types layer math.
+- Projection (`project`) and attention (`attend`: dense or sparse core) are separate; the absorbed-form
+  pieces (`absorb`: q_nope → latent queries with the K half of kv_b_proj, `unabsorb`: attended latent →
+  values with the V half, `expand`: latents → per-head K/V) are public so cached attention reuses them.
 - α_q = sqrt(H / q_lora_rank) scales the whole query (nope and rope parts); α_kv = sqrt(H / kv_lora_rank)
   scales the normalised kv latent only (what is cached); k_rope is not scaled.
 - Dense path = expanded K/V through `kv_b_proj` and SDPA (the transformers formulation; used whenever every
   query sees <= index_topk keys, or when the layer has no LSA). Sparse path = absorbed MQA form over the
   selected indices (see lsa.py). With top-k >= visible length the two agree to rounding.
-- The sublayer that owns an indexer returns its top-k indices; the next sublayer receives them (CLI).
+- The sublayer that owns an indexer returns its top-k indices; the next sublayer receives them (CLI). With
+  `reuse=True` an owner skips its own selection and uses the indices it is given (MTP steps > 1).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +41,23 @@ class MLAProjection:
     kv_latent: torch.Tensor  # [B, T, c] (normed, × α_kv)
     k_rope: torch.Tensor  # [B, T, r] (rotated)
     q_lora: torch.Tensor  # [B, T, q_lora_rank] (q_a_layernorm output, unscaled; the indexer query input)
+
+
+class AttentionCache(Protocol):
+    """The engine's side of cached attention: one object per forward step, whose rows ([1, N]) may belong
+    to several sequences. The selection `select` returns is opaque to the model: the owner sublayer returns
+    it and the next sublayer hands it back to `attend` (cross-layer indexing), like the no-cache indices."""
+
+    def store(
+        self, mla: MLA, kv_latent: torch.Tensor, k_rope: torch.Tensor, index_keys: torch.Tensor | None
+    ) -> None:
+        """Write the step's latents [1, N, c], rope keys [1, N, r] (and indexer keys [1, N, d])."""
+
+    def select(self, mla: MLA, q: torch.Tensor, w: torch.Tensor) -> Any:
+        """Top-k over the cached indexer keys for queries q [1, N, h, d] with head weights w [1, N, h]."""
+
+    def attend(self, mla: MLA, p: MLAProjection, selection: Any) -> torch.Tensor:
+        """Causal attention of the step's queries over the cached latents → [1, N, h*v] (before o_proj)."""
 
 
 class MLA(nn.Module):
@@ -72,20 +98,39 @@ class MLA(nn.Module):
             q_lora=q_lora,
         )
 
-    def _kv_b_halves(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        return w[:, : self.nope], w[:, self.nope :]  # W_uk [h, nope, c], W_uv [h, v, c]
+    # ------------------------------------------------------------------ absorbed / expanded forms
+    def _kv_b(self) -> torch.Tensor:
+        """kv_b_proj's weight per head: [h, nope + v, c] (rows :nope = W_uk, nope: = W_uv)."""
+        return self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
 
-    # ------------------------------------------------------------------ attention cores
+    def absorb(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [..., T, h, nope] → latent queries q_nope · W_uk [..., T, h, c] (one GEMM per head)."""
+        w_uk = self._kv_b()[:, : self.nope]  # [h, nope, c]
+        return torch.matmul(q_nope.transpose(-3, -2), w_uk).transpose(-3, -2)
+
+    def unabsorb(self, o_latent: torch.Tensor) -> torch.Tensor:
+        """Attended latents [..., T, h, c] → values [..., T, h*v] (the V half of kv_b_proj)."""
+        w_uv = self._kv_b()[:, self.nope :]  # [h, v, c]
+        if o_latent.dtype != w_uv.dtype:
+            o_latent = o_latent.to(w_uv.dtype)
+        out = torch.matmul(o_latent.transpose(-3, -2), w_uv.transpose(1, 2))  # [..., h, T, v]
+        return out.transpose(-3, -2).flatten(-2)
+
+    def expand(self, kv_latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents [..., S, c], rope keys [..., S, r] → per-head K [..., S, h, nope+r], V [..., S, h, v]."""
+        kv = self.kv_b_proj(kv_latent).unflatten(-1, (self.num_heads, self.nope + self.v_dim))
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(*k_nope.shape[:-1], -1)], dim=-1)
+        return k, v
+
+    # ------------------------------------------------------------------ attention cores (no cache)
     def dense(
         self, p: MLAProjection, kv_latent: torch.Tensor, k_rope: torch.Tensor, q_pos: torch.Tensor
     ) -> torch.Tensor:
         """Causal attention of the queries in p against all keys (positions 0..S-1). → [B, T, h*v]."""
         b, t = p.q_nope.shape[:2]
         s = kv_latent.shape[1]
-        kv = self.kv_b_proj(kv_latent).view(b, s, self.num_heads, self.nope + self.v_dim)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, self.num_heads, -1)], dim=-1)
+        k, v = self.expand(kv_latent, k_rope)
         q = torch.cat([p.q_nope, p.q_rope], dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, T|S, d]
         if t == s:
@@ -100,32 +145,53 @@ class MLA(nn.Module):
         self, p: MLAProjection, kv_latent: torch.Tensor, k_rope: torch.Tensor, indices: torch.Tensor
     ) -> torch.Tensor:
         """Attention over the selected keys only (absorbed form). → [B, T, h*v]."""
-        b, t = p.q_nope.shape[:2]
-        w_uk, w_uv = self._kv_b_halves()
-        q_latent = torch.einsum("bthn,hnc->bthc", p.q_nope, w_uk)
-        o_latent = sparse_mla_attention(q_latent, p.q_rope, kv_latent, k_rope, indices, self.softmax_scale)
-        out = torch.einsum("bthc,hvc->bthv", o_latent, w_uv)
-        return out.reshape(b, t, self.num_heads * self.v_dim)
+        o_latent = sparse_mla_attention(
+            self.absorb(p.q_nope), p.q_rope, kv_latent, k_rope, indices, self.softmax_scale
+        )
+        return self.unabsorb(o_latent)
 
-    # ------------------------------------------------------------------ full forward (no cache)
+    def attend(
+        self,
+        p: MLAProjection,
+        kv_latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        positions: torch.Tensor,
+        indices: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Dense causal attention when `indices` is None, else sparse over them. → [B, T, h*v]."""
+        if indices is None:
+            return self.dense(p, kv_latent, k_rope, positions)
+        return self.sparse(p, kv_latent, k_rope, indices)
+
+    # ------------------------------------------------------------------ forward
     def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         positions: torch.Tensor,
-        indices: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [B, T, H] at `positions` [T] (a fresh sequence: keys are the same T tokens).
-        `indices`: top-k indices from the owner sublayer (CLI reuse). Returns (out [B, T, H], indices)."""
+        indices: Any = None,
+        reuse: bool = False,
+        cache: AttentionCache | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """x [B, T, H] at `positions` [T]. Without `cache` the keys are the same T tokens (a fresh sequence);
+        with it, every row attends over what its sequence has cached. `indices`: the owner sublayer's
+        selection (CLI); `reuse`: an owner takes `indices` instead of running its indexer.
+        Returns (out [B, T, H], indices)."""
         p = self.project(x, cos, sin)
-        if self.indexer is not None:
+        select = self.indexer is not None and not reuse
+        if cache is not None:
+            keys = self.indexer.keys(x, cos, sin) if self.indexer is not None else None
+            cache.store(self, p.kv_latent, p.k_rope, keys)
+            if select:
+                indices = None
+                if self.sparse_enabled:
+                    q, w = self.indexer.queries(x, p.q_lora, cos, sin)
+                    indices = cache.select(self, q, w)
+            return self.o_proj(cache.attend(self, p, indices)), indices
+        if select:
             indices = self.select(x, p, cos, sin, positions)
-        if indices is None:
-            out = self.dense(p, p.kv_latent, p.k_rope, positions)
-        else:
-            out = self.sparse(p, p.kv_latent, p.k_rope, indices)
-        return self.o_proj(out), indices
+        return self.o_proj(self.attend(p, p.kv_latent, p.k_rope, positions, indices)), indices
 
     def select(
         self,
@@ -134,14 +200,13 @@ class MLA(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         positions: torch.Tensor,
-        index_keys: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Run the indexer; None when every query sees <= index_topk keys (exact dense attention)."""
         assert self.indexer is not None
         max_visible = int(positions.max().item()) + 1
         if max_visible <= self.cfg.index_topk or not self.sparse_enabled:
             return None
-        keys = self.indexer.keys(x, cos, sin) if index_keys is None else index_keys
+        keys = self.indexer.keys(x, cos, sin)
         q, w = self.indexer.queries(x, p.q_lora, cos, sin)
         with torch.no_grad():
             return lsa_select(self.indexer, q.detach(), w.detach(), keys.detach(), positions, self.cfg)

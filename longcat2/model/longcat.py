@@ -17,6 +17,9 @@ Design choices:
   previous depth's hidden state at t with the embedding of token t+k (eh_proj over [enorm(emb); hnorm(h)]),
   runs a dense decoder sublayer (MLA + SwiGLU), and predicts token t+k+1 through the shared lm_head. With
   LSA the first step's index pass is shared by the later steps (`dsa_mtp_cli`).
+- One code path: the inference engine runs these same modules, passing its per-step attention cache
+  (`attention.AttentionCache`) down to the MLA sublayers; without a cache the model attends causally over
+  the given tokens (training, evaluation).
 - `forward(input_ids)` returns logits [B, T, V]; `forward(..., return_dict=True)` returns a LongCatOutput with
   the final hidden states and MTP logits for training.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longcat2.config import ModelConfig
-from longcat2.model.attention import MLA
+from longcat2.model.attention import MLA, AttentionCache
 from longcat2.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from longcat2.model.moe import MoE
 from longcat2.model.ngram import NgramEmbedding
@@ -57,14 +61,19 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg)
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        cache: AttentionCache | None = None,
     ) -> torch.Tensor:
-        attn0, indices = self.self_attn[0](self.input_layernorm[0](h), cos, sin, positions)
+        attn0, indices = self.self_attn[0](self.input_layernorm[0](h), cos, sin, positions, cache=cache)
         a0 = h + attn0
         x0 = self.post_attention_layernorm[0](a0)
         moe = self.mlp(x0)
         m0 = a0 + self.mlps[0](x0)
-        attn1, _ = self.self_attn[1](self.input_layernorm[1](m0), cos, sin, positions, indices)
+        attn1, _ = self.self_attn[1](self.input_layernorm[1](m0), cos, sin, positions, indices, cache=cache)
         a1 = m0 + attn1
         return a1 + self.mlps[1](self.post_attention_layernorm[1](a1)) + moe
 
@@ -105,22 +114,13 @@ class MTPLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         positions: torch.Tensor,
-        indices: torch.Tensor | None,
+        indices: Any,
         reuse: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache: AttentionCache | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """emb [B, T, H] (token t+k), h_prev [B, T, H] → (h [B, T, H], the attention's indices)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        attn = self.self_attn
-        normed = self.input_layernorm(x)
-        if reuse and attn.indexer is not None:
-            p = attn.project(normed, cos, sin)
-            out = (
-                attn.dense(p, p.kv_latent, p.k_rope, positions)
-                if indices is None
-                else attn.sparse(p, p.kv_latent, p.k_rope, indices)
-            )
-            a, idx = attn.o_proj(out), indices
-        else:
-            a, idx = attn(normed, cos, sin, positions, indices)
+        a, idx = self.self_attn(self.input_layernorm(x), cos, sin, positions, indices, reuse, cache)
         x = x + a
         return x + self.transformer_layer.mlp(self.post_attention_layernorm(x)), idx
 
@@ -180,19 +180,23 @@ class LongCatModel(nn.Module):
         return self.ngram_embeddings(input_ids, word, ngram_history)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor | None = None,
+        cache: AttentionCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """→ hidden [B, T, H] (pre-norm), cos, sin, positions."""
-        t = input_ids.shape[1]
+        """input_ids [B, T] (or `inputs_embeds` [B, T, H]) → hidden [B, T, H] (pre-norm), cos, sin,
+        positions. `cache`: the engine's per-step attention cache (see attention.py)."""
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if positions is None:
-            positions = torch.arange(t, device=input_ids.device)
-        cos, sin = self.rotary_emb(positions)
-        h = self.embed(input_ids)
+            positions = torch.arange(h.shape[1], device=h.device)
+        cos, sin = self.rotary_emb(positions, h.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(layer, h, cos, sin, positions, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, positions)
+                h = layer(h, cos, sin, positions, cache)
         return h, cos, sin, positions
 
 

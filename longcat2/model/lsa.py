@@ -15,7 +15,8 @@ Design choices:
 - Sparse attention runs MLA in absorbed (MQA) form: queries are projected into the kv_lora latent space with
   the K half of `kv_b_proj`, scored against the gathered latent + rope key, and the attended latent is
   mapped out with the V half. Mathematically equal to expanded MLA; selected latents are never expanded per
-  head. The same function serves training, prefill and cached decode.
+  head. Training calls it directly; the engine runs the same computation on its paged pool
+  (`engine.kernels.gather_attention`), between the same `MLA.absorb` / `MLA.unabsorb`.
 """
 
 from __future__ import annotations

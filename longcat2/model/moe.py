@@ -8,7 +8,9 @@ Design choices:
 - Routed experts are stacked parameters [E, out, in] (per-expert HF keys are split/merged by the checkpoint
   adapter). Tokens are sorted by expert and run as one grouped GEMM (`torch._grouped_mm`) when the device and
   dtype allow it, else as a loop over the contiguous per-expert segments of the sorted tokens: either way
-  only experts that received tokens do work.
+  only experts that received tokens do work. The experts module is always called (even with no rows), so
+  expert parallelism swaps only `experts` (see `longcat2.parallel.dispatch`): one MoE forward for one
+  process and many.
 - Zero experts cost nothing: their contribution is (Σ zero-expert gates) · x, added locally.
 - The MoE records the last routing decision (`last_topk`, detached) for load statistics and bias control.
 """
@@ -22,22 +24,28 @@ from torch import nn
 from longcat2.config import ModelConfig
 
 
+class FP32Linear(nn.Linear):
+    """A linear layer that always computes in fp32, whatever the dtype of its weight and input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias.float() if self.bias is not None else None
+        return F.linear(x.float(), self.weight.float(), b)
+
+
 class Router(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_experts = cfg.n_routed_experts + cfg.zero_expert_num
         self.top_k = cfg.moe_topk
         self.scaling = cfg.routed_scaling_factor
-        self.classifier = nn.Linear(cfg.hidden_size, self.num_experts, bias=cfg.router_bias)
+        self.classifier = FP32Linear(cfg.hidden_size, self.num_experts, bias=cfg.router_bias)
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] → gates [N, k] fp32, expert ids [N, k], probs [N, E] fp32."""
-        w = self.classifier.weight.float()
-        b = self.classifier.bias.float() if self.classifier.bias is not None else None
-        probs = F.linear(x.float(), w, b).softmax(dim=-1)
+        probs = self.classifier(x).softmax(dim=-1)
         with torch.no_grad():
-            choice = probs + self.e_score_correction_bias.float()
+            choice = probs + self.e_score_correction_bias  # (an fp32 buffer)
             ids = choice.topk(self.top_k, dim=-1).indices
         gates = probs.gather(1, ids) * self.scaling
         return gates, ids, probs
@@ -80,17 +88,22 @@ class Experts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted [M, H] grouped by expert (counts [E]) → [M, H]."""
-        g = linear_by_expert(x_sorted, self.gate_proj, counts)
-        u = linear_by_expert(x_sorted, self.up_proj, counts)
-        return linear_by_expert(F.silu(g) * u, self.down_proj, counts)
+        offs = counts.cumsum(0).to(torch.int32)  # shared by the three grouped GEMMs
+        g = linear_by_expert(x_sorted, self.gate_proj, counts, offs)
+        u = linear_by_expert(x_sorted, self.up_proj, counts, offs)
+        return linear_by_expert(F.silu(g) * u, self.down_proj, counts, offs)
 
 
-def linear_by_expert(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """x [M, in] sorted by expert with `counts` [E] rows each; weight [E, out, in] → [M, out]."""
-    if x.shape[0] == 0:
-        return x.new_zeros(0, weight.shape[1])
+def linear_by_expert(
+    x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, in] sorted by expert with `counts` [E] rows each; weight [E, out, in] → [M, out].
+    `offs`: counts.cumsum(0) as int32, when the caller already has it."""
+    if x.shape[0] == 0:  # no rows: still an output that depends on the weight (EP/FSDP need its gradient)
+        return F.linear(x, weight[0])
     if _grouped_mm_ok(x, weight):
-        offs = counts.cumsum(0).to(torch.int32)
+        if offs is None:
+            offs = counts.cumsum(0).to(torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs))
     return _segment_linear(x, weight, counts.tolist())
 
@@ -109,21 +122,18 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # [N, H]
         gates, ids, probs = self.router(x)
         self.last_topk, self.last_probs = ids.detach(), probs
-        n, k = ids.shape
+        k = ids.shape[1]
+        n_dispatched = self.experts.num_experts  # expert ids the experts module serves; the rest are identity
         flat_ids = ids.reshape(-1)  # [N*k]
         flat_gates = gates.reshape(-1)
-        routed = flat_ids < self.n_routed
         # identity experts: Σ gates · x, computed locally
-        zero_gate = (gates * (ids >= self.n_routed)).sum(-1, keepdim=True)  # [N, 1]
+        zero_gate = (gates * (ids >= n_dispatched)).sum(-1, keepdim=True)  # [N, 1]
         out = (zero_gate * x.float()).to(x.dtype)
-        if bool(routed.any()):
-            slot = routed.nonzero().squeeze(-1)  # positions in the [N*k] list
-            expert = flat_ids[slot]
-            order = torch.sort(expert, stable=True).indices
-            slot = slot[order]
-            token = slot // k
-            counts = torch.bincount(flat_ids[slot], minlength=self.n_routed)
-            y = self.experts(x[token], counts)  # [M, H]
-            y = y * flat_gates[slot].unsqueeze(-1).to(y.dtype)
-            out = out.index_add(0, token, y.to(out.dtype))
-        return out.view(shape)
+        slot = (flat_ids < n_dispatched).nonzero().squeeze(-1)  # positions in the [N*k] list
+        order = torch.sort(flat_ids[slot], stable=True).indices
+        slot = slot[order]
+        token = slot // k
+        counts = torch.bincount(flat_ids[slot], minlength=n_dispatched)
+        y = self.experts(x[token], counts)  # [M, H]; always called (EP: every rank enters the collectives)
+        y = y * flat_gates[slot].unsqueeze(-1).to(y.dtype)
+        return out.index_add(0, token, y.to(out.dtype)).view(shape)

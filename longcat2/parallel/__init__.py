@@ -37,7 +37,14 @@ from longcat2.parallel.checkpoint import (
     save_sharded,
     set_rng_state,
 )
-from longcat2.parallel.dispatch import ExpertParallelExperts, Traffic, all_to_all, expert_parallel
+from longcat2.parallel.dispatch import (
+    ExpertParallelExperts,
+    Traffic,
+    ZeroExpertsOverNetwork,
+    all_to_all,
+    dispatch_zero_experts,
+    expert_parallel,
+)
 from longcat2.parallel.mesh import (
     DistInfo,
     ParallelConfigError,
@@ -59,6 +66,7 @@ __all__ = [
     "LoadedState",
     "ParallelConfigError",
     "Traffic",
+    "ZeroExpertsOverNetwork",
     "all_reduce_expert_counts",
     "all_reduce_sum",
     "all_to_all",
@@ -67,6 +75,7 @@ __all__ = [
     "build_mesh",
     "clip_grad_norm_",
     "default_device",
+    "dispatch_zero_experts",
     "env_rank_world",
     "expert_parallel",
     "expert_traffic",

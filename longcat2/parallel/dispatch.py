@@ -1,16 +1,17 @@
 """Expert parallelism: token dispatch and combine with all-to-all, zero experts kept local.
 
 Design choices:
-- The single-device `MoE` already sorts its routed (token, slot) pairs by expert id and calls
-  `experts(x_sorted, counts)`. Expert parallelism swaps `mlp.experts` for `ExpertParallelExperts`, whose
-  forward has the same signature: it sends each expert's rows to the rank owning the expert, runs the local
-  experts, and sends the results back in the original order. Routed expert e lives on ep-rank
-  e // (E / ep) (contiguous blocks), so rows sorted by expert id are already grouped by destination.
-- The MoE forward is replaced (`ep_moe_forward`) by an equivalent that (a) always calls the experts module,
-  even when this rank routed no token to any routed expert (every rank must enter the same collectives:
-  FSDP all-gather, both all-to-alls), and (b) can be told not to short-circuit zero experts (only for the
-  benchmark's baseline). By default zero-computation (identity) experts are evaluated locally as
+- `MoE.forward` is the one MoE forward, for one process and many: it sorts its (token, slot) pairs by
+  expert id and calls `experts(x_sorted, counts)`, always (also with no routed row: every rank must enter
+  the same collectives, FSDP all-gather and both all-to-alls). Expert parallelism only swaps `mlp.experts`
+  for `ExpertParallelExperts`, whose forward has the same signature: it sends each expert's rows to the
+  rank owning the expert, runs the local experts, and sends the results back in the original order.
+  Routed expert e lives on ep-rank e // (E / ep) (contiguous blocks), so rows sorted by expert id are
+  already grouped by destination. Zero-computation (identity) experts are evaluated locally by the MoE as
   Σ gate · x: their slots never cross the network.
+- `ZeroExpertsOverNetwork` (the measurement baseline that shows what keeping zero experts local saves) is a
+  subclass that also takes the zero-expert slots and ships them to identity slots spread over the ranks;
+  `parallelize` never installs it.
 - Two all-to-alls per MoE call (dispatch, combine) plus one tiny all-to-all of per-expert counts; uneven
   splits and zero-row splits are normal. The token all-to-all is an autograd Function (`all_to_all`):
   backward is the reverse all-to-all of the gradients, so expert weight gradients collect every rank's
@@ -108,11 +109,11 @@ class ExpertParallelExperts(nn.Module):
     """This rank's slice of a MoE's routed experts; forward dispatches rows to their owners and back.
 
     `forward(x_sorted, counts)`: rows grouped by destination rank then by expert (what `MoE` produces when
-    experts are contiguous per rank), `counts` [ep · V] rows per (rank, local slot), V = `n_local` routed
-    experts (+ `n_identity` identity slots when zero experts are not short-circuited).
+    experts are contiguous per rank), `counts` [ep · V] rows per (rank, local slot), V = `slots_per_rank`
+    (the `n_local` routed experts).
     """
 
-    def __init__(self, experts: Experts, ep_mesh: DeviceMesh, n_identity: int = 0) -> None:
+    def __init__(self, experts: Experts, ep_mesh: DeviceMesh) -> None:
         super().__init__()
         ep = ep_mesh.size()
         e = experts.num_experts
@@ -123,7 +124,6 @@ class ExpertParallelExperts(nn.Module):
         self.ep = ep
         self.ep_rank = ep_mesh.get_local_rank()
         self.n_local = e // ep
-        self.n_identity = n_identity
         self.group = ep_mesh.get_group()
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(experts, name)
@@ -135,10 +135,10 @@ class ExpertParallelExperts(nn.Module):
 
     @property
     def slots_per_rank(self) -> int:
-        return self.n_local + self.n_identity
+        return self.n_local
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, ep={self.ep}, local={self.n_local}, identity_slots={self.n_identity}"
+        return f"experts={self.num_experts}, ep={self.ep}, local={self.n_local}"
 
     def local_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The local routed experts on rows grouped by local expert (counts [n_local])."""
@@ -148,9 +148,14 @@ class ExpertParallelExperts(nn.Module):
         )
         if x.shape[0] == 0:  # keep x (the dispatch all-to-all) and the weights in the graph
             return _zero_dependency(x.new_zeros(0, d_w.shape[1]), [x, g_w, u_w, d_w])
-        g = linear_by_expert(x, g_w, counts)
-        u = linear_by_expert(x, u_w, counts)
-        return linear_by_expert(F.silu(g) * u, d_w, counts)
+        offs = counts.cumsum(0).to(torch.int32)
+        g = linear_by_expert(x, g_w, counts, offs)
+        u = linear_by_expert(x, u_w, counts, offs)
+        return linear_by_expert(F.silu(g) * u, d_w, counts, offs)
+
+    def run_local(self, x: torch.Tensor, per_slot: torch.Tensor) -> torch.Tensor:
+        """Rows received for this rank, grouped by local slot (per_slot [V] rows each) → outputs."""
+        return self.local_experts(x, per_slot)
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         ep, v = self.ep, self.slots_per_rank
@@ -168,11 +173,7 @@ class ExpertParallelExperts(nn.Module):
         )
         perm = torch.sort(slot_of_row, stable=True).indices
         per_slot = recv_counts.sum(0)  # [V]
-        xg = xr[perm]
-        n_routed_rows = int(per_slot[: self.n_local].sum())
-        yg = self.local_experts(xg[:n_routed_rows], per_slot[: self.n_local])
-        if self.n_identity:
-            yg = torch.cat([yg, xg[n_routed_rows:].to(yg.dtype)])
+        yg = self.run_local(xr[perm], per_slot)
         yr = torch.empty_like(yg).index_copy(0, perm, yg) if yg.shape[0] else yg
         # 4. combine
         y = all_to_all(yr, send_splits, recv_splits, self.group)
@@ -192,70 +193,52 @@ class ExpertParallelExperts(nn.Module):
         t.local_rows += send_splits[me]
 
 
-# ---------------------------------------------------------------------- MoE forward
-def ep_moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """`MoE.forward` for distributed runs: always enters the expert collectives; see the module docstring.
+# ---------------------------------------------------------------------- installing
+def expert_parallel(moe: MoE, ep_mesh: DeviceMesh) -> ExpertParallelExperts:
+    """Swap `moe.experts` for its EP slice on `ep_mesh` (the MoE's forward stays `MoE.forward`)."""
+    moe.experts = ExpertParallelExperts(moe.experts, ep_mesh)
+    return moe.experts
 
-    With `moe.short_circuit_zero` False (benchmark baseline) zero-expert slots are dispatched like routed
-    ones to identity slots spread over the ep ranks.
-    """
-    experts = moe.experts
-    shape = x.shape
-    x = x.reshape(-1, shape[-1])
-    gates, ids, probs = moe.router(x)
-    moe.last_topk, moe.last_probs = ids.detach(), probs
-    n, k = ids.shape
-    e = moe.n_routed
-    flat_ids = ids.reshape(-1)
-    flat_gates = gates.reshape(-1)
-    short_circuit = getattr(moe, "short_circuit_zero", True)
-    if short_circuit:
-        zero_gate = (gates * (ids >= e)).sum(-1, keepdim=True)
-        out = (zero_gate * x.float()).to(x.dtype)
-        slot = (flat_ids < e).nonzero().squeeze(-1)
-        key = flat_ids[slot]
-        n_keys = e
-    else:
-        if not isinstance(experts, ExpertParallelExperts) or experts.n_identity == 0:
-            raise ValueError("short_circuit_zero=False needs ExpertParallelExperts with identity slots")
-        out = torch.zeros_like(x)
-        slot = torch.arange(n * k, device=x.device)
-        ep, nl, ni = experts.ep, experts.n_local, experts.n_identity
-        gid = flat_ids[slot]
+
+class ZeroExpertsOverNetwork(ExpertParallelExperts):
+    """Measurement baseline: the MoE hands this module the zero-expert slots too (its `num_experts` counts
+    them), and they travel like routed ones to `n_identity` identity slots per rank (zero expert j lives on
+    rank j // n_identity). Compare its `traffic` with `ExpertParallelExperts` to see what keeping zero
+    experts local saves. Install with `dispatch_zero_experts` before `parallelize`."""
+
+    def __init__(self, experts: Experts, ep_mesh: DeviceMesh, n_zero: int) -> None:
+        super().__init__(experts, ep_mesh)
+        if n_zero % self.ep:
+            raise ValueError(
+                f"zero_expert_num: {n_zero} zero experts cannot be spread evenly over ep={self.ep}"
+            )
+        self.n_routed = self.num_experts
+        self.num_experts = self.n_routed + n_zero  # what the MoE dispatches to this module
+        self.n_identity = n_zero // self.ep
+
+    @property
+    def slots_per_rank(self) -> int:
+        return self.n_local + self.n_identity
+
+    def run_local(self, x: torch.Tensor, per_slot: torch.Tensor) -> torch.Tensor:
+        n_routed_rows = int(per_slot[: self.n_local].sum())
+        y = self.local_experts(x[:n_routed_rows], per_slot[: self.n_local])
+        return torch.cat([y, x[n_routed_rows:].to(y.dtype)])  # identity slots: y = x
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x_sorted by expert id (routed, then zero experts), counts [E + Z] → outputs in the same order."""
+        e, nl, ni = self.n_routed, self.n_local, self.n_identity
+        gid = torch.repeat_interleave(torch.arange(self.num_experts, device=counts.device), counts)
         zero_j = (gid - e).clamp_min(0)
         owner = torch.where(gid < e, gid // nl, zero_j // ni)
         local = torch.where(gid < e, gid % nl, nl + zero_j % ni)
         key = owner * (nl + ni) + local
-        n_keys = ep * (nl + ni)
-    order = torch.sort(key, stable=True).indices
-    slot = slot[order]
-    counts = torch.bincount(key[order], minlength=n_keys)
-    token = slot // k
-    y = experts(x[token], counts)
-    y = y * flat_gates[slot].unsqueeze(-1).to(y.dtype)
-    if y.shape[0] == 0 and not isinstance(experts, ExpertParallelExperts):
-        y = _zero_dependency(y, list(experts.parameters()))
-    out = out.index_add(0, token, y.to(out.dtype))
-    return out.view(shape)
+        perm = torch.sort(key, stable=True).indices
+        y = super().forward(x_sorted[perm], torch.bincount(key, minlength=self.ep * (nl + ni)))
+        return torch.empty_like(y).index_copy(0, perm, y)
 
 
-def install_ep_forward(moe: MoE, short_circuit_zero: bool = True) -> None:
-    """Replace `moe.forward` (instance attribute) by `ep_moe_forward`."""
-    moe.short_circuit_zero = short_circuit_zero
-    moe.forward = ep_moe_forward.__get__(moe, type(moe))  # type: ignore[method-assign]
-
-
-def expert_parallel(moe: MoE, ep_mesh: DeviceMesh, short_circuit_zero: bool = True) -> ExpertParallelExperts:
-    """Swap `moe.experts` for its EP slice on `ep_mesh` and install the distributed MoE forward."""
-    n_zero = moe.router.num_experts - moe.n_routed
-    n_identity = 0
-    if not short_circuit_zero:
-        if n_zero % ep_mesh.size():
-            raise ValueError(
-                f"zero_expert_num: {n_zero} zero experts cannot be spread evenly over ep={ep_mesh.size()}"
-            )
-        n_identity = n_zero // ep_mesh.size()
-    ep_experts = ExpertParallelExperts(moe.experts, ep_mesh, n_identity=n_identity)
-    moe.experts = ep_experts
-    install_ep_forward(moe, short_circuit_zero)
-    return ep_experts
+def dispatch_zero_experts(moe: MoE, ep_mesh: DeviceMesh) -> ZeroExpertsOverNetwork:
+    """Swap `moe.experts` for the `ZeroExpertsOverNetwork` baseline (measurements only)."""
+    moe.experts = ZeroExpertsOverNetwork(moe.experts, ep_mesh, moe.router.num_experts - moe.n_routed)
+    return moe.experts

@@ -6,8 +6,9 @@ Design choices (torchtitan's recipe, applied from outside to the unchanged singl
   flag: `torch.utils.checkpoint`, non-reentrant, so FSDP's hooks run again on recompute), then FSDP2
   bottom-up: each MoE's experts over `dp` (the mesh axis left over by ep), each decoder layer, the MTP
   head, then the root (embeddings, final norm, lm_head) over all ranks.
-- Every MoE gets the distributed forward (`dispatch.ep_moe_forward`) whenever the job has more than one
-  rank, also without EP: a rank that routes no token to routed experts must still enter its collectives.
+- Nothing else of the model changes: `MoE.forward` always calls its experts module, so a rank that routes
+  no token to routed experts still enters its collectives (with or without EP). Experts already swapped
+  for an `ExpertParallelExperts` (e.g. the `ZeroExpertsOverNetwork` measurement baseline) are kept.
 - Gradients: FSDP averages dense gradients over all ranks; expert gradients are summed over `ep` by the
   all-to-all backward and scaled by 1/ep (dispatch.py), then averaged over `dp` by FSDP. The result equals
   a single process on the global batch (tested to 1e-5).
@@ -42,7 +43,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from longcat2.model.moe import MoE
-from longcat2.parallel.dispatch import ExpertParallelExperts, expert_parallel, install_ep_forward
+from longcat2.parallel.dispatch import ExpertParallelExperts, expert_parallel
 from longcat2.parallel.mesh import DP, EP, ParallelConfigError, dense_mesh, validate_degrees
 
 
@@ -94,13 +95,11 @@ def parallelize(
     mixed_precision: str | MixedPrecisionPolicy | None = None,
     activation_checkpointing: bool = False,
     reshard_after_forward: bool = True,
-    short_circuit_zero: bool = True,
 ) -> nn.Module:
     """Apply EP / FSDP2 / activation checkpointing / mixed precision in place and return the model.
 
     `mesh`: the ("dp", "ep") mesh from `init_distributed` / `build_mesh` (None in a single process: only
     activation checkpointing applies). `ep` defaults to the mesh's ep size; if given it must match.
-    `short_circuit_zero=False` (benchmark baseline only) sends zero-expert slots over the network too.
     """
     cfg = getattr(model, "config", None)
     n_routed = getattr(cfg, "n_routed_experts", None)
@@ -131,12 +130,11 @@ def parallelize(
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     _activation_checkpointing(model, activation_checkpointing)
 
-    # 1. expert parallelism (and the collective-safe MoE forward everywhere)
-    for moe in moes:
-        if ep > 1:
-            expert_parallel(moe, mesh[EP], short_circuit_zero=short_circuit_zero)
-        elif world > 1:
-            install_ep_forward(moe, short_circuit_zero=True)
+    # 1. expert parallelism: swap each MoE's experts for this rank's slice
+    if ep > 1:
+        for moe in moes:
+            if not isinstance(moe.experts, ExpertParallelExperts):
+                expert_parallel(moe, mesh[EP])
 
     if world == 1:
         return model

@@ -1,4 +1,5 @@
-"""`TrainConfig`: every knob of `longcat2 train` / `longcat2 sft`, one dataclass (no torch import).
+"""`TrainConfig`: every knob of `longcat2 train` / `longcat2 sft`, one dataclass (no torch import); also
+`TrainingError` and the `IGNORE` label, which the tasks (`sft.py`) and the loop (`trainer.py`) share.
 
 The CLI flags are generated from these fields (`batch_size` ↔ `--batch-size`, help text from the field's
 metadata), so adding a field adds a flag. Kept free of torch so `longcat2 --help` stays fast.
@@ -9,6 +10,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+IGNORE = -100  # label of a position without loss
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to do."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:

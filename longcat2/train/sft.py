@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from longcat2.train.checkpointing import resolve_init
-from longcat2.train.trainer import IGNORE, TrainConfig, TrainingError
+from longcat2.train.config import IGNORE, TrainConfig, TrainingError
 
 VAL_SHARE = 0.05
 

@@ -53,8 +53,7 @@ def attention_distribution(
         p = mla.project(x, cos, sin)
         b, t = x.shape[:2]
         s = torch.arange(t, device=x.device)
-        w_uk, _ = mla._kv_b_halves()
-        q_lat = torch.einsum("bthn,hnc->bthc", p.q_nope[:, rows], w_uk)  # [B, C, h, c]
+        q_lat = mla.absorb(p.q_nope[:, rows])  # [B, C, h, c]
         scores = torch.einsum("bthc,bsc->bhts", q_lat, p.kv_latent)
         scores = scores + torch.einsum("bthr,bsr->bhts", p.q_rope[:, rows], p.k_rope)
         future = s[None, :] > positions[rows][:, None]  # [C, T]

@@ -65,19 +65,13 @@ from longcat2.config import ModelConfig
 from longcat2.model import LongCatForCausalLM
 from longcat2.model_dir import ModelDirError
 from longcat2.train import balance, checkpointing
-from longcat2.train.config import RESUME_MUTABLE, TrainConfig
+from longcat2.train.config import IGNORE, RESUME_MUTABLE, TrainConfig, TrainingError
 from longcat2.train.optim import MuonAdamW, Schedule, apply_schedule, param_groups_for
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
-
 
 __all__ = ["RESUME_MUTABLE", "IGNORE", "PretrainTask", "TrainConfig", "Trainer", "TrainingError", "run"]
-
-
-class TrainingError(RuntimeError):
-    """A run cannot start or continue; the message says why and what to do."""
 
 
 # ---------------------------------------------------------------------- tasks

@@ -72,17 +72,10 @@ def test_sparse_selection_equals_model_indices() -> None:
     runner = ModelRunner(model, block_size=32)
     seq = runner.new_sequence(ids[0].tolist())
     seen = []
-    orig = runner._select
-
-    def spy(lid, q, w, ctx):
-        sel = orig(lid, q, w, ctx)
-        if lid == 2:
-            seen.append(sel[0])
-        return sel
-
-    runner._select = spy
+    hook = model.model.layers[1].self_attn[0].register_forward_hook(lambda m, a, out: seen.append(out[1][0]))
     _prefill(runner, seq, ids[0].tolist(), chunk=70)  # both chunks see more than index_topk keys
-    got = torch.cat(seen)  # [130, 64]
+    hook.remove()
+    got = torch.cat(seen)  # [130, 64]: the engine's selection (one segment per step)
     assert torch.equal(got, captured["idx"][0])
 
 
@@ -154,20 +147,65 @@ def test_bf16_two_pass_index_mode_selects_like_the_exact_scan() -> None:
         seq = runner.new_sequence(ids)
         _prefill(runner, seq, ids[:190], chunk=95)
         seen = []
-        orig = runner._select
-
-        def spy(lid, q, w, ctx, orig=orig, seen=seen):
-            sel = orig(lid, q, w, ctx)
-            seen.append(sel[0])
-            return sel
-
-        runner._select = spy
+        owners = [layer.self_attn[0] for layer in model.model.layers]
+        hooks = [m.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out[1][0])) for m in owners]
         outs = []
         for i in range(190, 200):
             outs.append(runner.forward([Segment(seq, torch.tensor(ids[i : i + 1]), i, "last")]).logits[0][0])
+        for hook in hooks:
+            hook.remove()
         sels[mode], logits[mode] = seen, torch.stack(outs)
     assert all(torch.equal(a, b) for a, b in zip(sels["exact"], sels["bf16"]))
     assert torch.equal(logits["exact"], logits["bf16"])
     with torch.no_grad():
         full = model(torch.tensor([ids]))[0, 190:200].float()
     assert (logits["bf16"].float() - full).abs().max() < 0.1 * full.abs().max()  # bf16 rounding only
+
+
+def _calls_by_module(model: LongCatForCausalLM) -> tuple[dict[str, int], list]:
+    """Forward-call counters for every module that owns parameters directly (Linear, norms, embeddings,
+    the stacked experts)."""
+    calls: dict[str, int] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if any(True for _ in mod.parameters(recurse=False)):
+            calls[name] = 0
+            hooks.append(
+                mod.register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls[name] + 1))
+            )
+    return calls, hooks
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_engine_calls_every_model_module(speculative: bool) -> None:
+    """The engine runs the model's own modules: with a 200-token prompt (48-token prefill chunks: the first
+    within index_topk, expanded dense form; the rest LSA-sparse) and sparse decode, every parameterised
+    module's forward runs (the MTP head's too when speculative)."""
+    from longcat2.engine import Engine, SamplingParams
+
+    model = _model("tiny")
+    calls, hooks = _calls_by_module(model)
+    prompt = torch.randint(4, 512, (200,)).tolist()
+    eng = Engine(model, max_step_tokens=48, block_size=32, speculative=speculative)
+    eng.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    for hook in hooks:
+        hook.remove()
+    expected = [n for n in calls if speculative or not n.startswith("model.mtp.")]
+    assert len(expected) >= 71
+    assert [n for n in expected if calls[n] == 0] == []
+
+
+def test_sparse_decode_calls_every_module_but_the_expanded_kv_projection() -> None:
+    """A decode step over a long context runs every main-model module; kv_b_proj enters only through its
+    weight halves (`MLA.absorb` / `MLA.unabsorb`), as in the model's own sparse path."""
+    model = _model("tiny")
+    ids = torch.randint(4, 512, (150,)).tolist()
+    runner = ModelRunner(model, block_size=32)
+    seq = runner.new_sequence(ids)
+    _prefill(runner, seq, ids[:149], chunk=149)
+    calls, hooks = _calls_by_module(model)
+    runner.forward([Segment(seq, torch.tensor(ids[149:]), 149, "last")])
+    for hook in hooks:
+        hook.remove()
+    missing = [n for n, c in calls.items() if c == 0 and not n.startswith("model.mtp.")]
+    assert missing and all(n.endswith("kv_b_proj") for n in missing)

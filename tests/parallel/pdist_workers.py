@@ -36,7 +36,7 @@ def dispatch_worker(rank: int, world: int) -> dict[str, Any]:
     sc = copy.deepcopy(ref)
     P.expert_parallel(sc, info.mesh["ep"])
     nsc = copy.deepcopy(ref)
-    P.expert_parallel(nsc, info.mesh["ep"], short_circuit_zero=False)
+    P.dispatch_zero_experts(nsc, info.mesh["ep"])
     n_local = ref.n_routed // world
     sl = slice(rank * n_local, (rank + 1) * n_local)
     report: dict[str, Any] = {}

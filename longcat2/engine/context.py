@@ -1,0 +1,220 @@
+"""The engine's attention cache for one step: what `MLA.forward(..., cache=...)` stores into and attends over.
+
+A step is a flat batch of segments (T new tokens of one sequence each). `StepContext` carries what the
+model's attention needs to know about them — positions, cache slots, which rows belong to which sequence
+and how many keys each sees — and implements the model's `AttentionCache` protocol with the cache-side
+kernels. The layer math (projections, indexer queries/keys, the absorbed-form weights, o_proj) stays in the
+model; this module only stores, selects over and gathers from the paged pool.
+
+Design choices:
+- Per segment the regime is chosen like the model: dense when every query of the segment sees <=
+  index_topk keys (or the layer has no LSA), else per-query top-k (queries that still see <= index_topk
+  keys get all of them, as in the model's selection). The consumer sublayer reuses the owner's selection
+  (CLI); the attention plan derived from a selection is computed once per step and shared.
+- Attention forms: selected keys (sparse rows, and short dense rows) go through one batched gather +
+  absorbed MLA call for the whole step (`kernels.gather_attention`: the model's sparse core on the pool);
+  dense segments with many queries (prefill without LSA, or within index_topk) use the expanded form
+  (`MLA.expand` + `kernels.dense_prefill`: chunked causal matmul-softmax-matmul) when it is cheaper in
+  FLOPs; long dense decode rows use the online-softmax kernel over the cache's contiguous runs
+  (`kernels.dense_decode`).
+- Selection never builds [T, S] masks: only the dynamic region is scored (see kernels.py), in query chunks
+  bounded by `score_budget` elements, so prefill memory stays bounded for 1M-token contexts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from longcat2.config import ModelConfig
+from longcat2.engine.cache import PagedKVCache, SeqBlocks
+from longcat2.engine.kernels import (
+    dense_decode,
+    dense_prefill,
+    dense_rows,
+    gather_attention,
+    index_scan,
+    index_scan_select_bf16,
+    lsa_rows,
+)
+from longcat2.model.attention import MLA, MLAProjection
+
+Selection = list[torch.Tensor | None]  # per segment: selected positions [T, K] (-1 = empty) or None (dense)
+
+
+@dataclass
+class AttentionSettings:
+    """What the runner decides once: the cache, each MLA's cache layer and the kernel choices."""
+
+    cache: PagedKVCache
+    cfg: ModelConfig
+    layer_ids: dict[MLA, int]  # MLA sublayer → its cache layer
+    index_mode: str = "auto"  # "exact" | "bf16" | "auto" (see ModelRunner)
+    score_budget: int = 1 << 24
+    expanded_min_rows: int = 32
+    dense_gather_max: int = 4096
+
+
+@dataclass
+class _Plan:
+    rows: torch.Tensor | None = None  # query rows that attend over explicit slots (None: all rows)
+    slots: torch.Tensor | None = None  # [R, K] pool rows per query, -1 = empty
+    expanded: list[tuple[int, int, SeqBlocks, int]] = field(
+        default_factory=list
+    )  # (row offset, T, blocks, start)
+    long_rows: list[tuple[int, SeqBlocks, int]] = field(default_factory=list)  # (row, blocks, visible keys)
+
+
+@dataclass
+class StepContext:
+    """One step's rows: segment i covers rows offsets[i] .. offsets[i]+lengths[i]-1 at positions
+    starts[i] .. of the sequence whose cache blocks are blocks[i]. Implements `model.attention.AttentionCache`."""
+
+    settings: AttentionSettings
+    blocks: list[SeqBlocks]
+    starts: list[int]
+    offsets: list[int]
+    lengths: list[int]
+    positions: torch.Tensor  # [N]
+    slots: torch.Tensor  # [N] pool rows of the new tokens
+    plans: dict[int, tuple[Selection | None, _Plan]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ AttentionCache
+    def store(
+        self, mla: MLA, kv_latent: torch.Tensor, k_rope: torch.Tensor, index_keys: torch.Tensor | None
+    ) -> None:
+        cache, lid = self.settings.cache, self.settings.layer_ids[mla]
+        cache.write(lid, self.slots, kv_latent[0], k_rope[0])
+        if index_keys is not None:
+            cache.write_index(lid, self.slots, index_keys[0])  # [N, d]
+
+    def select(self, mla: MLA, q: torch.Tensor, w: torch.Tensor) -> Selection:
+        """q [1, N, h, d], w [1, N, h] fp32 → per segment [T, index_topk] positions or None (dense)."""
+        st = self.settings
+        cfg, cache, lid = st.cfg, st.cache, st.layer_ids[mla]
+        q, w = q[0], w[0]
+        topk, init, local = cfg.index_topk, cfg.index_init_tokens, cfg.index_local_tokens
+        pool = cache.index_keys[lid]
+        out: Selection = []
+        for blocks, start, off, t in zip(self.blocks, self.starts, self.offsets, self.lengths):
+            if start + t <= topk:
+                out.append(None)  # every query sees <= topk keys: dense
+                continue
+            q_pos = self.positions[off : off + t]
+            rows = []
+            n_dense = max(0, min(t, topk - start))  # queries at positions < topk see <= topk keys
+            if n_dense:
+                rows.append(dense_rows(q_pos[:n_dense], topk))
+            qs, ws, ps = q[off + n_dense : off + t], w[off + n_dense : off + t], q_pos[n_dense:]
+            if ps.numel() == 1 and self._use_bf16(q, pool):
+                # decode: bf16 GEMM scan + exact rescoring (same indices as the fp32 scan)
+                qp = int(ps[0])
+                lo, hi = init, qp - local + 1
+                pieces = [(a, pool[r : r + m]) for a, r, m in cache.runs(blocks, lo, hi)]
+                kd = topk - init - local
+                dyn = index_scan_select_bf16(qs[0], ws[0], pieces, lo, hi, kd, cache.index_key_max_norm[lid])
+                sink = torch.arange(init, device=dyn.device)
+                loc = torch.arange(qp - local + 1, qp + 1, device=dyn.device)
+                rows.append(torch.cat([sink, dyn, loc])[None])
+            else:
+                chunk = max(1, st.score_budget // max(1, int(ps[-1]) if ps.numel() else 1))
+                for c0 in range(0, ps.numel(), chunk):
+                    pc = ps[c0 : c0 + chunk]
+                    lo, hi = init, int(pc[-1]) - local + 1  # dynamic region of the chunk's last query
+                    pieces = [(a, pool[r : r + m]) for a, r, m in cache.runs(blocks, lo, hi)]
+                    scores = index_scan(qs[c0 : c0 + chunk], ws[c0 : c0 + chunk], pieces, lo, hi)
+                    rows.append(lsa_rows(scores, pc, topk, init, local))
+            out.append(torch.cat(rows) if len(rows) > 1 else rows[0])
+        return out
+
+    def attend(self, mla: MLA, p: MLAProjection, selection: Selection | None) -> torch.Tensor:
+        """→ attention output before o_proj [1, N, h*v]."""
+        cache, lid = self.settings.cache, self.settings.layer_ids[mla]
+        plan = self._plan(selection)
+        lat_pool, rope_pool = cache.latent[lid], cache.rope[lid]
+        q_nope, q_rope = p.q_nope[0], p.q_rope[0]  # [N, h, nope], [N, h, r]
+        if plan.slots is not None and plan.rows is None and not plan.expanded and not plan.long_rows:
+            # common case (decode, LSA prefill): every row attends over explicit slots
+            o_lat = gather_attention(
+                mla.absorb(q_nope), q_rope, lat_pool, rope_pool, plan.slots, mla.softmax_scale
+            )
+            return mla.unabsorb(o_lat)[None]
+        n = self.positions.shape[0]
+        out = q_nope.new_empty(n, mla.num_heads * mla.v_dim)
+        if plan.slots is not None or plan.long_rows:
+            q_latent = mla.absorb(q_nope)  # [N, h, c]
+        if plan.slots is not None:
+            rows = plan.rows if plan.rows is not None else slice(None)
+            o_lat = gather_attention(
+                q_latent[rows], q_rope[rows], lat_pool, rope_pool, plan.slots, mla.softmax_scale
+            )  # [R, h, c]
+            out[rows] = mla.unabsorb(o_lat).to(out.dtype)
+        for off, t, blocks, start in plan.expanded:
+            end = start + t
+            lat = cache.read(lat_pool, blocks, 0, end).to(q_nope.dtype)  # [S, c]
+            rope = cache.read(rope_pool, blocks, 0, end).to(q_nope.dtype)  # [S, r]
+            k, v = mla.expand(lat, rope)  # [S, h, qk], [S, h, v]
+            sl = slice(off, off + t)
+            q = torch.cat([q_nope[sl], q_rope[sl]], dim=-1)  # [T, h, qk]
+            out[sl] = dense_prefill(q, k, v, start, mla.softmax_scale).reshape(t, -1).to(out.dtype)
+        for row, blocks, vis in plan.long_rows:
+            pieces = [(lat_pool[r : r + m], rope_pool[r : r + m]) for _, r, m in cache.runs(blocks, 0, vis)]
+            o_lat = dense_decode(q_latent[row], q_rope[row], pieces, mla.softmax_scale)  # [h, c]
+            out[row] = mla.unabsorb(o_lat[None])[0]
+        return out[None]
+
+    # ------------------------------------------------------------------ helpers
+    def _use_bf16(self, q: torch.Tensor, pool: torch.Tensor) -> bool:
+        mode = self.settings.index_mode
+        if mode == "exact":
+            return False
+        ok = q.dtype == torch.bfloat16 and pool.dtype == torch.bfloat16
+        if mode == "bf16" and not ok:
+            raise ValueError(
+                "index_mode='bf16' needs a bf16 model (bf16 indexer queries) and bf16 index keys"
+            )
+        return ok
+
+    def _plan(self, sel: Selection | None) -> _Plan:
+        """How each segment attends (shared by every sublayer that sees the same selection)."""
+        key = id(sel) if sel is not None else 0
+        hit = self.plans.get(key)
+        if hit is not None and hit[0] is sel:  # (ids of dead selections can be reused: check identity)
+            return hit[1]
+        st = self.settings
+        plan = _Plan()
+        rows, slots = [], []
+        for i, (blocks, start, off, t) in enumerate(
+            zip(self.blocks, self.starts, self.offsets, self.lengths)
+        ):
+            end = start + t
+            s_sel = sel[i] if sel is not None else None
+            if s_sel is not None:
+                rows.append((off, t))
+                slots.append(st.cache.slots(blocks, s_sel))
+            elif t >= st.expanded_min_rows and self._expanded_better(t):
+                plan.expanded.append((off, t, blocks, start))
+            elif end <= st.dense_gather_max:
+                rows.append((off, t))
+                slots.append(st.cache.slots(blocks, dense_rows(self.positions[off : off + t], end)))
+            else:
+                plan.long_rows.extend((off + j, blocks, start + j + 1) for j in range(t))
+        if rows:
+            width = max(x.shape[1] for x in slots)
+            if any(x.shape[1] != width for x in slots):
+                slots = [nn.functional.pad(x, (0, width - x.shape[1]), value=-1) for x in slots]
+            plan.slots = torch.cat(slots) if len(slots) > 1 else slots[0]  # [R, K]
+            n_rows = sum(t for _, t in rows)
+            if n_rows != self.positions.shape[0]:
+                dev = self.positions.device
+                plan.rows = torch.cat([torch.arange(o, o + t, device=dev) for o, t in rows])
+        self.plans[key] = (sel, plan)
+        return plan
+
+    def _expanded_better(self, t: int) -> bool:
+        """Expanded MLA costs S·c·h·(nope+v) to expand keys plus T·S·h·(qk+v); absorbed T·S·h·(2c+r)."""
+        cfg = self.settings.cfg
+        c, r, nope, v = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+        return t * (2 * c + r) > c * (nope + v) + t * (nope + r + v)
