@@ -11,14 +11,22 @@ holding one contiguous sequence (synthetic latents/keys; the selection is whatev
   (`lsa_rows`), gather of the selected latents for both sublayers and absorbed attention over them
   (`gather_attention`).
 
-Weight projections (q/kv/o, indexer q/w) are identical in both arms and weight-bound, so they are left
-out, as in the bytes model of sparse_attention.md §5: dense = 2·L·(c+r)·e bytes, LSA = 2·k·(c+r)·e +
-L·d_I·e_I (L = context, k = index_topk, e = bytes per element). FLOPs: dense 2·L·2h(2c+r), LSA
-2·k·2h(2c+r) + L·2·h_I·d_I. "%BW" is achieved bytes/s over a measured 1-thread stream-read bandwidth.
-Times are the best of `--repeats` runs, the arms taking turns (the machine may be shared).
+The MLA weight projections (q/kv/o of both sublayers) are the same in both arms and are left out. The
+indexer's own projections of the new token (`wq_b` on the query latent, `wk` + key norm and
+`weights_proj` on the attention input: h_I·d_I·q_lora + d_I·H + h_I·H weights) exist only in the LSA arm,
+so the LSA arm includes them (batch 1: one matrix-vector product each, weight-bound). Bytes model
+(sparse_attention.md §5, plus those weights): dense = 2·L·(c+r)·e, LSA = 2·k·(c+r)·e + L·d_I·e_I + the
+indexer weights (L = context, k = index_topk, e = bytes per element). FLOPs: dense 2·L·2h(2c+r), LSA
+2·k·2h(2c+r) + L·2·h_I·d_I (+ 2× the indexer weights). "%BW" is achieved bytes/s over a measured 1-thread
+stream-read bandwidth.
+
+Timing (bench/timing.py): every arm (and every LSA component) gets one warm-up call and the same
+`--repeats` timed calls, the arms taking turns; tables show medians, the dense/LSA ratio is the median of
+the per-repeat ratios with its [min–max] spread.
 
     .venv/bin/python bench/decode_lsa.py                      # both configs, 4K … 1M
     .venv/bin/python bench/decode_lsa.py --config longcat-2.0 --lengths 4096,131072 --repeats 5 --engine-lengths ""
+    .venv/bin/python bench/decode_lsa.py --config tiny --lengths 4096 --repeats 3 --engine-lengths 4096   # smoke
 """
 
 from __future__ import annotations
@@ -30,8 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import interleaved, load_average, median, ratio_spread, spread  # noqa: E402
 
 from longcat2.engine.cache import LayerSpec, PagedKVCache  # noqa: E402
 from longcat2.engine.kernels import (  # noqa: E402
@@ -57,11 +69,13 @@ class Dims:
     init: int
     local: int
     dtype: torch.dtype
+    hidden: int
+    q_lora: int
 
 
 CONFIGS = {
-    "longcat-2.0": Dims("longcat-2.0", 64, 512, 64, 32, 128, 2048, 16, 1024, torch.bfloat16),
-    "tiny": Dims("tiny", 4, 32, 8, 4, 16, 64, 4, 16, torch.float32),
+    "longcat-2.0": Dims("longcat-2.0", 64, 512, 64, 32, 128, 2048, 16, 1024, torch.bfloat16, 8192, 1536),
+    "tiny": Dims("tiny", 4, 32, 8, 4, 16, 64, 4, 16, torch.float32, 64, 32),
 }
 
 
@@ -73,21 +87,6 @@ def stream_bandwidth() -> float:
         x.sum()
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best
-
-
-def timeit(fns: dict, repeats: dict[str, int]) -> dict[str, float]:
-    """Best time of each function; the functions take turns (interleaved), so load from other processes
-    on a shared machine hits every arm alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    best = {k: float("inf") for k in fns}
-    for i in range(max(repeats.values())):
-        for k, fn in fns.items():
-            if i < repeats[k]:
-                t = time.perf_counter()
-                fn()
-                best[k] = min(best[k], time.perf_counter() - t)
-    return best
 
 
 def fill(t: torch.Tensor, block: int = 1 << 16) -> None:
@@ -115,6 +114,14 @@ def bench_length(d: Dims, length: int, repeats: int, bw: float, exact_scan: bool
     qr = [torch.randn(d.heads, d.rope, generator=g).to(d.dtype) for _ in range(2)]
     qi = torch.randn(d.index_heads, d.index_dim, generator=g).to(d.dtype)
     wi = torch.randn(d.index_heads, generator=g) * d.index_heads**-0.5 * d.index_dim**-0.5
+    # the indexer's projections of the new token (LSA arm only): wq_b, wk (+ RMS key norm), weights_proj
+    x_new = torch.randn(1, d.hidden, generator=g).to(d.dtype)
+    q_latent_new = torch.randn(1, d.q_lora, generator=g).to(d.dtype)
+    w_qb = (torch.randn(d.index_heads * d.index_dim, d.q_lora, generator=g) * d.q_lora**-0.5).to(d.dtype)
+    w_k = (torch.randn(d.index_dim, d.hidden, generator=g) * d.hidden**-0.5).to(d.dtype)
+    w_p = (torch.randn(d.index_heads, d.hidden, generator=g) * d.hidden**-0.5).to(d.dtype)
+    k_norm = torch.ones(d.index_dim, dtype=d.dtype)
+    index_weight_bytes = (w_qb.numel() + w_k.numel() + w_p.numel()) * e
     qpos = length - 1
     lo, hi = d.init, qpos - d.local + 1
     kd = d.topk - d.init - d.local
@@ -155,11 +162,17 @@ def bench_length(d: Dims, length: int, repeats: int, bw: float, exact_scan: bool
             lat, rope, invalid = gathered[i]
             attend_gathered(ql[i][None], qr[i][None], lat, rope, invalid, scale)
 
+    def index_proj() -> None:
+        F.linear(q_latent_new, w_qb)
+        F.rms_norm(F.linear(x_new, w_k), (d.index_dim,), k_norm, 1e-6)
+        F.linear(x_new, w_p)
+
     use_two_pass = d.dtype == torch.bfloat16 and not exact_scan
     if use_two_pass:
         assert torch.equal(two_pass(), sel[0, d.init : d.init + kd]), "bf16 two-pass selection differs"
 
     def lsa() -> None:
+        index_proj()
         if use_two_pass:
             dyn = two_pass()
             s = torch.cat([torch.arange(d.init), dyn, torch.arange(qpos - d.local + 1, qpos + 1)])[None]
@@ -169,24 +182,34 @@ def bench_length(d: Dims, length: int, repeats: int, bw: float, exact_scan: bool
         for i in range(2):
             gather_attention(ql[i][None], qr[i][None], cache.latent[i], cache.rope[i], sl, scale)
 
-    dense_reps = max(2, min(repeats, int(2e8 // (length * d.heads * d.latent)) + 1))
-    fns = {"dense": dense, "scan": scan, "topk": topk, "gather": gather, "attention": attention, "lsa": lsa}
+    fns = {
+        "dense": dense,
+        "lsa": lsa,
+        "index_proj": index_proj,
+        "scan": scan,
+        "topk": topk,
+        "gather": gather,
+        "attention": attention,
+    }
     if use_two_pass:
         fns["scan2"] = two_pass
-    res = timeit(fns, {k: dense_reps if k == "dense" else repeats for k in fns})
+    res: dict = interleaved(fns, repeats, warmup=1)
     kv = (d.latent + d.rope) * e
     res["bytes_dense"] = 2 * length * kv
-    res["bytes_lsa"] = 2 * d.topk * kv + (hi - lo) * d.index_dim * e
+    res["bytes_lsa"] = 2 * d.topk * kv + (hi - lo) * d.index_dim * e + index_weight_bytes
     res["flops_dense"] = 2 * length * 2 * d.heads * (2 * d.latent + d.rope)
     res["flops_lsa"] = (
-        2 * d.topk * 2 * d.heads * (2 * d.latent + d.rope) + (hi - lo) * 2 * d.index_heads * d.index_dim
+        2 * d.topk * 2 * d.heads * (2 * d.latent + d.rope)
+        + (hi - lo) * 2 * d.index_heads * d.index_dim
+        + 2 * index_weight_bytes // e
     )
     res["bw"] = bw
     return res
 
 
-def engine_step(length: int, lsa: bool, repeats: int) -> float:
-    """Seconds per decode step of the whole `tiny` model through `ModelRunner` at a synthetic context."""
+def engine_stepper(length: int, lsa: bool, steps: int):
+    """→ a function that runs the next decode step of the whole `tiny` model through `ModelRunner`, at a
+    synthetic context of `length` tokens (good for `steps` calls)."""
     from longcat2 import ModelConfig
     from longcat2.engine.runner import ModelRunner, Segment
     from longcat2.model.longcat import LongCatForCausalLM
@@ -196,22 +219,21 @@ def engine_step(length: int, lsa: bool, repeats: int) -> float:
     if not lsa:
         cfg = cfg.replace(index_n_heads=0)
     model = LongCatForCausalLM(cfg).eval()
-    runner = ModelRunner(model, block_size=4096, num_blocks=-(-(length + 64) // 4096))
+    runner = ModelRunner(model, block_size=4096, num_blocks=-(-(length + steps + 64) // 4096))
     g = torch.Generator().manual_seed(1)
     seq = runner.new_sequence(torch.randint(4, 512, (length,), generator=g).tolist())
-    runner.cache.reserve(seq.blocks, length + repeats + 2)
+    runner.cache.reserve(seq.blocks, length + steps + 2)
     for t in [*runner.cache.latent, *runner.cache.rope, *runner.cache.index_keys.values()]:
         fill(t)
     seq.blocks.num_tokens = length
+    pos = [length]
 
-    ts = []
-    for i in range(repeats + 1):
-        pos = length + i
+    def step() -> None:
         seq.tokens.append(7)
-        t0 = time.perf_counter()
-        runner.forward([Segment(seq, torch.tensor([7]), pos, "last")])
-        ts.append(time.perf_counter() - t0)
-    return min(ts[1:])
+        runner.forward([Segment(seq, torch.tensor([7]), pos[0], "last")])
+        pos[0] += 1
+
+    return step
 
 
 def fmt_len(n: int) -> str:
@@ -236,6 +258,7 @@ def main() -> None:
     bw = stream_bandwidth()
     print(f"# {' '.join(sys.argv)}")
     print(f"# torch {torch.__version__}, {args.threads} thread(s); stream read bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"# {load_average()} at start; {args.repeats} interleaved repeats per arm after 1 warm-up call")
     for name in CONFIGS if args.config == "all" else [args.config]:
         d = CONFIGS[name]
         scan_kind = "bf16 two-pass" if d.dtype == torch.bfloat16 and not args.exact_scan else "fp32"
@@ -245,24 +268,26 @@ def main() -> None:
             f"{scan_kind} indexer scan; times per layer (2 sublayers + 1 indexer), ms"
         )
         print(
-            "| context | dense | LSA | dense/LSA | bytes model | % of model | index score | top-k | gather | "
-            "attention | dense GB/s (%BW) | LSA GB/s (%BW) | dense GFLOP/s | LSA GFLOP/s |"
+            "| context | dense | LSA | dense/LSA [min–max] | bytes model | % of model | index proj | index score | "
+            "top-k | gather | attention | dense GB/s (%BW) | LSA GB/s (%BW) | dense GFLOP/s | LSA GFLOP/s |"
         )
-        print("|" + "---|" * 14)
+        print("|" + "---|" * 15)
         for n in lengths:
             r = bench_length(d, n, args.repeats, bw, args.exact_scan)
+            m = {k: median(v) for k, v in r.items() if isinstance(v, list)}
             model_ratio = r["bytes_dense"] / r["bytes_lsa"]
-            ratio = r["dense"] / r["lsa"]
-            score = r.get("scan2", r["scan"])
-            topk_txt = "(in score)" if "scan2" in r else f"{r['topk'] * 1e3:.2f}"
-            score_txt = f"{score * 1e3:.2f}" + (" (incl. top-k)" if "scan2" in r else "")
+            ratio = median([a / b for a, b in zip(r["dense"], r["lsa"])])
+            score = m.get("scan2", m["scan"])
+            topk_txt = "(in score)" if "scan2" in m else f"{m['topk'] * 1e3:.2f}"
+            score_txt = f"{score * 1e3:.2f}" + (" (incl. top-k)" if "scan2" in m else "")
             print(
-                f"| {fmt_len(n)} | {r['dense'] * 1e3:.2f} | {r['lsa'] * 1e3:.3f} | {ratio:.1f}x | "
-                f"{model_ratio:.1f}x | {100 * ratio / model_ratio:.0f}% | {score_txt} | {topk_txt} | "
-                f"{r['gather'] * 1e3:.3f} | {r['attention'] * 1e3:.3f} | "
-                f"{r['bytes_dense'] / r['dense'] / 1e9:.1f} ({100 * r['bytes_dense'] / r['dense'] / bw:.0f}%) | "
-                f"{r['bytes_lsa'] / r['lsa'] / 1e9:.1f} ({100 * r['bytes_lsa'] / r['lsa'] / bw:.0f}%) | "
-                f"{r['flops_dense'] / r['dense'] / 1e9:.0f} | {r['flops_lsa'] / r['lsa'] / 1e9:.0f} |",
+                f"| {fmt_len(n)} | {spread(r['dense'], 1e3)} | {spread(r['lsa'], 1e3, 3)} | "
+                f"{ratio_spread(r['dense'], r['lsa'], 1)} | {model_ratio:.1f}x | {100 * ratio / model_ratio:.0f}% | "
+                f"{m['index_proj'] * 1e3:.3f} | {score_txt} | {topk_txt} | "
+                f"{m['gather'] * 1e3:.3f} | {m['attention'] * 1e3:.3f} | "
+                f"{r['bytes_dense'] / m['dense'] / 1e9:.1f} ({100 * r['bytes_dense'] / m['dense'] / bw:.0f}%) | "
+                f"{r['bytes_lsa'] / m['lsa'] / 1e9:.1f} ({100 * r['bytes_lsa'] / m['lsa'] / bw:.0f}%) | "
+                f"{r['flops_dense'] / m['dense'] / 1e9:.0f} | {r['flops_lsa'] / m['lsa'] / 1e9:.0f} |",
                 flush=True,
             )
     if args.engine_lengths:
@@ -270,16 +295,22 @@ def main() -> None:
             "\n## whole tiny model (2 layers, MoE, N-gram, LM head) decode step through ModelRunner, synthetic "
             "cache; dense = the same weights without indexers"
         )
-        print("| context | dense ms/token | LSA ms/token | dense/LSA | dense tok/s | LSA tok/s |")
+        print("| context | dense ms/token | LSA ms/token | dense/LSA [min–max] | dense tok/s | LSA tok/s |")
         print("|---|---|---|---|---|---|")
         with torch.inference_mode():
             for n in [int(x) for x in args.engine_lengths.split(",")]:
-                td = engine_step(n, False, args.repeats)
-                tl = engine_step(n, True, args.repeats)
+                arms = {
+                    "dense": engine_stepper(n, False, args.repeats + 1),
+                    "lsa": engine_stepper(n, True, args.repeats + 1),
+                }
+                r = interleaved(arms, args.repeats, warmup=1)
+                td, tl = median(r["dense"]), median(r["lsa"])
                 print(
-                    f"| {fmt_len(n)} | {td * 1e3:.2f} | {tl * 1e3:.2f} | {td / tl:.1f}x | {1 / td:.0f} | {1 / tl:.0f} |",
+                    f"| {fmt_len(n)} | {spread(r['dense'], 1e3)} | {spread(r['lsa'], 1e3)} | "
+                    f"{ratio_spread(r['dense'], r['lsa'], 1)} | {1 / td:.0f} | {1 / tl:.0f} |",
                     flush=True,
                 )
+        print(f"# {load_average()} at the end")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ per process), training the tiny-flash preset (8 routed + 4 zero experts, top-3) 
    the same amount of gradients again). Both modes compute the same losses (checked). Reported per token
    and per MoE layer: rows (dimension-free), bytes at this preset's hidden size (fp32), and the same rows
    scaled to LongCat-2.0 activations (hidden 8192, bf16).
-2. Scaling. Same per-rank batch (weak scaling), median step time after warm-up (best of `--repeats` runs,
-   configurations taking turns), for 1 process and for 2 processes (FSDP=2, and EP=2 with dense weights
+2. Scaling. Same per-rank batch (weak scaling), median step time after warm-up per run; `--repeats` runs
+   per configuration, configurations taking turns; reported: the median run with [min–max] (bench/timing.py), for 1 process and for 2 processes (FSDP=2, and EP=2 with dense weights
    FSDP-sharded over both ranks); tokens/s = global tokens / step time. Optimizer: plain AdamW (the parallel machinery, not Muon-over-DTensor, is measured).
 
     .venv/bin/python bench/ep_alltoall.py
     .venv/bin/python bench/ep_alltoall.py --steps 6 --batch 8 --seq 128 --json out.json
+    .venv/bin/python bench/ep_alltoall.py --steps 1 --warmup 1 --batch 1 --seq 32 --repeats 1   # smoke
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import load_average, median, spread  # noqa: E402
+
 from longcat2.parallel.launch import run_distributed  # noqa: E402
 
 PRESET = "tiny-flash"
@@ -129,7 +133,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4, help="sequences per rank")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument(
-        "--repeats", type=int, default=2, help="scaling runs per configuration (best is reported)"
+        "--repeats", type=int, default=3, help="scaling runs per configuration (the median is reported)"
     )
     ap.add_argument("--json", type=str, default=None, help="also write the numbers here")
     args = ap.parse_args()
@@ -194,7 +198,10 @@ def main() -> int:
     print(
         f"2. training tokens/s, {PRESET} (2 layers), {args.batch}x{args.seq} tokens per rank, AdamW; per run the"
     )
-    print(f"   median of {args.steps} steps after {args.warmup} warm-up steps, best of {args.repeats} runs")
+    print(
+        f"   median of {args.steps} steps after {args.warmup} warm-up steps per run; median [min–max] of "
+        f"{args.repeats} interleaved runs"
+    )
     runs = [("1 process", 1, 1), ("2 processes, FSDP=2", 2, 1), ("2 processes, EP=2 (+FSDP)", 2, 2)]
     step_s: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     for _ in range(args.repeats):  # configurations take turns, so a burst of outside load hits all of them
@@ -206,18 +213,18 @@ def main() -> int:
     results["scaling"] = {}
     base = None
     for name, world, _ in runs:
-        best = min(step_s[name])
-        tps = world * args.batch * args.seq / best
+        mid = median(step_s[name])
+        tps = world * args.batch * args.seq / mid
         base = base or tps
-        spread = ", ".join(f"{t * 1000:.0f}" for t in step_s[name])
         print(
-            f"   {name:<28} step {best * 1000:7.1f} ms  {tps:8.0f} tokens/s  x{tps / base:.2f}   (runs: {spread} ms)"
+            f"   {name:<28} step {spread(step_s[name], 1000, 1)} ms  {tps:8.0f} tokens/s  x{tps / base:.2f}"
         )
         results["scaling"][name] = {"step_s_runs": step_s[name], "tokens_per_s": tps, "speedup": tps / base}
     print(
         "   (this machine behaves like ~1 core: two processes share it, so the 2-process numbers show the\n"
         "    overhead of sharding + all-to-all, not a speed-up; on real hardware each rank has its own device)"
     )
+    print(f"   {load_average()} at the end")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -2,11 +2,13 @@
 
 A random `LongcatFlashForCausalLM` (transformers) is saved with `save_pretrained` and loaded into
 `LongCatForCausalLM.from_pretrained` (the project's checkpoint loader), so both sides run identical weights.
-Greedy decoding, EOS disabled, 1 thread. For each setting the script times a full `generate` (prefill +
-decode) and timestamps every token (a transformers streamer / the engine's stream callback): decode
-throughput = batch / lower-quartile gap between tokens (robust to load from other processes); best of
---repeats. Batched transformers runs (no streamer) use (total(N) - total(1)) / (N - 1) instead.
-In fp32 it also checks that both produce the same tokens (bf16 rounds differently and may diverge).
+Greedy decoding, EOS disabled, 1 thread. Both sides are measured the same way (bench/timing.py): one
+warm-up, then `--repeats` rounds in which the four runs take turns — transformers N tokens, engine N tokens,
+transformers 1 token, engine 1 token. Per round: total = the N-token run (prefill + decode), first token =
+the 1-token run, decode step = (total(N) − total(1)) / (N − 1), decode tok/s = batch / decode step. Tables
+show medians with [min–max]; speed-ups are medians of the per-round ratios.
+In fp32 the script stops with an error unless both sides produce the same tokens; in bf16 (different
+rounding) it reports how many leading tokens agree.
 
 Where the difference comes from: transformers keeps the MLA latent in its cache but re-expands it through
 kv_b_proj for every cached token at every decode step (O(L·c·h·(nope+v)) per sublayer), runs MoE experts in
@@ -14,7 +16,8 @@ a Python loop over hit experts, and pads batched prompts; the engine decodes in 
 latent (O(L·h·(2c+r))), groups experts, and batches requests of different lengths.
 
     .venv/bin/python bench/generate_vs_transformers.py                 # the default settings (~5 min)
-    .venv/bin/python bench/generate_vs_transformers.py --settings small:bf16:4:1024:32
+    .venv/bin/python bench/generate_vs_transformers.py --settings small:bfloat16:4:1024:32
+    .venv/bin/python bench/generate_vs_transformers.py --settings tiny-flash:float32:2:16:4 --repeats 2   # smoke
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ import argparse
 import logging
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import interleaved, load_average, median, ratio_spread, spread  # noqa: E402
 
 from longcat2 import ModelConfig  # noqa: E402
 from longcat2.engine import generate  # noqa: E402
@@ -82,45 +87,10 @@ def build(name: str, tmp: Path):
     return hf, ours.eval(), cfg
 
 
-class Clock:
-    """Token timestamps: a transformers streamer (put/end) and an engine `stream` callback at once."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.stamps: list[float] = []
-        self._prompt_seen = False
-
-    def put(self, value) -> None:  # transformers: first call carries the prompt
-        if self._prompt_seen:
-            self.stamps.append(time.perf_counter())
-        self._prompt_seen = True
-
-    def end(self) -> None:
-        pass
-
-    def __call__(self, event) -> None:  # engine event: the first request's tokens time the batch
-        if event.request_id == self.first_id and event.new_token_ids:
-            self.stamps.append(time.perf_counter())
-
-    first_id = "req-0"
-
-    def summary(self, total: float) -> tuple[float, float, float]:
-        """(total s, time to first token s, lower-quartile s between later tokens); nan without timestamps.
-        The lower quartile, not the median: on a shared machine other processes stretch random steps."""
-        if len(self.stamps) < 2:
-            return total, float("nan"), float("nan")
-        gaps = sorted(b - a for a, b in zip(self.stamps, self.stamps[1:]))
-        return total, self.stamps[0] - self.t0, gaps[len(gaps) // 4]
-
-
-def best(fn, repeats: int) -> tuple[tuple[float, float, float], object]:
-    """Run fn(clock) `repeats` times; the best total, best first-token time and best gap statistic."""
-    runs, out = [], None
-    for _ in range(repeats):
-        clock = Clock()
-        out = fn(clock)
-        runs.append(clock.summary(time.perf_counter() - clock.t0))
-    return tuple(min(r[i] for r in runs) for i in range(3)), out  # type: ignore[return-value]
+def agreement(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Leading positions (over the batch) where two [B, T] outputs agree."""
+    same = (a == b).all(0)
+    return int(same.long().cumprod(0).sum())
 
 
 def main() -> None:
@@ -132,7 +102,7 @@ def main() -> None:
         default=DEFAULT_SETTINGS,
         help="model:dtype:batch:prompt_len:new_tokens (models: " + ", ".join(MODELS) + ")",
     )
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
     import transformers
@@ -141,7 +111,8 @@ def main() -> None:
 
     print(f"# {' '.join(sys.argv)}")
     print(
-        f"# torch {torch.__version__}, transformers {transformers.__version__}, 1 thread, greedy, best of {args.repeats}"
+        f"# torch {torch.__version__}, transformers {transformers.__version__}, 1 thread, greedy; "
+        f"median [min–max] of {args.repeats} interleaved rounds after 1 warm-up; {load_average()}"
     )
     print(
         "| model | dtype | batch | prompt | new | transformers total s | engine total s | total speed-up | "
@@ -160,6 +131,7 @@ def main() -> None:
             print(
                 run_setting(name, hf, ours, cfg, getattr(torch, dtype_s), b, p, n, args.repeats), flush=True
             )
+    print(f"# {load_average()} at the end")
 
 
 def run_setting(name, hf, ours, cfg, dtype: torch.dtype, b: int, p: int, n: int, repeats: int) -> str:
@@ -169,33 +141,45 @@ def run_setting(name, hf, ours, cfg, dtype: torch.dtype, b: int, p: int, n: int,
     ids = torch.randint(4, cfg.vocab_size, (b, p), generator=g)
     mask = torch.ones_like(ids)
 
-    def run_hf(clock, k: int = n):
+    outs: dict[str, torch.Tensor] = {}
+
+    def run_hf(k: int):
         with torch.inference_mode():
-            return hf.generate(
-                ids,
-                attention_mask=mask,
-                max_new_tokens=k,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-                streamer=clock if b == 1 else None,
+            outs["hf"] = hf.generate(
+                ids, attention_mask=mask, max_new_tokens=k, do_sample=False, eos_token_id=None, pad_token_id=0
             )
 
-    def run_ours(clock, k: int = n):
-        return generate(ours, ids, max_new_tokens=k, ignore_eos=True, stream=clock)
+    def run_ours(k: int):
+        outs["ours"] = generate(ours, ids, max_new_tokens=k, ignore_eos=True)
 
-    run_hf(Clock(), 2), run_ours(Clock(), 2)  # warm-up
-    (t_hf, ttft_hf, gap_hf), out_hf = best(run_hf, repeats)
-    (t_us, ttft_us, gap_us), out_us = best(run_ours, repeats)
-    if b > 1:  # transformers streamers take batch 1 only: decode time from the total minus a 1-token run
-        (t1, _, _), _ = best(lambda c: run_hf(c, 1), repeats)
-        gap_hf = (t_hf - t1) / (n - 1)
-    same = bool(torch.equal(out_hf, out_us))
+    if n < 2:
+        raise SystemExit(f"{name}: new tokens must be >= 2 to time decode steps, got {n}")
+    arms = {
+        "hf": lambda: run_hf(n),
+        "ours": lambda: run_ours(n),
+        "hf1": lambda: run_hf(1),
+        "ours1": lambda: run_ours(1),
+    }
+    # the N-token runs' outputs, checked before timing
+    run_hf(n)
+    run_ours(n)
+    agree = agreement(outs["hf"], outs["ours"])
+    full = outs["hf"].shape[1]
+    if dtype == torch.float32 and (outs["hf"].shape != outs["ours"].shape or agree != full):
+        raise SystemExit(
+            f"{name} {b}x{p}+{n}: transformers and the engine produced different tokens "
+            f"(first {agree} of {full} positions agree) on the same fp32 weights"
+        )
+    r = interleaved(arms, repeats, warmup=0)  # the checked runs above were the warm-up
+    step = {k: [(tn - t1) / (n - 1) for tn, t1 in zip(r[k], r[k + "1"])] for k in ("hf", "ours")}
+    rate = {k: [b / x for x in v] for k, v in step.items()}
     dt = str(dtype).replace("torch.", "")
+    same = "yes" if agree == full else f"first {agree - p} of {n} new"
     return (
-        f"| {name} | {dt} | {b} | {p} | {n} | {t_hf:.2f} | {t_us:.2f} | {t_hf / t_us:.1f}x | "
-        f"{ttft_hf:.2f} / {ttft_us:.2f} | {b / gap_hf:.1f} | {b / gap_us:.1f} | {gap_hf / gap_us:.1f}x | "
-        f"{'yes' if same else 'no'} |"
+        f"| {name} | {dt} | {b} | {p} | {n} | {spread(r['hf'])} | {spread(r['ours'])} | "
+        f"{ratio_spread(r['hf'], r['ours'], 1)} | {median(r['hf1']):.2f} / {median(r['ours1']):.2f} | "
+        f"{spread(rate['hf'], 1, 1)} | {spread(rate['ours'], 1, 1)} | {ratio_spread(step['hf'], step['ours'], 1)} | "
+        f"{same} |"
     )
 
 

@@ -3,11 +3,16 @@
     python bench/serve_load.py                       # starts a server on a tiny random model
     python bench/serve_load.py --model DIR           # starts a server on DIR
     python bench/serve_load.py --url http://H:P      # an already running server
+    python bench/serve_load.py --levels 1,2 --max-tokens 8 --repeat 2   # smoke
 
 Each stream is a streamed chat completion with `ignore_eos` and a fixed `max_tokens`, so every stream
 generates exactly that many tokens; the aggregate rate is (sum of completion tokens) / (wall time from the
-first request to the last [DONE]), best of --repeat runs (this machine is shared, so single runs are
-noisy). Also reported: mean time to first token and per-stream tokens/s.
+first request to the last [DONE]). After one untimed warm-up round, --repeat rounds run every level in
+turn (1, 4, 8, 16, 1, 4, …), so background load hits every level alike; each level reports the median with
+[min–max], and "x one" is the median of the per-round ratios to the 1-stream rate (bench/timing.py). A
+stream that does not return exactly max_tokens tokens stops the run with an error. Also reported: median
+time to first token and per-stream tokens/s. The batched-equals-alone check of the outputs is a test
+(tests/serve/test_real_engine.py); this script measures speed only.
 The client is asyncio + httpx in this process; the server runs in its own process (started here unless
 --url is given), so client parsing does not steal the server's interpreter. Goal (issue 6): 8 streams >= 4x
 the aggregate rate of one.
@@ -28,6 +33,11 @@ import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import load_average, median, ratios, spread  # noqa: E402
 
 
 def _free_port() -> int:
@@ -90,11 +100,14 @@ async def one_stream(
 async def run_level(url: str, model: str, n: int, max_tokens: int) -> dict[str, float]:
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await one_stream(client, model, 4, -1)  # warm-up (connection, first-step costs)
         t0 = time.perf_counter()
         results = await asyncio.gather(*(one_stream(client, model, max_tokens, i) for i in range(n)))
         wall = time.perf_counter() - t0
     tokens = sum(r[0] for r in results)
+    if [r[0] for r in results] != [max_tokens] * n:
+        raise SystemExit(
+            f"{n} streams: completion tokens {[r[0] for r in results]}, expected {max_tokens} each"
+        )
     return {
         "streams": n,
         "tokens": tokens,
@@ -114,7 +127,7 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=16, help="server --max-batch (default 16)")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads (default 1)")
     ap.add_argument("--extra", default="", help="more `longcat2 serve` options for the started server")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per level; the best is reported (default 3)")
+    ap.add_argument("--repeat", type=int, default=5, help="interleaved rounds over the levels (default 5)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -154,12 +167,13 @@ def main() -> int:
                     return 1
                 time.sleep(0.2)
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        rows = []
-        for n in levels:
-            runs = [
-                asyncio.run(run_level(url, model, n, args.max_tokens)) for _ in range(max(1, args.repeat))
-            ]
-            rows.append(max(runs, key=lambda r: r["aggregate_tok_s"]))
+        load_start = load_average()
+        for n in levels:  # warm-up round (connections, first-step costs), untimed
+            asyncio.run(run_level(url, model, n, min(8, args.max_tokens)))
+        runs: dict[int, list[dict[str, float]]] = {n: [] for n in levels}
+        for _ in range(max(1, args.repeat)):
+            for n in levels:
+                runs[n].append(asyncio.run(run_level(url, model, n, args.max_tokens)))
     finally:
         if proc is not None:
             proc.terminate()
@@ -169,18 +183,21 @@ def main() -> int:
 
     print("command:", " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     print(f"model: {args.model or ('(server at ' + args.url + ')' if args.url else 'tiny random')}, "
-          f"{args.max_tokens} tokens per stream, server threads {args.threads}")  # fmt: skip
-    base = rows[0]["aggregate_tok_s"]
-    print(
-        f"{'streams':>7} {'tokens':>7} {'wall s':>7} {'agg tok/s':>10} {'x one':>6} {'tok/s/stream':>12} {'TTFT s':>7}"
-    )
-    for r in rows:
+          f"{args.max_tokens} tokens per stream, server threads {args.threads}; median [min–max] of "
+          f"{max(1, args.repeat)} interleaved rounds after 1 warm-up round")  # fmt: skip
+    print(f"{load_start} at start, {load_average()} at the end")
+    one = [r["aggregate_tok_s"] for r in runs[levels[0]]]
+    print("| streams | aggregate tok/s | x one | tok/s per stream | TTFT s |")
+    print("|---|---|---|---|---|")
+    for n in levels:
+        agg = [r["aggregate_tok_s"] for r in runs[n]]
+        x = ratios(agg, one)
         print(
-            f"{r['streams']:>7} {r['tokens']:>7} {r['wall_s']:>7.2f} {r['aggregate_tok_s']:>10.1f} "
-            f"{r['aggregate_tok_s'] / base:>6.2f} {r['per_stream_tok_s']:>12.1f} {r['ttft_s']:>7.3f}"
+            f"| {n} | {spread(agg, 1, 1)} | {median(x):.2f}x [{min(x):.2f}–{max(x):.2f}] | "
+            f"{median([r['per_stream_tok_s'] for r in runs[n]]):.1f} | {median([r['ttft_s'] for r in runs[n]]):.3f} |"
         )
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(runs, indent=2))
     return 0
 
 

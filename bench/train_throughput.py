@@ -5,9 +5,14 @@ Measures tokens/s of one full training step (forward + backward + optimizer step
   - longcat2 `LongCatForCausalLM` (sorted tokens + grouped GEMM, zero experts as one fused add),
 both with `torch.optim.AdamW` (foreach) and the loss computed the same way outside the model, so only
 the model code differs; plus longcat2 with its own optimizer (Muon + AdamW, `longcat2.train.optim`).
-Weights are copied through the project's HF adapter (`longcat2.checkpoint.save_pretrained(...,
-transformers_compat=True)` → `LongcatFlashForCausalLM.from_pretrained`), and the first-step logits are
-compared before timing.
+Weights are copied through the project's HF adapter (`longcat2.checkpoint.save_pretrained` in the released
+layout, which transformers >= 5.25 loads: its `experts` module holds only the routed experts →
+`LongcatFlashForCausalLM.from_pretrained`), and the first-step logits are compared before timing: the run
+stops with an error when they differ by more than 1e-3.
+
+The three arms take turns step by step (bench/timing.py): the same warm-up steps, the same timed steps on
+the same batches; each arm reports the median step with its spread, the speed-up is the median of the
+per-step ratios.
 
 Matmul utilisation: model FLOPs per step (`longcat2.plan.model_math.flops_per_token`, 3× forward for
 forward+backward, with the *measured* FFN experts per token) divided by step time, against a measured
@@ -16,9 +21,10 @@ peak (the best of a few square `torch.mm` runs in the same dtype and thread coun
     python bench/train_throughput.py                  # bf16 autocast, 1 thread, the default config
     python bench/train_throughput.py --precision fp32 --threads 2
     python bench/train_throughput.py --skip-transformers --model hidden_size=1024 ...   # MFU only
+    python bench/train_throughput.py --steps 1 --warmup 1 --batch-size 1 --seq-len 32 --model hidden_size=128  # smoke
 
-Times are CPU seconds of this process (wall time in brackets): on a shared machine that is the number that
-does not depend on what else runs. torch.compile is not used: dynamo cannot trace `torch._grouped_mm` on CPU
+Times are CPU seconds of this process: on a shared machine that is the number that depends least on what
+else runs (the load average is printed with the results). torch.compile is not used: dynamo cannot trace `torch._grouped_mm` on CPU
 (torch 2.13).
 """
 
@@ -36,6 +42,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import interleaved, load_average, ratio_spread, spread  # noqa: E402
 
 from longcat2.checkpoint import save_pretrained  # noqa: E402
 from longcat2.config import ModelConfig  # noqa: E402
@@ -75,28 +84,19 @@ def build_models(cfg: ModelConfig):
     torch.manual_seed(0)
     ours = LongCatForCausalLM(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(ours, Path(tmp) / "m", transformers_compat=True)
+        save_pretrained(ours, Path(tmp) / "m", transformers_compat=False)  # released layout
         hf = LongcatFlashForCausalLM.from_pretrained(Path(tmp) / "m", dtype=torch.float32)
     hf.train()
     ours.train()
     return ours, hf
 
 
-def timed_steps(step_fn, batches, warmup: int) -> tuple[list[float], list[float]]:
-    """(CPU seconds, wall seconds) per timed step. CPU time (this process) is what the comparison uses:
-    on a shared machine it does not count the time other processes hold the core."""
-    cpu, wall = [], []
-    for i, (x, y) in enumerate(batches):
-        c, w = time.process_time(), time.perf_counter()
-        step_fn(x, y)
-        if i >= warmup:
-            cpu.append(time.process_time() - c)
-            wall.append(time.perf_counter() - w)
-    return cpu, wall
+def make_step(model, optimizer, autocast, forward, batches):
+    """One training step per call, on the next batch (every arm walks the same batches)."""
+    it = iter(batches)
 
-
-def make_step(model, optimizer, autocast, forward):
-    def step(x, y):
+    def step():
+        x, y = next(it)
         with autocast():
             logits = forward(model, x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -159,23 +159,34 @@ def main(argv: list[str] | None = None) -> int:
     stats.record(moes)
     ffn_per_token = float(stats.ffn_per_token().mean())
 
+    if diff > 1e-3:
+        raise SystemExit(f"logits differ: max |diff| {diff:.2e} longcat2 vs transformers (same weights)")
+
     tokens = args.batch_size * args.seq_len
     runs = {}
     if not args.skip_transformers:
         runs["transformers LongcatFlashForCausalLM + AdamW"] = make_step(
-            hf, torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True), autocast, lambda m, x: m(x).logits
+            hf,
+            torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True),
+            autocast,
+            lambda m, x: m(x).logits,
+            batches,
         )
     del hf
     runs["longcat2 LongCatForCausalLM + AdamW"] = make_step(
-        ours, torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True), autocast, lambda m, x: m(x)
+        ours,
+        torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True),
+        autocast,
+        lambda m, x: m(x),
+        batches,
     )
-    results = {name: timed_steps(fn, batches, args.warmup) for name, fn in runs.items()}
     # our trainer's optimizer on a fresh copy of the same weights
     ours2, _ = build_models(cfg)
     muon = MuonAdamW(param_groups_for(ours2, lr=1e-4))
-    results["longcat2 LongCatForCausalLM + Muon/AdamW"] = timed_steps(
-        make_step(ours2, muon, autocast, lambda m, x: m(x)), batches, args.warmup
+    runs["longcat2 LongCatForCausalLM + Muon/AdamW"] = make_step(
+        ours2, muon, autocast, lambda m, x: m(x), batches
     )
+    results = interleaved(runs, args.steps, warmup=args.warmup, clock=time.process_time)
 
     fwd = flops_per_token(cfg, args.seq_len, experts_per_token=ffn_per_token, mtp=False)["trunk"]
     step_flops = 3 * fwd * tokens
@@ -196,19 +207,22 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"model FLOPs per step (fwd+bwd): {step_flops / 1e9:.2f} GFLOP; measured {args.precision} matmul peak {peak:.1f} GFLOP/s"
     )
-    med = {}
-    print("  (median over timed steps; CPU time of this process, wall time in brackets)")
-    for name, (cpu, wall) in results.items():
+    print(f"  (CPU time of this process per step: median [min–max] over {args.steps} steps, arms interleaved; "
+          f"{load_average()})")  # fmt: skip
+    for name, cpu in results.items():
         m = statistics.median(cpu)
-        med[name] = m
         print(
-            f"  {name:44s} {m * 1e3:7.0f} ms/step [{statistics.median(wall) * 1e3:7.0f}]  "
-            f"{tokens / m:7.0f} tokens/s  {step_flops / m / 1e9:6.1f} GFLOP/s  "
-            f"MFU {100 * step_flops / m / 1e9 / peak:5.1f} %"
+            f"  {name:44s} {spread(cpu, 1e3, 0)} ms/step  {tokens / m:7.0f} tokens/s  "
+            f"{step_flops / m / 1e9:6.1f} GFLOP/s  MFU {100 * step_flops / m / 1e9 / peak:5.1f} %"
         )
-    names = list(med)
+    names = list(results)
     if not args.skip_transformers:
-        print(f"speed-up longcat2 / transformers (same AdamW): {med[names[0]] / med[names[1]]:.2f}x")
+        print(
+            f"speed-up longcat2 / transformers (same AdamW): {ratio_spread(results[names[0]], results[names[1]])}"
+        )
+        print(
+            f"  longcat2 Muon/AdamW vs transformers AdamW: {ratio_spread(results[names[0]], results[names[2]])}"
+        )
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lsa_reference import assert_attention_matches, capture_attention, reference_model
 
 from longcat2 import ModelConfig
 from longcat2.engine import Engine, SamplingParams, generate
@@ -305,3 +306,25 @@ def test_one_failing_request_fails_alone(tiny: LongCatForCausalLM, speculative: 
         assert finished[rid].finish_reason == "error" and finished[rid].error
     assert "nan" in finished[bad_sample].error and "kernel" in finished[bad_forward].error
     assert eng.runner.cache.allocator.num_free == eng.runner.cache.num_blocks  # everything released
+
+
+@pytest.mark.parametrize(("interleave", "plateau"), [(True, False), (False, False), (True, True)])
+def test_engine_attention_matches_the_spec_reference(interleave: bool, plateau: bool) -> None:
+    """Prefill and cached sparse decode: every attention output the engine computes equals tests/lsa_reference.py
+    (indexer RoPE layout, forced tokens, tie rule, cross-layer reuse) on the attention inputs of the sequence."""
+    model = reference_model(interleave, plateau)
+    cfg = model.config
+    prompt = _prompts((150,))[0]
+    seen, handles = capture_attention(model)
+    out = generate(model, [prompt], max_new_tokens=24, eos_token_id=None)[0]
+    engine_outs = {key: torch.cat(calls, dim=1)[0] for (key, kind), calls in seen.items() if kind == "out"}
+    seen.clear()
+    with torch.no_grad():  # the same sequence through the model: the attention inputs for the reference
+        model(torch.tensor([prompt + out[:-1]]))
+    for h in handles:
+        h.remove()
+    xs = {key: calls[0][0] for (key, kind), calls in seen.items() if kind == "x"}
+    t = len(prompt) + len(out) - 1
+    assert all(o.shape[0] == t for o in engine_outs.values())
+    compared = assert_attention_matches(model, xs, engine_outs, cfg)
+    assert compared > 0.9 * cfg.num_layers * (t - cfg.index_topk)

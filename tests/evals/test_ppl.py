@@ -5,12 +5,14 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from longcat2.cli import build_parser
 from longcat2.config import ModelConfig
-from longcat2.data import prepare
+from longcat2.data import load_split, prepare, read_meta
 from longcat2.evals.ppl import evaluate_ppl
 from longcat2.model.longcat import LongCatForCausalLM
 from longcat2.tokenizer import train_tokenizer
@@ -29,14 +31,26 @@ def test_ppl_and_bits_per_byte(tmp_path):
     cfg = ModelConfig.from_preset("tiny", vocab_size=300, mtp_num_layers=0)
     model = LongCatForCausalLM(cfg).eval()
     res = evaluate_ppl(model, shards, seq_len=64, batch_size=2, trailing=8)
-    assert abs(res["val_loss"] - math.log(300)) < 0.2  # an untrained model is near uniform
-    assert res["bits_per_byte"] > 0 and res["trailing_loss"] > 0 and res["tokens"] == res["windows"] * 64
+    # Expected values, computed here window by window from the val split and the val files' bytes.
+    tokens = np.asarray(load_split(shards, "val"), dtype=np.int64)
+    n = (len(tokens) - 1) // 64
+    with torch.no_grad():
+        nll = torch.stack(
+            [
+                F.cross_entropy(model(w[None, :-1])[0], w[1:], reduction="none")
+                for w in (torch.from_numpy(tokens[r * 64 : (r + 1) * 64 + 1]) for r in range(n))
+            ]
+        )  # [windows, 64]
+    val_bytes = sum(len((corpus / f).read_bytes()) for f in read_meta(shards)["val_files"])
+    assert res["windows"] == n and res["tokens"] == n * 64
+    assert abs(res["val_loss"] - float(nll.mean())) < 1e-5
+    assert abs(res["trailing_loss"] - float(nll[:, -8:].mean())) < 1e-5
+    assert abs(res["bits_per_byte"] - res["val_loss"] / math.log(2) * len(tokens) / val_bytes) < 1e-9
     with torch.no_grad():  # zero logits: exactly the uniform distribution
         model.lm_head.weight.zero_()
     uniform = evaluate_ppl(model, shards, seq_len=64)
     assert abs(uniform["val_loss"] - math.log(300)) < 1e-5
-    meta_bpt = res["val_loss"] / math.log(2) / res["bits_per_byte"]  # bytes per token implied
-    assert abs(uniform["bits_per_byte"] - math.log2(300) / meta_bpt) < 1e-6
+    assert abs(uniform["bits_per_byte"] - math.log2(300) * len(tokens) / val_bytes) < 1e-5
 
 
 def test_eval_longctx_cli_json(tmp_path):

@@ -94,6 +94,23 @@ def test_engine_predictions_equal_the_full_forward_argmax():
         assert p == {t: int(full[t - 1]) for t in p}
 
 
+def test_evaluate_grid_places_every_cell():
+    """An oracle that knows only the length-64 cells' examples: that row scores 1, the other 0, mean 0.5."""
+    lengths, depths, per_cell, seed = [64, 128], [0.0, 0.5, 1.0], 2, 1234
+    known = [
+        e
+        for di, depth in enumerate(depths)
+        for e in make_examples("passkey", per_cell, 64, seed + di, [depth])  # the cells' examples (li = 0)
+    ]
+    res = evaluate_longctx(_Oracle(known), "passkey", lengths, depths=3, per_cell=per_cell, seed=seed)
+    assert res["depths"] == depths
+    assert res["accuracy"] == {
+        "64": {"0.0": 1.0, "0.5": 1.0, "1.0": 1.0},
+        "128": {"0.0": 0.0, "0.5": 0.0, "1.0": 0.0},
+    }
+    assert res["mean"] == 0.5
+
+
 def test_evaluate_grid_with_a_real_model():
     from longcat2.config import ModelConfig
     from longcat2.model.longcat import LongCatForCausalLM
@@ -101,4 +118,6 @@ def test_evaluate_grid_with_a_real_model():
     model = LongCatForCausalLM(ModelConfig.from_preset("tiny", mtp_num_layers=0)).eval()
     res = evaluate_longctx(model, "passkey", [64, 128], depths=3, per_cell=2)
     assert set(res["accuracy"]) == {"64", "128"} and len(res["accuracy"]["64"]) == 3
-    assert 0.0 <= res["mean"] <= 1.0
+    cells = [v for row in res["accuracy"].values() for v in row.values()]
+    assert all(v in (0.0, 0.5, 1.0) for v in cells)  # 2 examples per cell
+    assert res["mean"] == sum(cells) / len(cells)

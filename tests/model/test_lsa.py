@@ -1,7 +1,10 @@
-"""LSA semantics: dense equivalence, causality, forced tokens, cross-layer reuse, ties, DeepSeek indexer parity."""
+"""LSA semantics: dense equivalence, causality, forced tokens, cross-layer reuse, ties, the spec reference
+(tests/lsa_reference.py), DeepSeek-V3.2 indexer and sparse-attention parity."""
 
 import pytest
 import torch
+from lsa_reference import assert_attention_matches, capture_attention, indexer_scores, reference_model
+from lsa_reference import select as reference_select
 
 from longcat2.config import ModelConfig
 from longcat2.model.attention import MLA
@@ -119,7 +122,9 @@ def test_chunked_selection_equals_one_shot():
     assert torch.equal(a, b)
 
 
-def test_indexer_matches_transformers_deepseek_v32_indexer():
+def _deepseek_v32_configs(**overrides):
+    """Our config in the DeepSeek-V3.2 form (LayerNorm key norm, half-split indexer RoPE, no forced tokens, no
+    YaRN) and the matching transformers DeepseekV32Config; returns (cfg, hf_cfg, modeling_deepseek_v32)."""
     transformers = pytest.importorskip("transformers")
     from transformers.models.deepseek_v32 import modeling_deepseek_v32 as ds
 
@@ -130,18 +135,29 @@ def test_indexer_matches_transformers_deepseek_v32_indexer():
         index_init_tokens=0,
         index_local_tokens=0,
         rope_scaling=None,
+        **overrides,
     )
     hf_cfg = transformers.DeepseekV32Config(
         hidden_size=cfg.hidden_size,
         q_lora_rank=cfg.q_lora_rank,
+        kv_lora_rank=cfg.kv_lora_rank,
         qk_rope_head_dim=cfg.qk_rope_head_dim,
         qk_nope_head_dim=cfg.qk_nope_head_dim,
+        v_head_dim=cfg.v_head_dim,
         index_n_heads=cfg.index_n_heads,
         index_head_dim=cfg.index_head_dim,
         index_topk=cfg.index_topk,
         num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        attention_bias=False,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
     )
+    hf_cfg._attn_implementation = "eager"
+    return cfg, hf_cfg, ds
+
+
+def test_indexer_matches_transformers_deepseek_v32_indexer():
+    cfg, hf_cfg, ds = _deepseek_v32_configs()
     hf_idx = ds.DeepseekV32Indexer(hf_cfg, 0).eval()
     t = 90
     mla, cos, sin, pos = _mla(cfg, t)
@@ -168,3 +184,75 @@ def test_indexer_matches_transformers_deepseek_v32_indexer():
         hf_set = set(hf_rank[row].tolist())
         clear = set(torch.nonzero(margin).flatten().tolist())
         assert ours_set & clear == hf_set & clear
+
+
+@pytest.mark.parametrize(("interleave", "plateau"), [(True, False), (False, False), (True, True)])
+def test_model_matches_the_spec_reference(interleave: bool, plateau: bool):
+    """Indexer RoPE layout, forced sink/local tokens, the tie rule and cross-layer reuse, against
+    tests/lsa_reference.py (written from the spec; shares no code with the model)."""
+    model = reference_model(interleave, plateau)
+    cfg = model.config
+    seen, handles = capture_attention(model)
+    t = 200
+    with torch.no_grad():
+        model(torch.randint(4, cfg.vocab_size, (1, t)))
+    for h in handles:
+        h.remove()
+    xs = {key: calls[0][0] for (key, kind), calls in seen.items() if kind == "x"}
+    outs = {key: calls[0][0] for (key, kind), calls in seen.items() if kind == "out"}
+    compared = assert_attention_matches(model, xs, outs, cfg)
+    assert compared > 0.9 * cfg.num_layers * (t - cfg.index_topk)
+
+
+def test_reference_indexer_layouts_differ():
+    """The two RoPE layouts give different selections on the same weights (so the test above can tell them
+    apart), and the plateau case selects the sink plus the latest keys."""
+    model = reference_model(True)
+    cfg = model.config
+    owner = model.model.layers[0].self_attn[0]
+    x = torch.randn(150, cfg.hidden_size)
+    inter, _ = reference_select(indexer_scores(owner.state_dict(), x, cfg), cfg)
+    half, _ = reference_select(
+        indexer_scores(owner.state_dict(), x, cfg.replace(indexer_rope_interleave=False)), cfg
+    )
+    assert sum(a != b for a, b in zip(inter, half)) > 0.5 * (150 - cfg.index_topk)
+    torch.nn.init.zeros_(owner.indexer.wq_b.weight)
+    flat, _ = reference_select(indexer_scores(owner.state_dict(), x, cfg), cfg)
+    window = cfg.index_topk - cfg.index_init_tokens
+    assert flat[149] == list(range(cfg.index_init_tokens)) + list(range(150 - window, 150))
+
+
+def test_sparse_mla_matches_transformers_deepseek_v32_attention():
+    """Top-k < T: our MLA with its indexer in the DeepSeek configuration (no LoRA scaling, LayerNorm key norm,
+    half-split indexer RoPE, no forced tokens) equals transformers' DeepseekV32Attention on every row whose
+    selection has no near tie (transformers' top-k has no tie rule)."""
+    cfg, hf_cfg, ds = _deepseek_v32_configs(
+        mla_scale_q_lora=False,
+        mla_scale_kv_lora=False,
+        index_n_heads=16,  # fewer ReLU plateaus (exact ties) than the tiny preset's 4 heads
+    )
+    t = 120
+    mla, cos, sin, pos = _mla(cfg, t)
+    with torch.no_grad():
+        for p in mla.parameters():
+            p.mul_(0.5)
+        mla.indexer.k_norm.bias.normal_(0, 0.1)
+    hf_attn = ds.DeepseekV32Attention(hf_cfg, 0).eval()
+    missing, unexpected = hf_attn.load_state_dict(mla.state_dict(), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    x = torch.randn(1, t, cfg.hidden_size)
+    hf_cos, hf_sin = ds.DeepseekV32RotaryEmbedding(hf_cfg)(x, pos[None])
+    causal = torch.zeros(t, t).masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))[
+        None, None
+    ]
+    with torch.no_grad():
+        ours, indices = mla(x, cos, sin, pos)
+        theirs = hf_attn(x, (hf_cos, hf_sin), causal, position_ids=pos[None])[0]
+    assert indices is not None  # the sparse path ran
+    sets, fragile = reference_select(indexer_scores(mla.state_dict(), x[0], cfg), cfg, tie_rule=False)
+    for row in range(t):
+        assert indices[0, row][indices[0, row] >= 0].tolist() == sets[row] or fragile[row], row
+    keep = ~torch.tensor(fragile)
+    assert int(keep[cfg.index_topk :].sum()) > 0.9 * (t - cfg.index_topk)
+    err = (ours[0] - theirs[0]).abs().amax(-1)
+    assert float(err[keep].max()) < 1e-4 * (1 + float(theirs.abs().max())), float(err[keep].max())

@@ -1,5 +1,5 @@
 """The server on the real engine with a tiny random LongCat model: SDK calls, usage, streaming equals
-non-streaming under greedy decoding, concurrency speed-up, disconnects freeing engine blocks."""
+non-streaming under greedy decoding, batched streams equal to streams alone, disconnects freeing engine blocks."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_real_anthropic_and_completions(real_server):
     assert oai.completions.create(**kw).choices[0].text == oai.completions.create(**kw).choices[0].text
 
 
-async def _stream_tokens(client: openai.AsyncOpenAI, model: str, n: int, i: int) -> int:
+async def _stream_text(client: openai.AsyncOpenAI, model: str, n: int, i: int) -> tuple[str, int]:
     stream = await client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": f"request {i}"}],
@@ -66,38 +66,39 @@ async def _stream_tokens(client: openai.AsyncOpenAI, model: str, n: int, i: int)
         stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},
     )
-    usage = 0
+    text, usage = [], 0
     async for c in stream:
+        if c.choices:
+            text.append(c.choices[0].delta.content or "")
         if c.usage:
             usage = c.usage.completion_tokens
-    return usage
+    return "".join(text), usage
 
 
 def test_real_concurrent_streams_are_batched(real_server):
-    """Several streams at once all complete, and finish sooner than the same streams one after another."""
+    """Several streams at once produce exactly what each produces alone (greedy), and share engine steps.
+    (The speed-up this buys is measured by bench/serve_load.py, not asserted here.)"""
     n_streams, n_tokens = 6, 40
     model = _model(real_server)
+    metrics = real_server.state.metrics
 
-    async def run(concurrent: bool) -> tuple[float, list[int]]:
+    async def run(concurrent: bool) -> tuple[int, list[tuple[str, int]]]:
         client = openai.AsyncOpenAI(base_url=real_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-        t0 = time.perf_counter()
+        steps = metrics.snapshot()["engine_steps"]
         if concurrent:
-            got = await asyncio.gather(
-                *(_stream_tokens(client, model, n_tokens, i) for i in range(n_streams))
-            )
+            got = await asyncio.gather(*(_stream_text(client, model, n_tokens, i) for i in range(n_streams)))
         else:
-            got = [await _stream_tokens(client, model, n_tokens, i) for i in range(n_streams)]
+            got = [await _stream_text(client, model, n_tokens, i) for i in range(n_streams)]
         await client.close()
-        return time.perf_counter() - t0, list(got)
+        wait_idle(real_server.state)
+        return metrics.snapshot()["engine_steps"] - steps, list(got)
 
-    seq_time, seq_counts = asyncio.run(run(False))
-    par_time, par_counts = asyncio.run(run(True))
-    assert all(0 < n <= n_tokens for n in seq_counts + par_counts)
-    assert par_counts == seq_counts  # greedy: every stream produced the same tokens either way
-    print(f"sequential {seq_time:.2f}s, concurrent {par_time:.2f}s")
-    assert par_time < 0.6 * seq_time, (par_time, seq_time)
-    assert real_server.state.metrics.snapshot()["engine_steps"] > 0
-    wait_idle(real_server.state)
+    seq_steps, alone = asyncio.run(run(False))
+    par_steps, together = asyncio.run(run(True))
+    assert [n for _, n in alone] == [n_tokens] * n_streams  # ignore_eos: every stream runs to max_tokens
+    assert len({text for text, _ in alone}) > 1  # distinct prompts, distinct outputs: a mix-up would show
+    assert together == alone  # greedy: every stream produced the same text batched as alone
+    assert 0 < par_steps < seq_steps, (par_steps, seq_steps)  # streams shared engine steps
 
 
 def test_real_disconnect_frees_engine_blocks(real_server):

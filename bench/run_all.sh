@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Regenerate every table of BENCHMARKS.md in one run, with the load average before and after each script.
+#
+#   bench/run_all.sh            # the BENCHMARKS.md settings (a few hours on the 2-vCPU box; run it on a quiet
+#                               # machine: nothing else running, load average < 1 at the start)
+#   bench/run_all.sh --smoke    # every script at a tiny size (minutes): checks that they all run
+#
+# Output: the console and bench/results/<UTC timestamp>/<table>.txt; copy the tables into BENCHMARKS.md with
+# their commands, repeats, spreads and the load averages printed here.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+SMOKE=0
+[[ ${1:-} == --smoke ]] && SMOKE=1
+OUT=bench/results/$(date -u +%Y%m%dT%H%M%SZ)$([[ $SMOKE == 1 ]] && echo -smoke)
+mkdir -p "$OUT"
+
+run() {  # run <table name> <script> <args...>
+    local name=$1
+    shift
+    {
+        echo "## $name"
+        echo "\$ python $*"
+        echo "# $(date -u +%FT%TZ) before: $(cut -d' ' -f1-3 /proc/loadavg) (load average 1/5/15 min), $(nproc) CPUs"
+        "$PY" "$@"
+        echo "# $(date -u +%FT%TZ) after: $(cut -d' ' -f1-3 /proc/loadavg) (load average 1/5/15 min)"
+        echo
+    } 2>&1 | tee "$OUT/$name.txt"
+}
+
+echo "# longcat2 benchmarks, $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(uname -n), $(nproc) CPUs"
+echo "# $("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
+
+if [[ $SMOKE == 1 ]]; then
+    run training bench/train_throughput.py --precision fp32 --steps 1 --warmup 1 --batch-size 1 --seq-len 32 \
+        --model hidden_size=128
+    run decode bench/decode_lsa.py --lengths 4096 --repeats 1 --engine-lengths 4096
+    run prefill bench/prefill_lsa.py --lengths 1024 --repeats 2 --tail 4096
+    run generation bench/generate_vs_transformers.py --settings tiny-flash:float32:2:16:4 --repeats 2
+    run ep_alltoall bench/ep_alltoall.py --steps 1 --warmup 1 --batch 1 --seq 32 --repeats 1
+    run server bench/serve_load.py --levels 1,2 --max-tokens 8 --repeat 2
+else
+    # "Training step: longcat2 vs transformers"
+    run training bench/train_throughput.py --steps 6 --warmup 2
+    # "Decode step of one layer": the LongCat-2.0 table and the tiny-preset line (per layer and whole model)
+    run decode bench/decode_lsa.py --lengths 32768,131072,262144,1048576 --repeats 7 \
+        --engine-lengths 131072,1048576
+    # "Prefill": every row 4K-32K and the 128K / 1M tail chunks
+    run prefill bench/prefill_lsa.py --lengths 4096,8192,16384,32768 --repeats 3 --tail 131072,1048576
+    # "End-to-end generation vs transformers generate": the five default settings
+    run generation bench/generate_vs_transformers.py --repeats 3
+    # "Expert-parallel all-to-all"
+    run ep_alltoall bench/ep_alltoall.py --steps 8 --repeats 3
+    # "Server under load": the tiny random model, then the embedded default model
+    run server bench/serve_load.py --repeat 5
+    run server_default_model bench/serve_load.py --model longcat2/assets/default-model --repeat 5
+fi
+echo "# results in $OUT"
