@@ -15,6 +15,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +91,25 @@ def evaluate_longctx(
     seed: int = 1234,
     vocab: TaskVocab | None = None,
     batch_size: int = 4,
+    predict: Callable[[list[Example]], list[dict[int, int]]] | None = None,
     **task_kw: Any,
 ) -> dict[str, Any]:
+    """Accuracy per length x depth cell. `predict(examples)` gives the predicted token per answer position
+    of each example; by default the model's, through the engine (`predict_answers`)."""
+    if predict is None:
+
+        def predict(examples: list[Example]) -> list[dict[int, int]]:
+            return predict_answers(model, examples, batch_size)
+
     depth_grid = [round(d, 3) for d in np.linspace(0, 1, depths)] if depths > 1 else [0.5]
     acc: dict[str, dict[str, float]] = {}
     for li, length in enumerate(lengths):
         acc[str(length)] = {}
         for di, depth in enumerate(depth_grid):
             ex = make_examples(task, per_cell, length, seed + 1000 * li + di, [depth], vocab, **task_kw)
-            acc[str(length)][str(depth)] = float(np.mean(score_examples(model, ex, batch_size)))
+            acc[str(length)][str(depth)] = float(
+                np.mean([exact_match(e, p) for e, p in zip(ex, predict(ex))])
+            )
     mean = float(np.mean([v for row in acc.values() for v in row.values()]))
     return {"task": task, "lengths": lengths, "depths": depth_grid, "accuracy": acc, "mean": mean}
 
