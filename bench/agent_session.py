@@ -12,7 +12,9 @@ standard-library source, as an agent reading files gets) and the model's short r
 the unmodified `openai` SDK, streamed; printed per turn: prompt tokens, cached tokens reported by each server,
 time to first token on each, and the ratio. Greedy replies must be identical on both servers (the script
 fails loudly otherwise): caching may only change speed. Then `--concurrent` sessions run interleaved on each
-server (all at once), and the last turn's TTFT and cached tokens are printed per session.
+server (all at once), and the last turn's TTFT and cached tokens are printed per session. Last, the same kind
+of session goes through the unmodified `anthropic` SDK (streamed) and its `cache_read_input_tokens` are printed
+per turn (they must be > 0 from turn 2 on).
 Goal (issue 14): at the last turn TTFT >= 10x lower with the cache; whole session >= 4x faster.
 """
 
@@ -30,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 from serve_load import _free_port, make_random_model
@@ -245,6 +248,32 @@ def main() -> int:
                 f"prefix cache: hit rate {pc['hit_rate']:.2f}, {pc['blocks']} keyed blocks, "
                 f"{pc['evictions']} evictions"
             )
+        print("\nAnthropic SDK, streamed, on the caching server")
+        ant = anthropic.Anthropic(base_url=f"http://127.0.0.1:{ports[0]}", api_key="unused", max_retries=0)
+        tools = [
+            {"name": t["function"]["name"], "description": t["function"]["description"],
+             "input_schema": t["function"]["parameters"]}
+            for t in TOOLS
+        ]  # fmt: skip
+        history: list[dict] = []
+        system = ""
+        reads = []
+        for turn in range(min(args.turns, 4) + 1):
+            for m in _session_messages(corpus, turn, 99, args.system_chars, args.grow_chars):
+                if m["role"] == "system":
+                    system = m["content"]
+                else:
+                    history.append(m)
+            with ant.messages.stream(
+                model=MODEL, system=system, messages=history, tools=tools, max_tokens=args.max_tokens
+            ) as stream:
+                msg = stream.get_final_message()
+            reads.append(msg.usage.cache_read_input_tokens)
+            text = "".join(b.text for b in msg.content if b.type == "text") or "ok"
+            history.append({"role": "assistant", "content": text})
+        print("cache_read_input_tokens per turn:", reads)
+        if any(r == 0 for r in reads[1:]):
+            raise SystemExit("the Anthropic session read nothing from the cache after turn 1")
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:
         for p in procs:
