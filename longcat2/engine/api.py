@@ -14,6 +14,10 @@ Design choices:
 - Stop strings need text: pass `detokenize(ids) -> str` (e.g. `tokenizer.decode`).
 - Speculative decoding is an engine mode (all decode rows go through MTP draft + verify rounds); prefill is
   shared with plain decoding and additionally fills the MTP cache.
+- Prefix caching is on by default (`prefix_cache_bytes` of unreferenced cache blocks may be kept; 0 turns
+  it off): a request reuses the longest cached block-aligned prefix of its prompt and prefills only the rest
+  (`num_cached_tokens` on its events); completed blocks are offered to the cache after every step, so
+  concurrent requests with a common prefix share it too. `prefix_cache_stats()` reports hits and evictions.
 - `generate` accepts a [B, T] tensor (returns [B, T + longest output] like transformers: prompt + output,
   right-padded with pad_token_id to the longest output) or a list of token-id lists of any lengths
   (returns the generated ids per prompt).
@@ -29,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from longcat2.engine.cache import CacheFull
 from longcat2.engine.runner import ModelRunner, Segment
 from longcat2.engine.sampling import RequestSampler, SamplingParams
 from longcat2.engine.scheduler import Request, RequestOutput, Scheduler, Status
@@ -52,8 +57,10 @@ class Engine:
         cache_dtype: torch.dtype | None = None,
         index_dtype: torch.dtype | None = None,
         index_mode: str = "auto",
+        prefix_cache_bytes: int = 1 << 30,
     ) -> None:
-        """eos_token_id: -1 = the model config's; None = no EOS stop."""
+        """eos_token_id: -1 = the model config's; None = no EOS stop. prefix_cache_bytes: memory the prefix
+        cache may keep in blocks no running request holds (0: no prefix caching)."""
         self.model = model.eval()
         self.cfg = model.config
         self.eos_token_id = self.cfg.eos_token_id if eos_token_id == -1 else eos_token_id
@@ -68,6 +75,10 @@ class Engine:
             index_dtype=index_dtype,
             index_mode=index_mode,
         )
+        if prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes: must be >= 0, got {prefix_cache_bytes}")
+        cache = self.runner.cache
+        cache.prefix_cache_blocks = prefix_cache_bytes // (cache.bytes_per_token() * cache.block_size)
         self.scheduler = Scheduler(max_batch_size, max_step_tokens)
         self.spec: SpeculativeDecoder | None = None
         if speculative:
@@ -76,7 +87,14 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "prompt_tokens": 0, "output_tokens": 0, "time_s": 0.0}
+        self.stats = {
+            "steps": 0,
+            "prompt_tokens": 0,
+            "cached_prompt_tokens": 0,
+            "output_tokens": 0,
+            "preemptions": 0,
+            "time_s": 0.0,
+        }
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -94,6 +112,12 @@ class Engine:
         if any(t < 0 or t >= self.cfg.vocab_size for t in prompt):
             raise ValueError(f"prompt_ids: token ids must be in [0, {self.cfg.vocab_size})")
         params = params or SamplingParams()
+        cache = self.runner.cache
+        if cache.max_blocks is not None and -(-(len(prompt) + 1) // cache.block_size) > cache.max_blocks:
+            raise ValueError(
+                f"prompt_ids: {len(prompt)} tokens cannot fit in the KV cache "
+                f"(max_blocks={cache.max_blocks} of {cache.block_size} tokens)"
+            )
         if params.stop and self.detokenize is None:
             raise ValueError("stop strings need Engine(detokenize=...)")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -136,16 +160,16 @@ class Engine:
             events.append(self._event(req, []))
             self.requests.pop(req.request_id, None)
         self._aborted = []
-        prefill, decode = self.scheduler.schedule()
+        prefill, decode = self.scheduler.schedule(self._admit)
+        prefill, decode = self._reserve(prefill, decode, events)
         new: dict[str, list[int]] = {}
         segs: list[Segment] = []
         owners: list[Request] = []
         for req, n in prefill:
-            if req.seq is None:
-                req.seq = self.runner.new_sequence(req.prompt)
             s = req.num_prefilled
-            done = s + n == len(req.prompt)
-            segs.append(Segment(req.seq, torch.tensor(req.prompt[s : s + n]), s, "last" if done else "none"))
+            ids = req.prefill_ids
+            done = s + n == len(ids)
+            segs.append(Segment(req.seq, torch.tensor(ids[s : s + n]), s, "last" if done else "none"))
             owners.append(req)
         plain = decode if self.spec is None else []
         for req in plain:
@@ -163,7 +187,7 @@ class Engine:
             self.stats["prompt_tokens"] += n
             if self.spec is not None:
                 chunks.append((req, start, n, hidden))
-            if req.num_prefilled == len(req.prompt):
+            if req.num_prefilled == len(req.prefill_ids):
                 req.status = Status.DECODE
                 self._sample(req, logits, new, events)
         if chunks:
@@ -180,6 +204,9 @@ class Engine:
                     new[req.request_id] = toks
 
             self._isolated_batch(live, live, events, spec_round)
+        for req in [r for r, _ in prefill] + decode:
+            if req.request_id not in new and req.seq is not None:
+                self.runner.commit(req.seq)  # a prompt chunk that did not finish the prompt
         for rid, toks in new.items():
             req = self.requests.get(rid)
             if req is None or req.finished:
@@ -203,6 +230,7 @@ class Engine:
         for t in kept:
             req.sampler.observe(t)
         req.seq.tokens.extend(kept)  # type: ignore[union-attr]
+        self.runner.commit(req.seq)  # type: ignore[arg-type]
         self.stats["output_tokens"] += len(kept)
         events.append(self._event(req, kept))
         if req.finished:
@@ -261,7 +289,70 @@ class Engine:
         self._isolated_batch(list(range(len(segs))), owners, events, run)
         return results
 
+    def _admit(self, req: Request) -> None:
+        """A request leaves the queue: its cache sequence, with the longest cached prefix of its prompt
+        (after a preemption: of its prompt and output so far)."""
+        req.seq = self.runner.new_sequence(req.prefill_ids)
+        req.num_prefilled = self.runner.attach_prefix(req.seq)
+        if not req.preemptions:
+            req.num_cached_tokens = req.num_prefilled
+            self.stats["cached_prompt_tokens"] += req.num_cached_tokens
+
+    def _reserve(
+        self, prefill: list[tuple[Request, int]], decode: list[Request], events: list[RequestOutput]
+    ) -> tuple[list[tuple[Request, int]], list[Request]]:
+        """Cache blocks for this step's rows, oldest request first. When the pool is full and may not grow,
+        the newest running request is preempted (its blocks freed, to be recomputed later: with the prefix
+        cache most of it comes back as cache hits) until the rest fit; a request that cannot fit even
+        alone fails with an error."""
+        extra = self.spec.num_draft if self.spec is not None else 0
+        need = {r.request_id: r.num_prefilled + n for r, n in prefill}
+        need.update({r.request_id: len(r.seq.tokens) + extra for r in decode})  # type: ignore[union-attr]
+        for req in list(self.scheduler.active):
+            if req.request_id not in need or req.status is Status.WAITING:
+                continue
+            while True:
+                try:
+                    self.runner.cache.reserve(req.seq.blocks, need[req.request_id])  # type: ignore[union-attr]
+                    break
+                except CacheFull as e:
+                    victim = self.scheduler.active[-1]
+                    if victim is req and len(self.scheduler.active) == 1:
+                        req._finish("error")
+                        req.error = f"the request does not fit in the KV cache: {e}"
+                        events.append(self._event(req, []))
+                        self._release(req)
+                        break
+                    self._preempt(victim)
+                    if victim is req:
+                        break
+        live = {id(r) for r in self.scheduler.active}
+        prefill = [(r, n) for r, n in prefill if id(r) in live and r.status is Status.PREFILL]
+        decode = [r for r in decode if id(r) in live and r.status is Status.DECODE]
+        return prefill, decode
+
+    def _preempt(self, req: Request) -> None:
+        self.runner.free(req.seq)  # type: ignore[arg-type]
+        req.seq = None
+        req.pending_hidden = None
+        self.scheduler.preempt(req)
+        self.stats["preemptions"] += 1
+
+    def prefix_cache_stats(self) -> dict[str, float]:
+        """Lookups, prompt tokens looked up and served from the cache, hit rate, keyed blocks (held or
+        only cached), cached blocks nobody holds, evictions."""
+        cache = self.runner.cache
+        st = dict(cache.prefix_stats)
+        st["hit_rate"] = st["hit_tokens"] / st["query_tokens"] if st["query_tokens"] else 0.0
+        st["blocks"] = cache.num_cached_blocks
+        st["idle_blocks"] = len(cache.lru)
+        st["capacity_blocks"] = cache.prefix_cache_blocks
+        return st
+
     def _event(self, req: Request, kept: list[int]) -> RequestOutput:
+        if req.num_cache_written_tokens is None and req.seq is not None and req.output:
+            keyed = min(len(req.seq.blocks.keys) * self.runner.cache.block_size, len(req.prompt))
+            req.num_cache_written_tokens = max(0, keyed - req.num_cached_tokens)
         ev = RequestOutput(
             req.request_id,
             kept,
@@ -270,6 +361,8 @@ class Engine:
             req.stop_reason,
             list(req.output),
             req.error,
+            num_cached_tokens=req.num_cached_tokens,
+            num_cache_written_tokens=req.num_cache_written_tokens or 0,
         )
         if req.on_output is not None:
             req.on_output(ev)

@@ -18,12 +18,27 @@ Design choices:
   `max_blocks` caps it (a `CacheFull` error is raised rather than swapping).
 - The cache stores whatever dtype it is given (fp32 for tests, bf16 to halve bytes); indexer keys may use
   their own dtype (`index_dtype`).
+- Prefix caching (`prefix_cache_blocks` > 0): a full block's key is blake2b(parent key | its token ids), so
+  equal keys mean equal prefixes, and every entry derived from the prefix (latent, rope key and index key of
+  every layer; the N-gram state is a function of the tokens) can be reused by another sequence. Only full
+  blocks are shared, and a sequence never writes below the prefix it reused, so shared blocks are read-only
+  and need no copy-on-write. Blocks carry reference counts; at zero a keyed block stays cached on an LRU list,
+  at most `prefix_cache_blocks` of them, and is evicted (least recently used first) when that budget is
+  exceeded or when the pool cannot grow. A lookup never returns the block holding a prompt's last token
+  (its logits must be computed).
+- MTP entries: the MTP entry of position p depends on token p+1, so a block's last entry depends on the
+  next block's first token. A block is marked MTP-exact once its owner's exact MTP entries cover it, and a
+  lookup for a speculative engine stops at the first unmarked block and drops the last matched one, whose
+  next token may differ: every reused position then has an exact MTP entry.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from longcat2.config import ModelConfig
@@ -91,6 +106,7 @@ class SeqBlocks:
 
     blocks: list[int] = field(default_factory=list)
     num_tokens: int = 0  # positions 0..num_tokens-1 are written (in every layer)
+    keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the first len(keys) (full) blocks
     _table: torch.Tensor | None = None  # int64 [len(blocks)], rebuilt lazily
     _runs: list[tuple[int, int, int]] | None = None  # (first position, first slot, length) per run of blocks
 
@@ -123,9 +139,13 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float32,
         index_dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
+        prefix_cache_blocks: int = 0,
     ) -> None:
+        """prefix_cache_blocks: how many unreferenced full blocks the prefix cache may keep (0: off)."""
         if block_size <= 0 or num_blocks <= 0:
             raise ValueError("block_size and num_blocks must be positive")
+        if prefix_cache_blocks < 0:
+            raise ValueError(f"prefix_cache_blocks: must be >= 0, got {prefix_cache_blocks}")
         self.layers = layers
         self.block_size = block_size
         self.max_blocks = max_blocks
@@ -144,6 +164,14 @@ class PagedKVCache:
         }
         # running max of indexer-key L2 norms per owner (bf16 keys only: bounds of the bf16 two-pass scan)
         self.index_key_max_norm: dict[int, float] = {i: 0.0 for i in self.index_keys}
+        # prefix cache
+        self.prefix_cache_blocks = prefix_cache_blocks
+        self.refs = [0] * num_blocks  # live sequences holding each block
+        self.key_of: dict[int, bytes] = {}  # block → key (keyed blocks only)
+        self.block_of: dict[bytes, int] = {}  # key → block
+        self.mtp_exact: set[int] = set()
+        self.lru: OrderedDict[int, None] = OrderedDict()  # keyed blocks nobody holds, oldest first
+        self.prefix_stats = {"queries": 0, "query_tokens": 0, "hit_tokens": 0, "evictions": 0}
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -194,30 +222,129 @@ class PagedKVCache:
         self.latent = [grown(t) for t in self.latent]
         self.rope = [grown(t) for t in self.rope]
         self.index_keys = {i: grown(t) for i, t in self.index_keys.items()}
+        self.refs.extend([0] * (new - self.num_blocks))
         self.allocator.grow(new)
 
     def new_sequence(self) -> SeqBlocks:
         return SeqBlocks()
 
     def reserve(self, seq: SeqBlocks, num_tokens: int) -> None:
-        """Make sure positions 0..num_tokens-1 have slots."""
+        """Make sure positions 0..num_tokens-1 have slots. Grows the pool, and when it may not grow any
+        further evicts cached prefix blocks; raises CacheFull when neither gives enough blocks."""
         need = -(-num_tokens // self.block_size) - len(seq.blocks)
         if need <= 0:
             return
         after = seq.blocks[-1] if seq.blocks else None
         got = self.allocator.allocate(need, after)
         if got is None:
-            self._grow(self.num_blocks - self.allocator.num_free + need)
+            missing = need - self.allocator.num_free
+            room = None if self.max_blocks is None else self.max_blocks - self.num_blocks
+            if room is not None and room < missing:
+                self.evict(min(len(self.lru), missing - room))
+            if self.allocator.num_free < need:
+                self._grow(self.num_blocks - self.allocator.num_free + need)
             got = self.allocator.allocate(need, after)
             assert got is not None
+        for b in got:
+            self.refs[b] = 1
         seq.blocks.extend(got)
         seq.invalidate()
 
     def release(self, seq: SeqBlocks) -> None:
-        self.allocator.free(seq.blocks)
+        """Drop a sequence's references: keyed blocks stay cached (LRU), the others are freed."""
+        free = []
+        for b in seq.blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                if b in self.key_of:
+                    self.lru[b] = None
+                    self.lru.move_to_end(b)
+                else:
+                    free.append(b)
+        self.allocator.free(free)
         seq.blocks = []
+        seq.keys = []
         seq.num_tokens = 0
         seq.invalidate()
+        if len(self.lru) > self.prefix_cache_blocks:
+            self.evict(len(self.lru) - self.prefix_cache_blocks)
+
+    # ------------------------------------------------------------------ prefix cache
+    @property
+    def num_held_blocks(self) -> int:
+        """Blocks that live sequences hold (neither free nor only cached)."""
+        return self.num_blocks - self.allocator.num_free - len(self.lru)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Keyed blocks (held by live sequences or only cached)."""
+        return len(self.key_of)
+
+    def _key(self, parent: bytes, tokens: list[int]) -> bytes:
+        h = hashlib.blake2b(parent, digest_size=16)
+        h.update(np.asarray(tokens, dtype=np.int64).tobytes())
+        return h.digest()
+
+    def evict(self, n: int) -> None:
+        """Free the n least recently used cached blocks nobody holds."""
+        free = []
+        for _ in range(min(n, len(self.lru))):
+            b, _ = self.lru.popitem(last=False)
+            del self.block_of[self.key_of.pop(b)]
+            self.mtp_exact.discard(b)
+            free.append(b)
+        self.allocator.free(free)
+        self.prefix_stats["evictions"] += len(free)
+
+    def attach_prefix(self, seq: SeqBlocks, tokens: list[int], *, need_mtp: bool = False) -> int:
+        """Give an empty sequence the longest cached block-aligned prefix of `tokens` (never the block of
+        the last token). → the number of positions reused."""
+        assert not seq.blocks, "attach_prefix needs an empty sequence"
+        self.prefix_stats["queries"] += 1
+        self.prefix_stats["query_tokens"] += len(tokens)
+        if not self.prefix_cache_blocks:
+            return 0
+        bs = self.block_size
+        keys: list[bytes] = []
+        blocks: list[int] = []
+        parent = b""
+        for i in range((len(tokens) - 1) // bs):
+            parent = self._key(parent, tokens[i * bs : (i + 1) * bs])
+            b = self.block_of.get(parent)
+            if b is None or (need_mtp and b not in self.mtp_exact):
+                break
+            keys.append(parent)
+            blocks.append(b)
+        if need_mtp and blocks:  # the last block's final MTP entry depends on the next (unmatched) token
+            keys.pop()
+            blocks.pop()
+        for b in blocks:
+            self.refs[b] += 1
+            self.lru.pop(b, None)
+        seq.blocks, seq.keys = blocks, keys
+        seq.num_tokens = len(blocks) * bs
+        seq.invalidate()
+        self.prefix_stats["hit_tokens"] += seq.num_tokens
+        return seq.num_tokens
+
+    def commit(self, seq: SeqBlocks, tokens: list[int], mtp_len: int = 0) -> None:
+        """Key the sequence's newly completed blocks (written and with known tokens) and mark the blocks its
+        exact MTP entries cover."""
+        if not self.prefix_cache_blocks:
+            return
+        bs = self.block_size
+        full = min(seq.num_tokens, len(tokens)) // bs
+        for i in range(len(seq.keys), full):
+            key = self._key(seq.keys[-1] if seq.keys else b"", tokens[i * bs : (i + 1) * bs])
+            seq.keys.append(key)
+            b = seq.blocks[i]
+            if key not in self.block_of and b not in self.key_of:
+                self.block_of[key] = b
+                self.key_of[b] = key
+        for i in range(min(mtp_len // bs, len(seq.keys))):
+            b = seq.blocks[i]
+            if self.key_of.get(b) == seq.keys[i]:
+                self.mtp_exact.add(b)
 
     # ------------------------------------------------------------------ addressing
     def table(self, seq: SeqBlocks) -> torch.Tensor:

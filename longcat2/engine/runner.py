@@ -67,9 +67,11 @@ class ModelRunner:
         score_budget: int = 1 << 24,
         expanded_min_rows: int = 32,
         dense_gather_max: int = 4096,
+        prefix_cache_blocks: int = 0,
     ) -> None:
         """index_mode: "exact" (fp32 scan) | "bf16" (bf16 GEMM scan + exact rescoring, decode rows with
-        bf16 queries and keys) | "auto" (bf16 when the indexer runs in bf16, else exact)."""
+        bf16 queries and keys) | "auto" (bf16 when the indexer runs in bf16, else exact).
+        prefix_cache_blocks: unreferenced full blocks the prefix cache may keep (0: no prefix caching)."""
         self.model = model
         self.cfg: ModelConfig = model.config
         self.device = next(model.parameters()).device
@@ -82,6 +84,7 @@ class ModelRunner:
             num_blocks=num_blocks,
             max_blocks=max_blocks,
             index_dtype=index_dtype,
+            prefix_cache_blocks=prefix_cache_blocks,
         )
         if index_mode not in ("auto", "exact", "bf16"):
             raise ValueError(f"index_mode: one of auto/exact/bf16, got {index_mode!r}")
@@ -102,6 +105,17 @@ class ModelRunner:
     # ------------------------------------------------------------------ sequences
     def new_sequence(self, tokens: list[int] | None = None) -> SeqState:
         return SeqState(blocks=self.cache.new_sequence(), tokens=list(tokens or []))
+
+    def attach_prefix(self, seq: SeqState) -> int:
+        """Reuse the longest cached block-aligned prefix of a new sequence's tokens (prefix caching).
+        → the number of positions reused; the MTP cache is exact for all of them."""
+        n = self.cache.attach_prefix(seq.blocks, seq.tokens, need_mtp=self.with_mtp)
+        seq.mtp_len = n
+        return n
+
+    def commit(self, seq: SeqState) -> None:
+        """Offer the sequence's completed blocks to the prefix cache."""
+        self.cache.commit(seq.blocks, seq.tokens, seq.mtp_len if self.with_mtp else 0)
 
     def free(self, seq: SeqState) -> None:
         self.cache.release(seq.blocks)

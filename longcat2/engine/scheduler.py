@@ -44,6 +44,8 @@ class RequestOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended the request
     token_ids: list[int] = field(default_factory=list)  # all output tokens so far
     error: str | None = None  # finish_reason "error": what failed
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_cache_written_tokens: int = 0  # prompt tokens this request added to the prefix cache
 
 
 def text_token_ids(out: RequestOutput) -> list[int]:
@@ -65,6 +67,9 @@ class Request:
     seq: SeqState | None = None
     output: list[int] = field(default_factory=list)
     num_prefilled: int = 0
+    num_cached_tokens: int = 0  # prompt positions reused from the prefix cache
+    num_cache_written_tokens: int | None = None  # prompt positions this request added to the prefix cache
+    preemptions: int = 0  # times the request gave its cache back and was requeued
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     pending_hidden: torch.Tensor | None = None  # speculative: main hidden of positions mtp_len .. N-1
@@ -75,6 +80,12 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What prefill must run: the prompt, and after a preemption the output so far too (the logits of
+        its last token give the next token, as its decode step would have)."""
+        return self.prompt + self.output if self.preemptions else self.prompt
 
     def append(
         self,
@@ -131,21 +142,35 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
 
+    def preempt(self, req: Request) -> None:
+        """Take a running request out of the batch and put it first in the queue, to be recomputed."""
+        self.active.remove(req)
+        req.status = Status.WAITING
+        req.num_prefilled = 0
+        req.preemptions += 1
+        self.waiting.appendleft(req)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.active)
 
-    def schedule(self) -> tuple[list[tuple[Request, int]], list[Request]]:
-        """→ (prefill chunks [(request, number of prompt tokens)], decoding requests)."""
+    def schedule(
+        self, admit: Callable[[Request], None] | None = None
+    ) -> tuple[list[tuple[Request, int]], list[Request]]:
+        """→ (prefill chunks [(request, number of prompt tokens)], decoding requests). `admit` is called on
+        each request as it leaves the queue (the engine gives it its cache sequence and cached prefix,
+        which sets `num_prefilled`)."""
         while self.waiting and len(self.active) < self.max_batch_size:
             req = self.waiting.popleft()
             req.status = Status.PREFILL
+            if admit is not None:
+                admit(req)
             self.active.append(req)
         decode = [r for r in self.active if r.status is Status.DECODE]
         budget = max(1, self.max_step_tokens - len(decode))
         prefill = []
         for r in self.active:
             if r.status is Status.PREFILL and budget > 0:
-                n = min(budget, len(r.prompt) - r.num_prefilled)
+                n = min(budget, len(r.prefill_ids) - r.num_prefilled)
                 prefill.append((r, n))
                 budget -= n
         return prefill, decode

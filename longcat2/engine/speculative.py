@@ -53,13 +53,14 @@ class SpeculativeDecoder:
         for req, start, n, rows in chunks:
             seq = req.seq
             assert seq is not None
-            last = len(req.prompt) - 1
+            ids = req.prefill_ids
+            last = len(ids) - 1
             m = max(0, min(start + n, last) - start)
             if m:
-                segs.append(Segment(seq, torch.tensor(req.prompt[start + 1 : start + 1 + m]), start, "none"))
+                segs.append(Segment(seq, torch.tensor(ids[start + 1 : start + 1 + m]), start, "none"))
                 hid.append(rows[:m])
             seq.mtp_len = start + m
-            if start + n == len(req.prompt):
+            if start + n == len(ids):
                 req.pending_hidden = rows[n - 1 :]
         if segs:
             self.runner.mtp_forward(segs, torch.cat(hid))

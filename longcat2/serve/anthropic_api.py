@@ -187,11 +187,13 @@ def stop_reason(fin: Finished) -> str:
 
 
 def usage(fin: Finished) -> dict[str, int]:
+    """As the API counts: input_tokens + cache_creation_input_tokens + cache_read_input_tokens = the prompt;
+    cache reads are the prefix-cache hit, cache creation the prompt tokens this request added to the cache."""
     return {
-        "input_tokens": fin.prompt_tokens,
+        "input_tokens": fin.prompt_tokens - fin.cached_tokens - fin.cache_written_tokens,
         "output_tokens": fin.completion_tokens,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": fin.cache_written_tokens,
+        "cache_read_input_tokens": fin.cached_tokens,
     }
 
 
@@ -325,7 +327,7 @@ async def message_stream(
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": stop_reason(ev), "stop_sequence": ev.stop_sequence},
-                    "usage": {"output_tokens": ev.completion_tokens},
+                    "usage": usage(ev),  # the cache split is known only after prefill
                 },
             )
             yield sse_event("message_stop", {"type": "message_stop"})

@@ -264,8 +264,10 @@ def load_state(config: ServerConfig) -> ServerState:
         num_draft_tokens=config.num_draft_tokens,
         detokenize=tokenizer.decode,
         eos_token_id=tokenizer.eos_id,
+        prefix_cache_bytes=config.prefix_cache_bytes,
     )
     metrics = Metrics()
+    metrics.prefix_cache = engine.prefix_cache_stats
     worker = EngineWorker(
         engine, tokenizer, max_batch=config.max_batch, max_queue=config.max_queue, metrics=metrics
     )

@@ -173,6 +173,7 @@ class Metrics:
         self.ttft_sum = 0.0
         self.ttft_count = 0
         self._recent: deque[tuple[float, int]] = deque()
+        self.prefix_cache: Callable[[], dict[str, float]] | None = None  # the engine's prefix_cache_stats
 
     def record_request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -241,6 +242,7 @@ class Metrics:
                 "queue_depth": self.queue_depth,
                 "tokens_per_second": tps,
                 "ttft_avg_s": self.ttft_sum / self.ttft_count if self.ttft_count else 0.0,
+                "prefix_cache": self.prefix_cache() if self.prefix_cache else None,
             }
 
     def prometheus(self, prefix: str = "longcat2") -> str:
@@ -304,6 +306,34 @@ class Metrics:
                 "Requests with a first token.",
                 [("", self.ttft_count)],
             )
+            if self.prefix_cache is not None:
+                pc = self.prefix_cache()
+                for name, kind, key, doc in (
+                    (
+                        "prefix_cache_queries_total",
+                        "counter",
+                        "queries",
+                        "Prefix-cache lookups (one per request).",
+                    ),
+                    (
+                        "prefix_cache_query_tokens_total",
+                        "counter",
+                        "query_tokens",
+                        "Prompt tokens looked up.",
+                    ),
+                    (
+                        "prefix_cache_hit_tokens_total",
+                        "counter",
+                        "hit_tokens",
+                        "Prompt tokens served from it.",
+                    ),
+                    ("prefix_cache_hit_rate", "gauge", "hit_rate", "Hit tokens / looked-up tokens."),
+                    ("prefix_cache_blocks", "gauge", "blocks", "Cache blocks with a prefix key."),
+                    ("prefix_cache_idle_blocks", "gauge", "idle_blocks", "Cached blocks no request holds."),
+                    ("prefix_cache_capacity_blocks", "gauge", "capacity_blocks", "Most idle blocks kept."),
+                    ("prefix_cache_evictions_total", "counter", "evictions", "Cached blocks evicted (LRU)."),
+                ):
+                    metric(name, kind, doc, [("", pc[key])])
             metric("uptime_seconds", "gauge", "Seconds since start.", [("", time.time() - self.started)])
             return "\n".join(lines) + "\n"
 
@@ -323,6 +353,8 @@ class _Req:
     decoder: TextDecoder | None = None
     matcher: StopMatcher | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the engine's prefix cache
+    cache_written_tokens: int = 0  # prompt tokens this request added to it
     admitted: bool = False
     done: bool = False
     first_token: bool = False
@@ -344,6 +376,15 @@ class RequestHandle:
     def completion_tokens(self) -> int:
         """Tokens generated so far (counted by the engine thread)."""
         return self._req.completion_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (known once the first token is out)."""
+        return self._req.cached_tokens
+
+    @property
+    def cache_written_tokens(self) -> int:
+        return self._req.cache_written_tokens
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._iter()
@@ -606,6 +647,7 @@ class EngineWorker:
         self.metrics.record_step(batch, produced, dt, running, queued)
 
     def _on_output(self, req: _Req, out: EngineOutput) -> None:
+        req.cached_tokens, req.cache_written_tokens = out.num_cached_tokens, out.num_cache_written_tokens
         if out.finished and out.finish_reason == "error":
             log.warning("request %s failed in the engine: %s", req.rid, getattr(out, "error", None))
             self._finish_local(req, "error", f"engine error: {getattr(out, 'error', None) or 'unknown'}")

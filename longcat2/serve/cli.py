@@ -22,6 +22,7 @@ from longcat2.model_dir import MODEL_HELP
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from longcat2.checkpoint import parse_size
     from longcat2.serve.app import ServeError, resolve_model_dir, run_server
     from longcat2.serve.core import ServerConfig
 
@@ -52,6 +53,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         access_log=args.access_log,
         max_request_bytes=args.max_request_bytes,
+        prefix_cache_bytes=0 if args.no_prefix_cache else parse_size(args.prefix_cache_size),
     )
     positive = (
         ("--max-batch", args.max_batch),
@@ -76,6 +78,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _size(text: str) -> str:
+    from longcat2.checkpoint import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GB, 0)") from e
+    return text
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -108,6 +120,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--clamp-max-tokens", action="store_true",
                    help="clamp max_tokens larger than the context instead of answering 400")  # fmt: skip
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument(
+        "--prefix-cache-size",
+        default="1GiB",
+        type=_size,
+        metavar="SIZE",
+        help="cache memory kept for prefix reuse once requests end, e.g. 512MiB (default 1GiB); "
+        "the longest cached block-aligned prefix of every prompt is not prefilled again",
+    )
+    p.add_argument("--no-prefix-cache", action="store_true", help="turn prefix caching off")
     p.add_argument(
         "--num-draft-tokens", type=int, default=None, help="draft tokens per speculative round (<= 3)"
     )

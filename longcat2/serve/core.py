@@ -72,6 +72,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     access_log: bool = True  # one log line per request (serve/access_log.py)
     max_request_bytes: int = 32 * 1024 * 1024  # larger bodies are a 413
+    prefix_cache_bytes: int = 1 << 30  # cache blocks kept for prefix reuse after requests end; 0: off
 
 
 @dataclass
@@ -295,6 +296,8 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    cache_written_tokens: int = 0  # prompt tokens added to the prefix cache
 
 
 ChatEvent = chat.TextDelta | chat.ReasoningDelta | chat.ToolCallEvent | Finished
@@ -335,7 +338,15 @@ async def chat_events(
                 if reason == "stop" and calls and stop_seq is None:
                     reason = "tool_calls"
                 done = True
-                yield Finished(reason, stop_seq, handle.prompt_tokens, chunk.completion_tokens, chunk.error)
+                yield Finished(
+                    reason,
+                    stop_seq,
+                    handle.prompt_tokens,
+                    chunk.completion_tokens,
+                    chunk.error,
+                    handle.cached_tokens,
+                    handle.cache_written_tokens,
+                )
                 return
     finally:
         if not done:

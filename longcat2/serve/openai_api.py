@@ -175,11 +175,13 @@ def finish_reason(fin: Finished) -> str:
     return {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}.get(fin.reason, "stop")
 
 
-def usage(fin: Finished) -> dict[str, int]:
+def usage(fin: Finished) -> dict[str, Any]:
+    """`prompt_tokens_details.cached_tokens`: prompt tokens served from the engine's prefix cache."""
     return {
         "prompt_tokens": fin.prompt_tokens,
         "completion_tokens": fin.completion_tokens,
         "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": fin.cached_tokens},
     }
 
 
@@ -423,8 +425,8 @@ def router(state: ServerState) -> APIRouter:
                 "choices": choices,
             }
 
-        def comp_usage(n: int) -> dict[str, int]:
-            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+        def comp_usage(n: int) -> dict[str, Any]:
+            return usage(Finished("stop", None, len(ids), n, cached_tokens=handle.cached_tokens))
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -194,7 +194,12 @@ def test_openai_builder_from_parse():
     assert msg == {**parsed.to_message(), "content": "Let me check."}
     assert msg["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert body["choices"][0]["finish_reason"] == "tool_calls"
-    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
+    assert body["usage"] == {
+        "prompt_tokens": 10,
+        "completion_tokens": 20,
+        "total_tokens": 30,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_anthropic_builder_from_parse():
@@ -302,7 +307,10 @@ def test_anthropic_stream_sequence(pieces):
     }
     md = out[-2][1]
     assert md["delta"] == {"stop_reason": "tool_use", "stop_sequence": None} and md["usage"] == {
-        "output_tokens": 9
+        "input_tokens": 5,
+        "output_tokens": 9,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
     }
     assert out[0][1]["message"]["usage"]["input_tokens"] == 5
 
@@ -422,6 +430,7 @@ def test_chat_prompt_calls_as_text():
 
     class H:
         prompt_tokens = 3
+        cached_tokens = cache_written_tokens = 0
 
         def __init__(self, chunks):
             self.chunks = chunks
