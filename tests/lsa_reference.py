@@ -31,6 +31,11 @@ from longcat2.config import ModelConfig
 from longcat2.model.longcat import LongCatForCausalLM
 
 
+def _lora_eps(cfg: ModelConfig) -> float:
+    """MLA's q_a/kv_a norm eps: `mla_norm_eps`, or `rms_norm_eps` when it is null (the 2.0 family)."""
+    return cfg.rms_norm_eps if cfg.mla_norm_eps is None else cfg.mla_norm_eps
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
@@ -61,7 +66,7 @@ def _params(sublayer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _q_latent(p: dict[str, torch.Tensor], x: torch.Tensor, cfg) -> torch.Tensor:
-    return _rms_norm(x @ p["q_a_proj.weight"].T, p["q_a_layernorm.weight"], cfg.mla_norm_eps)
+    return _rms_norm(x @ p["q_a_proj.weight"].T, p["q_a_layernorm.weight"], _lora_eps(cfg))
 
 
 @dataclass
@@ -128,7 +133,7 @@ def mla_over_sets(sublayer_state: dict[str, torch.Tensor], x: torch.Tensor, sets
     alpha_kv = math.sqrt(cfg.hidden_size / cfg.kv_lora_rank) if cfg.mla_scale_kv_lora else 1.0
     q = (_q_latent(p, x, cfg) @ p["q_b_proj.weight"].T).view(t, h, nope + r) * alpha_q
     kv = x @ p["kv_a_proj_with_mqa.weight"].T
-    latent = _rms_norm(kv[:, :c], p["kv_a_layernorm.weight"], cfg.mla_norm_eps) * alpha_kv
+    latent = _rms_norm(kv[:, :c], p["kv_a_layernorm.weight"], _lora_eps(cfg)) * alpha_kv
     k_nope, v = (latent @ p["kv_b_proj.weight"].T).view(t, h, nope + v_dim).split([nope, v_dim], dim=-1)
     q_rope, k_rope = rope(q[..., nope:], cfg.rope_theta, True), rope(kv[:, c:], cfg.rope_theta, True)
     scores = torch.einsum("thn,shn->hts", q[..., :nope], k_nope) + torch.einsum("thr,sr->hts", q_rope, k_rope)

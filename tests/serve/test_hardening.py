@@ -299,7 +299,10 @@ def _prompt_of(http: httpx.Client, state, path: str, body: dict) -> list[int]:
     (rid,) = set(engine.prompts) - before
     ids = engine.prompts[rid]
     usage = r.json()["usage"]
-    assert ids and len(ids) == usage.get("prompt_tokens", usage.get("input_tokens"))
+    prompt_tokens = usage.get("prompt_tokens") or sum(  # Anthropic splits the prompt by cache use
+        usage[k] for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    )
+    assert ids and len(ids) == prompt_tokens
     return ids
 
 
