@@ -135,6 +135,7 @@ def _deepseek_v32_configs(**overrides):
         index_init_tokens=0,
         index_local_tokens=0,
         rope_scaling=None,
+        mla_norm_eps=1e-6,  # transformers' DeepSeek-V3.2 q_a/kv_a RMSNorm eps
         **overrides,
     )
     hf_cfg = transformers.DeepseekV32Config(
