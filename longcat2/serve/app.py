@@ -43,7 +43,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from longcat2.serve import anthropic_api, openai_api
+from longcat2.serve import anthropic_api, openai_api, responses_api
 from longcat2.serve.batching import EngineWorker, Metrics
 from longcat2.serve.core import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, ServerConfig, ServerState
 from longcat2.serve.protocol import APIError, anthropic_error_body, openai_error_body
@@ -54,6 +54,7 @@ _ENDPOINTS = {
     "/v1/models",
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/responses",
     "/v1/messages",
     "/v1/messages/count_tokens",
     "/health",
@@ -177,6 +178,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     for prefix in ("", "/openai"):
         app.include_router(openai_api.router(state), prefix=prefix)
+        app.include_router(responses_api.router(state), prefix=prefix)
     for prefix in ("", "/anthropic"):
         app.include_router(anthropic_api.router(state), prefix=prefix)
     app.add_middleware(_Guard, metrics=state.metrics)
