@@ -8,8 +8,9 @@ Design choices:
 - `abort(request_id)` takes effect immediately: blocks are freed and a final event with finish_reason
   "abort" is emitted by the next `step()`.
 - Stop strings need text: pass `detokenize(ids) -> str` (e.g. `tokenizer.decode`).
-- Speculative decoding is an engine mode (all decode rows go through MTP draft + verify rounds); prefill is
-  shared with plain decoding and additionally fills the MTP cache.
+- Speculative decoding is an engine mode (all decode rows go through MTP draft + verify rounds, except
+  grammar-constrained ones, which decode one token a step); prefill is shared with plain decoding and
+  additionally fills the MTP cache.
 - `generate` accepts a [B, T] tensor (returns [B, T + longest output] like transformers: prompt + output,
   right-padded with pad_token_id to the longest output) or a list of token-id lists of any lengths
   (returns the generated ids per prompt).
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from longcat2.engine.grammar import fill_masks
 from longcat2.engine.runner import ModelRunner, Segment
 from longcat2.engine.sampling import RequestSampler, SamplingParams
 from longcat2.engine.scheduler import Request, RequestOutput, Scheduler, Status
@@ -141,12 +143,16 @@ class Engine:
             s = req.num_prefilled
             done = s + n == len(req.prompt)
             segs.append(Segment(req.seq, torch.tensor(req.prompt[s : s + n]), s, "last" if done else "none"))
-        plain = decode if self.spec is None else []
+        # constrained requests decode one token a step (their grammar masks each position in turn)
+        plain = decode if self.spec is None else [r for r in decode if r.sampler.constraint is not None]
+        drafted = [r for r in decode if r.sampler.constraint is None] if self.spec is not None else []
         for req in plain:
             seq = req.seq
             segs.append(Segment(seq, torch.tensor(seq.tokens[-1:]), len(seq.tokens) - 1, "last"))
         if segs:
             out = self.runner.forward(segs)
+            last = [r.sampler for r, n in prefill if r.num_prefilled + n == len(r.prompt)]
+            fill_masks(last + [r.sampler for r in plain])  # the grammar masks of this step, in one batch
             chunks = []
             for i, (req, n) in enumerate(prefill):
                 start = req.num_prefilled
@@ -161,8 +167,8 @@ class Engine:
                 self.spec.after_prefill(chunks)  # type: ignore[union-attr]
             for j, req in enumerate(plain):
                 new[req.request_id] = [req.sampler.sample(out.logits[len(prefill) + j][0])]
-        if self.spec is not None and decode:
-            for req, toks in zip(decode, self.spec.round(decode)):
+        if self.spec is not None and drafted:
+            for req, toks in zip(drafted, self.spec.round(drafted)):
                 new[req.request_id] = toks
         for rid, toks in new.items():
             req = self.requests[rid]

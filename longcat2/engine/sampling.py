@@ -11,6 +11,8 @@ Design choices:
 - Every request owns a `torch.Generator` seeded from `seed` (or from a fresh random seed), so a request's
   samples do not depend on which other requests share its batch. Sampling is `torch.multinomial` with that
   generator; speculative verification draws its uniforms from the same generator.
+- Constrained decoding: `grammar` (a `longcat2.engine.grammar.Constraint`) sets the logits of tokens the
+  grammar does not allow to -inf before anything else, and is advanced by every kept token (`observe`).
 - Speculative sampling (Leviathan et al.): accept draft x with probability min(1, p(x)/q(x)), else sample
   from normalise(max(p - q, 0)); the emitted tokens then follow the target distribution exactly. Greedy
   acceptance is "draft == argmax".
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,6 +42,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings; need the engine's detokenize callback
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    grammar: Any = None  # a longcat2.engine.grammar.Constraint (one per request), or None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -79,6 +83,8 @@ class RequestSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.counts: torch.Tensor | None = None  # output token counts [V] (penalties only)
         self.seen: torch.Tensor | None = None  # prompt or output token present [V] (repetition penalty)
+        self.constraint = params.grammar
+        self.allowed: torch.Tensor | None = None  # [V] bool, prepared by grammar.fill_masks for one step
         if params.uses_penalties:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32)
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
@@ -87,6 +93,8 @@ class RequestSampler:
 
     # ------------------------------------------------------------------ state
     def observe(self, token: int) -> None:
+        if self.constraint is not None:
+            self.constraint.accept(token)
         if self.counts is not None:
             self.counts[token] += 1
             self.seen[token] = True  # type: ignore[index]
@@ -102,6 +110,11 @@ class RequestSampler:
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [V] → penalised fp32 logits [V]."""
         x = logits.float()
+        if self.constraint is not None:
+            allowed = self.allowed if self.allowed is not None else self.constraint.mask()
+            self.allowed = None
+            if allowed is not None:
+                x = x.masked_fill(~allowed, float("-inf"))
         p = self.params
         if self.counts is not None:
             if p.repetition_penalty != 1.0:

@@ -150,7 +150,7 @@ def chat_tools(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]
     return tools
 
 
-def chat_prompt(req: MessagesRequest | CountTokensRequest) -> ChatPrompt:
+def chat_prompt(req: MessagesRequest | CountTokensRequest, constrained: bool = False) -> ChatPrompt:
     tools = chat_tools(req)
     choice = req.tool_choice
     mode, forced = "auto", None
@@ -166,7 +166,10 @@ def chat_prompt(req: MessagesRequest | CountTokensRequest) -> ChatPrompt:
         elif choice.type == "none":
             mode = "none"
     thinking = None if req.thinking is None else req.thinking.type != "disabled"
-    return build_chat_prompt(chat_messages(req), tools, thinking, mode, forced)
+    parallel = not (choice is not None and choice.disable_parallel_tool_use)
+    return build_chat_prompt(
+        chat_messages(req), tools, thinking, mode, forced, constrained=constrained, parallel=parallel
+    )
 
 
 # ---------------------------------------------------------------------------------------- builders
@@ -343,7 +346,7 @@ def router(state: ServerState) -> APIRouter:
         req = await parse_body(request, MessagesRequest)
         model = state.resolve_model(req.model)
         stops = check_stops(req.stop_sequences, "stop_sequences")
-        prompt = chat_prompt(req)
+        prompt = chat_prompt(req, state.config.constrained)
         ids = await state.encode(prompt.text)
         budget = state.output_budget(len(ids), req.max_tokens, "max_tokens")
         params = state.sampling_params(
@@ -354,7 +357,7 @@ def router(state: ServerState) -> APIRouter:
             seed=req.seed,
             stop=stops,
         )
-        handle = state.submit(ids, params, stops)
+        handle = state.submit(ids, state.constrain(params, prompt), stops)
         rid = new_id("msg_")
         events = chat_events(handle, prompt, lambda: new_id("toolu_"))
         return await respond_chat(
@@ -371,7 +374,7 @@ def router(state: ServerState) -> APIRouter:
         state.check_auth(request)
         req = await parse_body(request, CountTokensRequest)
         state.resolve_model(req.model)
-        prompt = chat_prompt(req)
+        prompt = chat_prompt(req, state.config.constrained)
         ids = await state.encode(prompt.text)
         return JSONResponse({"input_tokens": len(ids)})
 

@@ -6,10 +6,13 @@ Design choices:
 - Both APIs reduce a request to (OpenAI-style messages, tools, thinking flag), render it with
   `longcat2.chat.render`, and parse the reply with one `chat.StreamParser` per request, so tool calls are
   recognised identically in both APIs, streamed or not, and a tag split across tokens is never leaked.
-- Forced tool use (OpenAI `tool_choice: "required"` / a named function, Anthropic `any` / `tool`) is done
-  by prefilling the reply: the prompt ends in `<longcat_tool_call>` (plus `NAME\\n` for a named tool) and
-  the same prefix is fed to the parser first, so the model can only complete a call. `tool_choice: none`
-  renders the prompt without tools, and a call the model writes anyway is returned as text.
+- Constrained decoding (`ServerConfig.constrained`, on by default): every chat request carries the grammar
+  of its reply (`reply_grammar`: offered tools with schema-valid arguments, the `tool_choice` form,
+  `parallel_tool_calls`, JSON response formats; thinking stays free), compiled once per request and
+  applied by the engine's sampler. Without it, forced tool use is done by prefilling the reply with
+  `<longcat_tool_call>` (plus `NAME\\n` for a named tool), fed to the parser first. `tool_choice: none`
+  renders the prompt without tools. Text that still does not parse (a reply cut off inside a call) is
+  returned with its markup tags removed, never as tags or a half call.
 - Context: `context_len` is the model's `max_position_embeddings` (or `--max-model-len`). A prompt that
   leaves no room for output is a 400 that gives both numbers; a `max_tokens` larger than the whole context
   is a 400 (unless `--clamp-max-tokens`); otherwise the output budget is `min(max_tokens, context -
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -36,6 +40,7 @@ from pydantic import BaseModel, ValidationError
 from longcat2 import chat
 from longcat2.serve.batching import EngineWorker, Metrics, QueueFull, RequestHandle, ShuttingDown
 from longcat2.serve.protocol import APIError, validation_message
+from longcat2.serve.reply_grammar import reply_grammar
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -54,6 +59,7 @@ class ServerConfig:
     default_max_tokens: int | None = None
     default_temperature: float | None = None
     clamp_max_tokens: bool = False
+    constrained: bool = True  # grammar-constrained replies (tool calls, tool_choice, JSON formats)
     any_model: bool = False
     speculative: bool = False
     num_draft_tokens: int | None = None
@@ -74,6 +80,7 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
     model_info: dict[str, Any] = field(default_factory=dict)
+    _grammars: Any = None  # longcat2.engine.grammar.Grammars, built on first use
 
     # ------------------------------------------------------------------ requests
 
@@ -170,6 +177,21 @@ class ServerState:
             ignore_eos=bool(ignore_eos),
         )
 
+    def constrain(self, params: Any, prompt: ChatPrompt) -> Any:
+        """Attach the compiled grammar of `prompt` (if any) to the sampling `params`."""
+        if prompt.grammar is None:
+            return params
+        from longcat2.engine.grammar import GrammarError, Grammars
+
+        if self._grammars is None:
+            vocab = self.worker.engine.cfg.vocab_size
+            self._grammars = Grammars(self.tokenizer.backend.to_str(), vocab, self.tokenizer.eos_id)
+        try:
+            params.grammar = self._grammars.compile(prompt.grammar)
+        except GrammarError as e:
+            raise APIError(400, f"the tool or response schemas cannot be enforced: {e}", param="tools") from e
+        return params
+
     def submit(self, prompt_ids: list[int], params: Any, stops: Sequence[str] = ()) -> RequestHandle:
         try:
             return self.worker.submit(prompt_ids, params, stops)
@@ -203,6 +225,7 @@ class ChatPrompt:
     prefix: str = ""  # forced reply start (tool_choice), fed to the parser before the model's output
     tools: list[dict[str, Any]] | None = None  # tools for the parser (string-typed XML arguments)
     calls_as_text: bool = False  # tool_choice "none": a call the model writes anyway stays text
+    grammar: str | None = None  # Lark grammar of the reply (constrained decoding)
 
 
 def build_chat_prompt(
@@ -211,8 +234,13 @@ def build_chat_prompt(
     thinking: bool | None,
     tool_mode: str,
     forced_name: str | None = None,
+    *,
+    constrained: bool = False,
+    parallel: bool = True,
+    json_schema: dict[str, Any] | None = None,
 ) -> ChatPrompt:
-    """tool_mode: "auto" | "none" | "required" | "named" (with `forced_name`)."""
+    """tool_mode: "auto" | "none" | "required" | "named" (with `forced_name`). `constrained`: give the
+    prompt its reply grammar instead of prefilling forced calls; `json_schema`: JSON content."""
     if tool_mode in ("required", "named") and not tools:
         raise APIError(400, "tool_choice requires a tool, but no tools were given", param="tool_choice")
     if tool_mode == "named":
@@ -227,6 +255,11 @@ def build_chat_prompt(
         text = chat.render(messages, tools if tool_mode != "none" else None, True, thinking)
     except chat.ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from e
+    if constrained:
+        grammar = reply_grammar(
+            tools, tool_mode, forced_name, parallel=parallel, thinking=thinking, json_schema=json_schema
+        )
+        return ChatPrompt(text, "", tools, calls_as_text=tool_mode == "none", grammar=grammar)
     prefix = ""
     if tool_mode == "required":
         prefix = chat.CALL_OPEN
@@ -250,6 +283,7 @@ class Finished:
 
 
 ChatEvent = chat.TextDelta | chat.ReasoningDelta | chat.ToolCallEvent | Finished
+_MARKUP = re.compile(r"</?longcat_[a-z_]+>")
 
 
 async def chat_events(
@@ -267,9 +301,14 @@ async def chat_events(
         for ev in events:
             if isinstance(ev, chat.ToolCallEvent):
                 if prompt.calls_as_text:
-                    out.append(chat.TextDelta(chat.format_tool_call(ev.name, ev.arguments)))
+                    ev = chat.TextDelta(chat.format_tool_call(ev.name, ev.arguments))
+                else:
+                    calls += 1
+            if isinstance(ev, (chat.TextDelta, chat.ReasoningDelta)) and "longcat_" in ev.text:
+                text = _MARKUP.sub("", ev.text)  # an unparsed (cut-off) call: plain text, no tags
+                if not text:
                     continue
-                calls += 1
+                ev = type(ev)(text)
             out.append(ev)
         return out
 

@@ -17,7 +17,8 @@ Design choices:
   (which narrows the offered tools), hosted-tool choices (treated as "auto").
 - `reasoning.effort` drives the thinking switch ("none"/"minimal" off, any other effort on; absent: follow
   the conversation); reasoning comes back as a `reasoning` item with `reasoning_text` content.
-- `parallel_tool_calls: false` keeps the first call of a reply.
+- `parallel_tool_calls: false` allows one call (the grammar; without it, the first call is kept).
+  `text.format` json_object / json_schema constrains the content like chat's `response_format`.
 - One `_Output` state machine turns chat events into output items and, when streaming, into the event
   sequence the `openai` SDK parses: `response.created`, `response.in_progress`, then per item
   `output_item.added` → (`content_part.added` → `output_text.delta`* / `reasoning_text.delta`* →
@@ -47,6 +48,7 @@ from longcat2.serve.core import (
     parse_body,
     respond_chat,
 )
+from longcat2.serve.openai_api import response_schema
 from longcat2.serve.protocol import APIError
 from longcat2.serve.sse import sse_event
 
@@ -232,14 +234,20 @@ def _check(req: ResponsesRequest) -> None:
             "conversation as input items instead",
             param="previous_response_id",
         )
-    fmt = ((req.text or {}).get("format") or {}).get("type", "text")
-    if fmt != "text":
-        raise APIError(400, f"text.format: type {fmt!r} is not supported (only 'text')", param="text.format")
 
 
-def responses_prompt(req: ResponsesRequest) -> ChatPrompt:
+def responses_prompt(req: ResponsesRequest, constrained: bool = False) -> ChatPrompt:
     mode, forced, tools = _tool_mode(req.tool_choice, function_tools(req.tools))
-    return build_chat_prompt(input_messages(req), tools or None, _thinking(req.reasoning), mode, forced)
+    return build_chat_prompt(
+        input_messages(req),
+        tools or None,
+        _thinking(req.reasoning),
+        mode,
+        forced,
+        constrained=constrained,
+        parallel=req.parallel_tool_calls is not False,
+        json_schema=response_schema((req.text or {}).get("format"), "text.format"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -404,13 +412,13 @@ def router(state: ServerState) -> APIRouter:
         req = await parse_body(request, ResponsesRequest)
         model = state.resolve_model(req.model)
         _check(req)
-        prompt = responses_prompt(req)
+        prompt = responses_prompt(req, state.config.constrained)
         ids = await state.encode(prompt.text)
         budget = state.output_budget(len(ids), req.max_output_tokens, "max_output_tokens")
         params = state.sampling_params(
             max_new_tokens=budget, temperature=req.temperature, top_p=req.top_p, seed=req.seed
         )
-        handle = state.submit(ids, params)
+        handle = state.submit(ids, state.constrain(params, prompt))
         events = chat_events(handle, prompt, lambda: new_id("call_"))
         choice: Any = req.tool_choice if req.tool_choice is not None else "auto"
         base: dict[str, Any] = {
@@ -428,7 +436,7 @@ def router(state: ServerState) -> APIRouter:
             "reasoning": {"effort": (req.reasoning or {}).get("effort"), "summary": None},
             "store": False,
             "temperature": params.temperature,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
             "tool_choice": choice,
             "tools": _echo_tools(prompt.tools or []),
             "top_p": params.top_p,
