@@ -69,6 +69,18 @@ def _tool_result_text(block: AToolResultBlock) -> str:
     return f"Error: {text}" if block.is_error else text
 
 
+def _system_text(content: list[Any], i: int) -> list[str]:
+    """The text blocks of a `system` message inside `messages` (rendered as a system turn)."""
+    for j, b in enumerate(content):
+        if not isinstance(b, ATextBlock):
+            raise APIError(
+                400,
+                f"messages.{i}.content.{j}: a {b.type!r} block is not allowed in a system message",
+                param=f"messages.{i}.content",
+            )
+    return [b.text for b in content]
+
+
 def chat_messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if req.system:
@@ -78,6 +90,9 @@ def chat_messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, A
     for i, m in enumerate(req.messages):
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
+            continue
+        if m.role == "system":
+            out.append({"role": "system", "content": "".join(_system_text(m.content, i))})
             continue
         if m.role == "assistant":
             text, reasoning, calls = [], [], []
@@ -168,8 +183,29 @@ def chat_prompt(req: MessagesRequest | CountTokensRequest, constrained: bool = F
     thinking = None if req.thinking is None else req.thinking.type != "disabled"
     parallel = not (choice is not None and choice.disable_parallel_tool_use)
     return build_chat_prompt(
-        chat_messages(req), tools, thinking, mode, forced, constrained=constrained, parallel=parallel
+        chat_messages(req),
+        tools,
+        thinking,
+        mode,
+        forced,
+        constrained=constrained,
+        parallel=parallel,
+        json_schema=_output_schema(req),
     )
+
+
+def _output_schema(req: MessagesRequest | CountTokensRequest) -> dict[str, Any] | None:
+    """Structured output: `output_config.format` (or the older `output_format`) of type json_schema."""
+    extra = req.model_extra or {}
+    config = extra.get("output_config")
+    fmt = config.get("format") if isinstance(config, dict) else extra.get("output_format")
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return None
+    if not isinstance(fmt.get("schema"), dict):
+        raise APIError(
+            400, "output_config.format.schema: a JSON schema object is required", param="output_config"
+        )
+    return fmt["schema"]
 
 
 # ---------------------------------------------------------------------------------------- builders

@@ -153,6 +153,10 @@ def create_app(state: ServerState) -> FastAPI:
         msg = f"Not found: {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
         return error_response(request.url.path, APIError(exc.status_code, msg))
 
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root() -> JSONResponse:  # agents probe the base URL before they start
+        return JSONResponse({"status": "ok", "models": state.model_names})
+
     @app.get("/health")
     async def health() -> JSONResponse:
         running, queued = state.worker.load()

@@ -14,9 +14,11 @@ Design choices:
   renders the prompt without tools. Text that still does not parse (a reply cut off inside a call) is
   returned with its markup tags removed, never as tags or a half call.
 - Context: `context_len` is the model's `max_position_embeddings` (or `--max-model-len`). A prompt that
-  leaves no room for output is a 400 that gives both numbers; a `max_tokens` larger than the whole context
-  is a 400 (unless `--clamp-max-tokens`); otherwise the output budget is `min(max_tokens, context -
-  prompt)` and running out of context ends the reply with finish reason "length".
+  leaves no room for output is a 400 that gives both numbers; the output budget is `min(max_tokens,
+  context - prompt)` (agents ask for 32000+), and reaching it ends the reply with finish reason "length" /
+  stop reason "max_tokens"; with `--strict-max-tokens` a `max_tokens` larger than the context is a 400.
+- Model names: a server with one served name answers any requested name with it (agents insist on their
+  own ids); several names (or `--strict-model-names`) make an unknown name a 404.
 - Authentication: with an API key set, every `/v1/...` route needs `Authorization: Bearer KEY` or
   `x-api-key: KEY` (compared in constant time); `/health` and `/metrics` stay open for probes.
 """
@@ -58,9 +60,9 @@ class ServerConfig:
     max_model_len: int | None = None
     default_max_tokens: int | None = None
     default_temperature: float | None = None
-    clamp_max_tokens: bool = False
+    clamp_max_tokens: bool = True  # False (--strict-max-tokens): a max_tokens beyond the context is a 400
     constrained: bool = True  # grammar-constrained replies (tool calls, tool_choice, JSON formats)
-    any_model: bool = False
+    any_model: bool | None = None  # None: accept any name when the server has a single served name
     speculative: bool = False
     num_draft_tokens: int | None = None
     dtype: str = "auto"
@@ -85,8 +87,12 @@ class ServerState:
     # ------------------------------------------------------------------ requests
 
     def resolve_model(self, name: str) -> str:
-        if name in self.model_names or self.config.any_model:
+        """The served name a request's `model` resolves to (replies state the model that served them)."""
+        if name in self.model_names:
             return name
+        any_model = self.config.any_model
+        if any_model or (any_model is None and len(self.model_names) == 1):
+            return self.model_names[0]
         raise APIError(
             404,
             f"The model '{name}' does not exist; this server serves: {', '.join(self.model_names)}",
@@ -256,6 +262,11 @@ def build_chat_prompt(
     except chat.ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from e
     if constrained:
+        if thinking is None:  # chat.render's auto rule: on when a reply after the last user turn reasons
+            last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+            thinking = any(
+                m.get("role") == "assistant" and m.get("reasoning_content") for m in messages[last_user:]
+            )
         grammar = reply_grammar(
             tools, tool_mode, forced_name, parallel=parallel, thinking=thinking, json_schema=json_schema
         )
