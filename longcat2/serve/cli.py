@@ -41,6 +41,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.default_max_tokens,
         default_temperature=args.default_temperature,
         clamp_max_tokens=not args.strict_max_tokens,
+        constrained=not args.no_grammar,
         any_model=False if args.strict_model_names else (True if args.any_model else None),
         speculative=args.speculative,
         num_draft_tokens=args.num_draft_tokens,
@@ -105,6 +106,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="clamp max_tokens larger than what fits (the default; kept for old command lines)")  # fmt: skip
     p.add_argument("--strict-max-tokens", action="store_true",
                    help="answer 400 to a max_tokens larger than the context instead of clamping it")  # fmt: skip
+    p.add_argument("--no-grammar", action="store_true",
+                   help="no constrained decoding of replies (tool calls, tool_choice, JSON formats)")  # fmt: skip
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument(
         "--num-draft-tokens", type=int, default=None, help="draft tokens per speculative round (<= 3)"
