@@ -114,7 +114,7 @@ class RequestSampler:
             allowed = self.allowed if self.allowed is not None else self.constraint.mask()
             self.allowed = None
             if allowed is not None:
-                x = x.masked_fill(~allowed, float("-inf"))
+                x = x.masked_fill(~allowed.to(x.device, non_blocking=True), float("-inf"))  # masks are on CPU
         p = self.params
         if self.counts is not None:
             if p.repetition_penalty != 1.0:
