@@ -388,10 +388,13 @@ def _prompts_for_eval(records: list[dict[str, Any]]) -> list[tuple[str, list, li
     return out
 
 
-def evaluate(model_dir: str, n: int, seed: int, max_new_tokens: int = 64) -> dict[str, Any]:
+def evaluate(
+    model_dir: str, n: int, seed: int, max_new_tokens: int = 64, grammar: bool = False
+) -> dict[str, Any]:
     """Greedy generations of a model on held-out conversations, parsed with the chat template's parser:
     tool_call = exact tool names and arguments; tool_answer = the reply states the tool result's values;
-    no_call = no call when tools are offered but not needed; chat = exact reply; code = first line exact."""
+    no_call = no call when tools are offered but not needed; chat = exact reply; code = first line exact.
+    `grammar`: constrain each reply with the server's reply grammar (tool_choice auto), as `serve` does."""
     import time
 
     from longcat2 import chat
@@ -405,7 +408,15 @@ def evaluate(model_dir: str, n: int, seed: int, max_new_tokens: int = 64) -> dic
     prompts = [tok.encode(chat.render(m, t, True, False)) for _, m, t, _ in cases]
     engine = Engine(model, max_batch_size=32, eos_token_id=tok.eos_id)
     t0 = time.perf_counter()
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0) for _ in cases]
+    if grammar:
+        from longcat2.engine.grammar import Grammars
+        from longcat2.serve.reply_grammar import reply_grammar
+
+        grammars = Grammars(tok.backend.to_str(), model.config.vocab_size, tok.eos_id)
+        for p, (_, _, tools, _) in zip(params, cases):
+            p.grammar = grammars.compile(reply_grammar(tools, "auto", thinking=False))
+    outs = engine.generate(prompts, params)
     seconds = time.perf_counter() - t0
     scores: dict[str, list[int]] = {}
     examples: dict[str, dict[str, Any]] = {}
@@ -483,13 +494,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--eval-model", metavar="DIR", help="instead: evaluate a model on --n held-out conversations"
     )
+    ap.add_argument("--grammar", action="store_true", help="with --eval-model: grammar-constrained replies")
     ap.add_argument("--n", type=int, default=6000, help="conversations (default 6000)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ap.add_argument("--val-out", default=None, help="also write a validation .jsonl (another seed)")
     ap.add_argument("--val-n", type=int, default=200, help="validation conversations (default 200)")
     args = ap.parse_args(argv)
     if args.eval_model:
-        print(json.dumps(evaluate(args.eval_model, args.n, args.seed), indent=2, ensure_ascii=False))
+        result = evaluate(args.eval_model, args.n, args.seed, grammar=args.grammar)
+        print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
     if not args.out:
         ap.error("--out is required (or --eval-model DIR)")

@@ -12,8 +12,9 @@ Design choices:
   whose sampling or stop handling raises is dropped alone. A dropped request ends with finish_reason
   "error" and the exception's message in `RequestOutput.error`, and its cache blocks are freed.
 - Stop strings need text: pass `detokenize(ids) -> str` (e.g. `tokenizer.decode`).
-- Speculative decoding is an engine mode (all decode rows go through MTP draft + verify rounds); prefill is
-  shared with plain decoding and additionally fills the MTP cache.
+- Speculative decoding is an engine mode (all decode rows go through MTP draft + verify rounds, except
+  grammar-constrained ones, which decode one token a step); prefill is shared with plain decoding and
+  additionally fills the MTP cache.
 - Prefix caching is on by default (`prefix_cache_bytes` of unreferenced cache blocks may be kept; 0 turns
   it off): a request reuses the longest cached block-aligned prefix of its prompt and prefills only the rest
   (`num_cached_tokens` on its events); completed blocks are offered to the cache after every step, so
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from longcat2.engine.cache import CacheFull
+from longcat2.engine.grammar import fill_masks
 from longcat2.engine.runner import ModelRunner, Segment
 from longcat2.engine.sampling import RequestSampler, SamplingParams
 from longcat2.engine.scheduler import Request, RequestOutput, Scheduler, Status
@@ -171,12 +173,20 @@ class Engine:
             done = s + n == len(ids)
             segs.append(Segment(req.seq, torch.tensor(ids[s : s + n]), s, "last" if done else "none"))
             owners.append(req)
-        plain = decode if self.spec is None else []
+        # constrained requests decode one token a step (their grammar masks each position in turn)
+        plain = decode if self.spec is None else [r for r in decode if r.sampler.constraint is not None]
+        drafted = [r for r in decode if r.sampler.constraint is None] if self.spec is not None else []
         for req in plain:
             seq = req.seq
             segs.append(Segment(seq, torch.tensor(seq.tokens[-1:]), len(seq.tokens) - 1, "last"))
             owners.append(req)
         results = self._forward(segs, owners, events) if segs else []
+        to_mask = [  # the rows sampled this step: their grammar masks, in one batch
+            r
+            for r, res in zip(owners, results)
+            if res is not None and r.sampler.constraint is not None and res[0] is not None
+        ]
+        self._isolated_batch([r.sampler for r in to_mask], to_mask, events, fill_masks)
         chunks = []
         for i, (req, n) in enumerate(prefill):
             if results[i] is None:
@@ -196,8 +206,8 @@ class Engine:
             res = results[len(prefill) + j]
             if res is not None:
                 self._sample(req, res[0], new, events)
-        if self.spec is not None and decode:
-            live = [r for r in decode if not r.finished]
+        if self.spec is not None and drafted:
+            live = [r for r in drafted if not r.finished]
 
             def spec_round(reqs: list[Request]) -> None:
                 for req, toks in zip(reqs, self.spec.round(reqs)):  # type: ignore[union-attr]

@@ -13,12 +13,15 @@ Design choices:
 - `logit_bias` ({token id: bias}, OpenAI semantics) is added to the logits before everything else, so it
   also steers greedy decoding (-100 effectively bans a token, +100 forces it).
 - Order of logit processing: logit bias → penalties (repetition on prompt + output tokens, HF/vLLM rule: positive logits
-  divided, negative multiplied; presence and frequency on output tokens only) → temperature → top-k →
+  divided, negative multiplied; presence and frequency on output tokens only) → the grammar mask (after
+  the penalties, so a penalty can never make a masked -inf NaN) → temperature → top-k →
   top-p (smallest set whose mass reaches p, the top token always kept) → min-p (drop tokens below min_p ×
   the top probability). Greedy takes the argmax after penalties.
 - Every request owns a `torch.Generator` seeded from `seed` (or from a fresh random seed), so a request's
   samples do not depend on which other requests share its batch. Sampling is `torch.multinomial` with that
   generator; speculative verification draws its uniforms from the same generator.
+- Constrained decoding: `grammar` (a `longcat2.engine.grammar.Constraint`) sets the logits of tokens the
+  grammar does not allow to -inf before anything else, and is advanced by every kept token (`observe`).
 - Speculative sampling (Leviathan et al.): accept draft x with probability min(1, p(x)/q(x)), else sample
   from normalise(max(p - q, 0)); the emitted tokens then follow the target distribution exactly. Greedy
   acceptance is "draft == argmax".
@@ -29,6 +32,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -52,6 +56,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit
+    grammar: Any = None  # a longcat2.engine.grammar.Constraint (one per request), or None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -97,6 +102,8 @@ class RequestSampler:
         if params.logit_bias:
             ids, vals = zip(*sorted(params.logit_bias.items()))
             self.bias = (torch.tensor(ids, dtype=torch.long), torch.tensor(vals, dtype=torch.float32))
+        self.constraint = params.grammar
+        self.allowed: torch.Tensor | None = None  # [V] bool, prepared by grammar.fill_masks for one step
         if params.uses_penalties:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32)
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
@@ -105,6 +112,8 @@ class RequestSampler:
 
     # ------------------------------------------------------------------ state
     def observe(self, token: int) -> None:
+        if self.constraint is not None:
+            self.constraint.accept(token)
         if self.counts is not None:
             self.counts[token] += 1
             self.seen[token] = True  # type: ignore[index]
@@ -132,6 +141,11 @@ class RequestSampler:
             if p.presence_penalty:
                 x = x - p.presence_penalty * (self.counts > 0).float()
             x = x.clamp(-_FP32_MAX, _FP32_MAX)
+        if self.constraint is not None:  # last: a penalty must not turn the mask's -inf into NaN (-inf * 0)
+            allowed = self.allowed if self.allowed is not None else self.constraint.mask()
+            self.allowed = None
+            if allowed is not None:
+                x = x.masked_fill(~allowed.to(x.device, non_blocking=True), float("-inf"))  # masks are on CPU
         return x
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,18 @@ def _tool_result_text(block: AToolResultBlock) -> str:
     return f"Error: {text}" if block.is_error else text
 
 
+def _system_text(content: list[Any], i: int) -> list[str]:
+    """The text blocks of a `system` message inside `messages` (rendered as a system turn)."""
+    for j, b in enumerate(content):
+        if not isinstance(b, ATextBlock):
+            raise APIError(
+                400,
+                f"messages.{i}.content.{j}: a {b.type!r} block is not allowed in a system message",
+                param=f"messages.{i}.content",
+            )
+    return [b.text for b in content]
+
+
 def chat_messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if req.system:
@@ -78,6 +90,9 @@ def chat_messages(req: MessagesRequest | CountTokensRequest) -> list[dict[str, A
     for i, m in enumerate(req.messages):
         if isinstance(m.content, str):
             out.append({"role": m.role, "content": m.content})
+            continue
+        if m.role == "system":
+            out.append({"role": "system", "content": "".join(_system_text(m.content, i))})
             continue
         if m.role == "assistant":
             text, reasoning, calls = [], [], []
@@ -150,7 +165,7 @@ def chat_tools(req: MessagesRequest | CountTokensRequest) -> list[dict[str, Any]
     return tools
 
 
-def chat_prompt(req: MessagesRequest | CountTokensRequest) -> ChatPrompt:
+def chat_prompt(req: MessagesRequest | CountTokensRequest, constrained: bool = False) -> ChatPrompt:
     tools = chat_tools(req)
     choice = req.tool_choice
     mode, forced = "auto", None
@@ -166,7 +181,31 @@ def chat_prompt(req: MessagesRequest | CountTokensRequest) -> ChatPrompt:
         elif choice.type == "none":
             mode = "none"
     thinking = None if req.thinking is None else req.thinking.type != "disabled"
-    return build_chat_prompt(chat_messages(req), tools, thinking, mode, forced)
+    parallel = not (choice is not None and choice.disable_parallel_tool_use)
+    return build_chat_prompt(
+        chat_messages(req),
+        tools,
+        thinking,
+        mode,
+        forced,
+        constrained=constrained,
+        parallel=parallel,
+        json_schema=_output_schema(req),
+    )
+
+
+def _output_schema(req: MessagesRequest | CountTokensRequest) -> dict[str, Any] | None:
+    """Structured output: `output_config.format` (or the older `output_format`) of type json_schema."""
+    extra = req.model_extra or {}
+    config = extra.get("output_config")
+    fmt = config.get("format") if isinstance(config, dict) else extra.get("output_format")
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return None
+    if not isinstance(fmt.get("schema"), dict):
+        raise APIError(
+            400, "output_config.format.schema: a JSON schema object is required", param="output_config"
+        )
+    return fmt["schema"]
 
 
 # ---------------------------------------------------------------------------------------- builders
@@ -345,7 +384,7 @@ def router(state: ServerState) -> APIRouter:
         req = await parse_body(request, MessagesRequest, state.config.max_request_bytes)
         model = state.resolve_model(req.model)
         stops = check_stops(req.stop_sequences, "stop_sequences")
-        prompt = chat_prompt(req)
+        prompt = chat_prompt(req, state.config.constrained)
         ids = await state.encode_chat(prompt)
         budget = state.output_budget(len(ids), req.max_tokens, "max_tokens")
         params = state.sampling_params(
@@ -356,7 +395,7 @@ def router(state: ServerState) -> APIRouter:
             seed=req.seed,
             stop=stops,
         )
-        handle = state.submit(ids, params, stops)
+        handle = state.submit(ids, state.constrain(params, prompt), stops)
         rid = new_id("msg_")
         events = chat_events(handle, prompt, lambda: new_id("toolu_"))
         return await respond_chat(
@@ -373,7 +412,7 @@ def router(state: ServerState) -> APIRouter:
         state.check_auth(request)
         req = await parse_body(request, CountTokensRequest, state.config.max_request_bytes)
         state.resolve_model(req.model)
-        prompt = chat_prompt(req)
+        prompt = chat_prompt(req, state.config.constrained)
         ids = await state.encode_chat(prompt)
         return JSONResponse({"input_tokens": len(ids)})
 

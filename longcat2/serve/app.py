@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from longcat2 import model_dir
-from longcat2.serve import anthropic_api, openai_api
+from longcat2.serve import anthropic_api, openai_api, responses_api
 from longcat2.serve.access_log import AccessLog
 from longcat2.serve.batching import EngineWorker, Metrics
 from longcat2.serve.core import DEFAULT_MODEL_NAME, ServerConfig, ServerState
@@ -59,6 +59,7 @@ _ENDPOINTS = {
     "/v1/models",
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/responses",
     "/v1/messages",
     "/v1/messages/count_tokens",
     "/health",
@@ -157,6 +158,10 @@ def create_app(state: ServerState) -> FastAPI:
         msg = f"Not found: {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
         return error_response(request.url.path, APIError(exc.status_code, msg))
 
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root() -> JSONResponse:  # agents probe the base URL before they start
+        return JSONResponse({"status": "ok", "models": state.model_names})
+
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         running, queued = state.worker.load()
@@ -183,6 +188,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     for prefix in ("", "/openai"):
         app.include_router(openai_api.router(state), prefix=prefix)
+        app.include_router(responses_api.router(state), prefix=prefix)
     for prefix in ("", "/anthropic"):
         app.include_router(anthropic_api.router(state), prefix=prefix)
     app.add_middleware(_Guard, metrics=state.metrics)

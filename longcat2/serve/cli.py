@@ -6,8 +6,10 @@ Design choices:
 - `--model` defaults to the model embedded in the package and accepts its name, a model folder or a
   training run folder (its latest checkpoint; `longcat2.model_dir`); an installation without the embedded
   model fails with a message saying how to get one, before anything is loaded.
-- `--served-model-name` may list several names (aliases); `--any-model` accepts any model name, for
-  harnesses that insist on their own model ids (e.g. Claude Code's defaults).
+- `--served-model-name` may list several names (aliases). With one name, any requested model name is
+  answered by the served model (agents such as Claude Code insist on their own ids); `--strict-model-names`
+  turns that off, `--any-model` turns it on for several names. `max_tokens` larger than what fits is
+  clamped unless `--strict-max-tokens`.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         default_max_tokens=args.default_max_tokens,
         default_temperature=args.default_temperature,
-        clamp_max_tokens=args.clamp_max_tokens,
-        any_model=args.any_model,
+        clamp_max_tokens=not args.strict_max_tokens,
+        constrained=not args.no_grammar,
+        any_model=False if args.strict_model_names else (True if args.any_model else None),
         speculative=args.speculative,
         num_draft_tokens=args.num_draft_tokens,
         dtype=args.dtype,
@@ -107,7 +110,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="model name(s) clients use (default: the model directory's name)")  # fmt: skip
-    p.add_argument("--any-model", action="store_true", help="accept any model name in requests")
+    p.add_argument("--any-model", action="store_true",
+                   help="accept any model name in requests, also with several served names (one name: the default)")  # fmt: skip
+    p.add_argument("--strict-model-names", action="store_true",
+                   help="answer 404 to model names other than the served ones")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a batch slot; more are refused with 429 (default 64)")  # fmt: skip
@@ -118,7 +124,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--default-temperature", type=float, default=None,
                    help="temperature when a request sets none (default: the model's generation_config.json, else 1.0)")  # fmt: skip
     p.add_argument("--clamp-max-tokens", action="store_true",
-                   help="clamp max_tokens larger than the context instead of answering 400")  # fmt: skip
+                   help="clamp max_tokens larger than what fits (the default; kept for old command lines)")  # fmt: skip
+    p.add_argument("--strict-max-tokens", action="store_true",
+                   help="answer 400 to a max_tokens larger than the context instead of clamping it")  # fmt: skip
+    p.add_argument("--no-grammar", action="store_true",
+                   help="no constrained decoding of replies (tool calls, tool_choice, JSON formats)")  # fmt: skip
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument(
         "--prefix-cache-size",

@@ -6,14 +6,19 @@ Design choices:
 - Both APIs reduce a request to (OpenAI-style messages, tools, thinking flag), render it with
   `longcat2.chat.render`, and parse the reply with one `chat.StreamParser` per request, so tool calls are
   recognised identically in both APIs, streamed or not, and a tag split across tokens is never leaked.
-- Forced tool use (OpenAI `tool_choice: "required"` / a named function, Anthropic `any` / `tool`) is done
-  by prefilling the reply: the prompt ends in `<longcat_tool_call>` (plus `NAME\\n` for a named tool) and
-  the same prefix is fed to the parser first, so the model can only complete a call. `tool_choice: none`
-  renders the prompt without tools, and a call the model writes anyway is returned as text.
+- Constrained decoding (`ServerConfig.constrained`, on by default): every chat request carries the grammar
+  of its reply (`reply_grammar`: offered tools with schema-valid arguments, the `tool_choice` form,
+  `parallel_tool_calls`, JSON response formats; thinking stays free), compiled once per request and
+  applied by the engine's sampler. Without it, forced tool use is done by prefilling the reply with
+  `<longcat_tool_call>` (plus `NAME\\n` for a named tool), fed to the parser first. `tool_choice: none`
+  renders the prompt without tools. Text that still does not parse (a reply cut off inside a call) is
+  returned with its markup tags removed, never as tags or a half call.
 - Context: `context_len` is the model's `max_position_embeddings` (or `--max-model-len`). A prompt that
-  leaves no room for output is a 400 that gives both numbers; a `max_tokens` larger than the whole context
-  is a 400 (unless `--clamp-max-tokens`); otherwise the output budget is `min(max_tokens, context -
-  prompt)` and running out of context ends the reply with finish reason "length".
+  leaves no room for output is a 400 that gives both numbers; the output budget is `min(max_tokens,
+  context - prompt)` (agents ask for 32000+), and reaching it ends the reply with finish reason "length" /
+  stop reason "max_tokens"; with `--strict-max-tokens` a `max_tokens` larger than the context is a 400.
+- Model names: a server with one served name answers any requested name with it (agents insist on their
+  own ids); several names (or `--strict-model-names`) make an unknown name a 404.
 - Request hygiene (`parse_body`): a body over `max_request_bytes` is a 413 as soon as that is known
   (Content-Length, else while it streams in); bodies that are not UTF-8, nest deeper than `MAX_JSON_DEPTH`
   or carry lone UTF-16 surrogates are 400s before validation, so nothing downstream (pydantic, the
@@ -33,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -48,6 +54,7 @@ from longcat2.model_dir import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME  # noqa: F4
 from longcat2.serve import access_log
 from longcat2.serve.batching import EngineWorker, Metrics, QueueFull, RequestHandle, ShuttingDown
 from longcat2.serve.protocol import APIError, validation_message
+from longcat2.serve.reply_grammar import reply_grammar
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 INLINE_TOKENIZE_CHARS = 20_000  # longer prompts are tokenised in a worker thread
@@ -63,8 +70,9 @@ class ServerConfig:
     max_model_len: int | None = None
     default_max_tokens: int | None = None
     default_temperature: float | None = None
-    clamp_max_tokens: bool = False
-    any_model: bool = False
+    clamp_max_tokens: bool = True  # False (--strict-max-tokens): a max_tokens beyond the context is a 400
+    constrained: bool = True  # grammar-constrained replies (tool calls, tool_choice, JSON formats)
+    any_model: bool | None = None  # None: accept any name when the server has a single served name
     speculative: bool = False
     num_draft_tokens: int | None = None
     dtype: str = "auto"
@@ -87,12 +95,17 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
     model_info: dict[str, Any] = field(default_factory=dict)
+    _grammars: Any = None  # longcat2.engine.grammar.Grammars, built on first use
 
     # ------------------------------------------------------------------ requests
 
     def resolve_model(self, name: str) -> str:
-        if name in self.model_names or self.config.any_model:
+        """The served name a request's `model` resolves to (replies state the model that served them)."""
+        if name in self.model_names:
             return name
+        any_model = self.config.any_model
+        if any_model or (any_model is None and len(self.model_names) == 1):
+            return self.model_names[0]
         raise APIError(
             404,
             f"The model '{name}' does not exist; this server serves: {', '.join(self.model_names)}",
@@ -213,6 +226,21 @@ class ServerState:
             logit_bias=dict(logit_bias or {}),
         )
 
+    def constrain(self, params: Any, prompt: ChatPrompt) -> Any:
+        """Attach the compiled grammar of `prompt` (if any) to the sampling `params`."""
+        if prompt.grammar is None:
+            return params
+        from longcat2.engine.grammar import GrammarError, Grammars
+
+        if self._grammars is None:
+            vocab = self.worker.engine.cfg.vocab_size
+            self._grammars = Grammars(self.tokenizer.backend.to_str(), vocab, self.tokenizer.eos_id)
+        try:
+            params.grammar = self._grammars.compile(prompt.grammar)
+        except GrammarError as e:
+            raise APIError(400, f"the tool or response schemas cannot be enforced: {e}", param="tools") from e
+        return params
+
     def submit(self, prompt_ids: list[int], params: Any, stops: Sequence[str] = ()) -> RequestHandle:
         try:
             handle = self.worker.submit(prompt_ids, params, stops)
@@ -249,6 +277,7 @@ class ChatPrompt:
     prefix: str = ""  # forced reply start (tool_choice), fed to the parser before the model's output
     tools: list[dict[str, Any]] | None = None  # tools for the parser (string-typed XML arguments)
     calls_as_text: bool = False  # tool_choice "none": a call the model writes anyway stays text
+    grammar: str | None = None  # Lark grammar of the reply (constrained decoding)
 
     @property
     def text(self) -> str:
@@ -261,8 +290,13 @@ def build_chat_prompt(
     thinking: bool | None,
     tool_mode: str,
     forced_name: str | None = None,
+    *,
+    constrained: bool = False,
+    parallel: bool = True,
+    json_schema: dict[str, Any] | None = None,
 ) -> ChatPrompt:
-    """tool_mode: "auto" | "none" | "required" | "named" (with `forced_name`)."""
+    """tool_mode: "auto" | "none" | "required" | "named" (with `forced_name`). `constrained`: give the
+    prompt its reply grammar instead of prefilling forced calls; `json_schema`: JSON content."""
     if tool_mode in ("required", "named") and not tools:
         raise APIError(400, "tool_choice requires a tool, but no tools were given", param="tool_choice")
     if tool_mode == "named":
@@ -277,6 +311,16 @@ def build_chat_prompt(
         parts = chat.render_parts(messages, tools if tool_mode != "none" else None, thinking)
     except chat.ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from e
+    if constrained:
+        if thinking is None:  # chat.render's auto rule: on when a reply after the last user turn reasons
+            last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+            thinking = any(
+                m.get("role") == "assistant" and m.get("reasoning_content") for m in messages[last_user:]
+            )
+        grammar = reply_grammar(
+            tools, tool_mode, forced_name, parallel=parallel, thinking=thinking, json_schema=json_schema
+        )
+        return ChatPrompt(parts, "", tools, calls_as_text=tool_mode == "none", grammar=grammar)
     forced = [] if tool_mode not in ("required", "named") else [chat.CALL_OPEN]
     if tool_mode == "named":
         forced.append(f"{forced_name}\n")
@@ -301,6 +345,7 @@ class Finished:
 
 
 ChatEvent = chat.TextDelta | chat.ReasoningDelta | chat.ToolCallEvent | Finished
+_MARKUP = re.compile(r"</?longcat_[a-z_]+>")
 
 
 async def chat_events(
@@ -318,9 +363,14 @@ async def chat_events(
         for ev in events:
             if isinstance(ev, chat.ToolCallEvent):
                 if prompt.calls_as_text:
-                    out.append(chat.TextDelta(chat.format_tool_call(ev.name, ev.arguments)))
+                    ev = chat.TextDelta(chat.format_tool_call(ev.name, ev.arguments))
+                else:
+                    calls += 1
+            if isinstance(ev, (chat.TextDelta, chat.ReasoningDelta)) and "longcat_" in ev.text:
+                text = _MARKUP.sub("", ev.text)  # an unparsed (cut-off) call: plain text, no tags
+                if not text:
                     continue
-                calls += 1
+                ev = type(ev)(text)
             out.append(ev)
         return out
 

@@ -134,7 +134,31 @@ def thinking_flag(req: ChatCompletionRequest) -> bool | None:
     return None
 
 
-def chat_prompt(req: ChatCompletionRequest) -> ChatPrompt:
+def response_schema(fmt: Any, param: str) -> dict[str, Any] | None:
+    """The JSON schema a `response_format` (chat) / `text.format` (Responses) asks the content to follow:
+    None for text, `{"type": "object"}` for json_object."""
+    if fmt is None:
+        return None
+    d = fmt if isinstance(fmt, dict) else {"type": fmt.type, **(fmt.model_extra or {})}
+    kind = d.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = d.get("json_schema", d)  # chat nests {"name", "schema"}; Responses puts them at the top
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, f"{param}.json_schema.schema: a JSON schema object is required", param=param)
+        return schema
+    raise APIError(
+        400,
+        f"{param}: type {kind!r} is not supported (use 'text', 'json_object' or 'json_schema')",
+        param=param,
+    )
+
+
+def chat_prompt(req: ChatCompletionRequest, constrained: bool = False) -> ChatPrompt:
     tools = chat_tools(req)
     choice = req.tool_choice
     forced = None
@@ -144,7 +168,16 @@ def chat_prompt(req: ChatCompletionRequest) -> ChatPrompt:
         mode = choice
     else:
         mode = "auto"
-    return build_chat_prompt(chat_messages(req), tools, thinking_flag(req), mode, forced)
+    return build_chat_prompt(
+        chat_messages(req),
+        tools,
+        thinking_flag(req),
+        mode,
+        forced,
+        constrained=constrained,
+        parallel=req.parallel_tool_calls is not False,
+        json_schema=response_schema(req.response_format, "response_format"),
+    )
 
 
 def _check_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
@@ -153,12 +186,6 @@ def _check_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
     if isinstance(req, ChatCompletionRequest):
         if req.logprobs or req.top_logprobs:
             raise APIError(400, "logprobs: log probabilities are not supported", param="logprobs")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(
-                400,
-                f"response_format: type {req.response_format.type!r} is not supported (only 'text')",
-                param="response_format",
-            )
     else:
         if req.logprobs:
             raise APIError(400, "logprobs: log probabilities are not supported", param="logprobs")
@@ -361,12 +388,12 @@ def router(state: ServerState) -> APIRouter:
         model = state.resolve_model(req.model)
         _check_unsupported(req)
         stops = check_stops(req.stop, "stop")
-        prompt = chat_prompt(req)
+        prompt = chat_prompt(req, state.config.constrained)
         ids = await state.encode_chat(prompt)
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         budget = state.output_budget(len(ids), requested, param)
-        params = _sampling_params(state, req, budget, stops)
+        params = state.constrain(_sampling_params(state, req, budget, stops), prompt)
         handle = state.submit(ids, params, stops)
         rid = new_id("chatcmpl-")
         events = chat_events(handle, prompt, lambda: new_id("call_"))

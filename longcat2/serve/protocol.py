@@ -295,7 +295,7 @@ AContentBlock = Annotated[
 
 
 class AMessage(_Request):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # agents (Claude Code) send system turns mid-conversation
     content: str | list[AContentBlock]
 
 

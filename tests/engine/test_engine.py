@@ -328,3 +328,20 @@ def test_engine_attention_matches_the_spec_reference(interleave: bool, plateau: 
     assert all(o.shape[0] == t for o in engine_outs.values())
     compared = assert_attention_matches(model, xs, engine_outs, cfg)
     assert compared > 0.9 * cfg.num_layers * (t - cfg.index_topk)
+
+
+def test_grammar_mask_survives_extreme_penalties() -> None:
+    """A masked logit is -inf; a repetition penalty of 1e-300 (0 in fp32) must not turn it into NaN."""
+
+    class OnlySome:  # the constraint protocol the sampler reads: an allowed-token mask
+        active = True
+
+        def mask(self) -> torch.Tensor:
+            allowed = torch.zeros(50, dtype=torch.bool)
+            allowed[[3, 7, 9]] = True
+            return allowed
+
+    s = RequestSampler(SamplingParams(temperature=1.0, repetition_penalty=1e-300), [3, 7, 1], 50)
+    s.constraint = OnlySome()
+    probs = s.probs(torch.randn(50, generator=torch.Generator().manual_seed(0)) * 3)
+    assert torch.isfinite(probs).all() and set(probs.nonzero().flatten().tolist()) <= {3, 7, 9}

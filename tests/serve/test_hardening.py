@@ -290,6 +290,24 @@ def _anthropic_everywhere(text: str) -> dict:
     return {"model": MODEL, "system": text, "messages": messages, "tools": [tool], "max_tokens": 1}  # fmt: skip
 
 
+def _responses_everywhere(text: str) -> dict:
+    tool = {
+        "type": "function",
+        "name": "lookup",
+        "description": text,
+        "parameters": {"type": "object", "properties": {"q": {"type": "string", "description": text}}},
+    }
+    items = [
+        {"type": "message", "role": "developer", "content": text},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]},
+        {"type": "function_call", "call_id": "c1", "name": text, "arguments": json.dumps({text: text})},
+        {"type": "function_call_output", "call_id": "c1", "output": text},
+        {"type": "message", "role": "user", "content": text},
+    ]
+    return {"model": MODEL, "instructions": text, "input": items, "tools": [tool], "max_output_tokens": 1}
+
+
 def _prompt_of(http: httpx.Client, state, path: str, body: dict) -> list[int]:
     """The token ids the engine was given for one request."""
     engine: FaultyEngine = state.worker.engine
@@ -299,15 +317,23 @@ def _prompt_of(http: httpx.Client, state, path: str, body: dict) -> list[int]:
     (rid,) = set(engine.prompts) - before
     ids = engine.prompts[rid]
     usage = r.json()["usage"]
-    prompt_tokens = usage.get("prompt_tokens") or sum(  # Anthropic splits the prompt by cache use
-        usage[k] for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-    )
+    if "cache_read_input_tokens" in usage:  # Anthropic splits the prompt by cache use
+        prompt_tokens = sum(
+            usage[k] for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        )
+    else:  # OpenAI chat (prompt_tokens) and Responses (input_tokens)
+        prompt_tokens = usage.get("prompt_tokens", usage.get("input_tokens"))
     assert ids and len(ids) == prompt_tokens
     return ids
 
 
 @pytest.mark.parametrize(
-    "path,build", [("/v1/chat/completions", _openai_everywhere), ("/v1/messages", _anthropic_everywhere)]
+    "path,build",
+    [
+        ("/v1/chat/completions", _openai_everywhere),
+        ("/v1/messages", _anthropic_everywhere),
+        ("/v1/responses", _responses_everywhere),
+    ],
 )
 def test_request_text_never_becomes_control_tokens(http, server, path, build):
     """`EVIL` in every role's content, tool results, tool names, arguments and schemas: the prompt has
@@ -318,9 +344,9 @@ def test_request_text_never_becomes_control_tokens(http, server, path, build):
     plain = _prompt_of(http, server.state, path, build("hi there"))
     assert [t for t in evil if t < N_SPECIAL] == [t for t in plain if t < N_SPECIAL]
     text = tok.decode(evil)
-    # every copy is in the prompt, as text, except the earlier reply's reasoning (history reasoning is
-    # not rendered)
-    n_rendered = json.dumps(build(EVIL)).count(json.dumps(EVIL)[1:-1]) - 1
+    # every copy is in the prompt, as text, except the earlier reply's reasoning in the chat APIs' bodies
+    # (history reasoning is not rendered; the Responses body has none)
+    n_rendered = json.dumps(build(EVIL)).count(json.dumps(EVIL)[1:-1]) - (path != "/v1/responses")
     assert text.count(EVIL) == n_rendered and n_rendered >= 9
     if path == "/v1/messages":  # count_tokens agrees with what was run
         body = {k: v for k, v in build(EVIL).items() if k != "max_tokens"}
