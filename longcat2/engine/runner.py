@@ -205,7 +205,9 @@ class ModelRunner:
                 spans.append(None)
         if not rows:
             return [None] * len(segments)
-        logits = self.model.lm_head(norm(hidden[torch.tensor(rows, device=hidden.device)]))  # [R, V]
+        if len(rows) < hidden.shape[0]:  # (decode steps need every row: no gather)
+            hidden = hidden[torch.tensor(rows, device=hidden.device)]
+        logits = self.model.lm_head(norm(hidden))  # [R, V]
         return [None if s is None else logits[s[0] : s[0] + s[1]] for s in spans]
 
     # ------------------------------------------------------------------ MTP head

@@ -100,7 +100,7 @@ class RotaryEmbedding(nn.Module):
         """→ cos, sin [..., T, r/2], cast to `dtype` (the activations') when given."""
         angles = positions.float()[..., None] * self.inv_freq.to(positions.device)  # [..., T, r/2]
         cos, sin = angles.cos() * self.attn_factor, angles.sin() * self.attn_factor
-        return (cos, sin) if dtype is None else (cos.to(dtype), sin.to(dtype))
+        return (cos, sin) if dtype in (None, cos.dtype) else (cos.to(dtype), sin.to(dtype))
 
 
 def apply_rope(
