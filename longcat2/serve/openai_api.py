@@ -426,6 +426,8 @@ def router(state: ServerState) -> APIRouter:
             ids = await state.encode(prompt)
         else:
             ids = list(prompt)  # type: ignore[arg-type]
+            if len(ids) >= state.context_len:  # refused by its length before any pass over it
+                state.output_budget(len(ids), None, "max_tokens")
             vocab = state.tokenizer.vocab_size
             if any(not 0 <= t < vocab for t in ids):
                 raise APIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")

@@ -414,6 +414,9 @@ def test_a_10mb_prompt_is_refused_before_it_is_tokenised(scripted_server):
             value = huge if key == "prompt" else [{"role": "user", "content": huge}]
             msg = _error(c.post(path, json={**POSTS[path], key: value}), path, 400)
             assert "at least" in msg and str(scripted_server.state.context_len) in msg
+        ids = [5] * 1_000_000  # token ids: refused by their count before any pass over them
+        r = c.post("/v1/completions", json={**COMP, "prompt": ids})
+        assert openai_error(r, 400)["code"] == "context_length_exceeded"
         _still_serving(c)
 
 
