@@ -275,9 +275,6 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(int(token_id))
 
-    def is_special(self, token_id: int) -> bool:
-        return 0 <= int(token_id) < len(SPECIAL_TOKENS)
-
     def save(self, out_dir: str | Path) -> Path:
         return save_backend(self.backend, out_dir)
 

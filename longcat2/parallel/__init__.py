@@ -31,7 +31,6 @@ from longcat2.parallel.checkpoint import (
     load_extra,
     load_sharded,
     prune_checkpoints,
-    prune_sharded,
     remove_partial,
     rng_state,
     save_sharded,
@@ -67,7 +66,6 @@ __all__ = [
     "ParallelConfigError",
     "Traffic",
     "ZeroExpertsOverNetwork",
-    "all_reduce_expert_counts",
     "all_reduce_sum",
     "all_to_all",
     "backend_for",
@@ -91,7 +89,6 @@ __all__ = [
     "load_sharded",
     "parallelize",
     "prune_checkpoints",
-    "prune_sharded",
     "remove_partial",
     "rng_state",
     "save_sharded",
@@ -109,16 +106,6 @@ def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(t, group=group)
     return t
-
-
-def all_reduce_expert_counts(counts: torch.Tensor, info: DistInfo | None = None) -> torch.Tensor:
-    """Global per-expert token counts for the expert-bias update: sum over the data-parallel group.
-
-    Every rank reads its own slice of the global batch (ep ranks are data-parallel ranks too), so the
-    data-parallel group is the whole world; `counts` ([L, E] or [E]) is summed in place and returned.
-    Call it before `BudgetController.update` (`RoutingStats.all_reduce(all_reduce_sum)` does the same).
-    """
-    return all_reduce_sum(counts)
 
 
 def expert_traffic(model: nn.Module) -> Traffic:

@@ -157,12 +157,6 @@ def latest_sharded(root: str | Path, prefix: str = "step_") -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def prune_sharded(root: str | Path, keep: int, prefix: str = "step_") -> None:
-    """Rank 0 keeps the newest `keep` complete sharded checkpoints under `root` (0 = all)."""
-    if _rank_world()[0] == 0:
-        prune_checkpoints(list_sharded(root, prefix), keep)
-
-
 def prune_checkpoints(ckpts: list[tuple[int, Path]], keep: int) -> None:
     """Delete all but the newest `keep` (0 = keep all) of `ckpts` (oldest first, as the listings return
     them). Each is renamed to `.del-<name>` first, so a half-deleted directory never looks like a checkpoint."""

@@ -42,17 +42,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from longcat2.config import ModelConfig
 from longcat2.model import LongCatForCausalLM
 from longcat2.model_dir import resolve_model_dir
 from longcat2.parallel import checkpoint as sharded
 from longcat2.parallel.checkpoint import fsync_dir, fsync_tree, list_step_dirs, prune_checkpoints
+from longcat2.tokenizer import TOKENIZER_FILES
 
 PREFIX = "step_"
 STATE_FILE = "trainer_state.pt"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def step_dir_name(step: int) -> str:
@@ -210,7 +209,3 @@ def resolve_init(path: str | Path) -> Path:
     """A model directory to start from (`load_model` reads it): an HF-layout dir, a checkpoint dir of either
     layout, a run's OUT dir (its latest checkpoint) or the embedded model's name (`longcat2.model_dir`)."""
     return resolve_model_dir(path, flag="--init", sharded_ok=True)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)

@@ -28,7 +28,6 @@ Design choices:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,7 +252,3 @@ class Schedule:
 def apply_schedule(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
-
-
-def grads_finite(params: Iterable[torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)

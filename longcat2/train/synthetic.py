@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from longcat2.evals.tasks import GENERATORS, TaskVocab
+from longcat2.train.config import IGNORE
 
-IGNORE = -100
 TASK_FORMAT = "longcat2-task"
 TRAIN_STREAM, EVAL_STREAM = 0, 1
 

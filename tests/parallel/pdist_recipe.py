@@ -82,7 +82,7 @@ class BiasUpdate:
         self.stats.record(self.moes)
 
     def apply(self) -> None:
-        P.all_reduce_expert_counts(self.stats.counts)
+        P.all_reduce_sum(self.stats.counts)
         t = torch.tensor([float(self.stats.tokens), self.stats.entropy_sum], dtype=torch.float64)
         P.all_reduce_sum(t)
         self.stats.tokens, self.stats.entropy_sum = int(t[0]), float(t[1])
