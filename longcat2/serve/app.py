@@ -49,9 +49,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from longcat2 import model_dir
 from longcat2.serve import anthropic_api, openai_api, responses_api
 from longcat2.serve.access_log import AccessLog
-from longcat2.serve.batching import EngineWorker, Metrics
 from longcat2.serve.core import DEFAULT_MODEL_NAME, ServerConfig, ServerState
 from longcat2.serve.protocol import APIError, anthropic_error_body, openai_error_body
+from longcat2.serve.worker import EngineWorker, Metrics
 
 log = logging.getLogger("longcat2.serve")
 

@@ -52,9 +52,9 @@ from pydantic import BaseModel, ValidationError
 from longcat2 import chat
 from longcat2.model_dir import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME  # noqa: F401 (re-exported)
 from longcat2.serve import access_log
-from longcat2.serve.batching import EngineWorker, Metrics, QueueFull, RequestHandle, ShuttingDown
 from longcat2.serve.protocol import APIError, validation_message
 from longcat2.serve.reply_grammar import reply_grammar
+from longcat2.serve.worker import EngineWorker, Metrics, QueueFull, RequestHandle, ShuttingDown
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 INLINE_TOKENIZE_CHARS = 20_000  # longer prompts are tokenised in a worker thread

@@ -13,9 +13,9 @@ from serve_helpers import COUNTING, LONG_STORY, TOOL_CALL_TEXT, WEATHER_TOOL, lo
 from longcat2 import chat
 from longcat2.engine import SamplingParams
 from longcat2.serve import anthropic_api, openai_api
-from longcat2.serve.batching import EngineWorker, QueueFull, ShuttingDown, StopMatcher
 from longcat2.serve.core import ChatPrompt, Finished, build_chat_prompt
 from longcat2.serve.protocol import APIError, ChatCompletionRequest, MessagesRequest
+from longcat2.serve.worker import EngineWorker, QueueFull, ShuttingDown, StopMatcher
 
 # ------------------------------------------------------------------------------------- conversion
 
@@ -442,7 +442,7 @@ def test_chat_prompt_calls_as_text():
         def cancel(self):
             self.cancelled = True
 
-    from longcat2.serve.batching import Chunk
+    from longcat2.serve.worker import Chunk
 
     h = H([Chunk(TOOL_CALL_TEXT, [1], 1), Chunk("", [2], 2, "stop", 2)])
 
