@@ -33,6 +33,8 @@ MODEL_ARGS=(
   --model ffn_hidden_size=256 --model expert_ffn_hidden_size=64
   --model q_lora_rank=64 --model kv_lora_rank=32
   --model oe_vocab_size_ratio=2.0 --model mtp_num_layers=1
+  # the rules the shipped model was trained with (the 2.0 preset now defaults to mean / rms_norm_eps)
+  --model ngram_fusion=residual --model mla_norm_eps=1e-6
 )
 
 # `longcat2 train` once the train module is registered in longcat2/cli.py, else its own entry point.
