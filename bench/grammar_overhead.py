@@ -6,7 +6,9 @@ Both arms decode the same prompts greedily for the same number of steps; a step 
 step after all prompts are prefilled (decode only). The grammar arm pays for the batched llguidance mask
 (`engine.grammar.fill_masks`), the mask in the sampler and the matchers' token updates; compiling the
 grammars happens before timing (a server compiles each request's grammar once, off the engine thread).
-The arms take turns for `--repeats` rounds and the best (lowest) mean step time of each is reported.
+After one warm-up round, the arms take turns for `--repeats` rounds (bench/timing.py's rules): the median
+mean step time of each is reported with its [min–max] spread, and the overhead is the median of the
+per-round ratios.
 
     .venv/bin/python bench/grammar_overhead.py [--batch 8] [--steps 48] [--repeats 5]
 """
@@ -21,6 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import load_average, median, ratio_spread, spread  # noqa: E402
 
 from longcat2 import chat  # noqa: E402
 from longcat2.engine import Engine, SamplingParams  # noqa: E402
@@ -96,17 +100,19 @@ def main() -> None:
         for i in range(args.batch)
     ]
     engine = Engine(model, max_batch_size=args.batch, detokenize=tok.decode, eos_token_id=None)
-    best = {"plain": float("inf"), "grammar": float("inf")}
-    for _ in range(args.repeats):
-        for arm in best:
+    times: dict[str, list[float]] = {"plain": [], "grammar": []}
+    for rnd in range(args.repeats + 1):  # round 0 warms both arms up
+        for arm in times:
             params = [
                 SamplingParams(
                     max_new_tokens=args.steps, grammar=grammars.compile(grammar) if arm == "grammar" else None
                 )
                 for _ in prompts
             ]
-            best[arm] = min(best[arm], mean_step_s(engine, prompts, params))
-    overhead = best["grammar"] / best["plain"] - 1
+            step_s = mean_step_s(engine, prompts, params)
+            if rnd:
+                times[arm].append(step_s)
+    plain_ms = median(times["plain"]) * 1e3
     samplers = [
         RequestSampler(SamplingParams(grammar=grammars.compile(grammar)), p, tok.vocab_size) for p in prompts
     ]
@@ -114,12 +120,14 @@ def main() -> None:
     for _ in range(200):
         fill_masks(samplers)  # the batched mask alone, matchers at the reply's start
     mask_ms = (time.perf_counter() - t) / 200 * 1e3
-    print(f"batch {args.batch}, {args.steps} decode steps, best of {args.repeats}, {args.threads} thread(s)")
-    print(f"  plain    {best['plain'] * 1e3:7.2f} ms/step")
-    print(f"  grammar  {best['grammar'] * 1e3:7.2f} ms/step   overhead {overhead * 100:+.1f}%")
     print(
-        f"  batched mask alone: {mask_ms:.2f} ms/step ({mask_ms / best['plain'] / 10:.1f}% of a plain step)"
+        f"batch {args.batch}, {args.steps} decode steps, median of {args.repeats}, {args.threads} thread(s)"
     )
+    print(f"  plain    {spread(times['plain'], 1e3)} ms/step")
+    print(f"  grammar  {spread(times['grammar'], 1e3)} ms/step")
+    print(f"  grammar / plain: {ratio_spread(times['grammar'], times['plain'], 3)}")
+    print(f"  batched mask alone: {mask_ms:.2f} ms/step ({mask_ms / plain_ms * 100:.1f}% of a plain step)")
+    print(f"  {load_average()}")
     print(f"  replies restarted after they ended: {resets[0]} (every step of every row was constrained)")
 
 
