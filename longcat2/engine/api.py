@@ -328,10 +328,7 @@ class Engine:
                 except CacheFull as e:
                     victim = self.scheduler.active[-1]
                     if victim is req and len(self.scheduler.active) == 1:
-                        req._finish("error")
-                        req.error = f"the request does not fit in the KV cache: {e}"
-                        events.append(self._event(req, []))
-                        self._release(req)
+                        self._fail(req, CacheFull(f"the request does not fit in the KV cache: {e}"), events)
                         break
                     self._preempt(victim)
                     if victim is req:

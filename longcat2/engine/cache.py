@@ -107,6 +107,7 @@ class SeqBlocks:
     blocks: list[int] = field(default_factory=list)
     num_tokens: int = 0  # positions 0..num_tokens-1 are written (in every layer)
     keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the first len(keys) (full) blocks
+    mtp_marked: int = 0  # its first mtp_marked blocks are known MTP-exact (commit resumes from there)
     _table: torch.Tensor | None = None  # int64 [len(blocks)], rebuilt lazily
     _runs: list[tuple[int, int, int]] | None = None  # (first position, first slot, length) per run of blocks
 
@@ -264,6 +265,7 @@ class PagedKVCache:
         self.allocator.free(free)
         seq.blocks = []
         seq.keys = []
+        seq.mtp_marked = 0
         seq.num_tokens = 0
         seq.invalidate()
         if len(self.lru) > self.prefix_cache_blocks:
@@ -322,6 +324,7 @@ class PagedKVCache:
             self.refs[b] += 1
             self.lru.pop(b, None)
         seq.blocks, seq.keys = blocks, keys
+        seq.mtp_marked = len(blocks) if need_mtp else 0
         seq.num_tokens = len(blocks) * bs
         seq.invalidate()
         self.prefix_stats["hit_tokens"] += seq.num_tokens
@@ -341,10 +344,12 @@ class PagedKVCache:
             if key not in self.block_of and b not in self.key_of:
                 self.block_of[key] = b
                 self.key_of[b] = key
-        for i in range(min(mtp_len // bs, len(seq.keys))):
+        covered = min(mtp_len // bs, len(seq.keys))
+        for i in range(seq.mtp_marked, covered):
             b = seq.blocks[i]
             if self.key_of.get(b) == seq.keys[i]:
                 self.mtp_exact.add(b)
+        seq.mtp_marked = max(seq.mtp_marked, covered)
 
     # ------------------------------------------------------------------ addressing
     def table(self, seq: SeqBlocks) -> torch.Tensor:

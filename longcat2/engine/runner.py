@@ -67,11 +67,10 @@ class ModelRunner:
         score_budget: int = 1 << 24,
         expanded_min_rows: int = 32,
         dense_gather_max: int = 4096,
-        prefix_cache_blocks: int = 0,
     ) -> None:
         """index_mode: "exact" (fp32 scan) | "bf16" (bf16 GEMM scan + exact rescoring, decode rows with
-        bf16 queries and keys) | "auto" (bf16 when the indexer runs in bf16, else exact).
-        prefix_cache_blocks: unreferenced full blocks the prefix cache may keep (0: no prefix caching)."""
+        bf16 queries and keys) | "auto" (bf16 when the indexer runs in bf16, else exact). Prefix caching is
+        off until the owner sets `cache.prefix_cache_blocks` (the Engine sizes it from bytes)."""
         self.model = model
         self.cfg: ModelConfig = model.config
         self.device = next(model.parameters()).device
@@ -84,7 +83,6 @@ class ModelRunner:
             num_blocks=num_blocks,
             max_blocks=max_blocks,
             index_dtype=index_dtype,
-            prefix_cache_blocks=prefix_cache_blocks,
         )
         if index_mode not in ("auto", "exact", "bf16"):
             raise ValueError(f"index_mode: one of auto/exact/bf16, got {index_mode!r}")
