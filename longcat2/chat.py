@@ -193,6 +193,12 @@ def _reasoning_of(m: Message) -> str:
     return r if isinstance(r, str) else ""
 
 
+def auto_thinking(messages: Sequence[Message]) -> bool:
+    """Thinking's auto rule: on when an assistant reply after the last user message carries reasoning."""
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    return any(m.get("role") == "assistant" and _reasoning_of(m) for m in messages[last_user + 1 :])
+
+
 def _segments(
     messages: Sequence[Message],
     tools: Sequence[dict[str, Any]] | None,
@@ -217,10 +223,8 @@ def _segments(
             raise ChatFormatError(f"messages[{i}].role is {role!r}; expected system, user, assistant or tool")
         roles.append(role)
     last_user = max((i for i, r in enumerate(roles) if r == "user"), default=-1)
-    if thinking is None:  # auto: on when a reply after the last user message carries reasoning
-        thinking = any(
-            r == "assistant" and _reasoning_of(messages[i]) for i, r in enumerate(roles) if i > last_user
-        )
+    if thinking is None:
+        thinking = auto_thinking(messages)
 
     segs: list[tuple[list[str], bool]] = []
     start = 0

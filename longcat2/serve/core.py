@@ -312,11 +312,8 @@ def build_chat_prompt(
     except chat.ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from e
     if constrained:
-        if thinking is None:  # chat.render's auto rule: on when a reply after the last user turn reasons
-            last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
-            thinking = any(
-                m.get("role") == "assistant" and m.get("reasoning_content") for m in messages[last_user:]
-            )
+        if thinking is None:  # the grammar must know what chat.render decides
+            thinking = chat.auto_thinking(messages)
         grammar = reply_grammar(
             tools, tool_mode, forced_name, parallel=parallel, thinking=thinking, json_schema=json_schema
         )
