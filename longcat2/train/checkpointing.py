@@ -155,10 +155,12 @@ class CheckpointCorrupt(RuntimeError):
     """A checkpoint file cannot be read back; the message names the file."""
 
 
-def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
+def load_trainer_state(ckpt: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The trainer state of a checkpoint. `mmap`: map the tensors instead of reading them (a check that the
+    file parses costs its pickle and zip directory, not the optimizer moments)."""
     f = Path(ckpt) / STATE_FILE
     try:
-        state = torch.load(f, map_location="cpu", weights_only=True)
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, bad pickle, missing file: name the file
         raise CheckpointCorrupt(f"{f}: cannot be read ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(state, dict) or "step" not in state:
@@ -168,7 +170,8 @@ def load_trainer_state(ckpt: str | Path) -> dict[str, Any]:
 
 def verify_checkpoint(ckpt: str | Path) -> str | None:
     """None when the checkpoint reads back (see the module docstring for what is checked), else what is
-    wrong, naming the file. Cheap: tensors are not loaded, only headers and sizes checked."""
+    wrong, naming the file. Cheap: tensors are not read (the trainer state is mapped, safetensors files
+    only have their headers and sizes checked)."""
     from safetensors import safe_open
 
     ckpt = Path(ckpt)
@@ -176,7 +179,7 @@ def verify_checkpoint(ckpt: str | Path) -> str | None:
         if is_sharded(ckpt):
             sharded.load_extra(ckpt)
             return None
-        load_trainer_state(ckpt)
+        load_trainer_state(ckpt, mmap=True)
         json.loads((ckpt / "config.json").read_text())
         files = sorted(ckpt.glob("*.safetensors"))
         if not files:
