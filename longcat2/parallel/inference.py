@@ -322,12 +322,16 @@ def parallelize_for_inference(model: nn.Module, layout: InferenceLayout) -> nn.M
 
 
 def parameter_bytes(model: nn.Module) -> dict[str, int]:
-    """Resident parameter bytes of this rank: total, the sharded part, the replicated part."""
+    """Resident parameter bytes of this rank: total, the sharded and replicated parts, and the float8
+    weights with their block scales (`model/fp8.py`)."""
     specs = getattr(model, "shard_specs", {})
-    total = sharded = 0
+    out = dict.fromkeys(("total", "sharded", "replicated", "float8", "float8_scales"), 0)
     for name, p in model.named_parameters():
         b = p.numel() * p.element_size()
-        total += b
-        if name in specs:
-            sharded += b
-    return {"total": total, "sharded": sharded, "replicated": total - sharded}
+        out["total"] += b
+        out["sharded" if name in specs else "replicated"] += b
+        if p.dtype == torch.float8_e4m3fn:
+            out["float8"] += b
+        elif name.endswith("_scale_inv"):
+            out["float8_scales"] += b
+    return out
