@@ -357,3 +357,17 @@ def test_cli_search_needs_a_cluster_size() -> None:
              "--global-batch", "512", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["search"]["chips"] == 128
+
+
+def test_cli_serve_layout_fp8_fits_16_h200_bf16_does_not() -> None:
+    """The reference deployment: LongCat-2.0-FP8 on 16 H200 with TP16 + EP16 (per-device bytes come from the
+    real sharding of a meta model; tests/parallel/test_loading.py checks them against measured bytes)."""
+    r = subprocess.run([sys.executable, "-m", "longcat2", "plan", "--serve", "--preset", "longcat-2.0",
+                        "--hardware", "h200", "--chips", "16", "--json"], capture_output=True, text=True,
+                       cwd=REPO, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)["serve_layout"]
+    assert (s["chips"], s["tp"], s["ep"]) == (16, 16, 16)
+    fp8, bf16 = s["weights"]["fp8"], s["weights"]["bf16"]
+    assert fp8["fits"] and not bf16["fits"] and fp8["cache_tokens_per_device"] > 100_000
+    assert 0.5 < fp8["bytes_per_device"] / bf16["bytes_per_device"] < 0.6

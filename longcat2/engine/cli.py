@@ -21,6 +21,7 @@ import time
 
 from longcat2.config import PRESETS
 from longcat2.model_dir import MODEL_HELP
+from longcat2.parallel import serving
 
 
 def _ids(text: str) -> list[int]:
@@ -35,7 +36,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from longcat2.config import ModelConfig
     from longcat2.engine import Engine, SamplingParams
-    from longcat2.engine.scheduler import text_token_ids
     from longcat2.model.longcat import LongCatForCausalLM
     from longcat2.model_dir import resolve_model_dir
 
@@ -43,9 +43,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     tokenizer = None
+    layout = serving.setup(args)  # --tp / --ep under torchrun (a no-op in one process)
     if args.preset is None:  # errors (a bad --model, a broken checkpoint) are reported by longcat2.cli
         path = resolve_model_dir(args.model)
-        model = LongCatForCausalLM.from_pretrained(path, dtype=dtype)
+        model = serving.load_model(path, layout, dtype, args.dequantize_fp8)
         if (path / "tokenizer.json").is_file():
             from longcat2.tokenizer import load_tokenizer
 
@@ -56,6 +57,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         model = LongCatForCausalLM(cfg)
         if dtype is not None:
             model = model.to(dtype)
+        model = serving.shard(model, layout)
     model.eval()
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
@@ -89,6 +91,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         eos_token_id=-1,
         max_step_tokens=args.prefill_chunk,
     )
+    engine = serving.drive(engine, layout)  # ranks > 0 follow rank 0 here, then print nothing
+    if engine is None:
+        return 0
+    try:
+        return _generate(args, engine, prompt, params, tokenizer)
+    finally:
+        serving.close(engine)
+
+
+def _generate(args: argparse.Namespace, engine, prompt: list[int], params, tokenizer) -> int:
+    from longcat2.engine.scheduler import text_token_ids
+
     engine.add_request(prompt, params)
     stream = tokenizer.decode_stream() if (tokenizer is not None and args.stream) else None
     t0 = time.perf_counter()
@@ -155,4 +169,5 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         default=1 if (os.cpu_count() or 1) <= 2 else 0,
         help="torch threads (0 = torch default; default 1 on machines with <= 2 CPUs)",
     )
+    serving.add_parallel_args(p)
     p.set_defaults(func=_cmd_generate)

@@ -44,9 +44,10 @@ def unpack_bitmask(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 class Constraint:
     """One request's grammar state."""
 
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any, vocab_size: int, source: str | None = None) -> None:
         self.matcher = matcher
         self.vocab_size = vocab_size
+        self.source = source  # the Lark text it was compiled from (multi-rank engines recompile it)
 
     @property
     def active(self) -> bool:
@@ -82,7 +83,7 @@ class Grammars:
         )
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
-        return Constraint(matcher, self.vocab_size)
+        return Constraint(matcher, self.vocab_size, lark)
 
 
 _executor: Any = None

@@ -73,6 +73,16 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset=(0, 0), block=BLOCK,
     return (q.float() * _expand_scale(scale.float(), offset, tuple(q.shape), block)).to(dtype)
 
 
+def resident_fp8(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether our parameter `name` is FP8-resident when loaded from our export (the planner's rule; the
+    loader decides from the checkpoint's scale tensors, which our exporter writes by the same rule)."""
+    if name.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj")):
+        return True
+    if len(shape) != 2 or not name.endswith(".weight") or "norm" in name or "kv_b_proj" in name:
+        return False
+    return not any(k in name for k in _KEEP_HIGH)
+
+
 def _scaled_mm_ok(x: torch.Tensor, lin: FP8Linear) -> bool:
     if os.environ.get("LONGCAT2_FP8_SCALED_MM", "1") == "0" or x.device.type != "cuda":
         return False

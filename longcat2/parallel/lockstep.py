@@ -20,8 +20,9 @@ Design choices:
 - Divergence is detected, not assumed away: each broadcast carries a digest of rank 0's previous step
   outputs (request ids, tokens, finish reasons); a follower whose own digest differs raises
   `LockstepError` instead of running collectives out of step.
-- Grammar-constrained requests carry a compiled matcher that cannot be sent; they are refused with an
-  error naming `grammar` (serve with --no-grammar under --tp/--ep).
+- Grammar-constrained requests carry a compiled matcher that cannot be sent: the request travels with the
+  grammar's Lark source (`Constraint.source`) and each follower compiles its own matcher
+  (`follow(..., compile_grammar=...)`); the matchers then advance on the same tokens.
 - A follower waits for rank 0 inside a broadcast; an idle server keeps them there, so servers create the
   process group with a long timeout (`init_inference(timeout_s=...)`).
 """
@@ -58,6 +59,11 @@ def _broadcast(obj: Any, group: dist.ProcessGroup | None = None) -> Any:
     return box[0]
 
 
+@dataclasses.dataclass
+class _GrammarSource:
+    lark: str
+
+
 class LockstepEngine:
     """Rank 0's engine handle: the `Engine` surface; every call that changes state reaches the followers."""
 
@@ -78,13 +84,19 @@ class LockstepEngine:
         on_output: Callable | None = None,
     ) -> str:
         params = dataclasses.replace(params) if params is not None else SamplingParams()
-        if params.grammar is not None:
-            raise ValueError("grammar: grammar-constrained requests are not supported with --tp/--ep yet")
         if params.seed is None:
             params.seed = random.getrandbits(63)
+        sent = params
+        if params.grammar is not None:
+            source = getattr(params.grammar, "source", None)
+            if source is None:
+                raise ValueError(
+                    "grammar: a multi-rank engine needs a constraint compiled from a grammar source"
+                )
+            sent = dataclasses.replace(params, grammar=_GrammarSource(source))
         prompt = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
         rid = self.engine.add_request(prompt, params, request_id, on_output)  # validates here, on rank 0
-        self._ops.append(("add", prompt, params, rid))
+        self._ops.append(("add", prompt, sent, rid))
         return rid
 
     def abort(self, request_id: str) -> bool:
@@ -114,8 +126,9 @@ class LockstepEngine:
             _broadcast(("close", [], self._last))
 
 
-def follow(engine: Engine) -> int:
-    """A follower rank's loop: apply rank 0's requests and aborts, step; returns the number of steps."""
+def follow(engine: Engine, compile_grammar: Callable[[str], Any] | None = None) -> int:
+    """A follower rank's loop: apply rank 0's requests and aborts, step; returns the number of steps.
+    `compile_grammar(lark) -> Constraint` rebuilds grammar constraints (needed when requests carry them)."""
     last = _digest([])
     steps = 0
     while True:
@@ -129,7 +142,12 @@ def follow(engine: Engine) -> int:
             return steps
         for op in ops:
             if op[0] == "add":
-                engine.add_request(op[1], op[2], op[3])
+                params = op[2]
+                if isinstance(params.grammar, _GrammarSource):
+                    if compile_grammar is None:
+                        raise LockstepError("grammar: this follower cannot compile grammars (no tokenizer)")
+                    params.grammar = compile_grammar(params.grammar.lark)
+                engine.add_request(op[1], params, op[3])
             else:
                 engine.abort(op[1])
         last = _digest(engine.step())

@@ -29,6 +29,7 @@ from .cluster import (
     plan_training,
     search_layouts,
 )
+from .serve_layout import plan_serve_layout, render_serve_layout
 
 _DTYPE = {"bf16": 2, "fp8": 1}
 
@@ -77,6 +78,8 @@ def add_cli(subparsers: Any) -> None:
     a("--weight-dtype", choices=list(_DTYPE), default="fp8")
     a("--instance-chips", type=int, default=0, help="chips per model instance (default: whole nodes)")
     a("--target-tps", type=float, default=0.0, help="per-sequence decode tokens/s target")
+    a("--serve-tp", type=int, default=0, help="serving tensor-parallel degree (default: --chips)")
+    a("--serve-ep", type=int, default=0, help="serving expert-parallel degree (default: --chips)")
     p.set_defaults(func=run)  # fmt: skip
 
 
@@ -123,7 +126,7 @@ def build_plan(args: argparse.Namespace) -> dict[str, Any]:
                 f"(e.g. --chips {16 * hw.chips_per_node}), or pin --tp --pp --cp --dp"
             )
         out["search"] = search_layouts(cfg, hw, chips, wl, asm, args.top, args.micro_batch, fixed)
-    elif args.chips or any(v is not None for v in degrees.values()):
+    elif (args.chips and not args.serve) or any(v is not None for v in degrees.values()):
         d = {k: (v or 1) for k, v in degrees.items()}
         if degrees["dp"] is None and args.chips:
             rest = d["tp"] * d["pp"] * d["cp"]
@@ -135,10 +138,16 @@ def build_plan(args: argparse.Namespace) -> dict[str, Any]:
         out["train"] = plan_training(cfg, hw, lay, wl, asm, args.chips)
         check_fits(out["train"], hw)
     if args.serve:
+        serve_only = not args.search and all(v is None for v in degrees.values())  # --chips: the instance
+        instance = args.instance_chips or (args.chips if serve_only and args.chips else 0)
         sw = ServeWorkload(context=args.context, concurrency=args.concurrency, kv_bytes=_DTYPE[args.kv_dtype],
                            index_bytes=_DTYPE[args.index_dtype], weight_bytes=_DTYPE[args.weight_dtype],
-                           instance_chips=args.instance_chips, target_tps=args.target_tps)  # fmt: skip
+                           instance_chips=instance, target_tps=args.target_tps)  # fmt: skip
         out["serve"] = plan_serving(cfg, hw, sw, asm)
+        out["serve_layout"] = plan_serve_layout(
+            cfg, hw.hbm_bytes, 1 - asm.hbm_reserve, out["serve"]["instance_chips"], args.serve_tp, args.serve_ep,
+            _DTYPE[args.kv_dtype], _DTYPE[args.index_dtype],
+        )  # fmt: skip
     return as_jsonable(out)
 
 
@@ -201,6 +210,8 @@ def render(plan: dict[str, Any]) -> str:
             lines += _render_train(s["best"][0], "best layout")
     if "serve" in plan:
         lines += _render_serve(plan["serve"])
+    if "serve_layout" in plan:
+        lines += render_serve_layout(plan["serve_layout"])
     return "\n".join(lines)
 
 

@@ -232,12 +232,14 @@ def model_default_temperature(path: Path) -> float | None:
     return None if t is None else float(t)
 
 
-def load_state(config: ServerConfig) -> ServerState:
-    """Load the model, tokenizer and engine named by `config` and wrap them in a `ServerState`."""
+def load_state(config: ServerConfig) -> ServerState | None:
+    """Load the model, tokenizer and engine named by `config` and wrap them in a `ServerState`.
+    Under torchrun (`config.tp` / `config.ep`) every rank loads its shard; ranks > 0 then follow rank 0's
+    engine in lockstep until it shuts down and return None (longcat2.parallel.serving)."""
     import torch
 
     from longcat2.engine import Engine
-    from longcat2.model.longcat import LongCatForCausalLM
+    from longcat2.parallel import serving
     from longcat2.tokenizer import TokenizerError, load_tokenizer
 
     path = resolve_model_dir(config)
@@ -247,7 +249,8 @@ def load_state(config: ServerConfig) -> ServerState:
         raise ServeError(str(e)) from e
     dtype = None if config.dtype == "auto" else getattr(torch, config.dtype)
     try:
-        model = LongCatForCausalLM.from_pretrained(path, dtype=dtype)
+        layout = serving.setup(config, timeout_s=serving.SERVE_TIMEOUT_S if serving.wanted(config) else None)
+        model = serving.load_model(path, layout, dtype, config.dequantize_fp8)
     except (ValueError, OSError) as e:
         raise ServeError(f"cannot load the model from {path}: {e}") from e
     cfg = model.config
@@ -272,6 +275,10 @@ def load_state(config: ServerConfig) -> ServerState:
         eos_token_id=tokenizer.eos_id,
         prefix_cache_bytes=config.prefix_cache_bytes,
     )
+    if layout.distributed and layout.rank != 0:
+        serving.follow_server(engine, tokenizer)
+        return None
+    engine = serving.drive(engine, layout)
     metrics = Metrics()
     metrics.prefix_cache = engine.prefix_cache_stats
     worker = EngineWorker(
@@ -292,7 +299,11 @@ def run_server(
     """Load the model and serve until SIGINT/SIGTERM."""
     import uvicorn
 
+    from longcat2.parallel import serving
+
     state = load_state(config)
+    if state is None:  # a rank > 0 under torchrun: it followed rank 0 until the server stopped
+        return
     app = create_app(state)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     uv = uvicorn.Config(
@@ -315,6 +326,7 @@ def run_server(
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+        serving.close_server(state.worker)  # release the other ranks (multi-process serving)
 
 
 def _exit_cleanly(signum: int, frame: Any) -> None:

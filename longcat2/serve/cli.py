@@ -52,6 +52,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         speculative=args.speculative,
         num_draft_tokens=args.num_draft_tokens,
         dtype=args.dtype,
+        tp=args.tp,
+        ep=args.ep,
+        dequantize_fp8=args.dequantize_fp8,
         max_step_tokens=args.max_step_tokens,
         shutdown_timeout=args.shutdown_timeout,
         access_log=args.access_log,
@@ -156,4 +159,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="log one line per request: client, method, path, status, seconds, tokens in/out "
                    "(default on; --no-access-log turns it off)")  # fmt: skip
+    from longcat2.parallel.serving import add_parallel_args
+
+    add_parallel_args(p)
     p.set_defaults(func=_cmd_serve)

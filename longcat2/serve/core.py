@@ -76,6 +76,9 @@ class ServerConfig:
     speculative: bool = False
     num_draft_tokens: int | None = None
     dtype: str = "auto"
+    tp: int = 1  # tensor-parallel degree (launch with torchrun; longcat2.parallel.serving)
+    ep: int = 1  # expert-parallel degree
+    dequantize_fp8: bool = False  # load an FP8 checkpoint dequantised (default: FP8-resident)
     max_step_tokens: int = 512
     shutdown_timeout: float = 30.0
     access_log: bool = True  # one log line per request (serve/access_log.py)

@@ -23,6 +23,7 @@ from longcat2.model.fp8 import BLOCK, FP8Linear, export_fp8
 from longcat2.model.longcat import LongCatForCausalLM
 from longcat2.parallel.inference import InferenceLayout, parameter_bytes
 from longcat2.parallel.loading import load_for_inference
+from longcat2.plan.serve_layout import rank_weight_bytes, sharded_meta_model
 
 HERE = Path(__file__).resolve().parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -97,3 +98,10 @@ def test_two_ranks_read_their_slices_bf16_and_fp8(tmp_path: Path) -> None:
             )  # half of the sharded families + the replicated rest
             assert rank["read"] < 0.6 * sum(x["read"] for x in r["ranks"]) and rank["rss"] >= 0
     assert rec["fp8"]["dequantised_diff"] <= FP8_TOL * rec["fp8"]["logit_scale"]
+    # `longcat2 plan --serve` counts the same per-rank bytes as were measured (fp32 high-precision parts here)
+    cfg = ModelConfig.from_hf(bf16)
+    for rank in (0, 1):
+        meta = sharded_meta_model(cfg, 2, 2, rank)
+        for name, fp8_resident in (("bf16", False), ("fp8", True)):
+            planned = rank_weight_bytes(meta, fp8=fp8_resident, dtype_bytes=4)
+            assert planned["total"] == rec[name]["ranks"][rank]["bytes"]["total"], (name, rank)
