@@ -26,6 +26,7 @@ def model_stats(cfg: ModelConfig) -> dict[str, Any]:
     """Parameter and cache accounting from a meta-device instance of the model."""
     import torch
 
+    from longcat2.model.fp8 import resident_bytes
     from longcat2.model.longcat import LongCatForCausalLM
 
     with torch.device("meta"):
@@ -55,11 +56,19 @@ def model_stats(cfg: ModelConfig) -> dict[str, Any]:
         "mtp_params": mtp,
         "kv_cache_bytes_per_token": cfg.num_attention_sublayers * latent * 2,
         "indexer_cache_bytes_per_token": owners * cfg.index_head_dim * 2,
+        "weight_bytes_bf16": resident_bytes(model, fp8=False)["total"],  # MTP included
+        "weight_bytes_fp8": resident_bytes(model, fp8=True)[
+            "total"
+        ],  # FP8-resident (our export / the release)
     }
 
 
 def _fmt_b(n: int) -> str:
     return f"{n / 1e9:,.2f}B" if n >= 1e8 else f"{n / 1e6:,.3f}M"
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e8 else f"{n / 1e6:,.3f} MB"
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -95,6 +104,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     if stats["mtp_params"]:
         print(f"  MTP head             {_fmt_b(stats['mtp_params'])} (not in the totals above)")
+    print(
+        f"  weights              {_fmt_bytes(stats['weight_bytes_bf16'])} bf16, "
+        f"{_fmt_bytes(stats['weight_bytes_fp8'])} FP8-resident (1 process; plan --serve splits them)"
+    )
     print(f"  KV cache (bf16)      {stats['kv_cache_bytes_per_token']:,} bytes/token")
     if cfg.use_lsa:
         print(f"  indexer keys (bf16)  {stats['indexer_cache_bytes_per_token']:,} bytes/token")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from longcat2.config import PRESETS, parse_override
 from longcat2.model_dir import MODEL_HELP
+from longcat2.parallel.serving import add_parallel_args
 
 
 def _ints(text: str) -> list[int]:
@@ -35,11 +36,17 @@ def _load_model(args: argparse.Namespace):
     from longcat2.model.attention import set_sparse_attention
     from longcat2.model.longcat import LongCatForCausalLM
     from longcat2.model_dir import resolve_model_dir
+    from longcat2.parallel import serving
 
     torch.set_num_threads(args.threads)
     overrides = dict(args.override or [])
+    layout = serving.setup(args)  # --tp / --ep under torchrun: every rank runs the same evaluation (SPMD)
+    args.rank = layout.rank  # only rank 0 reports
+    if layout.distributed and overrides:
+        raise ValueError("--override: not supported with --tp/--ep")
     if args.preset is None:
-        model = LongCatForCausalLM.from_pretrained(resolve_model_dir(args.model), dtype=torch.float32)
+        path = resolve_model_dir(args.model)
+        model = serving.load_model(path, layout, torch.float32, args.dequantize_fp8)
         if (
             overrides
         ):  # shape-preserving fields only (LSA budget, RoPE scaling, ...): same weights, new config
@@ -48,7 +55,7 @@ def _load_model(args: argparse.Namespace):
             model.load_state_dict(state)
     else:
         torch.manual_seed(0)
-        model = LongCatForCausalLM(ModelConfig.from_preset(args.preset, **overrides))
+        model = serving.shard(LongCatForCausalLM(ModelConfig.from_preset(args.preset, **overrides)), layout)
     set_sparse_attention(model, args.attention == "sparse")
     return model.eval()
 
@@ -61,6 +68,8 @@ def _cmd_longctx(args: argparse.Namespace) -> int:
     res = evaluate_longctx(
         model, args.task, lengths, depths=args.depths, per_cell=args.per_cell, seed=args.seed
     )
+    if args.rank != 0:
+        return 0
     if args.heatmap:
         res["heatmap"] = str(heatmap(res, args.heatmap))
     if args.json:
@@ -83,6 +92,8 @@ def _cmd_ppl(args: argparse.Namespace) -> int:
         Path(args.data) if args.data != "stdlib" else ensure_prepared("stdlib", None, model.config.vocab_size)
     )
     res = evaluate_ppl(model, shard_dir, args.seq_len, args.batch_size, args.max_windows, args.trailing)
+    if args.rank != 0:
+        return 0
     print(
         json.dumps(res, indent=2)
         if args.json
@@ -119,6 +130,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         )
         q.add_argument("--threads", type=int, default=1)
         q.add_argument("--seed", type=int, default=1234)
+        add_parallel_args(q)
         q.set_defaults(func=func)
         if name == "longctx":
             q.add_argument("--task", default="passkey", choices=["passkey", "niah", "mqar", "vt"])

@@ -83,6 +83,38 @@ def resident_fp8(name: str, shape: tuple[int, ...]) -> bool:
     return not any(k in name for k in _KEEP_HIGH)
 
 
+def _scale_blocks(shape: tuple[int, ...], spec: tuple[int, int, int] | None) -> int:
+    """fp32 block scales held for an FP8 weight (the blocks covering a tensor-parallel slice)."""
+    br, bc = BLOCK
+    if len(shape) == 3:  # stacked experts [E_local, out, in]: whole experts
+        return shape[0] * math.ceil(shape[1] / br) * math.ceil(shape[2] / bc)
+    counts = [math.ceil(shape[0] / br), math.ceil(shape[1] / bc)]
+    if spec is not None:
+        dim, start, stop = spec
+        counts[dim] = math.ceil(stop / BLOCK[dim]) - start // BLOCK[dim]
+    return counts[0] * counts[1]
+
+
+def resident_bytes(model: nn.Module, fp8: bool = True, dtype_bytes: int = 2) -> dict[str, int]:
+    """Parameter bytes `model` (real or meta, sharded or not: `shard_specs`) holds once loaded from our FP8
+    export FP8-resident (`fp8=True`) or from a high-precision checkpoint; the router is fp32, the rest
+    `dtype_bytes`. What `longcat2 info` and `plan --serve` report."""
+    specs = getattr(model, "shard_specs", {})
+    out = {"total": 0, "float8": 0, "float8_scales": 0, "high_precision": 0}
+    for name, p in model.named_parameters():
+        shape = tuple(p.shape)
+        if fp8 and resident_fp8(name, shape):
+            scales = 4 * _scale_blocks(shape, specs.get(name))
+            out["float8"] += p.numel()
+            out["float8_scales"] += scales
+            out["total"] += p.numel() + scales
+            continue
+        b = p.numel() * (4 if ".mlp.router.classifier." in name else dtype_bytes)
+        out["high_precision"] += b
+        out["total"] += b
+    return out
+
+
 def _scaled_mm_ok(x: torch.Tensor, lin: FP8Linear) -> bool:
     if os.environ.get("LONGCAT2_FP8_SCALED_MM", "1") == "0" or x.device.type != "cuda":
         return False

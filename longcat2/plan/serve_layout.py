@@ -26,19 +26,6 @@ from longcat2.config import ModelConfig
 from . import model_math as mm
 from .cluster import PlanError
 
-BLOCK = 128
-
-
-def _scale_blocks(name: str, shape: tuple[int, ...], spec: tuple[int, int, int] | None) -> int:
-    """fp32 block scales a rank holds for an FP8 weight (covering blocks of its slice)."""
-    if len(shape) == 3:  # stacked experts [E_local, out, in]: whole experts
-        return shape[0] * math.ceil(shape[1] / BLOCK) * math.ceil(shape[2] / BLOCK)
-    counts = [math.ceil(shape[0] / BLOCK), math.ceil(shape[1] / BLOCK)]
-    if spec is not None:
-        dim, start, stop = spec
-        counts[dim] = math.ceil(stop / BLOCK) - start // BLOCK
-    return counts[0] * counts[1]
-
 
 def sharded_meta_model(cfg: ModelConfig, tp: int, ep: int, rank: int = 0) -> torch.nn.Module:
     """The model on meta, sharded as `longcat2 serve --tp tp --ep ep` shards it for `rank`."""
@@ -60,23 +47,10 @@ def sharded_meta_model(cfg: ModelConfig, tp: int, ep: int, rank: int = 0) -> tor
 
 
 def rank_weight_bytes(model: torch.nn.Module, fp8: bool = True, dtype_bytes: int = 2) -> dict[str, int]:
-    """Resident parameter bytes of a sharded meta model (`sharded_meta_model`) when loaded FP8 or not."""
-    from longcat2.model.fp8 import resident_fp8
+    """Resident parameter bytes of a (sharded) meta model when loaded FP8-resident or not."""
+    from longcat2.model.fp8 import resident_bytes
 
-    specs = model.shard_specs
-    out = {"total": 0, "float8": 0, "float8_scales": 0, "high_precision": 0}
-    for name, p in model.named_parameters():
-        shape = tuple(p.shape)
-        if fp8 and resident_fp8(name, shape):
-            scales = 4 * _scale_blocks(name, shape, specs.get(name))
-            out["float8"] += p.numel()
-            out["float8_scales"] += scales
-            out["total"] += p.numel() + scales
-            continue
-        b = p.numel() * (4 if ".mlp.router.classifier." in name else dtype_bytes)
-        out["high_precision"] += b
-        out["total"] += b
-    return out
+    return resident_bytes(model, fp8=fp8, dtype_bytes=dtype_bytes)
 
 
 def plan_serve_layout(

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from longcat2.config import ModelConfig
-from longcat2.model.fp8 import BLOCK, FP8Linear, export_fp8
+from longcat2.model.fp8 import BLOCK, FP8Linear, export_fp8, resident_bytes
 from longcat2.model.longcat import LongCatForCausalLM
 from longcat2.parallel.inference import InferenceLayout, parameter_bytes
 from longcat2.parallel.loading import load_for_inference
@@ -61,6 +61,11 @@ def test_fp8_resident_one_process_bytes_and_output(tmp_path: Path) -> None:
     plain, _ = load_for_inference(LongCatForCausalLM, fp8, InferenceLayout(), torch.float32)
     assert any(isinstance(m, FP8Linear) for m in kept.modules())
     b, p = parameter_bytes(kept), parameter_bytes(plain)
+    # what `longcat2 info` / `plan --serve` count (fp32 high-precision parts here) is what was loaded
+    with torch.device("meta"):
+        meta = LongCatForCausalLM(ModelConfig.from_preset("tiny"))
+    assert resident_bytes(meta, fp8=True, dtype_bytes=4)["total"] == b["total"]
+    assert resident_bytes(meta, fp8=False, dtype_bytes=4)["total"] == p["total"]
     # the quantised weights: 1 byte per value + fp32 block scales, vs 2 bytes in bf16
     assert 0.5 <= (b["float8"] + b["float8_scales"]) / (2 * b["float8"]) < 0.52
     assert b["total"] < p["total"]
