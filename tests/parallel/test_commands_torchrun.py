@@ -1,5 +1,6 @@
-"""`torchrun ... -m longcat2 eval ppl|longctx --tp 2 --ep 2`: every rank runs the same evaluation on its shard
-of the model, rank 0 reports, and the report equals one process's (loss to fp32 rounding)."""
+"""The commands under torchrun with `--tp 2 --ep 2` equal one process: `generate` (rank 0 drives the lockstep
+engine and prints, with and without speculative decoding) and `eval ppl|longctx` (every rank runs the same
+evaluation on its shard, rank 0 reports; loss to fp32 rounding). `eval longctx` takes the same path."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-def _run(nproc: int, *args: str) -> dict:
+def _run(nproc: int, *args: str, raw: bool = False) -> dict | str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     if nproc == 1:
@@ -28,11 +29,13 @@ def _run(nproc: int, *args: str) -> dict:
                "-m", "longcat2", *args, "--tp", "2", "--ep", "2"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    if raw:
+        return p.stdout
     return json.loads(p.stdout[p.stdout.index("{") :])  # rank 0 alone prints
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to the interpreter")
-def test_eval_ppl_and_longctx_two_ranks_equal_one(tmp_path: Path) -> None:
+def test_eval_ppl_two_ranks_equals_one(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(4):
@@ -59,3 +62,12 @@ def test_eval_ppl_and_longctx_two_ranks_equal_one(tmp_path: Path) -> None:
         "--json",
     ]
     assert _run(1, *longctx) == _run(2, *longctx)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to the interpreter")
+def test_generate_two_ranks_prints_what_one_prints() -> None:
+    prompt = ",".join(str(i % 500 + 3) for i in range(90))  # past tiny's top-64: the sparse path runs
+    args = ["generate", "--preset", "tiny", "--prompt-ids", prompt, "--max-new-tokens", "12", "--ignore-eos"]
+    args += ["--speculative"]  # (plain decoding through the same lockstep engine: test_inference.py)
+    one, two = _run(1, *args, raw=True), _run(2, *args, raw=True)
+    assert one.strip() and one == two  # the ids, printed once (rank 0)
