@@ -47,12 +47,17 @@ def prompts(cfg: ModelConfig) -> list[list[int]]:
 
 
 def run_engine(engine, batch: list[list[int]]) -> list[list[int]]:
-    rids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)) for p in batch]
+    """Greedy requests for every prompt, a seeded sampled one, and an unseeded sampled one (its tokens are
+    not compared with one process, but the ranks must agree on them: a follower raises LockstepError)."""
+    params = [SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True) for _ in batch]
+    params.append(SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.9, seed=11))
+    params.append(SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.9))
+    rids = [engine.add_request(p, sp) for p, sp in zip([*batch, batch[0], batch[0]], params)]
     out: dict[str, list[int]] = {r: [] for r in rids}
     while engine.has_unfinished():
         for ev in engine.step():
             out[ev.request_id].extend(ev.new_token_ids)
-    return [out[r] for r in rids]
+    return [out[r] for r in rids[:-1]]
 
 
 def count_sparse_steps(model: LongCatForCausalLM) -> list[int]:

@@ -2,8 +2,9 @@
 
 Two launches cover tiny (LSA sparse path, N-gram, MTP), tiny-flash and tiny-flash-lite in the layouts
 TP2, EP2, TP2+EP2 on the same 2 ranks, the 2 × 2 grid (TP2 × EP2 on 4 ranks) and TP4+EP4: greedy tokens of
-a prompt batch equal one process's (with and without speculative decoding), full-forward logits agree to
-fp32 rounding, and each rank holds its share of the sharded parameters.
+a prompt batch (and a seeded sampled request) equal one process's, with and without speculative decoding;
+an unseeded sampled request gets the same tokens on every rank (seed drawn on rank 0); full-forward logits
+agree to fp32 rounding, and each rank holds its share of the sharded parameters.
 """
 
 from __future__ import annotations
