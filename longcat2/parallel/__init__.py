@@ -13,6 +13,11 @@ trainer calls, in order (see docs/distributed.md):
     export_hf(model, dir)                             # full HF checkpoint from a sharded run
 
 Everything degrades to a no-op (or plain torch) in a single process without a process group.
+
+Multi-process inference lives in its own modules, imported by name (not re-exported here):
+`inference` (parallelize_for_inference: tensor + expert parallel shards of the model's own modules),
+`lockstep` (one engine stepped on every rank), `loading` (each rank reads its slices of a HF checkpoint),
+`serving` (the `--tp` / `--ep` of generate, serve and eval). See docs/distributed.md.
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ Design choices:
 - Grammar-constrained requests carry a compiled matcher that cannot be sent: the request travels with the
   grammar's Lark source (`Constraint.source`) and each follower compiles its own matcher
   (`follow(..., compile_grammar=...)`); the matchers then advance on the same tokens.
+- Failures: the engine's per-request failure isolation works as in one process when the failure is the
+  same on every rank (a bad request, a sampling error: same inputs, same code). A failure on one rank
+  only (a device error, out of memory on one device) leaves the ranks' collectives out of step; the
+  launcher (torchrun) then stops the job.
 - A follower waits for rank 0 inside a broadcast; an idle server keeps them there, so servers create the
   process group with a long timeout (`init_inference(timeout_s=...)`).
 """

@@ -74,8 +74,10 @@ def load_model(
 
 
 def shard(model: nn.Module, layout: InferenceLayout) -> nn.Module:
-    """Shard a model built in full on every rank (a preset with seeded random weights)."""
-    return parallelize_for_inference(model, layout)
+    """Shard a model built in full on every rank (a preset with seeded random weights), then move the
+    shard to the rank's device (in a single process the model stays where it is)."""
+    parallelize_for_inference(model, layout)
+    return model.to(layout.device) if layout.distributed else model
 
 
 def drive(engine, layout: InferenceLayout):
