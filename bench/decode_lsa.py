@@ -235,6 +235,9 @@ def engine_stepper(length: int, lsa: bool, steps: int, preset: str = "tiny"):
         runner.forward([Segment(seq, torch.tensor([7]), pos[0], "last")])
         pos[0] += 1
 
+    step.weight_bytes = sum(  # type: ignore[attr-defined]
+        p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n
+    )  # what a batch-1 step reads besides the cache (all non-embedding weights; an upper bound for MoE)
     return step
 
 
@@ -306,13 +309,15 @@ def main() -> None:
             f"\n## whole {args.engine_preset} model ({cfg.num_layers} layer(s), MoE, N-gram, LM head) decode step "
             "through ModelRunner, synthetic cache; dense = the same weights without indexers. LSA bound = the "
             "step's attention + indexer FLOPs (absorbed attention over top-k keys in both sublayers, indexer "
-            f"scores over the context) at the fp32 matmul rate measured here ({mm / 1e9:.1f} GFLOP/s)"
+            f"scores over the context) at the fp32 matmul rate measured here ({mm / 1e9:.1f} GFLOP/s); "
+            "+ weights = that plus one read of the non-embedding weights at the stream bandwidth (batch-1 "
+            "projections are weight-bound)"
         )
         print(
             "| context | dense ms/token | LSA ms/token | dense/LSA [min–max] | dense tok/s | LSA tok/s "
-            "| LSA bound ms | LSA / bound |"
+            "| LSA bound ms | LSA / bound | weights MB | bound + weights ms | LSA / (bound + weights) |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         h, c, r_ = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         with torch.inference_mode():
             for n in [int(x) for x in args.engine_lengths.split(",")]:
@@ -327,10 +332,13 @@ def main() -> None:
                     2 * 2 * h * (2 * c + r_) * k + 2 * cfg.index_n_heads * cfg.index_head_dim * n
                 )
                 bound = flops / mm
+                wbytes = arms["lsa"].weight_bytes  # type: ignore[attr-defined]
+                full = bound + wbytes / bw
                 print(
                     f"| {fmt_len(n)} | {spread(r['dense'], 1e3)} | {spread(r['lsa'], 1e3)} | "
                     f"{ratio_spread(r['dense'], r['lsa'], 1)} | {1 / td:.0f} | {1 / tl:.0f} | "
-                    f"{bound * 1e3:.2f} | {tl / bound:.1f}x |",
+                    f"{bound * 1e3:.2f} | {tl / bound:.1f}x | {wbytes / 2**20:.0f} | {full * 1e3:.2f} | "
+                    f"{tl / full:.1f}x |",
                     flush=True,
                 )
         print(f"# {load_average()} at the end")

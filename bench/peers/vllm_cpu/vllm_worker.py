@@ -34,14 +34,15 @@ def main() -> None:
     sp = SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True, detokenize=False)
     warm = [TokensPrompt(prompt_token_ids=job["prompts"][0][:64])]
     llm.generate(warm, SamplingParams(max_tokens=4, detokenize=False), use_tqdm=False)
-    times, tokens = {}, {}
+    times, cpu, tokens = {}, {}, {}
     for name, n in job["batches"].items():
         ps = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"][:n]]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         outs = llm.generate(ps, sp, use_tqdm=False)
         times[name] = time.perf_counter() - t0
+        cpu[name] = time.process_time() - c0
         tokens[name] = [list(o.outputs[0].token_ids) for o in outs]
-    json.dump({"times": times, "tokens": tokens}, open(out_path, "w"))
+    json.dump({"times": times, "cpu": cpu, "tokens": tokens}, open(out_path, "w"))
 
 
 if __name__ == "__main__":
