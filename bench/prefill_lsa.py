@@ -21,7 +21,11 @@ Timing (bench/timing.py rules): every run first prefills one untimed warm-up chu
 `--repeats` rounds run the arms in turn (dense, LSA, dense, LSA, …), each run in a fresh process (so peak
 RSS is per run); tables show the median with [min–max], and dense/LSA is the median of the per-round
 ratios. The tail chunk is timed `--repeats` times in one process (the chunk is rolled back between runs),
-after one warm-up run.
+after one warm-up run. Attention efficiency (issue 21): the prefill's attention FLOPs (`attention_flops`)
+per CPU second of the run, against the best fp32/bf16 GEMM rate measured in CPU time in the same process
+(CPU time: on a shared machine wall time mostly measures the other processes).
+
+    .venv/bin/python bench/prefill_lsa.py --preset attn-2.0 --lengths 4096,16384   # LongCat-2.0 attention dims
 
     .venv/bin/python bench/prefill_lsa.py                          # 4K … 32K, both arms
     .venv/bin/python bench/prefill_lsa.py --lengths 131072 --arms lsa   # longer contexts, LSA only
@@ -86,14 +90,15 @@ def attention_flops(cfg, length: int, lsa: bool) -> float:
 
 
 def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
-    """Best of `repeats` n³ GEMMs in this process → FLOP/s (the reference for attention efficiency)."""
+    """Best of `repeats` n³ GEMMs in this process, in CPU time → FLOP/s (the reference for attention
+    efficiency; CPU time, like the prefill's, so other processes' load does not enter)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         a @ b
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     return 2 * n**3 / best
 
 
@@ -168,16 +173,17 @@ def run_single(arm: str, length: int, chunk: int, preset: str, dtype: str, kerne
     _warm_up(runner, cfg, chunk)
     seq = runner.new_sequence(ids.tolist())
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for c0 in range(0, length, chunk):
         c1 = min(length, c0 + chunk)
         out = runner.forward([Segment(seq, ids[c0:c1], c0, "last" if c1 == length else "none")])
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "arm": arm,
         "length": length,
         "seconds": dt,
+        "cpu_seconds": cpu,
         "peak_rss_mb": rss1 / 1024,
         "rss_growth_mb": (rss1 - rss0) / 1024,
         "cache_mb": runner.cache.capacity * runner.cache.bytes_per_token() / 2**20,
@@ -223,9 +229,9 @@ def main() -> None:
     )
     print(
         "| context | dense s | LSA s | dense/LSA | dense tok/s | LSA tok/s | peak RSS dense / LSA (MB) | cache MB "
-        "| attention GFLOP/s dense / LSA | matmul GFLOP/s | attention / matmul dense / LSA |"
+        "| CPU s dense / LSA | attention GFLOP/s dense / LSA | matmul GFLOP/s | attention / matmul dense / LSA |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     arms = args.arms.split(",")
 
     def single(arm: str, n: int, *extra: str) -> dict:
@@ -245,7 +251,8 @@ def main() -> None:
         rss = {arm: f"{median([r['peak_rss_mb'] for r in rs]):.0f}" for arm, rs in runs.items()}
         d, s = secs.get("dense"), secs.get("lsa")
         cache = runs[arms[0]][0]["cache_mb"]
-        rate = {arm: median([r["attn_flops"] / r["seconds"] for r in rs]) for arm, rs in runs.items()}
+        rate = {arm: median([r["attn_flops"] / r["cpu_seconds"] for r in rs]) for arm, rs in runs.items()}
+        cpu = {arm: [r["cpu_seconds"] for r in rs] for arm, rs in runs.items()}
         mm = median([r["matmul_flops_per_s"] for rs in runs.values() for r in rs])
         eff = " / ".join(f"{rate[a] / mm:.0%}" if a in rate else "—" for a in ("dense", "lsa"))
         print(
@@ -253,6 +260,8 @@ def main() -> None:
             f"{ratio_spread(d, s, 1) if d and s else '—'} | {f'{n / median(d):.0f}' if d else '—'} | "
             f"{f'{n / median(s):.0f}' if s else '—'} | {rss.get('dense', '—')} / {rss.get('lsa', '—')} | "
             f"{cache:.0f} | "
+            + " / ".join(spread(cpu[a], digits=1) if a in cpu else "—" for a in ("dense", "lsa"))
+            + " | "
             + " / ".join(f"{rate[a] / 1e9:.1f}" if a in rate else "—" for a in ("dense", "lsa"))
             + f" | {mm / 1e9:.1f} | {eff} |",
             flush=True,
