@@ -258,6 +258,11 @@ def main() -> None:
         help="whole-model decode step of --engine-preset through the engine (empty: skip)",
     )
     ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="engine table in CPU time of this process (1 thread on a shared machine: the load stays out)",
+    )
+    ap.add_argument(
         "--engine-preset",
         default="tiny",
         help='model of the engine table: a ModelConfig preset or "attn-2.0" (one layer at 2.0 attention dims)',
@@ -311,7 +316,7 @@ def main() -> None:
             "step's attention + indexer FLOPs (absorbed attention over top-k keys in both sublayers, indexer "
             f"scores over the context) at the fp32 matmul rate measured here ({mm / 1e9:.1f} GFLOP/s); "
             "+ weights = that plus one read of the non-embedding weights at the stream bandwidth (batch-1 "
-            "projections are weight-bound)"
+            f"projections are weight-bound); {'CPU' if args.cpu_time else 'wall'} time"
         )
         print(
             "| context | dense ms/token | LSA ms/token | dense/LSA [min–max] | dense tok/s | LSA tok/s "
@@ -325,7 +330,8 @@ def main() -> None:
                     "dense": engine_stepper(n, False, args.repeats + 1, args.engine_preset),
                     "lsa": engine_stepper(n, True, args.repeats + 1, args.engine_preset),
                 }
-                r = interleaved(arms, args.repeats, warmup=1)
+                clock = time.process_time if args.cpu_time else time.perf_counter
+                r = interleaved(arms, args.repeats, warmup=1, clock=clock)
                 td, tl = median(r["dense"]), median(r["lsa"])
                 k = min(n, cfg.index_topk)
                 flops = cfg.num_layers * (
