@@ -58,6 +58,7 @@ class AttentionSettings:
     expanded_min_rows: int = 32
     dense_gather_max: int = 4096
     prefill_kernel: str = "tiled"  # "tiled" (kernels.dense_prefill_tiled) | "plain" (kernels.dense_prefill)
+    workspace: dict = field(default_factory=dict)  # reused gather buffers (kernels.gather_attention)
 
 
 @dataclass
@@ -141,7 +142,13 @@ class StepContext:
         if plan.slots is not None and plan.rows is None and not plan.expanded and not plan.long_rows:
             # common case (decode, LSA prefill): every row attends over explicit slots
             o_lat = gather_attention(
-                mla.absorb(q_nope), q_rope, lat_pool, rope_pool, plan.slots, mla.softmax_scale
+                mla.absorb(q_nope),
+                q_rope,
+                lat_pool,
+                rope_pool,
+                plan.slots,
+                mla.softmax_scale,
+                workspace=self.settings.workspace,
             )
             return mla.unabsorb(o_lat)[None]
         n = self.positions.shape[0]
@@ -151,7 +158,13 @@ class StepContext:
         if plan.slots is not None:
             rows = plan.rows if plan.rows is not None else slice(None)
             o_lat = gather_attention(
-                q_latent[rows], q_rope[rows], lat_pool, rope_pool, plan.slots, mla.softmax_scale
+                q_latent[rows],
+                q_rope[rows],
+                lat_pool,
+                rope_pool,
+                plan.slots,
+                mla.softmax_scale,
+                workspace=self.settings.workspace,
             )  # [R, h, c]
             out[rows] = mla.unabsorb(o_lat).to(out.dtype)
         for off, t, blocks, start in plan.expanded:

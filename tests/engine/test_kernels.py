@@ -95,6 +95,11 @@ def test_gather_attention_matches_model_sparse_core() -> None:
     got = gather_attention(ql, qr, lat, rope, slots, 0.3)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     got_chunked = gather_attention(ql, qr, lat, rope, slots, 0.3, max_elems=k * (c + rr + h))
+    ws: dict = {}  # reused gather buffers: same result, and again when the buffers are reused (2nd call)
+    for _ in range(2):
+        got_ws = gather_attention(ql, qr, lat, rope, slots, 0.3, max_elems=k * (c + rr + h), workspace=ws)
+        torch.testing.assert_close(got_ws, got_chunked, rtol=0, atol=0)
+    assert ws
     torch.testing.assert_close(got_chunked, ref, rtol=1e-5, atol=1e-6)
 
 
