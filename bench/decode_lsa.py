@@ -79,13 +79,13 @@ CONFIGS = {
 }
 
 
-def stream_bandwidth() -> float:
+def stream_bandwidth(clock=time.perf_counter) -> float:
     x = torch.ones(1 << 27)  # 512 MB fp32
     best = float("inf")
     for _ in range(5):
-        t = time.perf_counter()
+        t = clock()
         x.sum()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return x.numel() * 4 / best
 
 
@@ -236,8 +236,10 @@ def engine_stepper(length: int, lsa: bool, steps: int, preset: str = "tiny"):
         pos[0] += 1
 
     step.weight_bytes = sum(  # type: ignore[attr-defined]
-        p.numel() * p.element_size() for n, p in model.named_parameters() if "embed" not in n
-    )  # what a batch-1 step reads besides the cache (all non-embedding weights; an upper bound for MoE)
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if "embed" not in n and ".mtp." not in f".{n}"
+    )  # what a batch-1 step reads besides the cache (non-embedding main-model weights; an upper bound for MoE)
     return step
 
 
@@ -339,7 +341,7 @@ def main() -> None:
                 )
                 bound = flops / mm
                 wbytes = arms["lsa"].weight_bytes  # type: ignore[attr-defined]
-                full = bound + wbytes / bw
+                full = bound + wbytes / (stream_bandwidth(clock) if args.cpu_time else bw)
                 print(
                     f"| {fmt_len(n)} | {spread(r['dense'], 1e3)} | {spread(r['lsa'], 1e3)} | "
                     f"{ratio_spread(r['dense'], r['lsa'], 1)} | {1 / td:.0f} | {1 / tl:.0f} | "

@@ -7,7 +7,8 @@ prefill chunks. Arms, taking turns within each of `--repeats` rounds after one w
 - decode: a 64-token prompt → `--new-tokens` greedy tokens (EOS ignored), new tokens/s;
 - prefill, first: a `--prompt-len`-token random prompt → 1 token on a fresh Engine (empty prefix cache);
 - prefill, cached: the same prompt again on that Engine (the prefix cache holds its blocks).
-Each is the median [min–max]. To compare with an older checkout, run this file with PYTHONPATH pointing at
+Each is the median [min–max], in CPU time of this process (1 thread: on a shared machine wall time mostly
+measures the other processes; on a quiet one they agree). To compare with an older checkout, run this file with PYTHONPATH pointing at
 that checkout (the script only uses the public Engine API):
 
     .venv/bin/python bench/embedded_cpu.py
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -61,10 +63,11 @@ def main() -> None:
     def cached() -> None:
         state["eng"].generate([long_prompt], one)
 
-    times = interleaved({"decode": decode, "first": first, "cached": cached}, args.repeats)
+    arms = {"decode": decode, "first": first, "cached": cached}
+    times = interleaved(arms, args.repeats, clock=time.process_time)
     print(f"# {' '.join(sys.argv)}; torch {torch.__version__}, {args.threads} thread(s), {load_average()}")
     print(f"# longcat2 from {Path(longcat2.__file__).parent}")
-    print("| decode tok/s | prefill first s | prefill cached s |")
+    print("| decode tok/s (CPU time) | prefill first CPU s | prefill cached CPU s |")
     print("|---|---|---|")
     tps = [args.new_tokens / t for t in times["decode"]]
     print(f"| {spread(tps, digits=1)} | {spread(times['first'])} | {spread(times['cached'])} |")
