@@ -79,13 +79,13 @@ CONFIGS = {
 }
 
 
-def stream_bandwidth() -> float:
+def stream_bandwidth(clock=time.perf_counter) -> float:
     x = torch.ones(1 << 27)  # 512 MB fp32
     best = float("inf")
     for _ in range(5):
-        t = time.perf_counter()
+        t = clock()
         x.sum()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return x.numel() * 4 / best
 
 
@@ -207,21 +207,23 @@ def bench_length(d: Dims, length: int, repeats: int, bw: float, exact_scan: bool
     return res
 
 
-def engine_stepper(length: int, lsa: bool, steps: int):
-    """→ a function that runs the next decode step of the whole `tiny` model through `ModelRunner`, at a
-    synthetic context of `length` tokens (good for `steps` calls)."""
-    from longcat2 import ModelConfig
+def engine_stepper(length: int, lsa: bool, steps: int, preset: str = "tiny"):
+    """→ a function that runs the next decode step of the whole `preset` model (a ModelConfig preset or
+    prefill_lsa.py's "attn-2.0") through `ModelRunner`, at a synthetic context of `length` tokens (good for
+    `steps` calls)."""
+    from prefill_lsa import make_config
+
     from longcat2.engine.runner import ModelRunner, Segment
     from longcat2.model.longcat import LongCatForCausalLM
 
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny")
+    cfg = make_config(preset)
     if not lsa:
         cfg = cfg.replace(index_n_heads=0)
     model = LongCatForCausalLM(cfg).eval()
     runner = ModelRunner(model, block_size=4096, num_blocks=-(-(length + steps + 64) // 4096))
     g = torch.Generator().manual_seed(1)
-    seq = runner.new_sequence(torch.randint(4, 512, (length,), generator=g).tolist())
+    seq = runner.new_sequence(torch.randint(4, cfg.vocab_size, (length,), generator=g).tolist())
     runner.cache.reserve(seq.blocks, length + steps + 2)
     for t in [*runner.cache.latent, *runner.cache.rope, *runner.cache.index_keys.values()]:
         fill(t)
@@ -233,6 +235,11 @@ def engine_stepper(length: int, lsa: bool, steps: int):
         runner.forward([Segment(seq, torch.tensor([7]), pos[0], "last")])
         pos[0] += 1
 
+    step.weight_bytes = sum(  # type: ignore[attr-defined]
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if "embed" not in n and ".mtp." not in f".{n}"
+    )  # what a batch-1 step reads besides the cache (non-embedding main-model weights; an upper bound for MoE)
     return step
 
 
@@ -250,7 +257,17 @@ def main() -> None:
     ap.add_argument(
         "--engine-lengths",
         default="4096,32768,131072,1048576",
-        help="whole-model decode step of the tiny preset through the engine (empty: skip)",
+        help="whole-model decode step of --engine-preset through the engine (empty: skip)",
+    )
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="engine table in CPU time of this process (1 thread on a shared machine: the load stays out)",
+    )
+    ap.add_argument(
+        "--engine-preset",
+        default="tiny",
+        help='model of the engine table: a ModelConfig preset or "attn-2.0" (one layer at 2.0 attention dims)',
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -291,23 +308,45 @@ def main() -> None:
                 flush=True,
             )
     if args.engine_lengths:
+        from prefill_lsa import make_config, matmul_rate
+
+        cfg = make_config(args.engine_preset)
+        mm = matmul_rate(torch.float32)
         print(
-            "\n## whole tiny model (2 layers, MoE, N-gram, LM head) decode step through ModelRunner, synthetic "
-            "cache; dense = the same weights without indexers"
+            f"\n## whole {args.engine_preset} model ({cfg.num_layers} layer(s), MoE, N-gram, LM head) decode step "
+            "through ModelRunner, synthetic cache; dense = the same weights without indexers. LSA bound = the "
+            "step's attention + indexer FLOPs (absorbed attention over top-k keys in both sublayers, indexer "
+            f"scores over the context) at the fp32 matmul rate measured here ({mm / 1e9:.1f} GFLOP/s); "
+            "+ weights = that plus one read of the non-embedding weights at the stream bandwidth (batch-1 "
+            f"projections are weight-bound); {'CPU' if args.cpu_time else 'wall'} time"
         )
-        print("| context | dense ms/token | LSA ms/token | dense/LSA [min–max] | dense tok/s | LSA tok/s |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "| context | dense ms/token | LSA ms/token | dense/LSA [min–max] | dense tok/s | LSA tok/s "
+            "| LSA bound ms | LSA / bound | weights MB | bound + weights ms | LSA / (bound + weights) |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        h, c, r_ = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         with torch.inference_mode():
             for n in [int(x) for x in args.engine_lengths.split(",")]:
                 arms = {
-                    "dense": engine_stepper(n, False, args.repeats + 1),
-                    "lsa": engine_stepper(n, True, args.repeats + 1),
+                    "dense": engine_stepper(n, False, args.repeats + 1, args.engine_preset),
+                    "lsa": engine_stepper(n, True, args.repeats + 1, args.engine_preset),
                 }
-                r = interleaved(arms, args.repeats, warmup=1)
+                clock = time.process_time if args.cpu_time else time.perf_counter
+                r = interleaved(arms, args.repeats, warmup=1, clock=clock)
                 td, tl = median(r["dense"]), median(r["lsa"])
+                k = min(n, cfg.index_topk)
+                flops = cfg.num_layers * (
+                    2 * 2 * h * (2 * c + r_) * k + 2 * cfg.index_n_heads * cfg.index_head_dim * n
+                )
+                bound = flops / mm
+                wbytes = arms["lsa"].weight_bytes  # type: ignore[attr-defined]
+                full = bound + wbytes / (stream_bandwidth(clock) if args.cpu_time else bw)
                 print(
                     f"| {fmt_len(n)} | {spread(r['dense'], 1e3)} | {spread(r['lsa'], 1e3)} | "
-                    f"{ratio_spread(r['dense'], r['lsa'], 1)} | {1 / td:.0f} | {1 / tl:.0f} |",
+                    f"{ratio_spread(r['dense'], r['lsa'], 1)} | {1 / td:.0f} | {1 / tl:.0f} | "
+                    f"{bound * 1e3:.2f} | {tl / bound:.1f}x | {wbytes / 2**20:.0f} | {full * 1e3:.2f} | "
+                    f"{tl / full:.1f}x |",
                     flush=True,
                 )
         print(f"# {load_average()} at the end")

@@ -21,7 +21,11 @@ Timing (bench/timing.py rules): every run first prefills one untimed warm-up chu
 `--repeats` rounds run the arms in turn (dense, LSA, dense, LSA, …), each run in a fresh process (so peak
 RSS is per run); tables show the median with [min–max], and dense/LSA is the median of the per-round
 ratios. The tail chunk is timed `--repeats` times in one process (the chunk is rolled back between runs),
-after one warm-up run.
+after one warm-up run. Attention efficiency (issue 21): the prefill's attention FLOPs (`attention_flops`)
+per CPU second of the run, against the best fp32/bf16 GEMM rate measured in CPU time in the same process
+(CPU time: on a shared machine wall time mostly measures the other processes).
+
+    .venv/bin/python bench/prefill_lsa.py --preset attn-2.0 --lengths 4096,16384   # LongCat-2.0 attention dims
 
     .venv/bin/python bench/prefill_lsa.py                          # 4K … 32K, both arms
     .venv/bin/python bench/prefill_lsa.py --lengths 131072 --arms lsa   # longer contexts, LSA only
@@ -47,6 +51,56 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import load_average, median, ratio_spread, spread  # noqa: E402
 
+# A one-layer model at LongCat-2.0's attention and indexer dims (64 heads, latent 512 + rope 64, q_lora 1536,
+# indexer 32 x 128, top-k 2048 with 16 sink + 1024 local), small everything else (hidden 512, tiny MoE):
+# prefill time is then the attention's (issue 21).
+ATTN_2_0 = dict(
+    num_layers=1, hidden_size=512, num_attention_heads=64, q_lora_rank=1536, kv_lora_rank=512,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, index_n_heads=32, index_head_dim=128,
+    index_topk=2048, index_init_tokens=16, index_local_tokens=1024, max_position_embeddings=262144,
+)  # fmt: skip
+
+
+def make_config(preset: str, dtype: str = "float32"):
+    """`preset` is a ModelConfig preset or "attn-2.0" (ATTN_2_0 over the tiny preset)."""
+    from longcat2 import ModelConfig
+
+    if preset == "attn-2.0":
+        return ModelConfig.from_preset("tiny", **ATTN_2_0, torch_dtype=dtype)
+    return ModelConfig.from_preset(preset, torch_dtype=dtype)
+
+
+def attention_flops(cfg, length: int, lsa: bool) -> float:
+    """FLOPs of a length-token prefill's attention, both sublayers of every layer (+ the indexer for LSA).
+    Dense rows: expanded form 2·h·(qk+v) per visible key; LSA rows (query sees > top-k keys): absorbed
+    form over top-k keys 2·h·(2c+r)·k, plus the indexer 2·h_I·d_I per key of the dynamic region."""
+    h, c, r = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    qk, v = cfg.qk_nope_head_dim + r, cfg.v_head_dim
+    k = cfg.index_topk if lsa and cfg.index_n_heads else length
+    n_dense = min(length, k)  # queries 0 .. n_dense-1 see <= k keys: dense
+    dense = 2 * h * (qk + v) * n_dense * (n_dense + 1) / 2
+    sparse_rows = length - n_dense
+    sparse = 2 * h * (2 * c + r) * k * sparse_rows
+    attn = 2 * cfg.num_layers * (dense + sparse)
+    if sparse_rows:
+        init, local = cfg.index_init_tokens, cfg.index_local_tokens
+        dyn = sum(max(0, q - local - init + 1) for q in range(n_dense, length))  # keys scored per query
+        attn += cfg.num_layers * 2 * cfg.index_n_heads * cfg.index_head_dim * dyn
+    return attn
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
+    """Best of `repeats` n³ GEMMs in this process, in CPU time → FLOP/s (the reference for attention
+    efficiency; CPU time, like the prefill's, so other processes' load does not enter)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        a @ b
+        best = min(best, time.process_time() - t0)
+    return 2 * n**3 / best
+
 
 def _warm_up(runner, cfg, chunk: int) -> None:
     """One untimed chunk on a throw-away sequence (first-call allocations, kernel dispatch caches)."""
@@ -62,13 +116,12 @@ def run_tail(length: int, chunk: int, preset: str, repeats: int) -> dict:
     """The last prompt chunk of a `length`-token LSA prefill: the cache for positions < length - chunk is
     filled with synthetic latents/keys (prefilling them for real takes hours at 1M: the indexer is
     O(T^2)), then one real chunk runs. Shows per-chunk time and memory at that context."""
-    from longcat2 import ModelConfig
     from longcat2.engine.runner import ModelRunner, Segment
     from longcat2.model.longcat import LongCatForCausalLM
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset(preset)
+    cfg = make_config(preset)
     model = LongCatForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, cfg.vocab_size, (length,), generator=g)
@@ -101,39 +154,42 @@ def run_tail(length: int, chunk: int, preset: str, repeats: int) -> dict:
     }
 
 
-def run_single(arm: str, length: int, chunk: int, preset: str) -> dict:
-    from longcat2 import ModelConfig
+def run_single(arm: str, length: int, chunk: int, preset: str, dtype: str, kernel: str) -> dict:
     from longcat2.engine.runner import ModelRunner, Segment
     from longcat2.model.longcat import LongCatForCausalLM
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset(preset)
-    model = LongCatForCausalLM(cfg).eval()
+    cfg = make_config(preset, dtype)
+    model = LongCatForCausalLM(cfg).eval().to(getattr(torch, dtype))
     if arm == "dense":
-        dense = LongCatForCausalLM(cfg.replace(index_n_heads=0)).eval()
+        dense = LongCatForCausalLM(cfg.replace(index_n_heads=0)).eval().to(getattr(torch, dtype))
         dense.load_state_dict(model.state_dict(), strict=False)  # same weights minus the indexers
         model = dense
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, cfg.vocab_size, (length,), generator=g)
     runner = ModelRunner(model, block_size=4096, num_blocks=-(-length // 4096) + 1)
+    runner.attention.prefill_kernel = kernel
     _warm_up(runner, cfg, chunk)
     seq = runner.new_sequence(ids.tolist())
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for c0 in range(0, length, chunk):
         c1 = min(length, c0 + chunk)
         out = runner.forward([Segment(seq, ids[c0:c1], c0, "last" if c1 == length else "none")])
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "arm": arm,
         "length": length,
         "seconds": dt,
+        "cpu_seconds": cpu,
         "peak_rss_mb": rss1 / 1024,
         "rss_growth_mb": (rss1 - rss0) / 1024,
         "cache_mb": runner.cache.capacity * runner.cache.bytes_per_token() / 2**20,
         "logit0": float(out.logits[0][0, 0]),
+        "attn_flops": attention_flops(model.config, length, arm == "lsa"),
+        "matmul_flops_per_s": matmul_rate(getattr(torch, dtype)),
     }
 
 
@@ -142,7 +198,11 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,8192,16384,32768")
     ap.add_argument("--arms", default="dense,lsa")
     ap.add_argument("--chunk", type=int, default=512)
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--preset", default="tiny", help='a ModelConfig preset or "attn-2.0" (see ATTN_2_0)')
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--kernel", default="tiled", choices=["tiled", "plain"], help="dense prefill kernel (context.py)"
+    )
     ap.add_argument("--repeats", type=int, default=3, help="runs per arm (interleaved) and tail chunk runs")
     ap.add_argument(
         "--tail",
@@ -156,25 +216,27 @@ def main() -> None:
         res = (
             run_tail(n, args.chunk, args.preset, args.repeats)
             if arm == "tail"
-            else run_single(arm, n, args.chunk, args.preset)
+            else run_single(arm, n, args.chunk, args.preset, args.dtype, args.kernel)
         )
         print(json.dumps(res))
         return
     print(f"# {' '.join(sys.argv)}")
     print(
-        f"# torch {torch.__version__}, 1 thread, preset {args.preset}, chunk {args.chunk}; each run in a fresh "
+        f"# torch {torch.__version__}, 1 thread, preset {args.preset}, {args.dtype}, {args.kernel} dense "
+        f"prefill kernel, chunk {args.chunk}; each run in a fresh "
         f"process after a warm-up chunk; median [min–max] of {args.repeats} interleaved runs per arm; "
         f"{load_average()}"
     )
     print(
-        "| context | dense s | LSA s | dense/LSA | dense tok/s | LSA tok/s | peak RSS dense / LSA (MB) | cache MB |"
+        "| context | dense s | LSA s | dense/LSA | dense tok/s | LSA tok/s | peak RSS dense / LSA (MB) | cache MB "
+        "| CPU s dense / LSA | attention GFLOP/s dense / LSA | matmul GFLOP/s | attention / matmul dense / LSA |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     arms = args.arms.split(",")
 
     def single(arm: str, n: int, *extra: str) -> dict:
         cmd = [sys.executable, __file__, "--single", arm, str(n), "--chunk", str(args.chunk)]
-        cmd += ["--preset", args.preset, *extra]
+        cmd += ["--preset", args.preset, "--dtype", args.dtype, "--kernel", args.kernel, *extra]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             raise SystemExit(f"{arm} at {n}: exit {out.returncode}\n{out.stderr[-2000:]}")
@@ -189,11 +251,19 @@ def main() -> None:
         rss = {arm: f"{median([r['peak_rss_mb'] for r in rs]):.0f}" for arm, rs in runs.items()}
         d, s = secs.get("dense"), secs.get("lsa")
         cache = runs[arms[0]][0]["cache_mb"]
+        rate = {arm: median([r["attn_flops"] / r["cpu_seconds"] for r in rs]) for arm, rs in runs.items()}
+        cpu = {arm: [r["cpu_seconds"] for r in rs] for arm, rs in runs.items()}
+        mm = median([r["matmul_flops_per_s"] for rs in runs.values() for r in rs])
+        eff = " / ".join(f"{rate[a] / mm:.0%}" if a in rate else "—" for a in ("dense", "lsa"))
         print(
             f"| {n // 1024}K | {spread(d) if d else '—'} | {spread(s) if s else '—'} | "
             f"{ratio_spread(d, s, 1) if d and s else '—'} | {f'{n / median(d):.0f}' if d else '—'} | "
             f"{f'{n / median(s):.0f}' if s else '—'} | {rss.get('dense', '—')} / {rss.get('lsa', '—')} | "
-            f"{cache:.0f} |",
+            f"{cache:.0f} | "
+            + " / ".join(spread(cpu[a], digits=1) if a in cpu else "—" for a in ("dense", "lsa"))
+            + " | "
+            + " / ".join(f"{rate[a] / 1e9:.1f}" if a in rate else "—" for a in ("dense", "lsa"))
+            + f" | {mm / 1e9:.1f} | {eff} |",
             flush=True,
         )
     if args.tail:

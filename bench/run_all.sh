@@ -41,6 +41,9 @@ if [[ $SMOKE == 1 ]]; then
     run generation bench/generate_vs_transformers.py --settings tiny-flash:float32:2:16:4 --repeats 2
     run ep_alltoall bench/ep_alltoall.py --steps 1 --warmup 1 --batch 1 --seq 32 --repeats 1
     run server bench/serve_load.py --levels 1,2 --max-tokens 8 --repeat 2
+    run vs_vllm_cpu bench/vs_vllm_cpu.py --prompt-len 64 --new-tokens 8 --repeats 1
+    run prefill_attn2 bench/prefill_lsa.py --preset attn-2.0 --lengths 2048 --repeats 1
+    run embedded_cpu bench/embedded_cpu.py --prompt-len 2000 --new-tokens 16 --repeats 1
 else
     # "Training step: longcat2 vs transformers"
     run training bench/train_throughput.py --steps 6 --warmup 2
@@ -56,5 +59,13 @@ else
     # "Server under load": the tiny random model, then the embedded default model
     run server bench/serve_load.py --repeat 5
     run server_default_model bench/serve_load.py --model longcat2/assets/default-model --repeat 5
+    # "CPU inference vs vLLM-CPU (issue 21)" (the vLLM arm needs VLLM_VENV; skipped with the reason if absent)
+    run vs_vllm_cpu bench/vs_vllm_cpu.py --repeats 2
+    run prefill_attn2 bench/prefill_lsa.py --preset attn-2.0 --lengths 4096,16384 --repeats 1
+    run prefill_attn2_plain bench/prefill_lsa.py --preset attn-2.0 --lengths 4096 --repeats 1 --arms dense \
+        --kernel plain
+    run decode_attn2 bench/decode_lsa.py --config tiny --lengths 4096 --repeats 3 --engine-preset attn-2.0 \
+        --engine-lengths 8192,32768 --cpu-time
+    run embedded_cpu bench/embedded_cpu.py --repeats 2
 fi
 echo "# results in $OUT"

@@ -15,7 +15,6 @@ output is printed as ids.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -36,11 +35,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from longcat2.config import ModelConfig
     from longcat2.engine import Engine, SamplingParams
+    from longcat2.engine.cpu import choose_threads
     from longcat2.model.longcat import LongCatForCausalLM
     from longcat2.model_dir import resolve_model_dir
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(choose_threads(args.threads or None))
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     tokenizer = None
     layout = serving.setup(args)  # --tp / --ep under torchrun (a no-op in one process)
@@ -166,8 +165,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        default=1 if (os.cpu_count() or 1) <= 2 else 0,
-        help="torch threads (0 = torch default; default 1 on machines with <= 2 CPUs)",
+        default=0,
+        help="torch threads (0 = auto: the cores this process may use minus the current load, at least 1; "
+        "env LONGCAT2_THREADS)",
     )
     serving.add_parallel_args(p)
     p.set_defaults(func=_cmd_generate)

@@ -14,7 +14,8 @@ Design choices:
 - Attention forms: selected keys (sparse rows, and short dense rows) go through one batched gather +
   absorbed MLA call for the whole step (`kernels.gather_attention`: the model's sparse core on the pool);
   dense segments with many queries (prefill without LSA, or within index_topk) use the expanded form
-  (`MLA.expand` + `kernels.dense_prefill`: chunked causal matmul-softmax-matmul) when it is cheaper in
+  (`kernels.dense_prefill_tiled`: keys expanded per block, online softmax over query blocks; the plain
+  `MLA.expand` + `kernels.dense_prefill` is the selectable reference) when it is cheaper in
   FLOPs; long dense decode rows use the online-softmax kernel over the cache's contiguous runs
   (`kernels.dense_decode`).
 - Selection never builds [T, S] masks: only the dynamic region is scored (see kernels.py), in query chunks
@@ -33,6 +34,7 @@ from longcat2.engine.cache import PagedKVCache, SeqBlocks
 from longcat2.engine.kernels import (
     dense_decode,
     dense_prefill,
+    dense_prefill_tiled,
     dense_rows,
     gather_attention,
     index_scan,
@@ -55,6 +57,8 @@ class AttentionSettings:
     score_budget: int = 1 << 24
     expanded_min_rows: int = 32
     dense_gather_max: int = 4096
+    prefill_kernel: str = "tiled"  # "tiled" (kernels.dense_prefill_tiled) | "plain" (kernels.dense_prefill)
+    workspace: dict = field(default_factory=dict)  # reused gather buffers (kernels.gather_attention)
 
 
 @dataclass
@@ -138,7 +142,13 @@ class StepContext:
         if plan.slots is not None and plan.rows is None and not plan.expanded and not plan.long_rows:
             # common case (decode, LSA prefill): every row attends over explicit slots
             o_lat = gather_attention(
-                mla.absorb(q_nope), q_rope, lat_pool, rope_pool, plan.slots, mla.softmax_scale
+                mla.absorb(q_nope),
+                q_rope,
+                lat_pool,
+                rope_pool,
+                plan.slots,
+                mla.softmax_scale,
+                workspace=self.settings.workspace,
             )
             return mla.unabsorb(o_lat)[None]
         n = self.positions.shape[0]
@@ -148,17 +158,29 @@ class StepContext:
         if plan.slots is not None:
             rows = plan.rows if plan.rows is not None else slice(None)
             o_lat = gather_attention(
-                q_latent[rows], q_rope[rows], lat_pool, rope_pool, plan.slots, mla.softmax_scale
+                q_latent[rows],
+                q_rope[rows],
+                lat_pool,
+                rope_pool,
+                plan.slots,
+                mla.softmax_scale,
+                workspace=self.settings.workspace,
             )  # [R, h, c]
             out[rows] = mla.unabsorb(o_lat).to(out.dtype)
         for off, t, blocks, start in plan.expanded:
             end = start + t
             lat = cache.read(lat_pool, blocks, 0, end).to(q_nope.dtype)  # [S, c]
             rope = cache.read(rope_pool, blocks, 0, end).to(q_nope.dtype)  # [S, r]
-            k, v = mla.expand(lat, rope)  # [S, h, qk], [S, h, v]
             sl = slice(off, off + t)
-            q = torch.cat([q_nope[sl], q_rope[sl]], dim=-1)  # [T, h, qk]
-            out[sl] = dense_prefill(q, k, v, start, mla.softmax_scale).reshape(t, -1).to(out.dtype)
+            if self.settings.prefill_kernel == "tiled":
+                o = dense_prefill_tiled(
+                    q_nope[sl], q_rope[sl], lat, rope, mla.kv_b_proj, start, mla.softmax_scale
+                )
+            else:  # "plain": the reference (whole K/V expanded, query chunks)
+                k, v = mla.expand(lat, rope)  # [S, h, qk], [S, h, v]
+                q = torch.cat([q_nope[sl], q_rope[sl]], dim=-1)  # [T, h, qk]
+                o = dense_prefill(q, k, v, start, mla.softmax_scale)
+            out[sl] = o.reshape(t, -1).to(out.dtype)
         for row, blocks, vis in plan.long_rows:
             pieces = [(lat_pool[r : r + m], rope_pool[r : r + m]) for _, r, m in cache.runs(blocks, 0, vis)]
             o_lat = dense_decode(q_latent[row], q_rope[row], pieces, mla.softmax_scale)  # [h, c]

@@ -26,6 +26,8 @@ Design choices:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 NEG_INF = float("-inf")
@@ -209,29 +211,42 @@ def gather_attention(
     slots: torch.Tensor,
     scale: float,
     max_elems: int = 1 << 24,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA of R queries over their own K cached keys (the model's `sparse_mla_attention` on the
     pool, with `index_select` gathers and batched GEMMs).
 
     q_latent [R, h, c], q_rope [R, h, r], lat_pool [P, c], rope_pool [P, r], slots [R, K] (-1 = empty)
-    → attended latent [R, h, c]."""
+    → attended latent [R, h, c]. `workspace` (a dict the caller keeps across steps): the gathered keys are
+    written into buffers kept there instead of fresh allocations — a gather of a few MB per sublayer and
+    step otherwise pays page faults on a new mmap'd buffer every time (measured ~2x the copy itself)."""
     rows, k = slots.shape
     h, c = q_latent.shape[1:]
     r = q_rope.shape[-1]
     chunk = max(1, max_elems // max(1, k * (c + r + h)))
     outs = []
     for s0 in range(0, rows, chunk):
-        lat, rope, invalid = gather_rows(lat_pool, rope_pool, slots[s0 : s0 + chunk])
+        lat, rope, invalid = gather_rows(lat_pool, rope_pool, slots[s0 : s0 + chunk], workspace)
         outs.append(
             attend_gathered(q_latent[s0 : s0 + chunk], q_rope[s0 : s0 + chunk], lat, rope, invalid, scale)
         )
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
+def _buffer(workspace: dict, name: str, like: torch.Tensor, n: int) -> torch.Tensor:
+    """A [n, like.shape[1]] buffer of like's dtype/device from `workspace`, grown (never shrunk) as needed."""
+    key = (name, like.dtype, like.device, like.shape[1])
+    buf = workspace.get(key)
+    if buf is None or buf.shape[0] < n:
+        buf = workspace[key] = like.new_empty(n, like.shape[1])
+    return buf[:n]
+
+
 def gather_rows(
-    lat_pool: torch.Tensor, rope_pool: torch.Tensor, slots: torch.Tensor
+    lat_pool: torch.Tensor, rope_pool: torch.Tensor, slots: torch.Tensor, workspace: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """slots [C, K] (-1 = empty) → latents [C, K, c], rope keys [C, K, r], empty mask [C, 1, K] or None."""
+    """slots [C, K] (-1 = empty) → latents [C, K, c], rope keys [C, K, r], empty mask [C, 1, K] or None.
+    With `workspace`, the latents / rope keys are views of its buffers (valid until the next call)."""
     n, k = slots.shape
     flat = slots.reshape(-1)
     invalid = flat < 0
@@ -240,9 +255,13 @@ def gather_rows(
         mask = invalid.view(n, 1, k)
     else:
         mask = None
-    lat = lat_pool.index_select(0, flat).view(n, k, -1)
-    rope = rope_pool.index_select(0, flat).view(n, k, -1)
-    return lat, rope, mask
+    if workspace is None:
+        lat = lat_pool.index_select(0, flat)
+        rope = rope_pool.index_select(0, flat)
+    else:
+        lat = torch.index_select(lat_pool, 0, flat, out=_buffer(workspace, "lat", lat_pool, n * k))
+        rope = torch.index_select(rope_pool, 0, flat, out=_buffer(workspace, "rope", rope_pool, n * k))
+    return lat.view(n, k, -1), rope.view(n, k, -1), mask
 
 
 def attend_gathered(
@@ -294,6 +313,63 @@ def dense_prefill(
         probs = scores.softmax(dim=-1).to(v.dtype)
         torch.matmul(probs, vh[:, :n_keys], out=out[:, r0:r1])
     return out.transpose(0, 1)
+
+
+# ---------------------------------------------------------------------- dense prefill (tiled, from latents)
+def dense_prefill_tiled(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    lat: torch.Tensor,
+    rope: torch.Tensor,
+    kv_b: Callable[[torch.Tensor], torch.Tensor],
+    start: int,
+    scale: float,
+    key_block: int = 256,
+    query_block: int = 128,
+) -> torch.Tensor:
+    """Causal MLA of T queries at positions start.. over S = start + T cached latents, expanded per key block
+    and attended with an online softmax (flash-attention order: keys outer, query blocks inner).
+
+    q_nope [T, h, nope], q_rope [T, h, r], lat [S, c], rope [S, r], kv_b: latents [B, c] → [B, h*(nope+v)]
+    (the layer's kv_b_proj) → [T, h, v]. Each key block is expanded once (B·c·h·(nope+v) FLOPs, never the whole [S, h, qk] K/V) and
+    read once per query block of `query_block` rows; scores [h, R, B] and the running max / sum / output
+    (fp32, [h, T, ·]) are the only temporaries. Only blocks that straddle the diagonal are masked; query
+    blocks that see none of a key block are skipped. Same result as `dense_prefill` on the expanded K/V."""
+    t, h, nope = q_nope.shape
+    s = lat.shape[0]
+    dt = lat.dtype
+    qn = (q_nope.to(dt) * scale).transpose(0, 1)  # [h, T, nope]
+    qr = (q_rope.to(dt) * scale).transpose(0, 1)  # [h, T, r]
+    m = torch.full((h, t, 1), NEG_INF, dtype=torch.float32, device=lat.device)  # running max
+    l_sum = torch.zeros(h, t, 1, dtype=torch.float32, device=lat.device)
+    acc: torch.Tensor | None = None  # [h, T, v] fp32
+    q_pos = start + torch.arange(t, device=lat.device)  # [T]
+    for b0 in range(0, s, key_block):
+        b1 = min(s, b0 + key_block)
+        kv = kv_b(lat[b0:b1]).view(b1 - b0, h, -1).transpose(0, 1)  # [h, B, nope+v]
+        if acc is None:
+            acc = torch.zeros(h, t, kv.shape[-1] - nope, dtype=torch.float32, device=lat.device)
+        k_nope = kv[..., :nope].transpose(1, 2)  # [h, nope, B]
+        v = kv[..., nope:]  # [h, B, v]
+        if v.dtype != torch.float32:
+            v = v.float()
+        k_rope = rope[b0:b1].t()  # [r, B] (shared by all heads)
+        first = max(0, b0 - start)  # first query row that sees key b0
+        for r0 in range(first - first % query_block, t, query_block):
+            r1 = min(t, r0 + query_block)
+            sc = torch.baddbmm(torch.matmul(qr[:, r0:r1], k_rope), qn[:, r0:r1], k_nope).float()  # [h, R, B]
+            if b1 - 1 > start + r0:  # the block reaches past some row's position: causal mask
+                future = torch.arange(b0, b1, device=lat.device)[None, :] > q_pos[r0:r1, None]  # [R, B]
+                sc.masked_fill_(future, NEG_INF)
+            mb, lb, ab = m[:, r0:r1], l_sum[:, r0:r1], acc[:, r0:r1]
+            m_new = torch.maximum(mb, sc.amax(dim=-1, keepdim=True))
+            corr = (mb - m_new).exp_()
+            probs = sc.sub_(m_new).exp_()
+            lb.mul_(corr).add_(probs.sum(dim=-1, keepdim=True))
+            ab.mul_(corr).baddbmm_(probs, v)
+            mb.copy_(m_new)
+    assert acc is not None, "dense_prefill_tiled: no keys"
+    return (acc / l_sum).transpose(0, 1).to(dt)
 
 
 # ---------------------------------------------------------------------- dense decode (long contexts)

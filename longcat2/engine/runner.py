@@ -16,6 +16,7 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 from longcat2.config import ModelConfig
 from longcat2.engine.cache import PagedKVCache, SeqBlocks
 from longcat2.engine.context import AttentionSettings, Selection, StepContext
+from longcat2.engine.cpu import Bf16MatmulViaFp32, bf16_matmul_via_fp32
 from longcat2.model.attention import MLA
 
 
@@ -99,6 +101,12 @@ class ModelRunner:
         )
         self.with_mtp = with_mtp and model.model.mtp is not None
         self.ngram_ctx = self.cfg.oe_neighbor_num - 1 if self.cfg.use_ngram else 0
+        # bf16 model on a CPU without a native bf16 GEMM: matmuls as fp32 BLAS calls (see cpu.py)
+        bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+        self.bf16_via_fp32 = self.device.type == "cpu" and bf16 and bf16_matmul_via_fp32()
+
+    def _compute(self) -> contextlib.AbstractContextManager:
+        return Bf16MatmulViaFp32() if self.bf16_via_fp32 else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ sequences
     def new_sequence(self, tokens: list[int] | None = None) -> SeqState:
@@ -181,12 +189,14 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, segments: list[Segment]) -> StepOutput:
         ctx = self._context(segments)
-        emb = self._embed(segments, ctx.lengths)[None]  # [1, N, H]
-        h = self.model.model(None, ctx.positions, cache=ctx, inputs_embeds=emb)[0]  # [1, N, H]
-        for seg, t in zip(segments, ctx.lengths):
-            seg.seq.blocks.num_tokens = seg.start + t
-        hidden = h[0]
-        return StepOutput(hidden, self._logits(hidden, segments, ctx, self.model.model.norm), ctx.offsets)
+        with self._compute():
+            emb = self._embed(segments, ctx.lengths)[None]  # [1, N, H]
+            h = self.model.model(None, ctx.positions, cache=ctx, inputs_embeds=emb)[0]  # [1, N, H]
+            for seg, t in zip(segments, ctx.lengths):
+                seg.seq.blocks.num_tokens = seg.start + t
+            hidden = h[0]
+            logits = self._logits(hidden, segments, ctx, self.model.model.norm)
+        return StepOutput(hidden, logits, ctx.offsets)
 
     def _logits(
         self, hidden: torch.Tensor, segments: list[Segment], ctx: StepContext, norm: nn.Module
@@ -222,10 +232,12 @@ class ModelRunner:
         predicts token p+2. `shared`: reuse this selection instead of running the MTP indexer."""
         mtp = self.model.model.mtp
         ctx = self._context(segments)
-        emb = mtp.embed_tokens(torch.cat([s.tokens for s in segments]).to(self.device))[None]  # [1, N, H]
-        cos, sin = self.model.model.rotary_emb(ctx.positions, emb.dtype)
-        x, sel = mtp.layers[module](
-            emb, hidden_prev[None], cos, sin, ctx.positions, shared, shared is not None, ctx
-        )
-        hidden = x[0]
-        return StepOutput(hidden, self._logits(hidden, segments, ctx, mtp.norm), ctx.offsets, sel)
+        with self._compute():
+            emb = mtp.embed_tokens(torch.cat([s.tokens for s in segments]).to(self.device))[None]  # [1, N, H]
+            cos, sin = self.model.model.rotary_emb(ctx.positions, emb.dtype)
+            x, sel = mtp.layers[module](
+                emb, hidden_prev[None], cos, sin, ctx.positions, shared, shared is not None, ctx
+            )
+            hidden = x[0]
+            logits = self._logits(hidden, segments, ctx, mtp.norm)
+        return StepOutput(hidden, logits, ctx.offsets, sel)

@@ -24,14 +24,14 @@ from longcat2.model_dir import MODEL_HELP
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
     from longcat2.checkpoint import parse_size
+    from longcat2.engine.cpu import choose_threads
     from longcat2.serve.app import ServeError, resolve_model_dir, run_server
     from longcat2.serve.core import ServerConfig
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(choose_threads(args.threads or None))
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -150,7 +150,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-step-tokens", type=int, default=512, help="token budget of one engine step (prefill chunks)"
     )
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0 = auto: the cores this process may use minus the current load, at least 1; "
+        "env LONGCAT2_THREADS)",
+    )
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown (default 30)")  # fmt: skip
     p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024,

@@ -8,6 +8,7 @@ import torch
 from longcat2.engine.kernels import (
     dense_decode,
     dense_prefill,
+    dense_prefill_tiled,
     dense_rows,
     gather_attention,
     index_scan,
@@ -94,6 +95,11 @@ def test_gather_attention_matches_model_sparse_core() -> None:
     got = gather_attention(ql, qr, lat, rope, slots, 0.3)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     got_chunked = gather_attention(ql, qr, lat, rope, slots, 0.3, max_elems=k * (c + rr + h))
+    ws: dict = {}  # reused gather buffers: same result, and again when the buffers are reused (2nd call)
+    for _ in range(2):
+        got_ws = gather_attention(ql, qr, lat, rope, slots, 0.3, max_elems=k * (c + rr + h), workspace=ws)
+        torch.testing.assert_close(got_ws, got_chunked, rtol=0, atol=0)
+    assert ws
     torch.testing.assert_close(got_chunked, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -120,3 +126,28 @@ def test_dense_prefill_matches_sdpa(start: int) -> None:
     ).transpose(0, 1)
     got = dense_prefill(q, k, v, start, 0.3, max_elems=h * s * 7)  # several query chunks
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("start,t,key_block,query_block", [(0, 50, 16, 8), (37, 20, 8, 16), (70, 33, 32, 7)])
+def test_dense_prefill_tiled_matches_plain(
+    dtype: torch.dtype, start: int, t: int, key_block: int, query_block: int
+) -> None:
+    """The tiled latent kernel (keys expanded per block, online softmax) against the plain expanded path,
+    with blocks that straddle the diagonal, partial last blocks and query blocks skipped for early keys."""
+    torch.manual_seed(5)
+    h, nope, r, dv, c = 3, 12, 4, 8, 16
+    s = start + t
+    q_nope, q_rope = torch.randn(t, h, nope, dtype=dtype), torch.randn(t, h, r, dtype=dtype)
+    lat, rope = torch.randn(s, c, dtype=dtype), torch.randn(s, r, dtype=dtype)
+    w_kv = (torch.randn(h * (nope + dv), c) / c**0.5).to(dtype)
+    kv = (lat @ w_kv.t()).view(s, h, nope + dv)
+    k = torch.cat([kv[..., :nope], rope[:, None].expand(s, h, r)], dim=-1)
+    q = torch.cat([q_nope, q_rope], dim=-1)
+    ref = dense_prefill(q.float(), k.float(), kv[..., nope:].float(), start, 0.3)
+    got = dense_prefill_tiled(
+        q_nope, q_rope, lat, rope, lambda x: x @ w_kv.t(), start, 0.3, key_block, query_block
+    )
+    assert got.dtype == dtype and got.shape == (t, h, dv)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), ref, **tol)

@@ -101,13 +101,16 @@ def test_chunked_prefill_equals_one_shot(chunk: int) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_dense_kernels_long_rows_and_expanded_form() -> None:
-    """Models without LSA: online-softmax dense decode and expanded-form prefill agree with the model."""
+@pytest.mark.parametrize("prefill_kernel", ["tiled", "plain"])
+def test_dense_kernels_long_rows_and_expanded_form(prefill_kernel: str) -> None:
+    """Models without LSA: online-softmax dense decode and expanded-form prefill (the tiled kernel and the
+    plain reference) agree with the model."""
     model = _model("tiny-flash")
     ids = torch.randint(4, 512, (90,)).tolist()
     with torch.no_grad():
         full = model(torch.tensor([ids]))[0]
     runner = ModelRunner(model, block_size=16, dense_gather_max=8, expanded_min_rows=4)
+    runner.attention.prefill_kernel = prefill_kernel
     seq = runner.new_sequence(ids)
     last = _prefill(runner, seq, ids[:86], chunk=40)  # expanded form
     torch.testing.assert_close(last, full[85], rtol=0, atol=ATOL)

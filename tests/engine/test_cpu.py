@@ -1,0 +1,84 @@
+"""CPU choices of the engine: bf16 matmuls via fp32 against the plain bf16 ops, and the thread choice."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longcat2.engine.cpu import Bf16MatmulViaFp32, choose_threads
+
+
+def _cases() -> list:
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+    a, b, w = r(5, 7), r(7, 3), r(4, 7)
+    bat, bat2, acc = r(2, 5, 7), r(2, 7, 3), r(2, 5, 3)
+    return [
+        ("linear", lambda: F.linear(a, w)),
+        ("matmul", lambda: torch.matmul(bat, bat2)),
+        ("@", lambda: a @ b),
+        ("mm", lambda: torch.mm(a, b)),
+        ("bmm", lambda: bat.bmm(bat2)),
+        ("baddbmm", lambda: torch.baddbmm(acc, bat, bat2)),
+        ("addmm", lambda: torch.addmm(acc[0], a, b)),
+        ("mv", lambda: torch.mv(a, b[:, 0])),
+        ("baddbmm_", lambda: acc.clone().baddbmm_(bat, bat2)),
+        ("out=", lambda: torch.matmul(a, b, out=torch.empty(5, 3, dtype=torch.bfloat16))),
+    ]
+
+
+@pytest.mark.parametrize("name,fn", _cases())
+def test_bf16_matmul_via_fp32_matches_plain_bf16_ops(name: str, fn) -> None:
+    """Same dtype and shape, values within bf16 rounding of the plain bf16 op (fp32 accumulation in both)."""
+    ref = fn()
+    with Bf16MatmulViaFp32():
+        got = fn()
+    assert got.dtype == torch.bfloat16 and got.shape == ref.shape, name
+    torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_bf16_matmul_mode_leaves_fp32_work_alone() -> None:
+    a, b = torch.randn(4, 6), torch.randn(6, 2)
+    with Bf16MatmulViaFp32():
+        got = a @ b
+        mixed = torch.softmax(a.to(torch.bfloat16), -1)  # not a matmul: untouched
+    assert got.dtype == torch.float32 and mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(got, a @ b, rtol=0, atol=0)
+
+
+def test_engine_bf16_tokens_do_not_depend_on_the_matmul_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 model through the engine: greedy tokens with matmuls via fp32 equal the native bf16 path's."""
+    from longcat2 import LongCatForCausalLM, ModelConfig
+    from longcat2.engine import cpu, generate
+
+    torch.manual_seed(0)
+    model = LongCatForCausalLM(ModelConfig.from_preset("tiny")).eval().to(torch.bfloat16)
+    prompts = [torch.randint(4, 512, (n,)).tolist() for n in (9, 30)]
+    outs = {}
+    for mode in ("native", "fp32"):
+        monkeypatch.setenv("LONGCAT2_BF16_MATMUL", mode)
+        cpu.bf16_matmul_via_fp32.cache_clear()
+        outs[mode], eng = generate(model, prompts, max_new_tokens=6, ignore_eos=True, return_engine=True)
+        assert eng.runner.bf16_via_fp32 is (mode == "fp32")
+    cpu.bf16_matmul_via_fp32.cache_clear()
+    assert outs["fp32"] == outs["native"]
+
+
+def test_choose_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LONGCAT2_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert choose_threads(3) == 3
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert choose_threads() == cores  # idle: every core this process may use
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 5.0, 0.0, 0.0))
+    assert choose_threads() == 1  # every core busy: one thread, never zero
+    monkeypatch.setenv("LONGCAT2_THREADS", "2")
+    assert choose_threads() == 2
+    with pytest.raises(ValueError, match="threads"):
+        choose_threads(0)
