@@ -14,8 +14,8 @@
 #     scripts/build_default_model.sh               # smoke test of the whole pipeline
 #
 # Knobs (environment): WORK (run directory, default runs/default-model-v2), PRETRAIN_STEPS, SFT_STEPS,
-# LONG_STEPS (0 = no length extension), SFT_N, LONG_N, BATCH, SEQ_LEN, SFT_SEQ_LEN, LONG_SEQ_LEN,
-# LONG_BATCH, VOCAB, THREADS, SEED, EVAL_PER_KIND, PASSKEY_LENGTHS, INSTALL (1 = copy into the package,
+# LONG_STEPS (0 = no length extension), COPY_STEPS (0 = no copy warm-up, the default), SFT_N, LONG_N,
+# BATCH, SEQ_LEN, SFT_SEQ_LEN, LONG_SEQ_LEN, LONG_BATCH, VOCAB, THREADS, SEED, EVAL_PER_KIND, PASSKEY_LENGTHS, INSTALL (1 = copy into the package,
 # default 1), PYTHON (default .venv/bin/python). The model is a LongCat-2.0-architecture model at tiny
 # scale: the `tiny` preset (LSA indexer, zero experts, N-gram embedding, MTP) with the overrides in
 # MODEL_ARGS. Training runs in fp32: on this CPU, bf16 autocast (`--precision auto`) measured 8x slower.
@@ -28,6 +28,7 @@ WORK=${WORK:-runs/default-model-v2}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1200}
 SFT_STEPS=${SFT_STEPS:-1200}
 LONG_STEPS=${LONG_STEPS:-100}  # length extension (YaRN 32K) on the long set; 0 = none
+COPY_STEPS=${COPY_STEPS:-0}  # optional copy warm-up after pretraining (synthetic MQAR + passkey); 0 = none
 SFT_N=${SFT_N:-16000}
 LONG_N=${LONG_N:-1200}
 BATCH=${BATCH:-16}
@@ -93,8 +94,20 @@ stage "$WORK/pretrain" "$PRETRAIN_STEPS" "${LC[@]}" train --preset tiny --data s
   "${INDEXER[@]}" --indexer-warmup 200 "${MODEL_ARGS[@]}"
 t_pretrain=$(step_seconds "$WORK/pretrain")
 
+sft_init=("$WORK/pretrain")
+if [ "$COPY_STEPS" -gt 0 ]; then
+  # in-context copying (induction) on the project's synthetic associative-recall tasks: the v2 pilot
+  # showed a model that attends to an entity's first token but cannot continue the copy (model card)
+  log "2b/6 copy warm-up: synthetic associative recall (MQAR) and passkey"
+  stage "$WORK/copy" "$COPY_STEPS" "${LC[@]}" train --init "$WORK/pretrain" --data task:mqar+passkey \
+    --steps "$COPY_STEPS" --batch-size "$BATCH" --seq-len "$SEQ_LEN" --lr 1e-3 --warmup 20 --precision fp32 \
+    --seed "$SEED" --threads "$THREADS" --save-every 200 --eval-every 0 --no-progress "${INDEXER[@]}"
+  # its checkpoints carry no tokenizer (token-level tasks): SFT takes the pretraining run's
+  sft_init=("$WORK/copy" --tokenizer "$(ls -d "$WORK/pretrain"/checkpoints/step_* | sort | tail -n 1)")
+fi
+
 log "3/6 supervised fine-tuning on the short set"
-stage "$WORK/sft" "$SFT_STEPS" "${LC[@]}" sft --init "$WORK/pretrain" --data "$WORK/sft.jsonl" \
+stage "$WORK/sft" "$SFT_STEPS" "${LC[@]}" sft --init "${sft_init[@]}" --data "$WORK/sft.jsonl" \
   --val-data "$WORK/sft-val.jsonl" --steps "$SFT_STEPS" --batch-size "$BATCH" --seq-len "$SFT_SEQ_LEN" \
   --lr 1e-3 --warmup 50 --precision fp32 --seed "$SEED" --threads "$THREADS" --save-every 200 \
   --eval-every 350 --eval-batches 8 --no-progress "${INDEXER[@]}"
