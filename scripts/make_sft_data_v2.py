@@ -2,7 +2,7 @@
 """SFT data and held-out evals of the embedded default model, recipe v2 (issue 18): copy, don't recall.
 
     python scripts/make_sft_data_v2.py --out sft.jsonl --n 12000 --seed 0 [--val-out val.jsonl]
-    python scripts/make_sft_data_v2.py --out long.jsonl --n 1500 --seed 5 --long-share 0.5 --max-tokens 4000
+    python scripts/make_sft_data_v2.py --out long.jsonl --n 1200 --seed 5 --long-share 0.5 --max-tokens 1536
     python scripts/make_sft_data_v2.py --eval-model DIR [--grammar] [--per-kind 30] [--seed 777]
     python scripts/make_sft_data_v2.py --passkey-model DIR --lengths 8192 32768     # text passkey, engine
 
@@ -617,9 +617,9 @@ def long_tool_use(rng: random.Random, space: Space, max_tokens: int) -> Case:
 
 
 def generate(n: int, seed: int, long_share: float = 0.03, max_tokens: int = 3000) -> list[Case]:
-    """The training mix (train spaces): tool use 34 %, calculator 6 %, refusal 14 %, chat with tools 10 %,
-    plain chat 14 %, code completion 16 %, long (agent-sized prompts or a text passkey) `long_share`,
-    the remainder tool use."""
+    """The training mix (train spaces): `long_share` long examples (agent-sized prompts 70 %, text passkeys
+    30 %), the rest tool use 34 %, calculator 6 %, refusal 14 %, chat with tools offered 10 %, plain chat
+    14 %, code completion 22 %."""
     rng = random.Random(seed)
     functions = stdlib_functions()
     if not functions:
