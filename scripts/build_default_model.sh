@@ -1,30 +1,46 @@
 #!/usr/bin/env bash
 # Rebuild the model embedded in the package (longcat2/assets/default-model/) from nothing, with the
-# project's own commands: synthetic SFT data -> `longcat2 train` on the stdlib corpus -> `longcat2 sft`
-# -> copy model + tokenizer into the package -> held-out evals. See docs/default-model.md.
+# project's own commands. Recipe v2 (issue 18, docs/default-model.md "v2 recipe"):
+#   1 synthetic SFT data that forces copying (scripts/make_sft_data_v2.py): a short set and a long set
+#   2 `longcat2 train` on the stdlib corpus, with the LSA indexer distilled (dense warm-up, then sparse)
+#   3 `longcat2 sft` on the short set (indexer KL on, sparse path active)
+#   4 `longcat2 sft` length extension: YaRN x32 over 1024 (32K context, as LongCat extends with YaRN) on
+#     the long set (agent-sized tool prompts, text passkeys, short examples mixed in), sparse path active
+#   5 copy model + tokenizer into the package, 6 held-out evals (with and without the reply grammar) and
+#     text passkey at 8K / 32K through the engine, plus `longcat2 eval longctx --task passkey`
 #
-#   scripts/build_default_model.sh                 # full build (the numbers in the model card)
-#   PRETRAIN_STEPS=5 SFT_STEPS=5 WORK=/tmp/smoke INSTALL=0 scripts/build_default_model.sh   # smoke test
+#   scripts/build_default_model.sh                 # full build (~2 h on 2 quiet cores; see the model card)
+#   PRETRAIN_STEPS=3 SFT_STEPS=3 LONG_STEPS=2 EVAL_PER_KIND=2 PASSKEY_LENGTHS=2048 WORK=/tmp/smoke INSTALL=0 \
+#     scripts/build_default_model.sh               # smoke test of the whole pipeline
 #
-# Knobs (environment): WORK (run directory, default runs/default-model), PRETRAIN_STEPS, SFT_STEPS,
-# SFT2_STEPS, BATCH, SEQ_LEN, SFT_SEQ_LEN, VOCAB, THREADS, SEED, INSTALL (1 = copy into the package, default 1),
-# PYTHON (default .venv/bin/python). The model is a LongCat-2.0-architecture model at tiny scale: the
-# `tiny` preset (LSA indexer, zero experts, N-gram embedding, MTP) with the overrides in MODEL_ARGS.
-# Training runs in fp32: on this CPU, bf16 autocast (`--precision auto`) measured 8x slower per step.
+# Knobs (environment): WORK (run directory, default runs/default-model-v2), PRETRAIN_STEPS, SFT_STEPS,
+# LONG_STEPS (0 = no length extension), COPY_STEPS (0 = no copy warm-up, the default), SFT_N, LONG_N,
+# BATCH, SEQ_LEN, SFT_SEQ_LEN, LONG_SEQ_LEN, LONG_BATCH, VOCAB, THREADS, SEED, EVAL_PER_KIND, PASSKEY_LENGTHS, INSTALL (1 = copy into the package,
+# default 1), PYTHON (default .venv/bin/python). The model is a LongCat-2.0-architecture model at tiny
+# scale: the `tiny` preset (LSA indexer, zero experts, N-gram embedding, MTP) with the overrides in
+# MODEL_ARGS. Training runs in fp32: on this CPU, bf16 autocast (`--precision auto`) measured 8x slower.
+# Every stage is resumable: a stage whose final checkpoint exists is skipped, an interrupted one resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-.venv/bin/python}
-WORK=${WORK:-runs/default-model}
+WORK=${WORK:-runs/default-model-v2}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1200}
-SFT_STEPS=${SFT_STEPS:-700}
-SFT2_STEPS=${SFT2_STEPS:-500}  # a second SFT pass (new cosine schedule, half the LR); 0 = none
+SFT_STEPS=${SFT_STEPS:-1200}
+LONG_STEPS=${LONG_STEPS:-100}  # length extension (YaRN 32K) on the long set; 0 = none
+COPY_STEPS=${COPY_STEPS:-0}  # optional copy warm-up after pretraining (synthetic MQAR + passkey); 0 = none
+SFT_N=${SFT_N:-16000}
+LONG_N=${LONG_N:-1200}
 BATCH=${BATCH:-16}
 SEQ_LEN=${SEQ_LEN:-256}
-SFT_SEQ_LEN=${SFT_SEQ_LEN:-768}
+SFT_SEQ_LEN=${SFT_SEQ_LEN:-640}
+LONG_SEQ_LEN=${LONG_SEQ_LEN:-2048}  # 4096 x 4 rows took 12 GB and 4x the time: see the model card
+LONG_BATCH=${LONG_BATCH:-4}  # conversations per step, one per micro-batch (memory)
 VOCAB=${VOCAB:-4096}
 THREADS=${THREADS:-2}
 SEED=${SEED:-0}
+EVAL_PER_KIND=${EVAL_PER_KIND:-40}
+PASSKEY_LENGTHS=${PASSKEY_LENGTHS:-8192 32768}
 INSTALL=${INSTALL:-1}
 DEST=longcat2/assets/default-model
 MAX_MB=25
@@ -33,9 +49,17 @@ MODEL_ARGS=(
   --model ffn_hidden_size=256 --model expert_ffn_hidden_size=64
   --model q_lora_rank=64 --model kv_lora_rank=32
   --model oe_vocab_size_ratio=2.0 --model mtp_num_layers=1
-  # the rules the shipped model was trained with (the 2.0 preset now defaults to mean / rms_norm_eps)
+  # the rules the v1 model was trained with (the 2.0 preset now defaults to mean / rms_norm_eps)
   --model ngram_fusion=residual --model mla_norm_eps=1e-6
 )
+# 32K context for the length-extension stage: YaRN x32 over the 1024 positions the model starts from
+# (the tiny preset's DeepSeek-YaRN, x4 before); shape-preserving, so the `--init` weights load unchanged
+YARN_32K='{"rope_type": "deepseek_yarn", "factor": 32.0, "original_max_position_embeddings": 1024, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}'
+LONG_ARGS=(--model max_position_embeddings=32768 --model "rope_scaling=$YARN_32K")
+# the LSA indexer learns which keys to select by KL distillation from the main attention (train/sparse.py):
+# dense rows for the first steps of pretraining, then the selected set; on in every stage (v1 had it off,
+# so its indexer kept its random initialisation and selected keys by noise past 64 tokens)
+INDEXER=(--indexer-loss 1.0)
 
 # `longcat2 train` once the train module is registered in longcat2/cli.py, else its own entry point.
 if "$PY" -m longcat2 train --help >/dev/null 2>&1; then LC=("$PY" -m longcat2); else LC=("$PY" -m longcat2.train); fi
@@ -55,46 +79,63 @@ step_seconds() {
   "$PY" -c 'import json,sys; print(int(sum(json.loads(l).get("step_time_s", 0) for l in open(sys.argv[1]) if l.strip())))' "$1/metrics.jsonl"
 }
 t_start=$(date +%s)
+DATA=(scripts/make_sft_data_v2.py)
 
-log "1/5 synthetic chat + tool-call SFT data"
-run "$PY" scripts/make_sft_data.py --out "$WORK/sft.jsonl" --n 6000 --seed "$SEED" \
-  --val-out "$WORK/sft-val.jsonl" --val-n 200
+log "1/6 synthetic SFT data (deterministic from the seed): the short set and the long set"
+run "$PY" "${DATA[@]}" --out "$WORK/sft.jsonl" --n "$SFT_N" --seed "$SEED" --long-share 0 \
+  --val-out "$WORK/sft-val.jsonl" --val-n 300
+run "$PY" "${DATA[@]}" --out "$WORK/long.jsonl" --n "$LONG_N" --seed "$((SEED + 5))" --long-share 0.5 \
+  --max-tokens "$((LONG_SEQ_LEN * 3 / 4))" --val-out "$WORK/long-val.jsonl" --val-n 40
 
-log "2/5 pretraining on the stdlib corpus"
+log "2/6 pretraining on the stdlib corpus (LSA indexer distilled: dense warm-up, then sparse)"
 stage "$WORK/pretrain" "$PRETRAIN_STEPS" "${LC[@]}" train --preset tiny --data stdlib --vocab-size "$VOCAB" \
   --steps "$PRETRAIN_STEPS" --batch-size "$BATCH" --seq-len "$SEQ_LEN" --lr 3e-3 --warmup 100 \
-  --precision fp32 --seed "$SEED" --threads "$THREADS" --save-every 500 --eval-every 500 --no-progress \
-  "${MODEL_ARGS[@]}"
+  --precision fp32 --seed "$SEED" --threads "$THREADS" --save-every 300 --eval-every 600 --no-progress \
+  "${INDEXER[@]}" --indexer-warmup 200 "${MODEL_ARGS[@]}"
 t_pretrain=$(step_seconds "$WORK/pretrain")
 
-log "3/5 supervised fine-tuning on the chat + tool-call set"
-stage "$WORK/sft" "$SFT_STEPS" "${LC[@]}" sft --init "$WORK/pretrain" --data "$WORK/sft.jsonl" \
-  --val-data "$WORK/sft-val.jsonl" --steps "$SFT_STEPS" --batch-size "$BATCH" --seq-len "$SFT_SEQ_LEN" \
-  --lr 1e-3 --warmup 50 --precision fp32 --seed "$SEED" --threads "$THREADS" --save-every 500 \
-  --eval-every 250 --no-progress
-t_sft=$(step_seconds "$WORK/sft")
-final=sft
-if [ "$SFT2_STEPS" -gt 0 ]; then
-  log "3b/5 second SFT pass at half the LR"
-  stage "$WORK/sft2" "$SFT2_STEPS" "${LC[@]}" sft --init "$WORK/sft" --data "$WORK/sft.jsonl" \
-    --val-data "$WORK/sft-val.jsonl" --steps "$SFT2_STEPS" --batch-size "$BATCH" --seq-len "$SFT_SEQ_LEN" \
-    --lr 5e-4 --warmup 20 --precision fp32 --seed "$((SEED + 1))" --threads "$THREADS" --save-every 250 \
-    --eval-every 250 --no-progress
-  t_sft=$(( t_sft + $(step_seconds "$WORK/sft2") ))
-  final=sft2
+sft_init=("$WORK/pretrain")
+if [ "$COPY_STEPS" -gt 0 ]; then
+  # in-context copying (induction) on the project's synthetic associative-recall tasks: the v2 pilot
+  # showed a model that attends to an entity's first token but cannot continue the copy (model card)
+  log "2b/6 copy warm-up: synthetic associative recall (MQAR) and passkey"
+  stage "$WORK/copy" "$COPY_STEPS" "${LC[@]}" train --init "$WORK/pretrain" --data task:mqar+passkey \
+    --steps "$COPY_STEPS" --batch-size "$BATCH" --seq-len "$SEQ_LEN" --lr 1e-3 --warmup 20 --precision fp32 \
+    --seed "$SEED" --threads "$THREADS" --save-every 200 --eval-every 0 --no-progress "${INDEXER[@]}"
+  # its checkpoints carry no tokenizer (token-level tasks): SFT takes the pretraining run's
+  sft_init=("$WORK/copy" --tokenizer "$(ls -d "$WORK/pretrain"/checkpoints/step_* | sort | tail -n 1)")
 fi
 
-log "4/5 collect the model + tokenizer"
+log "3/6 supervised fine-tuning on the short set"
+stage "$WORK/sft" "$SFT_STEPS" "${LC[@]}" sft --init "${sft_init[@]}" --data "$WORK/sft.jsonl" \
+  --val-data "$WORK/sft-val.jsonl" --steps "$SFT_STEPS" --batch-size "$BATCH" --seq-len "$SFT_SEQ_LEN" \
+  --lr 1e-3 --warmup 50 --precision fp32 --seed "$SEED" --threads "$THREADS" --save-every 200 \
+  --eval-every 350 --eval-batches 8 --no-progress "${INDEXER[@]}"
+t_sft=$(step_seconds "$WORK/sft")
+final=sft
+t_long=0
+if [ "$LONG_STEPS" -gt 0 ]; then
+  log "4/6 length extension: YaRN 32K, agent-sized prompts and passkeys, sparse path active"
+  stage "$WORK/long" "$LONG_STEPS" "${LC[@]}" sft --init "$WORK/sft" --data "$WORK/long.jsonl" \
+    --val-data "$WORK/long-val.jsonl" --steps "$LONG_STEPS" --batch-size 1 --grad-accum "$LONG_BATCH" \
+    --seq-len "$LONG_SEQ_LEN" --lr 3e-4 --warmup 10 --precision fp32 --seed "$((SEED + 1))" \
+    --threads "$THREADS" --save-every 40 --eval-every "$LONG_STEPS" --eval-batches 4 --no-progress \
+    "${INDEXER[@]}" "${LONG_ARGS[@]}"
+  t_long=$(step_seconds "$WORK/long")
+  final=long
+fi
+
+log "5/6 collect the model + tokenizer"
 latest=$(ls -d "$WORK/$final"/checkpoints/step_* | sort | tail -n 1)
 stage="$WORK/default-model"
 rm -rf "$stage" && mkdir -p "$stage"
 for f in config.json model.safetensors tokenizer.json tokenizer_config.json special_tokens_map.json; do
   cp "$latest/$f" "$stage/$f"
 done
-"$PY" - "$stage" "$latest" "$t_pretrain" "$t_sft" "$PRETRAIN_STEPS" "$SFT_STEPS" "$SEED" "$SFT2_STEPS" <<'EOF'
+"$PY" - "$stage" "$latest" "$t_pretrain" "$t_sft" "$t_long" "$PRETRAIN_STEPS" "$SFT_STEPS" "$LONG_STEPS" "$SEED" <<'EOF'
 import json, subprocess, sys, time
 from pathlib import Path
-stage, latest, t_pre, t_sft, pre_steps, sft_steps, seed, sft2_steps = sys.argv[1:]
+stage, latest, t_pre, t_sft, t_long, pre_steps, sft_steps, long_steps, seed = sys.argv[1:]
 try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 except OSError:
@@ -102,10 +143,11 @@ except OSError:
 info = {
     "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     "git_commit": commit,
+    "recipe_version": 2,
     "from_checkpoint": latest,
-    "pretrain_steps": int(pre_steps), "sft_steps": int(sft_steps), "sft2_steps": int(sft2_steps),
+    "pretrain_steps": int(pre_steps), "sft_steps": int(sft_steps), "long_steps": int(long_steps),
     "seed": int(seed),
-    "pretrain_step_seconds": int(t_pre), "sft_step_seconds": int(t_sft),
+    "pretrain_step_seconds": int(t_pre), "sft_step_seconds": int(t_sft), "long_step_seconds": int(t_long),
     "recipe": "scripts/build_default_model.sh",
 }
 Path(stage, "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -122,8 +164,29 @@ if [ "$size_mb" -gt "$MAX_MB" ]; then
   exit 1
 fi
 
-log "5/5 held-out evals"
-run "$PY" scripts/make_sft_data.py --eval-model "$stage" --n 100 --seed 777 | tee "$WORK/eval.json"
+log "6/6 held-out evals (greedy, engine; without and with the reply grammar) and passkey retrieval"
+run "$PY" "${DATA[@]}" --eval-model "$stage" --per-kind "$EVAL_PER_KIND" --seed 777 --threads "$THREADS" \
+  >"$WORK/eval-plain.json"
+run "$PY" "${DATA[@]}" --eval-model "$stage" --per-kind "$EVAL_PER_KIND" --seed 777 --threads "$THREADS" \
+  --grammar >"$WORK/eval-grammar.json"
+# shellcheck disable=SC2086  # PASSKEY_LENGTHS is a list of words
+run "$PY" "${DATA[@]}" --passkey-model "$stage" --lengths $PASSKEY_LENGTHS --threads "$THREADS" \
+  >"$WORK/passkey-text.json"
+# shellcheck disable=SC2086
+run "$PY" -m longcat2 eval longctx --model "$stage" --task passkey --lengths $PASSKEY_LENGTHS --depths 3 \
+  --per-cell 2 --threads "$THREADS" --json >"$WORK/passkey-tokens.json"
+"$PY" - "$WORK" <<'EOF'
+import json, sys
+from pathlib import Path
+work = Path(sys.argv[1])
+result = json.loads((work / "eval-plain.json").read_text())
+result["grammar_accuracy"] = json.loads((work / "eval-grammar.json").read_text())["accuracy"]
+result["passkey_text"] = json.loads((work / "passkey-text.json").read_text())["accuracy"]
+tokens = json.loads((work / "passkey-tokens.json").read_text())
+result["passkey_longctx"] = {n: sum(row.values()) / len(row) for n, row in tokens["accuracy"].items()}
+(work / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+print(json.dumps({k: result[k] for k in ("accuracy", "grammar_accuracy", "passkey_text", "passkey_longctx")}))
+EOF
 
 if [ "$INSTALL" = "1" ]; then
   mkdir -p "$(dirname "$DEST")"
@@ -132,4 +195,4 @@ if [ "$INSTALL" = "1" ]; then
   rm -rf "$DEST" && mv "$DEST.tmp" "$DEST"
   log "installed into $DEST"
 fi
-log "done in $(( $(date +%s) - t_start )) s (training step time: pretrain ${t_pretrain} s, sft ${t_sft} s)"
+log "done in $(( $(date +%s) - t_start )) s (training step time: pretrain ${t_pretrain} s, sft ${t_sft} s, long ${t_long} s)"

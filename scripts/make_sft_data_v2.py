@@ -1,0 +1,850 @@
+#!/usr/bin/env python3
+"""SFT data and held-out evals of the embedded default model, recipe v2 (issue 18): copy, don't recall.
+
+    python scripts/make_sft_data_v2.py --out sft.jsonl --n 12000 --seed 0 [--val-out val.jsonl]
+    python scripts/make_sft_data_v2.py --out long.jsonl --n 1200 --seed 5 --long-share 0.5 --max-tokens 1536
+    python scripts/make_sft_data_v2.py --eval-model DIR [--grammar] [--per-kind 30] [--seed 777]
+    python scripts/make_sft_data_v2.py --passkey-model DIR --lengths 8192 32768     # text passkey, engine
+
+Design choices:
+- Open-ended entity spaces, drawn per example: place names are 2-3 random syllables (sometimes two words),
+  tool names are `verb_topic` with the topic a real noun or a random pseudo-word, argument names vary,
+  values are random numbers with random units, identifiers random letter/digit codes. A model can only be
+  right by reading the request and the tool result: nothing is worth memorising.
+- Held-out spaces (`Space("heldout")`), never used in training: a disjoint syllable set (the syllables
+  with coda "r"; a held-out name cannot even be segmented into training syllables), disjoint topic nouns, verbs, argument names, units
+  and weather conditions, and the numbers in a fixed hash class (a held-out value never appears as a
+  value in training). Evals use these spaces and another seed; training uses `Space("train")`.
+- The mix teaches: tool selection among several offered tools with varying names and descriptions;
+  parallel calls (two or three entities, or two tools, in one turn); an answer that restates the asked
+  entity and every value of the tool result; small arithmetic answered directly (calculator offered or
+  not), larger arithmetic through the calculator when offered; the exact reply "I can't help with that."
+  (no tool call) for requests outside its skills, including a lookup whose tool is not offered; plain
+  chat; standard-library code completion (kept from v1); long examples (many long tool definitions and a
+  long tool-use history, or a text passkey in long filler) for the length-extension stage.
+- Deterministic from the seed and the Python standard library (byte-for-byte the same file).
+- Eval kinds (scored exactly, greedy, through the engine; with `--grammar` each reply is constrained by
+  the server's reply grammar, tool_choice auto): tool_call = exactly the right calls (names, arguments,
+  order); tool_answer = after the results, no call and the reply contains the asked entities and every
+  result value; no_call = tools offered but not needed → the exact reply, no call; chat = exact reply;
+  refusal = a request outside its skills (half with held-out phrasings) → starts with "I can't help with
+  that" and no call; code = the first line of a continuation is exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import string
+import sys
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_sft_data import IDENTITY, SYSTEMS, TOOLS, code_conversation, stdlib_functions  # noqa: E402
+
+REFUSAL = "I can't help with that."
+RECIPE_VERSION = 2
+
+# ------------------------------------------------------------------------------------- entity spaces
+
+_ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "kr",
+    "tr",
+    "st",
+]
+_VOWELS = ["a", "e", "i", "o", "u"]
+_CODAS = ["", "n", "r", "l", "s"]
+_SYLLABLES = [o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS]  # 500
+# held out: the 100 syllables with coda "r" (training names never have one; a held-out name cannot be
+# segmented into training syllables either, `Space.word` checks)
+_HELD_SYL = frozenset(o + v + "r" for o in _ONSETS for v in _VOWELS)
+
+_TOPICS = {
+    "train": ["population", "elevation", "area", "humidity", "wind speed", "rainfall", "price", "rating",
+              "distance", "depth", "altitude", "visitors", "score", "length", "capacity", "budget",
+              "temperature", "air quality", "noise level", "traffic"],
+    "heldout": ["water level", "snow depth", "ticket price", "crowd size", "pollen count", "tide height",
+                "energy use", "occupancy"],
+}  # fmt: skip
+_VERBS = {
+    "train": ["get", "lookup", "fetch", "find", "query", "check"],
+    "heldout": ["read", "retrieve", "show"],
+}
+_ARGS = {
+    "train": ["city", "location", "place", "name", "town", "site", "region", "query", "target", "where"],
+    "heldout": ["locale", "spot", "destination", "venue"],
+}
+_UNITS = {
+    "train": ["km", "m", "kg", "people", "points", "percent", "mm", "km/h", "USD", "EUR", "liters", "stars"],
+    "heldout": ["miles", "ft", "tons", "seats", "kWh", "inches"],
+}
+_CONDITIONS = {
+    "train": ["sunny", "cloudy", "partly cloudy", "rainy", "windy", "foggy", "snowy", "clear", "stormy"],
+    "heldout": ["hazy", "drizzly", "overcast"],
+}
+_KINDS = {"train": ["city", "place", "town", "region", "site"], "heldout": ["area", "village"]}
+REAL_CITIES = ["Paris", "London", "Berlin", "Madrid", "Rome", "Oslo", "Tokyo", "Cairo", "Lima", "Sydney",
+               "Toronto", "Mumbai", "Seoul", "Dublin", "Vienna", "Nairobi", "Chicago", "Lisbon"]  # fmt: skip
+_WORDS = {"train": ["apple", "river", "cloud", "stone", "tiger", "piano", "lemon", "rocket", "garden", "silver",
+                    "candle", "window", "forest", "bridge", "marble", "pepper"],
+          "heldout": ["violet", "harbor", "copper", "meadow", "saddle", "lantern"]}  # fmt: skip
+
+
+def _held_number(v: int) -> bool:
+    """The fixed hash class of held-out integers (about 1 in 5, no pattern in the digits)."""
+    return (abs(v) * 2654435761 + 12345) % 2**32 % 5 == 0
+
+
+def _segments_into(name: str, syllables: frozenset[str]) -> bool:
+    """Whether a lower-case name splits into syllables of the set (dynamic programming over the letters)."""
+    ok = [True] + [False] * len(name)
+    for end in range(1, len(name) + 1):
+        ok[end] = any(ok[s] and name[s:end] in syllables for s in range(max(0, end - 3), end))
+    return ok[-1]
+
+
+@dataclass(frozen=True)
+class Space:
+    """The entity spaces of one split: "train" or "heldout" (see the module docstring)."""
+
+    split: str
+
+    @cached_property
+    def syllables(self) -> list[str]:
+        held = self.split == "heldout"
+        return [s for s in _SYLLABLES if (s in _HELD_SYL) == held]
+
+    @cached_property
+    def _train_syl(self) -> frozenset[str]:
+        return frozenset(s for s in _SYLLABLES if s not in _HELD_SYL)
+
+    def word(self, rng: random.Random, lo: int = 2, hi: int = 3) -> str:
+        while True:
+            w = "".join(rng.choice(self.syllables) for _ in range(rng.randint(lo, hi)))
+            if self.split == "train" or not _segments_into(w, self._train_syl):
+                return w
+
+    def place(self, rng: random.Random, real_share: float = 0.0) -> str:
+        if rng.random() < real_share:
+            return rng.choice(REAL_CITIES)
+        name = self.word(rng).capitalize()
+        if rng.random() < 0.15:
+            name += " " + self.word(rng, 2, 2).capitalize()
+        return name
+
+    def number(self, rng: random.Random, lo: int, hi: int) -> int:
+        while True:
+            v = rng.randint(lo, hi)
+            if _held_number(v) == (self.split == "heldout"):
+                return v
+
+    def value(self, rng: random.Random) -> int | float:
+        """A tool-result value: an integer of 1-5 digits or a one-decimal number."""
+        v = self.number(rng, 0, 10 ** rng.randint(1, 5) - 1)
+        return round(v / 10, 1) if rng.random() < 0.25 and v % 10 else v
+
+    def pick(self, rng: random.Random, table: dict[str, list[str]]) -> str:
+        return rng.choice(table[self.split])
+
+    def topic(self, rng: random.Random) -> str:
+        return self.pick(rng, _TOPICS) if rng.random() < 0.5 else self.word(rng, 2, 3)
+
+    def code(self, rng: random.Random) -> str:
+        """An identifier like KX-4821 (letters are random; the number is in this split's class)."""
+        letters = "".join(rng.choice(string.ascii_uppercase) for _ in range(rng.randint(2, 3)))
+        return f"{letters}-{self.number(rng, 100, 99999)}"
+
+
+TRAIN, HELDOUT = Space("train"), Space("heldout")
+
+
+def _call(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+
+
+def _fmt(v: Any) -> str:
+    return json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v
+
+
+# ----------------------------------------------------------------------------------------- the tools
+
+
+@dataclass(eq=False)
+class Lookup:
+    """One offered tool and what it is about; `ask`/`answer` make a request, a call, a result and a reply."""
+
+    name: str
+    topic: str
+    arg: str
+    kind: str
+    desc: str
+    unit: str | None = None
+    weather: bool = False
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        props: dict[str, Any] = {self.arg: {"type": "string", "description": f"The {self.kind} name"}}
+        if self.weather:
+            props["unit"] = {"type": "string", "enum": ["celsius", "fahrenheit"]}
+        params = {"type": "object", "properties": props, "required": [self.arg]}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.desc, "parameters": params},
+        }
+
+
+def make_lookup(rng: random.Random, space: Space, taken: set[str]) -> Lookup:
+    while True:
+        topic, verb = space.topic(rng), space.pick(rng, _VERBS)
+        name = f"{verb}_{topic.replace(' ', '_')}"
+        if topic not in taken:
+            break
+    taken.add(topic)
+    kind = space.pick(rng, _KINDS)
+    arg = space.pick(rng, _ARGS) if rng.random() < 0.85 else space.word(rng, 1, 2)
+    desc = rng.choice(
+        ["{V} the {t} of a {k}.", "Returns the current {t} for a given {k}.", "{V} {t} data for one {k}.",
+         "Look up the {t} of a {k} by name."]
+    ).format(V=verb.capitalize(), t=topic, k=kind)  # fmt: skip
+    return Lookup(name, topic, arg, kind, desc, space.pick(rng, _UNITS) if rng.random() < 0.8 else None)
+
+
+def weather_tool(rng: random.Random) -> Lookup:
+    """`get_weather(city, unit)`, the README's tool, with the description and argument of v1 (or a variant)."""
+    if rng.random() < 0.7:
+        return Lookup("get_weather", "weather", "city", "city", TOOLS["get_weather"]["function"]["description"],
+                      weather=True)  # fmt: skip
+    return Lookup("get_weather", "weather", rng.choice(["city", "location"]), "city",
+                  "Current weather conditions for a location.", weather=True)  # fmt: skip
+
+
+def lookup_turn(
+    rng: random.Random, space: Space, tool: Lookup, entity: str
+) -> tuple[str, dict, dict, str, list[str]]:
+    """(question, arguments, result, answer, must-mention) for one entity and one tool."""
+    if tool.weather:
+        unit = rng.choice([None, None, None, "celsius", "fahrenheit"])
+        q = rng.choice(
+            ["What is the weather in {e}?", "What's the weather like in {e} today?", "How is the weather in {e}?",
+             "Tell me the current weather in {e}.", "weather in {e}?", "Is it raining in {e}?",
+             "How warm is it in {e}?"]
+        ).format(e=entity)  # fmt: skip
+        args: dict[str, Any] = {tool.arg: entity}
+        if unit:
+            q = q.rstrip("?.") + (" in Fahrenheit?" if unit == "fahrenheit" else " in Celsius?")
+            args["unit"] = unit
+        temp = space.number(rng, -30, 110 if unit == "fahrenheit" else 45)
+        cond = space.pick(rng, _CONDITIONS)
+        sym = "°F" if unit == "fahrenheit" else "°C"
+        result = {tool.arg: entity, "temperature": temp, "unit": unit or "celsius", "condition": cond}
+        answer = rng.choice(
+            [f"It is {cond} in {entity} with a temperature of {temp}{sym}.", f"The weather in {entity} is {cond}, {temp}{sym}.",
+             f"Right now {entity} is {cond} and {temp}{sym}."]
+        )  # fmt: skip
+        return q, args, result, answer, [entity, str(temp), cond]
+    q = rng.choice(
+        ["What is the {t} of {e}?", "{T} of {e}?", "Can you tell me the {t} of {e}?", "I need the {t} for {e}.",
+         "What's the current {t} in {e}?", "Look up the {t} of {e}, please."]
+    ).format(t=tool.topic, T=tool.topic.capitalize(), e=entity)  # fmt: skip
+    value = space.value(rng)
+    key = tool.topic.replace(" ", "_")
+    result: dict[str, Any] = {tool.arg: entity, key: value}
+    unit = f" {tool.unit}" if tool.unit else ""
+    if tool.unit:
+        result["unit"] = tool.unit
+    answer = rng.choice(
+        [f"The {tool.topic} of {entity} is {_fmt(value)}{unit}.", f"{entity} has a {tool.topic} of {_fmt(value)}{unit}.",
+         f"The current {tool.topic} in {entity} is {_fmt(value)}{unit}."]
+    )  # fmt: skip
+    mention = [entity, _fmt(value)] + ([tool.unit] if tool.unit else [])
+    return q, {tool.arg: entity}, result, answer, mention
+
+
+def _calc_question(rng: random.Random, a: int, op: str, b: int) -> tuple[str, str]:
+    """(question, the expression as the user wrote it)."""
+    expr = f"{a} {op} {b}" if rng.random() < 0.7 else f"{a}{op}{b}"
+    return rng.choice(
+        ["What is {e}?", "Calculate {e}.", "Compute {e} please.", "How much is {e}?", "{e} = ?"]
+    ).format(e=expr), expr
+
+
+def small_arithmetic(rng: random.Random) -> tuple[str, str, str]:
+    """(question, answer, reasoning): a sum, difference or product small enough to do in one's head."""
+    op = rng.choice(["+", "+", "-", "*"])
+    a, b = (rng.randint(0, 12), rng.randint(0, 12)) if op == "*" else (rng.randint(0, 50), rng.randint(0, 50))
+    if op == "-" and b > a:
+        a, b = b, a
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    q, expr = _calc_question(rng, a, op, b)
+    if rng.random() < 0.2:
+        q = f"What is {a} {'plus' if op == '+' else 'minus' if op == '-' else 'times'} {b}?"
+    return q, f"{a} {op} {b} = {value}.", f"{a} {op} {b} = {value}."
+
+
+def big_arithmetic(rng: random.Random) -> tuple[str, str, int]:
+    """(question, expression, value): too large to do reliably without the calculator."""
+    op = rng.choice(["+", "-", "*", "*", "/"])
+    a, b = rng.randint(100, 9999), rng.randint(13, 999)
+    if op == "/":
+        a = a * b
+    value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+    q, expr = _calc_question(rng, a, op, b)
+    return q, expr, value
+
+
+# ------------------------------------------------------------------------------------- conversations
+
+
+@dataclass
+class Case:
+    """A conversation (training record) with what an eval needs: its kind and the text the answer must hold."""
+
+    kind: str
+    record: dict[str, Any]
+    mention: list[str] | None = None
+
+
+def _system(rng: random.Random, messages: list[dict[str, Any]], share: float = 0.3) -> None:
+    if rng.random() < share:
+        messages.append({"role": "system", "content": rng.choice(SYSTEMS)})
+
+
+def _offer(
+    rng: random.Random, space: Space, needed: list[Lookup], extra: tuple[int, int] = (0, 3)
+) -> list[Lookup]:
+    """The needed tools plus distractors (other topics; sometimes the standard tools), shuffled."""
+    taken = {t.topic for t in needed}
+    tools = list(needed)
+    for _ in range(rng.randint(*extra)):
+        tools.append(make_lookup(rng, space, taken))
+    rng.shuffle(tools)
+    return tools
+
+
+def _schemas(tools: list[Lookup], rng: random.Random, calculator: bool = False) -> list[dict[str, Any]]:
+    out = [t.schema for t in tools]
+    if calculator:
+        out.insert(rng.randint(0, len(out)), TOOLS["calculator"])
+    return out
+
+
+def tool_use(rng: random.Random, space: Space) -> Case:
+    """One, two or three lookups in one turn (parallel calls), results, a grounded answer; sometimes a
+    follow-up turn. Weather in ~40 % of them (real city names in a quarter of the training ones)."""
+    real = 0.25 if space.split == "train" else 0.0
+    n_calls = rng.choices([1, 2, 3], [0.72, 0.22, 0.06])[0]
+    if rng.random() < 0.4:
+        tools_needed = [weather_tool(rng)]
+    else:
+        tools_needed = [make_lookup(rng, space, set())]
+    if n_calls > 1 and rng.random() < 0.35:  # two different tools
+        tools_needed.append(make_lookup(rng, space, {tools_needed[0].topic}))
+    entities = []
+    while len(entities) < n_calls:
+        e = space.place(rng, real)
+        if e not in entities:
+            entities.append(e)
+    turns = []
+    for i, e in enumerate(entities):
+        tool = tools_needed[min(i, len(tools_needed) - 1)]
+        turns.append((tool, *lookup_turn(rng, space, tool, e)))
+    if len(turns) == 1:
+        question = turns[0][1]
+    elif len({t[0].name for t in turns}) == 1 and not turns[0][0].weather:
+        names = (
+            " and ".join(entities)
+            if len(entities) == 2
+            else f"{entities[0]}, {entities[1]} and {entities[2]}"
+        )
+        question = rng.choice(["What is the {t} of {n}?", "{T} of {n}?", "Compare the {t} of {n}."]).format(
+            t=turns[0][0].topic, T=turns[0][0].topic.capitalize(), n=names
+        )
+    elif len({t[0].name for t in turns}) == 1:
+        names = (
+            " and ".join(entities)
+            if len(entities) == 2
+            else f"{entities[0]}, {entities[1]} and {entities[2]}"
+        )
+        question = rng.choice(
+            ["What is the weather in {n}?", "How is the weather in {n}?", "weather in {n}?"]
+        ).format(n=names)
+        turns = [
+            (t[0], *lookup_turn(random.Random(rng.random()), space, t[0], e)) for t, e in zip(turns, entities)
+        ]
+        for k, t in enumerate(turns):  # no unit: the question does not ask for one
+            args = {t[0].arg: entities[k]}
+            result = dict(t[3], unit="celsius")
+            temp, cond = result["temperature"], result["condition"]
+            turns[k] = (
+                t[0],
+                t[1],
+                args,
+                result,
+                f"{entities[k]} is {cond}, {temp}°C.",
+                [entities[k], str(temp), cond],
+            )
+    else:
+        question = turns[0][1] + " Also, " + turns[1][1][0].lower() + turns[1][1][1:]
+        if len(turns) > 2:
+            turns = turns[:2]
+    messages: list[dict[str, Any]] = []
+    _system(rng, messages)
+    messages.append({"role": "user", "content": question})
+    preface = rng.choice(["", "", "", "", "Let me check.", "I will look that up."])
+    messages.append(
+        {"role": "assistant", "content": preface, "tool_calls": [_call(t[0].name, t[2]) for t in turns]}
+    )
+    for t in turns:
+        messages.append({"role": "tool", "content": json.dumps(t[3], ensure_ascii=False)})
+    messages.append({"role": "assistant", "content": " ".join(t[4] for t in turns)})
+    mention = [m for t in turns for m in t[5]]
+    offered = _offer(rng, space, list(dict.fromkeys(t[0] for t in turns)))
+    if rng.random() < 0.15:  # a follow-up about another place with one of the offered tools
+        tool = rng.choice(offered)
+        q, args, result, answer, _ = lookup_turn(rng, space, tool, space.place(rng, real))
+        messages += [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": "", "tool_calls": [_call(tool.name, args)]},
+            {"role": "tool", "content": json.dumps(result, ensure_ascii=False)},
+            {"role": "assistant", "content": answer},
+        ]
+    return Case(
+        "tool_call", {"messages": messages, "tools": _schemas(offered, rng, rng.random() < 0.3)}, mention
+    )
+
+
+def calculator_use(rng: random.Random, space: Space) -> Case:
+    """Large arithmetic with the calculator offered: call with the expression as written, answer with the result."""
+    q, expr, value = big_arithmetic(rng)
+    messages: list[dict[str, Any]] = []
+    _system(rng, messages)
+    messages += [
+        {"role": "user", "content": q},
+        {"role": "assistant", "content": "", "tool_calls": [_call("calculator", {"expression": expr})]},
+        {"role": "tool", "content": json.dumps({"result": value})},
+        {"role": "assistant", "content": f"{expr} = {value}."},
+    ]
+    tools = _schemas(_offer(rng, space, [], (0, 2)), rng, calculator=True)
+    return Case("tool_call", {"messages": messages, "tools": tools}, [str(value)])
+
+
+def _chat_turn(rng: random.Random, space: Space) -> tuple[str, str, str | None]:
+    """(question, exact answer, reasoning or None): things the model can do without a tool."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        return (
+            rng.choice(["Hi!", "Hello", "hello there", "Hey", "Good morning!", "Hi, how are you?"]),
+            rng.choice(["Hello! How can I help you today?", "Hi! What can I do for you?"]),
+            None,
+        )
+    if kind == 1:
+        return rng.choice(["Who are you?", "What is your name?", "What are you?"]), IDENTITY, None
+    if kind == 2:
+        return small_arithmetic(rng)
+    if kind == 3:
+        n, start = rng.randint(3, 7), space.number(rng, 1, 200)
+        return (
+            f"Count from {start} to {start + n - 1}.",
+            ", ".join(str(start + i) for i in range(n)) + ".",
+            None,
+        )
+    if kind == 4:
+        words = [
+            space.pick(rng, _WORDS) if rng.random() < 0.5 else space.word(rng, 1, 2)
+            for _ in range(rng.randint(2, 4))
+        ]
+        return f"Repeat these words: {' '.join(words)}", " ".join(words), None
+    thing = space.place(rng)
+    return (
+        rng.choice([f"Spell {thing}.", f"Spell the name {thing}."]),
+        " ".join(thing.replace(" ", "")) + ".",
+        None,
+    )
+
+
+def chat(rng: random.Random, space: Space, with_tools: bool) -> Case:
+    messages: list[dict[str, Any]] = []
+    _system(rng, messages)
+    for _ in range(1 if rng.random() < 0.8 else 2):
+        q, a, reasoning = _chat_turn(rng, space)
+        messages.append({"role": "user", "content": q})
+        reply: dict[str, Any] = {"role": "assistant", "content": a}
+        if reasoning and not with_tools and rng.random() < 0.3:
+            reply["reasoning_content"] = f"I need to compute this. {reasoning}"
+        messages.append(reply)
+    rec: dict[str, Any] = {"messages": messages}
+    if with_tools:
+        rec["tools"] = _schemas(_offer(rng, space, [], (1, 3)), rng, calculator=rng.random() < 0.5)
+    return Case("no_call" if with_tools else "chat", rec)
+
+
+_OUTSIDE = {
+    "train": ["Translate '{p}' into {l}.", "Tell me a joke.", "Write a poem about {e}.", "Book a flight to {e}.",
+              "Send an email to {e}.", "What is the stock price of {c}?", "Summarize the news from {e}.",
+              "Set an alarm for {h}:00.", "Play some music.", "Order a taxi to {e}.", "Who will win the next election?",
+              "What is the meaning of life?", "Draw a picture of {e}.", "Call {e} for me."],
+    "heldout": ["Write a haiku about {e}.", "Reserve a table in {e} tonight.", "Recommend a movie.",
+                "Translate this to {l}: {p}", "Buy shares of {c}.", "Remind me to call {e} tomorrow."],
+}  # fmt: skip
+_PHRASES = [
+    "good morning",
+    "thank you",
+    "where is the station",
+    "I like tea",
+    "see you later",
+    "happy birthday",
+]
+_LANGS = ["French", "German", "Spanish", "Japanese", "Italian", "Chinese"]
+
+
+def refusal(rng: random.Random, space: Space, templates: str) -> Case:
+    """A request outside its skills: with or without tools, or a lookup whose tool is not offered."""
+    messages: list[dict[str, Any]] = []
+    _system(rng, messages)
+    tools: list[Lookup] = []
+    if rng.random() < 0.35:  # asks for a topic no offered tool covers
+        wanted = make_lookup(rng, space, set())
+        q = lookup_turn(rng, space, wanted, space.place(rng))[0]
+        tools = _offer(rng, space, [], (1, 3))
+        tools = [t for t in tools if t.topic != wanted.topic] or [make_lookup(rng, space, {wanted.topic})]
+    else:
+        q = rng.choice(_OUTSIDE[templates]).format(
+            p=rng.choice(_PHRASES),
+            l=rng.choice(_LANGS),
+            e=space.place(rng),
+            c=space.code(rng).split("-")[0],
+            h=rng.randint(5, 11),
+        )
+        if rng.random() < 0.5:
+            tools = _offer(rng, space, [], (1, 3))
+    messages += [{"role": "user", "content": q}, {"role": "assistant", "content": REFUSAL}]
+    rec: dict[str, Any] = {"messages": messages}
+    if tools:
+        rec["tools"] = _schemas(tools, rng, calculator=rng.random() < 0.3)
+    return Case("refusal", rec)
+
+
+_FILLER = ["The grass is green.", "The sky is blue.", "The sun is warm.", "Here we go.", "There and back again.",
+           "The river flows to the sea.", "Birds sing in the morning."]  # fmt: skip
+
+
+def passkey_conversation(rng: random.Random, space: Space, tokens: int, depth: float | None = None) -> Case:
+    """A text passkey: a five-digit key hidden in ~`tokens` tokens of filler; the answer is the key."""
+    key = space.number(rng, 10000, 99999)
+    n = max(1, (tokens - 60) // 9)  # a filler sentence is ~9 tokens, the question ~60
+    at = int(n * (rng.random() if depth is None else depth))
+    parts = [rng.choice(_FILLER) for _ in range(n)]
+    parts.insert(at, f"The pass key is {key}. Remember it. {key} is the pass key.")
+    q = "There is a pass key hidden in this text. Find it.\n" + " ".join(parts) + "\nWhat is the pass key?"
+    messages = [{"role": "user", "content": q}, {"role": "assistant", "content": f"The pass key is {key}."}]
+    return Case("passkey", {"messages": messages}, [str(key)])
+
+
+def long_tool_use(rng: random.Random, space: Space, max_tokens: int) -> Case:
+    """An agent-sized prompt: many tools with long descriptions and a long history of earlier lookups
+    (not trained on), then a new request (a call, grounded answer, refusal or chat)."""
+    budget = rng.randint(max_tokens // 4, max_tokens) - 150  # room for the request and reply
+    tools: list[Lookup] = []
+    taken: set[str] = set()
+    for _ in range(rng.randint(4, max(5, budget // 200))):
+        t = make_lookup(rng, space, taken)
+        t.desc += " " + " ".join(rng.choice(_FILLER) for _ in range(rng.randint(2, 12)))
+        tools.append(t)
+    tools.append(weather_tool(rng))
+
+    def tokens(obj: Any) -> int:  # rough: ~3 characters a token in JSON-ish text
+        return len(json.dumps(obj, ensure_ascii=False)) // 3
+
+    history: list[dict[str, Any]] = []
+    used = 120 + sum(tokens(t.schema) for t in tools)
+    while True:
+        tool = rng.choice(tools)
+        q, args, result, answer, _ = lookup_turn(rng, space, tool, space.place(rng))
+        turn = [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": "", "tool_calls": [_call(tool.name, args)], "train": False},
+            {"role": "tool", "content": json.dumps(result, ensure_ascii=False)},
+            {"role": "assistant", "content": answer, "train": False},
+        ]
+        if used + tokens(turn) > budget:
+            break
+        history += turn
+        used += tokens(turn)
+    r = rng.random()
+    if r < 0.6:
+        tool = rng.choice(tools)
+        q, args, result, answer, mention = lookup_turn(rng, space, tool, space.place(rng))
+        tail = [
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": "", "tool_calls": [_call(tool.name, args)]},
+            {"role": "tool", "content": json.dumps(result, ensure_ascii=False)},
+            {"role": "assistant", "content": answer},
+        ]
+        kind = "tool_call"
+    elif r < 0.8:
+        tail = refusal(rng, space, "train").record["messages"][-2:]
+        kind, mention = "refusal", None
+    else:
+        c = chat(rng, space, True)
+        tail, kind, mention = c.record["messages"][-2:], "no_call", None
+    rec = {"messages": history + tail, "tools": _schemas(tools, rng, rng.random() < 0.5)}
+    return Case(kind, rec, mention)
+
+
+# -------------------------------------------------------------------------------------------- mixes
+
+
+def generate(n: int, seed: int, long_share: float = 0.03, max_tokens: int = 3000) -> list[Case]:
+    """The training mix (train spaces): `long_share` long examples (agent-sized prompts 70 %, text passkeys
+    30 %), the rest tool use 34 %, calculator 6 %, refusal 14 %, chat with tools offered 10 %, plain chat
+    14 %, code completion 22 %."""
+    rng = random.Random(seed)
+    functions = stdlib_functions()
+    if not functions:
+        raise SystemExit("error: found no standard-library functions to make code-completion examples from")
+    out: list[Case] = []
+    for _ in range(n):
+        r = rng.random()
+        if r < long_share:
+            if rng.random() < 0.3:
+                out.append(passkey_conversation(rng, TRAIN, rng.randint(max_tokens // 8, max_tokens - 60)))
+            else:
+                out.append(long_tool_use(rng, TRAIN, max_tokens))
+            continue
+        r = rng.random()
+        if r < 0.34:
+            out.append(tool_use(rng, TRAIN))
+        elif r < 0.40:
+            out.append(calculator_use(rng, TRAIN))
+        elif r < 0.54:
+            out.append(refusal(rng, TRAIN, "train"))
+        elif r < 0.64:
+            out.append(chat(rng, TRAIN, True))
+        elif r < 0.78:
+            out.append(chat(rng, TRAIN, False))
+        else:
+            out.append(Case("code", code_conversation(rng, functions)))
+    return out
+
+
+def eval_cases(per_kind: int, seed: int) -> list[tuple[str, list, list | None, dict, list[str] | None]]:
+    """Held-out cases (held-out spaces, another seed): (kind, messages before the reply, tools, the
+    expected reply, must-mention). Each tool conversation gives a tool_call and a tool_answer case."""
+    rng = random.Random(seed)
+    functions = stdlib_functions()
+    convs: list[Case] = []
+    convs += [tool_use(rng, HELDOUT) for _ in range(per_kind - per_kind // 5)]
+    convs += [calculator_use(rng, HELDOUT) for _ in range(per_kind // 5)]
+    convs += [chat(rng, HELDOUT, True) for _ in range(per_kind)]
+    convs += [chat(rng, HELDOUT, False) for _ in range(per_kind)]
+    convs += [refusal(rng, HELDOUT, "train" if i % 2 else "heldout") for i in range(per_kind)]
+    convs += [Case("code", code_conversation(rng, functions)) for _ in range(per_kind)]
+    out = []
+    for c in convs:
+        msgs = c.record["messages"]
+        i = next(k for k, m in enumerate(msgs) if m["role"] == "assistant")
+        out.append((c.kind, msgs[:i], c.record.get("tools"), msgs[i], c.mention))
+        if c.kind == "tool_call":
+            j = next(k for k in range(i + 1, len(msgs)) if msgs[k]["role"] == "assistant")
+            out.append(("tool_answer", msgs[:j], c.record.get("tools"), msgs[j], c.mention))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+
+ATTENTION = "sparse"  # `--attention dense`: never select (an ablation of the LSA indexer)
+
+
+def _load(model_dir: str):
+    from longcat2.model.attention import set_sparse_attention
+    from longcat2.model.longcat import LongCatForCausalLM
+    from longcat2.tokenizer import load_tokenizer
+
+    model = LongCatForCausalLM.from_pretrained(model_dir).eval()
+    set_sparse_attention(model, ATTENTION == "sparse")
+    return load_tokenizer(model_dir), model
+
+
+def _generate(
+    model, tok, convs: list[tuple[list, list | None]], max_new_tokens: int, grammar: bool
+) -> list[Any]:
+    """Greedy replies through the engine, parsed with the chat parser (`grammar`: the server's reply grammar,
+    tool_choice auto, constrains each reply)."""
+    from longcat2 import chat as chat_template
+    from longcat2.engine import Engine, SamplingParams
+
+    prompts = [tok.encode(chat_template.render(m, t, True, False)) for m, t in convs]
+    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0) for _ in convs]
+    if grammar:
+        from longcat2.engine.grammar import Grammars
+        from longcat2.serve.reply_grammar import reply_grammar
+
+        grammars = Grammars(tok.backend.to_str(), model.config.vocab_size, tok.eos_id)
+        for p, (_, tools) in zip(params, convs):
+            p.grammar = grammars.compile(reply_grammar(tools, "auto", thinking=False))
+    engine = Engine(model, max_batch_size=32, eos_token_id=tok.eos_id)
+    outs = engine.generate(prompts, params)
+    return [chat_template.parse(tok.decode(ids), t) for ids, (_, t) in zip(outs, convs)], sum(map(len, outs))
+
+
+def score(kind: str, target: dict[str, Any], mention: list[str] | None, got: Any) -> bool:
+    if kind == "tool_call":
+        want = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in target["tool_calls"]]
+        return [(c["name"], c["arguments"]) for c in got.tool_calls] == want
+    if kind == "tool_answer":
+        return not got.tool_calls and all(m in got.content for m in mention or [])
+    if kind == "refusal":
+        return not got.tool_calls and got.content.strip().startswith(REFUSAL.rstrip("."))
+    if kind == "code":
+        want_line = target["content"].split("\n")[1] if "\n" in target["content"] else target["content"]
+        return got.content.split("\n")[1:2] == [want_line]
+    return not got.tool_calls and got.content.strip() == target["content"]  # chat, no_call
+
+
+README_CASES = {
+    "paris_weather": [{"role": "user", "content": "What is the weather in Paris?"}],
+    "two_cities": [{"role": "user", "content": "What is the weather in Paris and Oslo?"}],
+}
+
+
+def evaluate(
+    model_dir: str, per_kind: int, seed: int, grammar: bool = False, max_new_tokens: int = 96
+) -> dict[str, Any]:
+    """Held-out accuracy per kind (see the module docstring) and the README's two examples."""
+    tok, model = _load(model_dir)
+    cases = eval_cases(per_kind, seed)
+    t0 = time.perf_counter()
+    weather = [TOOLS["get_weather"]]
+    convs = [(m, t) for _, m, t, _, _ in cases] + [(m, weather) for m in README_CASES.values()]
+    replies, n_tokens = _generate(model, tok, convs, max_new_tokens, grammar)
+    seconds = time.perf_counter() - t0
+    scores: dict[str, list[int]] = {}
+    examples: dict[str, list[dict[str, Any]]] = {}
+    for (kind, msgs, _, target, mention), got in zip(cases, replies):
+        ok = score(kind, target, mention, got)
+        scores.setdefault(kind, []).append(int(ok))
+        ex = examples.setdefault(kind, [])
+        if len(ex) < 2 and (not ok or not ex):
+            ex.append({"prompt": msgs[-1]["content"][:200], "ok": ok, "reply": got.to_message()})
+    readme = {name: {"tool_calls": [{"name": c["name"], "arguments": c["arguments"]} for c in got.tool_calls],
+                     "content": got.content} for name, got in zip(README_CASES, replies[len(cases):])}  # fmt: skip
+    return {
+        "model": str(model_dir),
+        "recipe_version_of_evals": RECIPE_VERSION,
+        "held_out_seed": seed,
+        "held_out_spaces": "syllables, topics, verbs, argument names, units, conditions, number class",
+        "grammar": grammar,
+        "attention": ATTENTION,
+        "cases": len(cases),
+        "accuracy": {k: round(sum(v) / len(v), 4) for k, v in sorted(scores.items())},
+        "counts": {k: len(v) for k, v in sorted(scores.items())},
+        "readme": readme,
+        "generated_tokens": n_tokens,
+        "generation_seconds": round(seconds, 2),
+        "examples": examples,
+    }
+
+
+def passkey(model_dir: str, lengths: list[int], per_length: int, seed: int) -> dict[str, Any]:
+    """Text passkey retrieval through the engine (greedy; sparse attention as served), at depths spread
+    over the context: the fraction of replies that contain the key."""
+    tok, model = _load(model_dir)
+    rng = random.Random(seed)
+    out: dict[str, Any] = {"model": str(model_dir), "seed": seed, "accuracy": {}, "prompt_tokens": {}}
+    for length in lengths:
+        cases = [
+            passkey_conversation(rng, HELDOUT, length - 40, (i + 0.5) / per_length) for i in range(per_length)
+        ]
+        convs = [(c.record["messages"][:1], None) for c in cases]
+        replies, _ = _generate(model, tok, convs, 16, False)
+        out["prompt_tokens"][str(length)] = len(tok.encode(cases[0].record["messages"][0]["content"]))
+        out["accuracy"][str(length)] = round(
+            sum(c.mention[0] in r.content for c, r in zip(cases, replies)) / len(cases), 4
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def write(path: Path, cases: list[Case]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for c in cases:
+            f.write(json.dumps(c.record, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help="output .jsonl")
+    ap.add_argument("--n", type=int, default=12000, help="conversations (default 12000)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default 0; evals default 777)")
+    ap.add_argument("--long-share", type=float, default=0.03, help="share of long examples (default 0.03)")
+    ap.add_argument("--max-tokens", type=int, default=3000, help="rough size bound of a long example")
+    ap.add_argument("--val-out", default=None, help="also write a validation .jsonl (another seed)")
+    ap.add_argument("--val-n", type=int, default=300, help="validation conversations (default 300)")
+    ap.add_argument("--eval-model", metavar="DIR", help="instead: held-out evals of a model, JSON")
+    ap.add_argument("--grammar", action="store_true", help="with --eval-model: grammar-constrained replies")
+    ap.add_argument("--per-kind", type=int, default=40, help="with --eval-model: conversations per kind")
+    ap.add_argument("--passkey-model", metavar="DIR", help="instead: text passkey retrieval of a model, JSON")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768], help="passkey context lengths")
+    ap.add_argument("--per-length", type=int, default=4, help="passkey cases per length")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for evals (default 1)")
+    ap.add_argument("--attention", choices=["sparse", "dense"], default="sparse",
+                    help="evals: sparse as served (default) | dense: never select (ablation)")  # fmt: skip
+    args = ap.parse_args(argv)
+    global ATTENTION
+    ATTENTION = args.attention
+    if args.eval_model or args.passkey_model:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.eval_model or args.passkey_model:
+        seed = args.seed or 777
+        if args.eval_model:
+            result = evaluate(args.eval_model, args.per_kind, seed, grammar=args.grammar)
+        else:
+            result = passkey(args.passkey_model, args.lengths, args.per_length, seed)
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    if not args.out:
+        ap.error("--out is required (or --eval-model / --passkey-model DIR)")
+    cases = generate(args.n, args.seed, args.long_share, args.max_tokens)
+    write(Path(args.out), cases)
+    kinds: dict[str, int] = {}
+    for c in cases:
+        kinds[c.kind] = kinds.get(c.kind, 0) + 1
+    print(f"wrote {len(cases)} conversations to {args.out} ({dict(sorted(kinds.items()))})")
+    if args.val_out:
+        write(
+            Path(args.val_out), generate(args.val_n, args.seed + 1_000_003, args.long_share, args.max_tokens)
+        )
+        print(f"wrote {args.val_n} validation conversations to {args.val_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""scripts/make_sft_data_v2.py (the default model's v2 SFT data and held-out evals): deterministic, and the
+held-out eval entities (names, numbers) never occur in training data; calls only name offered tools."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import make_sft_data_v2 as v2  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def train_records() -> list[dict]:
+    return [c.record for c in v2.generate(600, 0, long_share=0.05, max_tokens=1536)]
+
+
+def _tool_values(messages: list[dict]) -> list:
+    """Every scalar value of every tool result of a conversation (calculator results left out)."""
+    out = []
+    for m in messages:
+        if m["role"] == "tool":
+            result = json.loads(m["content"])
+            out += [v for k, v in result.items() if k != "result"]
+    return out
+
+
+def test_same_seed_same_data():
+    a = [json.dumps(c.record, sort_keys=True) for c in v2.generate(80, 3)]
+    b = [json.dumps(c.record, sort_keys=True) for c in v2.generate(80, 3)]
+    assert a == b
+    assert a != [json.dumps(c.record, sort_keys=True) for c in v2.generate(80, 4)]
+
+
+def test_held_out_entities_and_values_never_in_training(train_records):
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in train_records)
+    train_values = {json.dumps(v) for r in train_records for v in _tool_values(r["messages"])}
+    cases = v2.eval_cases(10, 777)
+    asked = [m[0] for kind, _, _, _, m in cases if kind == "tool_call" and len(m) > 1]
+    assert len(asked) >= 5
+    for name in asked:
+        if name not in v2.REAL_CITIES:
+            assert not re.search(rf"\b{re.escape(name)}\b", text), name
+    eval_values = {
+        json.dumps(v)
+        for kind, msgs, _, _, _ in cases
+        if kind == "tool_answer"
+        for v in _tool_values(msgs)
+        if isinstance(v, int | float)
+    }
+    assert eval_values and not (eval_values & train_values)
+
+
+def test_calls_name_offered_tools_and_refusals_make_none(train_records):
+    kinds = set()
+    for rec in train_records:
+        offered = {t["function"]["name"] for t in rec.get("tools") or []}
+        for m in rec["messages"]:
+            for call in m.get("tool_calls") or []:
+                assert call["function"]["name"] in offered
+        last = rec["messages"][-1]
+        if last["content"] == v2.REFUSAL:
+            kinds.add("refusal")
+            assert not any(m.get("tool_calls") for m in rec["messages"][-2:])
+        if sum(1 for m in rec["messages"] if m["role"] == "tool") >= 2:
+            kinds.add("parallel or multi-turn")
+    assert kinds == {"refusal", "parallel or multi-turn"}
