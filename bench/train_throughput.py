@@ -5,7 +5,7 @@ Measures tokens/s of one full training step (forward + backward + optimizer step
   - longcat2 `LongCatForCausalLM` (sorted tokens + grouped GEMM, zero experts as one fused add),
 both with `torch.optim.AdamW` (foreach) and the loss computed the same way outside the model, so only
 the model code differs; plus longcat2 with its own optimizer (Muon + AdamW, `longcat2.train.optim`).
-Weights are copied through the project's HF adapter (`longcat2.checkpoint.save_pretrained` in the released
+Weights are copied through the project's HF adapter (`longcat2.hf_checkpoint.save_pretrained` in the released
 layout, which transformers >= 5.25 loads: its `experts` module holds only the routed experts →
 `LongcatFlashForCausalLM.from_pretrained`), and the first-step logits are compared before timing: the run
 stops with an error when they differ by more than 1e-3.
@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import interleaved, load_average, ratio_spread, spread  # noqa: E402
 
-from longcat2.checkpoint import save_pretrained  # noqa: E402
 from longcat2.config import ModelConfig  # noqa: E402
+from longcat2.hf_checkpoint import save_pretrained  # noqa: E402
 from longcat2.model import LongCatForCausalLM  # noqa: E402
 from longcat2.plan.model_math import flops_per_token  # noqa: E402
 from longcat2.train.balance import RoutingStats, moe_layers  # noqa: E402

@@ -2,7 +2,7 @@
 
 Modules: `trainer` (the loop, configuration, pre-training data task), `sft` (chat data task), `optim`
 (Muon + AdamW, schedules), `balance` (expert-bias budget control, balance loss, z-loss, routing stats),
-`checkpointing` (atomic HF-layout checkpoints + trainer state), `sparse` (LSA indexer distillation),
+`run_checkpoint` (atomic HF-layout checkpoints + trainer state), `sparse` (LSA indexer distillation),
 `synthetic` (long-context task data). Multi-process runs use `longcat2.parallel` (torchrun, FSDP2 + EP).
 
 The CLI flags are generated from `TrainConfig`'s fields (`--batch-size` ↔ `batch_size`), each with the

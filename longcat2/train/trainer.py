@@ -39,7 +39,7 @@ Design choices:
   --batch-size and --grad-accum may change on resume, to keep the global batch (batch_size x grad_accum x
   ranks) at another world size.
 - Outputs under OUT: metrics.jsonl (one `train` line per step, `eval` lines with val loss and bits per
-  byte), loss.png (matplotlib, Agg), checkpoints/step_XXXXXXXX (see checkpointing.py), train_config.json.
+  byte), loss.png (matplotlib, Agg), checkpoints/step_XXXXXXXX (see run_checkpoint.py), train_config.json.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from longcat2 import parallel
 from longcat2.config import ModelConfig
 from longcat2.model import LongCatForCausalLM
 from longcat2.model_dir import ModelDirError
-from longcat2.train import balance, checkpointing
+from longcat2.train import balance, run_checkpoint
 from longcat2.train.config import IGNORE, RESUME_MUTABLE, TrainConfig, TrainingError
 from longcat2.train.optim import MuonAdamW, Schedule, apply_schedule, param_groups_for
 
@@ -275,7 +275,7 @@ class Trainer:
         self.resume_from: Path | None = None
         skipped: list[str] = []
         if cfg.resume:
-            self.resume_from, skipped = checkpointing.latest_good_checkpoint(self.ckpt_root)
+            self.resume_from, skipped = run_checkpoint.latest_good_checkpoint(self.ckpt_root)
             if skipped and self.resume_from is None:
                 raise TrainingError(
                     "--resume: no readable checkpoint in "
@@ -283,7 +283,7 @@ class Trainer:
                 )
             if self.resume_from is not None:
                 cfg = self._merge_resumed_config(cfg, explicit)
-        elif checkpointing.latest_checkpoint(self.ckpt_root) is not None:
+        elif run_checkpoint.latest_checkpoint(self.ckpt_root) is not None:
             raise TrainingError(
                 f"{self.out} already holds checkpoints; pass --resume to continue that run or choose another --out"
             )
@@ -297,7 +297,7 @@ class Trainer:
         for why in skipped:
             self._log(f"warning: resume skips a checkpoint that cannot be read back: {why}")
         self.sharded = self.world > 1  # the model is parallelized (FSDP2 + EP)
-        self.resume_sharded = self.resume_from is not None and checkpointing.is_sharded(self.resume_from)
+        self.resume_sharded = self.resume_from is not None and run_checkpoint.is_sharded(self.resume_from)
         self.sharded_checkpoints = self.sharded or self.resume_sharded
         if self.device.type == "cpu":
             tune_cpu_allocator()
@@ -386,10 +386,10 @@ class Trainer:
         saved_json = self.resume_from / "train_config.json"
         if saved_json.is_file():
             saved = json.loads(saved_json.read_text())
-        elif checkpointing.is_sharded(self.resume_from):
+        elif run_checkpoint.is_sharded(self.resume_from):
             saved = parallel.load_extra(self.resume_from)["config"]
         else:
-            saved = checkpointing.load_trainer_state(self.resume_from)["config"]
+            saved = run_checkpoint.load_trainer_state(self.resume_from)["config"]
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         base = TrainConfig(**{k: v for k, v in saved.items() if k in known})
         names = known if explicit is None else explicit
@@ -448,13 +448,13 @@ class Trainer:
     def _make_model(self) -> LongCatForCausalLM:
         cfg = self.cfg
         if self.resume_sharded:  # weights are loaded after parallelize, together with the optimizer
-            return checkpointing.model_from_sharded(self.resume_from)
+            return run_checkpoint.model_from_sharded(self.resume_from)
         if self.resume_from is not None:
-            return checkpointing.load_model(self.resume_from)
+            return run_checkpoint.load_model(self.resume_from)
         if hasattr(self.task, "vocab_size") and self.task.tokenizer_dir is None:  # synthetic tasks
             if cfg.init:
                 return self._init_with_overrides(
-                    checkpointing.load_model(checkpointing.resolve_init(cfg.init))
+                    run_checkpoint.load_model(run_checkpoint.resolve_init(cfg.init))
                 )
             ids = dict(vocab_size=self.task.vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
             overrides = {**cfg.model_overrides, **ids, "torch_dtype": "float32"}
@@ -464,9 +464,9 @@ class Trainer:
                 raise TrainingError(f"model config: {e}") from e
         tok = self._tokenizer()
         if cfg.init:
-            path = checkpointing.resolve_init(cfg.init)
+            path = run_checkpoint.resolve_init(cfg.init)
             self._log(f"init: weights from {path}")
-            model = self._init_with_overrides(checkpointing.load_model(path))
+            model = self._init_with_overrides(run_checkpoint.load_model(path))
             if model.config.vocab_size < tok.vocab_size:
                 raise TrainingError(
                     f"init: the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
@@ -540,7 +540,7 @@ class Trainer:
             if not loaded.rng_restored:
                 self._log(f"resume: RNG states are per rank; fresh seeds on {self.world} rank(s)")
         else:
-            st = checkpointing.load_trainer_state(ckpt)
+            st = run_checkpoint.load_trainer_state(ckpt)
             saved_world = int(st.get("world_size", 1))
             if self.sharded:
                 self._log(
@@ -574,14 +574,14 @@ class Trainer:
 
     def _tokenizer_files(self) -> list[Path]:
         d = self.task.tokenizer_dir
-        return [Path(d) / n for n in checkpointing.TOKENIZER_FILES] if d is not None else []
+        return [Path(d) / n for n in run_checkpoint.TOKENIZER_FILES] if d is not None else []
 
     def save(self) -> Path | None:
         """Checkpoint the current step (collective when sharded); returns its directory on rank 0."""
         path = None
         if self.sharded_checkpoints:
             path = parallel.save_sharded(
-                self.ckpt_root / checkpointing.step_dir_name(self.step),
+                self.ckpt_root / run_checkpoint.step_dir_name(self.step),
                 self.model,
                 self.optimizer,
                 extra={**self._run_state(), "model_config": self.model.config.to_dict()},
@@ -589,11 +589,11 @@ class Trainer:
                 files=[*self._tokenizer_files(), self.out / "train_config.json"],
             )
             if self.main:
-                parallel.prune_checkpoints(checkpointing.list_all(self.ckpt_root), self.cfg.keep_checkpoints)
+                parallel.prune_checkpoints(run_checkpoint.list_all(self.ckpt_root), self.cfg.keep_checkpoints)
             else:
                 path = None
         elif self.main:
-            path = checkpointing.save_checkpoint(
+            path = run_checkpoint.save_checkpoint(
                 self.ckpt_root,
                 self.step,
                 self.model,
@@ -829,7 +829,7 @@ class Trainer:
                         f"error: {self.nonfinite_in_row} steps in a row had a non-finite loss or gradient "
                         f"(limit --max-nonfinite {cfg.max_nonfinite}); stopped at step {self.step}. "
                         f"{self.nonfinite_total} step(s) skipped in total. Last good checkpoint: "
-                        f"{checkpointing.latest_checkpoint(self.ckpt_root) or 'none'}. "
+                        f"{run_checkpoint.latest_checkpoint(self.ckpt_root) or 'none'}. "
                         "Try a lower --lr, --grad-clip, or --precision fp32, or check the data."
                     )
                     status = 3
@@ -865,7 +865,7 @@ class Trainer:
         except KeyboardInterrupt:
             self._log(
                 f"interrupted after step {self.step}; --resume continues from the last checkpoint "
-                f"({checkpointing.latest_checkpoint(self.ckpt_root) or 'none yet'})"
+                f"({run_checkpoint.latest_checkpoint(self.ckpt_root) or 'none yet'})"
             )
             status = 130
         finally:
@@ -882,7 +882,7 @@ class Trainer:
                 self._log(
                     f"done: step {self.step}, loss {recs[0]['loss']:.4f} -> {recs[-1]['loss']:.4f}, "
                     f"{self.tokens_seen:,} tokens in {self.elapsed:.1f}s; checkpoint "
-                    f"{checkpointing.latest_checkpoint(self.ckpt_root)}"
+                    f"{run_checkpoint.latest_checkpoint(self.ckpt_root)}"
                 )
         return status
 

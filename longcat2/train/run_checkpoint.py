@@ -6,7 +6,7 @@ Layout of `OUT/checkpoints/step_00000200/` (one process):
     trainer_state.pt                       optimizer, step, data position, every RNG, counters, run config
     train_config.json                      the run config, for people
 
-A run on several processes (torchrun) writes the sharded layout of `longcat2.parallel.checkpoint` into the
+A run on several processes (torchrun) writes the sharded layout of `longcat2.parallel.dcp` into the
 same `step_*` names instead (DCP shards, `extra.pt`, per-rank RNG, `meta.json`, tokenizer files); the
 listings and `load_model` here read both.
 
@@ -17,7 +17,7 @@ Design choices:
   directory, which the next run deletes. Pruning old checkpoints renames them to `.del-*` before deleting,
   so a half-deleted directory never looks like a checkpoint, and it happens only after the new one is in
   place: the last good checkpoint is never replaced by a partial one. (The fsync, prune, leftover and RNG
-  helpers are `longcat2.parallel.checkpoint`'s: one implementation for both layouts.)
+  helpers are `longcat2.parallel.dcp`'s: one implementation for both layouts.)
 - `latest_checkpoint` picks the highest step directory that is complete in either layout; no "latest"
   pointer file to get out of sync. Resuming trusts nothing unread: `latest_good_checkpoint` verifies the
   candidates newest first (`verify_checkpoint`: the trainer state loads, every safetensors file's header
@@ -29,7 +29,7 @@ Design choices:
   and leaves no `.tmp-*` behind.
 - The trainer state is saved with `torch.save` and loaded with `weights_only=True` (no pickled code):
   RNG states of numpy/python are stored as plain lists.
-- Model files go through `longcat2.checkpoint` (released key names, per-expert tensors), so a checkpoint
+- Model files go through `longcat2.hf_checkpoint` (released key names, per-expert tensors), so a checkpoint
   directory is also a model directory for `from_pretrained`, `longcat2 sft --init`, evals and serving.
 """
 
@@ -46,8 +46,8 @@ import torch
 from longcat2.config import ModelConfig
 from longcat2.model import LongCatForCausalLM
 from longcat2.model_dir import resolve_model_dir
-from longcat2.parallel import checkpoint as sharded
-from longcat2.parallel.checkpoint import fsync_dir, fsync_tree, list_step_dirs, prune_checkpoints
+from longcat2.parallel import dcp as sharded
+from longcat2.parallel.dcp import fsync_dir, fsync_tree, list_step_dirs, prune_checkpoints
 from longcat2.tokenizer import TOKENIZER_FILES
 
 PREFIX = "step_"
@@ -61,7 +61,7 @@ def step_dir_name(step: int) -> str:
 # ---------------------------------------------------------------------- model files
 def save_model(model: LongCatForCausalLM, path: str | Path) -> None:
     """Write the model in HF layout (config.json + safetensors, released key names) to the new dir `path`."""
-    from longcat2.checkpoint import save_pretrained
+    from longcat2.hf_checkpoint import save_pretrained
 
     save_pretrained(model, path)
 
