@@ -51,8 +51,8 @@ from longcat2.hf_checkpoint import save_pretrained  # noqa: E402
 from longcat2.model import LongCatForCausalLM  # noqa: E402
 from longcat2.plan.model_math import flops_per_token  # noqa: E402
 from longcat2.train.balance import RoutingStats, moe_layers  # noqa: E402
+from longcat2.train.env import tune_cpu_allocator  # noqa: E402
 from longcat2.train.optim import MuonAdamW, param_groups_for  # noqa: E402
-from longcat2.train.trainer import tune_cpu_allocator  # noqa: E402
 
 # tiny-flash's shape, scaled up so that matmuls, not Python, dominate a step
 # (LongCat-Flash proportions: expert_ffn = hidden/4, ffn = 2*hidden, zero experts = routed/2, fine-grained top-k)

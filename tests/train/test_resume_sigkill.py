@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from longcat2.train import run_checkpoint
-from longcat2.train.trainer import read_metrics
+from longcat2.train.metrics import read_metrics
 
 
 def _args(prepared: Path, out: Path, precision: str) -> list[str]:

@@ -16,14 +16,10 @@ import torch
 
 from longcat2.model import LongCatForCausalLM
 from longcat2.train import run_checkpoint
-from longcat2.train.trainer import (
-    TrainConfig,
-    Trainer,
-    TrainingError,
-    bf16_supported,
-    read_metrics,
-    resolve_precision,
-)
+from longcat2.train.config import TrainConfig, TrainingError
+from longcat2.train.env import bf16_supported, resolve_precision
+from longcat2.train.metrics import read_metrics
+from longcat2.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

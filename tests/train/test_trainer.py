@@ -11,7 +11,9 @@ import torch
 
 from longcat2.model import LongCatForCausalLM
 from longcat2.train import add_cli, config_from_args, run_checkpoint
-from longcat2.train.trainer import TrainConfig, Trainer, TrainingError, read_metrics
+from longcat2.train.config import TrainConfig, TrainingError
+from longcat2.train.metrics import read_metrics
+from longcat2.train.trainer import Trainer
 
 
 def _cfg(prepared, out, **kw) -> TrainConfig:
