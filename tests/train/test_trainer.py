@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from longcat2.model import LongCatForCausalLM
-from longcat2.train import add_cli, config_from_args, run_checkpoint
+from longcat2.train import run_checkpoint
+from longcat2.train.cli import add_cli, config_from_args
 from longcat2.train.config import TrainConfig, TrainingError
 from longcat2.train.metrics import read_metrics
 from longcat2.train.trainer import Trainer
