@@ -18,7 +18,7 @@ from longcat2.train.metrics import read_metrics
 
 def _args(prepared: Path, out: Path, precision: str) -> list[str]:
     return [
-        sys.executable, "-m", "longcat2.train", "train", "--data", str(prepared), "--out", str(out),
+        sys.executable, "-m", "longcat2", "train", "--data", str(prepared), "--out", str(out),
         "--steps", "14", "--batch-size", "4", "--seq-len", "64", "--save-every", "3", "--eval-every", "5",
         "--eval-batches", "2", "--deterministic", "--precision", precision, "--threads", "1", "--no-progress",
         "--no-plot", "--warmup", "2",
