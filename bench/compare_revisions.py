@@ -28,19 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-SMALL = dict(
-    vocab_size=8192, hidden_size=512, num_layers=4, num_attention_heads=8, ffn_hidden_size=1024,
-    expert_ffn_hidden_size=256, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
-    v_head_dim=64, n_routed_experts=16, zero_expert_num=8, moe_topk=4, max_position_embeddings=8192,
-)  # fmt: skip
-TRAIN_MODEL = dict(
-    vocab_size=8192, hidden_size=512, num_layers=2, num_attention_heads=8, ffn_hidden_size=1024,
-    expert_ffn_hidden_size=128, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
-    v_head_dim=64, n_routed_experts=64, zero_expert_num=32, moe_topk=8, routed_scaling_factor=2.0,
-    rope_theta=10000.0, rope_scaling=None, max_position_embeddings=4096, oe_split_num=0, index_n_heads=0,
-    mtp_num_layers=0, hf_format="longcat_flash", torch_dtype="float32",
-)  # fmt: skip
-ENGINE = {"tiny-lsa": ("tiny", {}), "small-flash": ("tiny-flash", SMALL)}
+from bench_models import SMALL_FLASH, TRAIN_MODEL
+
+ENGINE = {"tiny-lsa": ("tiny", {}), "small-flash": ("tiny-flash", SMALL_FLASH)}
 SETTINGS = ["train-2x128", *ENGINE]
 METRICS = {"train-2x128": ["tokens_per_s"], "tiny-lsa": ["prefill_s", "decode_tok_s"]}
 METRICS["small-flash"] = METRICS["tiny-lsa"]
