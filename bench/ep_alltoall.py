@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "parallel"))
+from pdist_launch import run_distributed  # noqa: E402
 from timing import load_average, median, spread  # noqa: E402
-
-from longcat2.parallel.launch import run_distributed  # noqa: E402
 
 PRESET = "tiny-flash"
 LONGCAT2_HIDDEN, BF16 = 8192, 2

@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_models import SMALL_FLASH  # noqa: E402
 from timing import interleaved, load_average, median, ratio_spread, spread  # noqa: E402
 
 from longcat2 import ModelConfig  # noqa: E402
@@ -42,25 +43,7 @@ from longcat2.model.longcat import LongCatForCausalLM  # noqa: E402
 
 MODELS = {
     "tiny-flash": dict(preset="tiny-flash"),
-    # a small LongCat-Flash: 4 layers (8 MLA sublayers), d=512, 16 routed + 8 zero experts (top-4), ~33M params
-    "small": dict(
-        preset="tiny-flash",
-        vocab_size=8192,
-        hidden_size=512,
-        num_layers=4,
-        num_attention_heads=8,
-        ffn_hidden_size=1024,
-        expert_ffn_hidden_size=256,
-        q_lora_rank=256,
-        kv_lora_rank=128,
-        qk_nope_head_dim=64,
-        qk_rope_head_dim=32,
-        v_head_dim=64,
-        n_routed_experts=16,
-        zero_expert_num=8,
-        moe_topk=4,
-        max_position_embeddings=8192,
-    ),
+    "small": dict(preset="tiny-flash", **SMALL_FLASH),
 }
 DEFAULT_SETTINGS = [
     "tiny-flash:float32:1:64:64",

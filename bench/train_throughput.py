@@ -5,7 +5,7 @@ Measures tokens/s of one full training step (forward + backward + optimizer step
   - longcat2 `LongCatForCausalLM` (sorted tokens + grouped GEMM, zero experts as one fused add),
 both with `torch.optim.AdamW` (foreach) and the loss computed the same way outside the model, so only
 the model code differs; plus longcat2 with its own optimizer (Muon + AdamW, `longcat2.train.optim`).
-Weights are copied through the project's HF adapter (`longcat2.checkpoint.save_pretrained` in the released
+Weights are copied through the project's HF adapter (`longcat2.hf_checkpoint.save_pretrained` in the released
 layout, which transformers >= 5.25 loads: its `experts` module holds only the routed experts →
 `LongcatFlashForCausalLM.from_pretrained`), and the first-step logits are compared before timing: the run
 stops with an error when they differ by more than 1e-3.
@@ -44,25 +44,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_models import TRAIN_MODEL  # noqa: E402
 from timing import interleaved, load_average, ratio_spread, spread  # noqa: E402
 
-from longcat2.checkpoint import save_pretrained  # noqa: E402
 from longcat2.config import ModelConfig  # noqa: E402
+from longcat2.hf_checkpoint import save_pretrained  # noqa: E402
 from longcat2.model import LongCatForCausalLM  # noqa: E402
 from longcat2.plan.model_math import flops_per_token  # noqa: E402
 from longcat2.train.balance import RoutingStats, moe_layers  # noqa: E402
+from longcat2.train.env import tune_cpu_allocator  # noqa: E402
 from longcat2.train.optim import MuonAdamW, param_groups_for  # noqa: E402
-from longcat2.train.trainer import tune_cpu_allocator  # noqa: E402
-
-# tiny-flash's shape, scaled up so that matmuls, not Python, dominate a step
-# (LongCat-Flash proportions: expert_ffn = hidden/4, ffn = 2*hidden, zero experts = routed/2, fine-grained top-k)
-BENCH_MODEL = dict(
-    vocab_size=8192, hidden_size=512, num_layers=2, num_attention_heads=8, ffn_hidden_size=1024,
-    expert_ffn_hidden_size=128, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
-    v_head_dim=64, n_routed_experts=64, zero_expert_num=32, moe_topk=8, routed_scaling_factor=2.0,
-    rope_theta=10000.0, rope_scaling=None, max_position_embeddings=4096, oe_split_num=0, index_n_heads=0,
-    mtp_num_layers=0, hf_format="longcat_flash", torch_dtype="float32",
-)  # fmt: skip
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -126,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {}
     for kv in args.model:
         k, v = kv.split("=", 1)
-        overrides[k] = type(BENCH_MODEL[k])(v) if BENCH_MODEL.get(k) is not None else v
-    cfg = ModelConfig(**{**BENCH_MODEL, **overrides})
+        overrides[k] = type(TRAIN_MODEL[k])(v) if TRAIN_MODEL.get(k) is not None else v
+    cfg = ModelConfig(**{**TRAIN_MODEL, **overrides})
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
 
     def autocast():

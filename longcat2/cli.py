@@ -1,9 +1,10 @@
 """The `longcat2` command (also `python -m longcat2`, which torchrun launches).
 
-Design: each concern owns its subcommand. A module listed in `_COMMAND_MODULES` exposes
-`add_cli(subparsers)`, which registers its parser(s) and sets `func` to a callable taking the parsed
-namespace and returning an exit code. Modules are imported lazily so `longcat2 --help` stays fast and a
-broken optional dependency only breaks its own subcommand.
+Design: each package owns its subcommands in its `cli` module (`longcat2.commands` holds the general
+ones: info, presets, demo). A module listed in `_COMMAND_MODULES` exposes `add_cli(subparsers)`, which
+registers its parser(s) and sets `func` to a callable taking the parsed namespace and returning an exit
+code; this is the only place commands are registered. Modules are imported lazily so `longcat2 --help`
+stays fast and a broken optional dependency only breaks its own subcommand.
 
 Errors: a command that fails prints one line, `longcat2 COMMAND: error: ...`, and exits non-zero, never a
 traceback (as pip, git or `vllm serve` argument errors do). Bad input (a `ValueError` such as `ConfigError`,
@@ -21,10 +22,9 @@ import sys
 
 _COMMAND_MODULES = [
     "longcat2.commands",  # info, presets, demo
-    "longcat2.tokenizer",  # tokenizer train
-    "longcat2.data",  # prepare
-    "longcat2.train",  # train, sft
-    "longcat2.plan",  # plan
+    "longcat2.data.cli",  # tokenizer train, prepare
+    "longcat2.train.cli",  # train, sft
+    "longcat2.plan.cli",  # plan
     "longcat2.engine.cli",  # generate
     "longcat2.evals.cli",  # eval longctx, eval ppl
     "longcat2.serve.cli",  # serve

@@ -7,7 +7,7 @@ Design choices:
   (`sysconfig.get_paths()["stdlib"]`, no site-/dist-packages), ordered by the SHA-1 of their relative path
   so that a byte cap takes a spread sample of the library instead of its first letters.
 - Bad input never crashes: an unreadable, non-UTF-8, binary (NUL bytes) or empty file, or a bad jsonl
-  line, is skipped with its reason. Shared by shard writing (`data.py`) and tokenizer training
+  line, is skipped with its reason. Shared by shard writing (`data/writer.py`) and tokenizer training
   (`tokenizer.py`), which is why it is a module of its own: both import it, neither imports the other.
 """
 

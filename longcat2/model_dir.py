@@ -12,7 +12,7 @@ Design choices:
   when the run finishes, as long as it is not older than the latest sharded checkpoint.
 - Pure paths, no torch: the CLI says what is wrong before it imports anything heavy. Errors are
   `ModelDirError` (a ValueError) naming the flag, the argument and what was looked for.
-- The step-directory listing lives here (the trainer's and `longcat2.parallel.checkpoint`'s listings use it).
+- The step-directory listing lives here (the trainer's and `longcat2.parallel.dcp`'s listings use it).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 DEFAULT_MODEL_NAME = "longcat-2.0-tiny"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default-model"
 CONFIG_FILE = "config.json"
-SHARDED_META = "meta.json"  # written last into a sharded checkpoint (longcat2.parallel.checkpoint)
+SHARDED_META = "meta.json"  # written last into a sharded checkpoint (longcat2.parallel.dcp)
 HF_EXPORT = "hf"  # OUT/hf: the HF-layout export of a run with sharded checkpoints
 STEP_PREFIX = "step_"
 MODEL_HELP = (

@@ -23,18 +23,15 @@ Design choices:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-from longcat2.corpus import DataError, read_file_documents, resolve_files
+from longcat2.corpus import read_file_documents
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</longcat_s>", "<pad>"
 CHAT_TOKENS = (
@@ -293,56 +290,3 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except Exception as e:  # the Rust side raises a bare Exception on malformed JSON
         raise TokenizerError(f"cannot read {file}: {e}") from e
     return Tokenizer(backend, path=file.parent)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    try:
-        src = resolve_files(args.data, max_bytes=args.max_bytes)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    t0 = time.perf_counter()
-    skipped: list[str] = []
-    try:
-        out = train_tokenizer(
-            src.files,
-            args.vocab_size,
-            args.out,
-            min_frequency=args.min_frequency,
-            max_bytes=args.max_bytes,
-            on_skip=lambda path, reason: skipped.append(f"{path}: {reason}"),
-        )
-    except TokenizerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    tok = load_tokenizer(out)
-    print(
-        f"trained byte-level BPE: vocab {tok.vocab_size} (asked {args.vocab_size}) on {len(src.files)} "
-        f"file(s) from {src.label} in {time.perf_counter() - t0:.1f}s -> {out}"
-    )
-    if skipped:
-        print(f"skipped {len(skipped)} file(s) or jsonl line groups, e.g. {skipped[0]}", file=sys.stderr)
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
-    sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
-    t = sub.add_parser(
-        "train",
-        help="train a tokenizer",
-        description="Train a byte-level BPE with the LongCat special tokens (bos=1, eos=</longcat_s>=2, pad=3).",
-    )
-    t.add_argument(
-        "--data",
-        required=True,
-        help="a text file, a folder (recursive), a .jsonl file with a 'text' field, or 'stdlib'",
-    )
-    t.add_argument("--vocab-size", type=int, required=True, help=f"total vocabulary (>= {MIN_VOCAB_SIZE})")
-    t.add_argument("--out", required=True, help="output directory")
-    t.add_argument("--max-bytes", type=int, default=None, help="read at most this many bytes of input")
-    t.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
-    t.set_defaults(func=_cmd_train)

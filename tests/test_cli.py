@@ -14,7 +14,7 @@ from longcat2.evals.ppl import evaluate_ppl
 from longcat2.model.longcat import LongCatForCausalLM
 from longcat2.serve import app as serve_app
 from longcat2.serve.core import ServerConfig
-from longcat2.train import checkpointing
+from longcat2.train import run_checkpoint
 
 
 def _cli(*argv: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -35,7 +35,7 @@ def run_dir(prepared, tmp_path_factory) -> tuple[Path, Path]:
 def test_run_folder_means_its_latest_checkpoint_everywhere(run_dir):
     out, shards = run_dir
     latest = out / "checkpoints" / "step_00000004"
-    assert checkpointing.latest_checkpoint(out / "checkpoints") == latest
+    assert run_checkpoint.latest_checkpoint(out / "checkpoints") == latest
     # eval ppl --model RUN_DIR: the numbers of the latest checkpoint
     r = _cli("eval", "ppl", "--model", str(out), "--data", str(shards), "--seq-len", "32", "--max-windows", "3",
              "--json")  # fmt: skip

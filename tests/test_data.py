@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from longcat2 import corpus as C
-from longcat2 import data as D
 from longcat2.data import BatchSampler, DataError, TokenShards, ensure_prepared, load_split, prepare
+from longcat2.data import cli as data_cli
 from longcat2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 WORDS = (
@@ -276,7 +276,7 @@ def test_ensure_prepared_stdlib_from_nothing(tmp_path: Path) -> None:
 
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    D.add_cli(parser.add_subparsers())
+    data_cli.add_cli(parser.add_subparsers())
     args = parser.parse_args(argv)
     return args.func(args)
 

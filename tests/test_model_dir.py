@@ -12,8 +12,8 @@ from longcat2 import model_dir
 from longcat2.config import ModelConfig
 from longcat2.model import LongCatForCausalLM
 from longcat2.model_dir import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, ModelDirError, resolve_model_dir
-from longcat2.parallel.checkpoint import export_hf, save_sharded
-from longcat2.train import checkpointing
+from longcat2.parallel.dcp import export_hf, save_sharded
+from longcat2.train import run_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +29,13 @@ def test_embedded_model_by_default_and_by_name():
 def test_run_folder_means_its_latest_checkpoint(tmp_path, model):
     run = tmp_path / "run"
     for step in (10, 20):
-        checkpointing.save_checkpoint(run / "checkpoints", step, model, {"step": step}, keep=0)
+        run_checkpoint.save_checkpoint(run / "checkpoints", step, model, {"step": step}, keep=0)
     (run / "checkpoints" / ".tmp-step_00000030-1").mkdir()  # an interrupted save is not a checkpoint
     latest = run / "checkpoints" / "step_00000020"
     assert resolve_model_dir(run) == latest
     assert resolve_model_dir(run / "checkpoints") == latest
     assert resolve_model_dir(latest) == latest  # a model folder is itself
-    assert checkpointing.resolve_init(run) == latest
+    assert run_checkpoint.resolve_init(run) == latest
 
 
 def test_sharded_run_means_its_hf_export_unless_older(tmp_path, model):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from longcat2 import tokenizer as tk
+from longcat2.data import cli as data_cli
 from longcat2.tokenizer import SPECIAL_TOKENS, TokenizerError, load_tokenizer, train_tokenizer
 
 CORPUS = [
@@ -137,7 +138,7 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
 
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    tk.add_cli(parser.add_subparsers())
+    data_cli.add_cli(parser.add_subparsers())
     args = parser.parse_args(argv)
     return args.func(args)
 

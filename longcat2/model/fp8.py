@@ -270,7 +270,7 @@ def install_fp8(model: nn.Module, parts: dict[str, tuple], block=BLOCK) -> None:
 def export_fp8(model: nn.Module, path: str | Path, **save_kwargs) -> Path:
     """Write `model` as a released-layout FP8 checkpoint: `save_pretrained`, then every target weight of
     each shard quantised (128×128 blocks, `weight_scale_inv`), the index and config.json updated."""
-    from longcat2.checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _hf_key_to_ours
+    from longcat2.hf_checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _hf_key_to_ours
 
     path = Path(model.save_pretrained(path, **save_kwargs))
     index_path = path / INDEX_NAME

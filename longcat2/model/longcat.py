@@ -12,7 +12,7 @@ One layer (shortcut-connected MoE; the MoE reads post_attention_layernorm.0's ou
 Design choices:
 - Single-device code; parallelism (FSDP2, EP) is applied from outside. Module and parameter names are the
   released checkpoint's (self_attn.{0,1}, mlps.{0,1}, mlp.router.classifier, ...), except that routed experts
-  are stacked [E, out, in]; `longcat2.checkpoint` maps per-expert keys.
+  are stacked [E, out, in]; `longcat2.hf_checkpoint` maps per-expert keys.
 - MTP: one physical block (mtp_replicate_modules) applied for `mtp_num_layers` steps. Step k combines the
   previous depth's hidden state at t with the embedding of token t+k (eh_proj over [enorm(emb); hnorm(h)]),
   runs a dense decoder sublayer (MLA + SwiGLU), and predicts token t+k+1 through the shared lm_head. With
@@ -283,12 +283,12 @@ class LongCatForCausalLM(nn.Module):
         device: str | torch.device | None = None,
         strict: bool = True,
     ) -> LongCatForCausalLM:
-        from longcat2.checkpoint import load_pretrained
+        from longcat2.hf_checkpoint import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device, strict=strict)
 
     def save_pretrained(self, path: str | Path, **kwargs) -> Path:
-        from longcat2.checkpoint import save_pretrained
+        from longcat2.hf_checkpoint import save_pretrained
 
         return save_pretrained(self, path, **kwargs)
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from longcat2.parallel.checkpoint import (
+from longcat2.parallel.dcp import (
     LoadedState,
     export_hf,
     full_state_dict,

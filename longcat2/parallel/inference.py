@@ -38,7 +38,7 @@ Design choices:
 - Collectives are hand-written (`dist.all_reduce` / `all_gather` in hooks and three small modules), not
   DTensor `parallelize_module`: the engine's kernels read weights directly (absorbed MLA views kv_b_proj's
   weight per head), which must stay plain local tensors, and inference needs no autograd through
-  redistributions. Parameters keep their names, so the HF key map of `longcat2.checkpoint` applies
+  redistributions. Parameters keep their names, so the HF key map of `longcat2.hf_checkpoint` applies
   unchanged and `shard_specs` (name → dim, start, stop of the full tensor) tells a loader which slice of
   each tensor this rank reads (`parallel/loading.py`).
 - Works on a real or a meta model (on meta only shapes change; the loader fills the slices).

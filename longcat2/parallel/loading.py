@@ -3,12 +3,12 @@
 Design choices:
 - The model is built on the meta device and sharded there (`parallelize_for_inference` only changes
   shapes and records `shard_specs`); then the checkpoint's keys are walked in file order (one shard file
-  mapped at a time, as `longcat2.checkpoint` does) and each tensor this rank needs is read with
+  mapped at a time, as `longcat2.hf_checkpoint` does) and each tensor this rank needs is read with
   `safe_open(...).get_slice(key)[rows or columns]`: only the bytes of the rank's slice are copied out of
   the mapped file. Routed experts outside the rank's block are never opened; a stacked expert tensor is
   allocated once (local experts only) and filled expert by expert. Peak host memory is the rank's share
   plus one tensor slice and the mapped pages of the current file.
-- Key names, the N-gram spellings, the fp32 router and the FP8 companions follow `longcat2.checkpoint`
+- Key names, the N-gram spellings, the fp32 router and the FP8 companions follow `longcat2.hf_checkpoint`
   (its key map and readers are reused). FP8 weights (`weight_scale_inv`, 128×128 blocks): with
   `fp8="dequantize"` the slice's covering scale blocks are read and the slice is dequantised; with
   `fp8="keep"` (see model/fp8.py) quantised linears stay float8 with their block scales.
@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from longcat2.checkpoint import (
+from longcat2.config import ModelConfig
+from longcat2.hf_checkpoint import (
     _FP32_PARAMS,
     _SCALE_SUFFIX,
     CheckpointError,
@@ -41,7 +42,6 @@ from longcat2.checkpoint import (
     _Slots,
     _weight_files,
 )
-from longcat2.config import ModelConfig
 from longcat2.model.fp8 import dequantize, fp8_targets, install_fp8
 from longcat2.parallel.inference import InferenceLayout, parallelize_for_inference
 

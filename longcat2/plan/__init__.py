@@ -17,7 +17,7 @@ Design choices:
 
 from __future__ import annotations
 
-from .cli import add_cli, build_plan, render
+from .cli import build_plan, render
 from .cluster import (
     Assumptions,
     Hardware,
@@ -42,7 +42,7 @@ from .model_math import (
 )
 
 __all__ = [
-    "Assumptions", "Hardware", "Layout", "PlanError", "ServeWorkload", "TrainWorkload", "add_cli", "build_plan",
+    "Assumptions", "Hardware", "Layout", "PlanError", "ServeWorkload", "TrainWorkload", "build_plan",
     "count_parameters", "decode_bytes_per_step", "flops_per_token", "indexer_cache_bytes_per_token",
     "kv_cache_bytes_per_token", "list_hardware", "load_hardware", "mtp_cache_bytes_per_token", "plan_serving",
     "plan_training", "render", "search_layouts", "validate_layout",

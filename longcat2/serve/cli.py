@@ -26,8 +26,8 @@ from longcat2.model_dir import MODEL_HELP
 def _cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
-    from longcat2.checkpoint import parse_size
     from longcat2.engine.cpu import choose_threads
+    from longcat2.hf_checkpoint import parse_size
     from longcat2.serve.app import ServeError, resolve_model_dir, run_server
     from longcat2.serve.core import ServerConfig
 
@@ -87,7 +87,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _size(text: str) -> str:
-    from longcat2.checkpoint import parse_size
+    from longcat2.hf_checkpoint import parse_size
 
     try:
         parse_size(text)

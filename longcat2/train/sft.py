@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from longcat2.train.checkpointing import resolve_init
 from longcat2.train.config import IGNORE, TrainConfig, TrainingError
+from longcat2.train.run_checkpoint import resolve_init
 
 VAL_SHARE = 0.05
 

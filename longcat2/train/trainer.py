@@ -1,19 +1,19 @@
 """The training loop behind `longcat2 train` (pre-training) and `longcat2 sft` (chat fine-tuning).
 
+The loop's neighbours: `task.py` (what it trains on: the Task protocol, pre-training shards, the choice
+of task), `loss.py` (masked CE and the typed loss parts), `env.py` (precision, determinism, CPU heap),
+`metrics.py` (metrics.jsonl and loss.png), `run_checkpoint.py` (the step_* directories), `optim.py`,
+`balance.py`, `sparse.py`.
+
 Design choices:
-- One `Trainer` for both modes; a *task* object supplies batches, evaluation batches, its resumable data
-  position and the tokenizer (`PretrainTask` here: token shards + `data.BatchSampler`; `SFTTask` in
-  `sft.py`: rendered chats with an assistant-only loss mask). Labels use -100 for "no loss".
-- One optimizer step = `grad_accum` micro-batches. Loss = next-token CE + `mtp_weight` · mean MTP CE
-  (step k predicts token t+k+1, labels y[:, k:]) + `z_loss` · hidden z-loss + `balance_loss` · device-level
-  balance loss (+ `indexer_loss` · the LSA indexer KL of `sparse.py`, dense rows for the first
-  `indexer_warmup` steps, then the selected set). After the step, the expert-bias controller
-  (balance.py) updates `e_score_correction_bias` from the step's routing counts.
-- Precision: fp32 master weights; `auto` = bf16 autocast where the device has bf16 kernels (an
-  accelerator that reports bf16 support, CPUs with AVX512-BF16/AMX: `bf16_supported`), else fp32; an explicit
-  `bf16` runs wherever bf16 autocast works (on other CPUs it is emulated and slower, with a warning). On CPU
-  the glibc heap is tuned so step temporaries are reused instead of page-faulted in again
-  (`tune_cpu_allocator`).
+- One `Trainer` for both modes; a task object (`task.py`) supplies batches, evaluation batches, its
+  resumable data position and the tokenizer.
+- One optimizer step = `grad_accum` micro-batches. The loss is the sum of weighted parts (`loss.py`: CE,
+  MTP, z-loss, balance loss, LSA indexer KL with dense rows for the first `indexer_warmup` steps, then the
+  selected set); each part travels as a `LossParts` field into the step's metrics. After the step, the
+  expert-bias controller (balance.py) updates `e_score_correction_bias` from the step's routing counts.
+- Precision and process set-up (`env.py`): fp32 master weights, bf16 autocast where it is fast (`auto`),
+  glibc heap tuning on CPU.
 - Non-finite loss or gradient norm: the step is skipped (grads dropped, no optimizer/bias update, the data
   still advances), counted (`skipped` in metrics.jsonl) and the run aborts with a clear message after
   `max_nonfinite` in a row.
@@ -39,7 +39,7 @@ Design choices:
   --batch-size and --grad-accum may change on resume, to keep the global batch (batch_size x grad_accum x
   ranks) at another world size.
 - Outputs under OUT: metrics.jsonl (one `train` line per step, `eval` lines with val loss and bits per
-  byte), loss.png (matplotlib, Agg), checkpoints/step_XXXXXXXX (see checkpointing.py), train_config.json.
+  byte) and loss.png (see metrics.py), checkpoints/step_XXXXXXXX (see run_checkpoint.py), train_config.json.
 """
 
 from __future__ import annotations
@@ -47,226 +47,31 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
-import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from longcat2 import parallel
 from longcat2.config import ModelConfig
 from longcat2.model import LongCatForCausalLM
 from longcat2.model_dir import ModelDirError
-from longcat2.train import balance, checkpointing
-from longcat2.train.config import IGNORE, RESUME_MUTABLE, TrainConfig, TrainingError
+from longcat2.train import balance, run_checkpoint
+from longcat2.train.config import RESUME_MUTABLE, TrainConfig, TrainingError
+from longcat2.train.env import resolve_precision, setup_determinism, tune_cpu_allocator
+from longcat2.train.loss import LossParts, masked_ce
+from longcat2.train.metrics import plot_metrics, read_metrics, truncate_metrics
 from longcat2.train.optim import MuonAdamW, Schedule, apply_schedule, param_groups_for
+from longcat2.train.task import make_task
 
-log = logging.getLogger(__name__)
-
-
-__all__ = ["RESUME_MUTABLE", "IGNORE", "PretrainTask", "TrainConfig", "Trainer", "TrainingError", "run"]
+__all__ = ["Trainer", "run"]
 
 
-# ---------------------------------------------------------------------- tasks
-class Task(Protocol):
-    tokenizer_dir: Path | None
-    bytes_per_token: float | None
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def eval_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def describe(self) -> str: ...
-
-
-class PretrainTask:
-    """Token shards → (x, y) windows; eval on the first `n` batches of a fixed-seed sampler over `val`."""
-
-    def __init__(self, cfg: TrainConfig, rank: int, world: int) -> None:
-        from longcat2 import data
-
-        self.cfg = cfg
-        max_bytes = cfg.data_max_bytes or None
-        try:
-            shard_dir = data.ensure_prepared(
-                cfg.data, cfg.data_cache, cfg.vocab_size, tokenizer=cfg.tokenizer, max_bytes=max_bytes
-            )
-            self.shards = data.TokenShards(shard_dir)
-            self.sampler = data.BatchSampler(
-                self.shards.train, cfg.batch_size, cfg.seq_len, cfg.seed, rank=rank, world_size=world
-            )
-        except data.DataError as e:
-            raise TrainingError(f"data: {e}") from e
-        tok_dir = cfg.tokenizer or self.shards.tokenizer_dir
-        self.tokenizer_dir = Path(tok_dir) if tok_dir else None
-        self.rank, self.world = rank, world
-        val = self.shards.val
-        self.val = val if len(val) >= cfg.seq_len + 1 else None
-        vb = self.shards.meta["splits"]["val"].get("text_bytes") or 0
-        vt = self.shards.meta["splits"]["val"].get("tokens") or 0
-        self.bytes_per_token = vb / vt if vb and vt else None
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return next(self.sampler)
-
-    def eval_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        from longcat2 import data
-
-        if self.val is None or n <= 0:
-            return []
-        s = data.BatchSampler(
-            self.val, self.cfg.batch_size, self.cfg.seq_len, 1234, rank=self.rank, world_size=self.world
-        )
-        n = min(n, max(1, s.windows_per_epoch // (self.cfg.batch_size * self.world)))
-        return [next(s) for _ in range(n)]
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state)
-
-    def describe(self) -> str:
-        m = self.shards.meta["splits"]
-        return f"data {self.shards.dir}: {m['train']['tokens']:,} train / {m['val']['tokens']:,} val tokens"
-
-
-# ---------------------------------------------------------------------- helpers
-def tune_cpu_allocator() -> bool:
-    """Keep freed large blocks in glibc's heap instead of unmapping them (Linux/glibc only).
-
-    PyTorch's CPU allocator hands every tensor to malloc; glibc serves big ones with mmap and returns them
-    on free, so each training step page-faults its activations, gradients and optimizer temporaries in
-    again (measured: 2.5x slower steps for a 46 M-parameter model in a VM). Raising the mmap and trim
-    thresholds makes the heap reuse them. Returns whether both settings were accepted.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 31))
-    except (OSError, AttributeError):
-        return False
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast has fast kernels on `device`, for any device type: CPUs with AVX512-BF16/AMX
-    (oneDNN), an accelerator whose torch module reports it (`torch.<type>.is_bf16_supported`), else a tiny
-    bf16 matmul that must run."""
-    if not torch.amp.is_autocast_available(device.type):
-        return False
-    if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    check = getattr(getattr(torch, device.type, None), "is_bf16_supported", None)
-    if callable(check):
-        return bool(check())
-    return bf16_runs(device)
-
-
-def bf16_runs(device: torch.device) -> bool:
-    """Whether bf16 autocast works at all on `device` (fast or emulated): a tiny bf16 matmul must run."""
-    if not torch.amp.is_autocast_available(device.type):
-        return False
-    try:
-        x = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
-        return bool(torch.isfinite(x @ x).all())
-    except (RuntimeError, NotImplementedError):
-        return False
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. `auto` takes bf16 only where it has fast kernels; `bf16`
-    takes it wherever it runs."""
-    if name == "fp32":
-        return None
-    fast = bf16_supported(device)
-    if name == "bf16" and not fast:
-        if not bf16_runs(device):
-            raise TrainingError(f"precision: bf16 does not run on {device}; use --precision fp32")
-        log.warning("precision: %s has no native bf16 kernels; bf16 is emulated (slower than fp32)", device)
-        return torch.bfloat16
-    return torch.bfloat16 if fast else None
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Parse metrics.jsonl, skipping a torn last line."""
-    out = []
-    p = Path(path)
-    if not p.is_file():
-        return out
-    for line in p.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            rec = json.loads(line)
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only records with step <= `step` (atomically)."""
-    keep = [r for r in read_metrics(path) if int(r.get("step", 0)) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, path)
-
-
-def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
-    """Loss curve (train loss, its EMA, validation loss) → PNG, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = read_metrics(metrics_path)
-    tr = [(r["step"], r["loss"]) for r in recs if r.get("type") == "train" and r.get("loss") is not None]
-    ev = [(r["step"], r["val_loss"]) for r in recs if r.get("type") == "eval"]
-    tr = [(s, v) for s, v in tr if math.isfinite(v)]
-    if not tr:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    steps, losses = zip(*tr)
-    ax.plot(steps, losses, lw=0.8, alpha=0.4, label="train loss")
-    ema, smooth = losses[0], []
-    for v in losses:
-        ema = 0.9 * ema + 0.1 * v
-        smooth.append(ema)
-    ax.plot(steps, smooth, lw=1.5, label="train loss (EMA 0.9)")
-    if ev:
-        es, el = zip(*ev)
-        ax.plot(es, el, "o-", lw=1.5, label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    png = Path(png_path)
-    tmp = png.with_name(".tmp-" + png.name)
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, png)
-
-
-def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean CE over labels != IGNORE (0 with a graph when there are none) and the count."""
-    flat = labels.reshape(-1)
-    n = int((flat != IGNORE).sum())
-    loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE, reduction="sum"
-    )
-    return loss / max(n, 1), n
-
-
-# ---------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: TrainConfig, explicit: set[str] | None = None) -> None:
         self.out = Path(cfg.out)
@@ -275,7 +80,7 @@ class Trainer:
         self.resume_from: Path | None = None
         skipped: list[str] = []
         if cfg.resume:
-            self.resume_from, skipped = checkpointing.latest_good_checkpoint(self.ckpt_root)
+            self.resume_from, skipped = run_checkpoint.latest_good_checkpoint(self.ckpt_root)
             if skipped and self.resume_from is None:
                 raise TrainingError(
                     "--resume: no readable checkpoint in "
@@ -283,7 +88,7 @@ class Trainer:
                 )
             if self.resume_from is not None:
                 cfg = self._merge_resumed_config(cfg, explicit)
-        elif checkpointing.latest_checkpoint(self.ckpt_root) is not None:
+        elif run_checkpoint.latest_checkpoint(self.ckpt_root) is not None:
             raise TrainingError(
                 f"{self.out} already holds checkpoints; pass --resume to continue that run or choose another --out"
             )
@@ -297,11 +102,11 @@ class Trainer:
         for why in skipped:
             self._log(f"warning: resume skips a checkpoint that cannot be read back: {why}")
         self.sharded = self.world > 1  # the model is parallelized (FSDP2 + EP)
-        self.resume_sharded = self.resume_from is not None and checkpointing.is_sharded(self.resume_from)
+        self.resume_sharded = self.resume_from is not None and run_checkpoint.is_sharded(self.resume_from)
         self.sharded_checkpoints = self.sharded or self.resume_sharded
         if self.device.type == "cpu":
             tune_cpu_allocator()
-        self._setup_determinism()
+        setup_determinism(cfg.deterministic, cfg.threads)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
@@ -309,7 +114,7 @@ class Trainer:
 
         random.seed(cfg.seed)
 
-        self.task = self._make_task()
+        self.task = make_task(cfg, self.rank, self.world)
         self.model = self._make_model().to(self.device)
         self.model.train()
         if cfg.grad_checkpointing:
@@ -386,10 +191,10 @@ class Trainer:
         saved_json = self.resume_from / "train_config.json"
         if saved_json.is_file():
             saved = json.loads(saved_json.read_text())
-        elif checkpointing.is_sharded(self.resume_from):
+        elif run_checkpoint.is_sharded(self.resume_from):
             saved = parallel.load_extra(self.resume_from)["config"]
         else:
-            saved = checkpointing.load_trainer_state(self.resume_from)["config"]
+            saved = run_checkpoint.load_trainer_state(self.resume_from)["config"]
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         base = TrainConfig(**{k: v for k, v in saved.items() if k in known})
         names = known if explicit is None else explicit
@@ -410,34 +215,6 @@ class Trainer:
         base.ep = cfg.ep  # a property of this launch (its process count), not of the run
         return base
 
-    def _setup_determinism(self) -> None:
-        cfg = self.cfg
-        threads = cfg.threads
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
-        if threads:
-            torch.set_num_threads(threads)
-
-    def _make_task(self) -> Task:
-        from longcat2.train.synthetic import PreparedTask, SyntheticTask, read_task_meta
-
-        cfg = self.cfg
-        task_cls = SyntheticTask if cfg.data.startswith("task:") else None
-        if task_cls is None and read_task_meta(cfg.data) is not None:
-            task_cls = PreparedTask
-        if task_cls is not None:
-            try:
-                return task_cls(cfg.data, cfg.batch_size, cfg.seq_len, cfg.seed, self.rank, self.world)
-            except ValueError as e:
-                raise TrainingError(str(e)) from e
-        if self.cfg.mode == "sft":
-            from longcat2.train.sft import SFTTask
-
-            return SFTTask(self.cfg, self.rank, self.world)
-        return PretrainTask(self.cfg, self.rank, self.world)
-
     def _tokenizer(self):
         from longcat2.tokenizer import load_tokenizer
 
@@ -448,13 +225,13 @@ class Trainer:
     def _make_model(self) -> LongCatForCausalLM:
         cfg = self.cfg
         if self.resume_sharded:  # weights are loaded after parallelize, together with the optimizer
-            return checkpointing.model_from_sharded(self.resume_from)
+            return run_checkpoint.model_from_sharded(self.resume_from)
         if self.resume_from is not None:
-            return checkpointing.load_model(self.resume_from)
+            return run_checkpoint.load_model(self.resume_from)
         if hasattr(self.task, "vocab_size") and self.task.tokenizer_dir is None:  # synthetic tasks
             if cfg.init:
                 return self._init_with_overrides(
-                    checkpointing.load_model(checkpointing.resolve_init(cfg.init))
+                    run_checkpoint.load_model(run_checkpoint.resolve_init(cfg.init))
                 )
             ids = dict(vocab_size=self.task.vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
             overrides = {**cfg.model_overrides, **ids, "torch_dtype": "float32"}
@@ -464,9 +241,9 @@ class Trainer:
                 raise TrainingError(f"model config: {e}") from e
         tok = self._tokenizer()
         if cfg.init:
-            path = checkpointing.resolve_init(cfg.init)
+            path = run_checkpoint.resolve_init(cfg.init)
             self._log(f"init: weights from {path}")
-            model = self._init_with_overrides(checkpointing.load_model(path))
+            model = self._init_with_overrides(run_checkpoint.load_model(path))
             if model.config.vocab_size < tok.vocab_size:
                 raise TrainingError(
                     f"init: the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
@@ -540,7 +317,7 @@ class Trainer:
             if not loaded.rng_restored:
                 self._log(f"resume: RNG states are per rank; fresh seeds on {self.world} rank(s)")
         else:
-            st = checkpointing.load_trainer_state(ckpt)
+            st = run_checkpoint.load_trainer_state(ckpt)
             saved_world = int(st.get("world_size", 1))
             if self.sharded:
                 self._log(
@@ -574,14 +351,14 @@ class Trainer:
 
     def _tokenizer_files(self) -> list[Path]:
         d = self.task.tokenizer_dir
-        return [Path(d) / n for n in checkpointing.TOKENIZER_FILES] if d is not None else []
+        return [Path(d) / n for n in run_checkpoint.TOKENIZER_FILES] if d is not None else []
 
     def save(self) -> Path | None:
         """Checkpoint the current step (collective when sharded); returns its directory on rank 0."""
         path = None
         if self.sharded_checkpoints:
             path = parallel.save_sharded(
-                self.ckpt_root / checkpointing.step_dir_name(self.step),
+                self.ckpt_root / run_checkpoint.step_dir_name(self.step),
                 self.model,
                 self.optimizer,
                 extra={**self._run_state(), "model_config": self.model.config.to_dict()},
@@ -589,11 +366,11 @@ class Trainer:
                 files=[*self._tokenizer_files(), self.out / "train_config.json"],
             )
             if self.main:
-                parallel.prune_checkpoints(checkpointing.list_all(self.ckpt_root), self.cfg.keep_checkpoints)
+                parallel.prune_checkpoints(run_checkpoint.list_all(self.ckpt_root), self.cfg.keep_checkpoints)
             else:
                 path = None
         elif self.main:
-            path = checkpointing.save_checkpoint(
+            path = run_checkpoint.save_checkpoint(
                 self.ckpt_root,
                 self.step,
                 self.model,
@@ -620,37 +397,35 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], int]:
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, LossParts, int]:
+        """(weighted total loss with its graph, its parts, labelled tokens) of one micro-batch (loss.py)."""
         cfg = self.cfg
         with self._autocast():
             out = self.model(x, return_dict=True, with_mtp=cfg.mtp_weight > 0)
         ce, n = masked_ce(out.logits, y)
         total = ce
-        parts = {"ce": ce.detach()}
+        parts = LossParts(ce=float(ce.detach()))
         if cfg.mtp_weight > 0 and out.mtp_logits:
             mtp = torch.stack(
                 [masked_ce(lg, y[:, k:])[0] for k, lg in enumerate(out.mtp_logits, start=1)]
             ).mean()
             total = total + cfg.mtp_weight * mtp
-            parts["mtp"] = mtp.detach()
+            parts.mtp = float(mtp.detach())
         if cfg.z_loss > 0:
             z = balance.hidden_z_loss(out.hidden)
             total = total + cfg.z_loss * z
-            parts["z"] = z.detach()
+            parts.z = float(z.detach())
         if self.distiller is not None:
             ind = self.distiller.loss("dense" if self.step < cfg.indexer_warmup else "sparse")
             total = total + cfg.indexer_loss * ind.loss.to(total.device)
-            parts["indexer_kl"] = ind.loss.detach()
-            parts["indexer_recall"] = torch.tensor(sum(ind.recall) / max(1, len(ind.recall)))
-            parts["indexer_recall_ceiling"] = torch.tensor(
-                sum(ind.recall_ceiling) / max(1, len(ind.recall_ceiling))
-            )
-            for i, r in enumerate(ind.recall):
-                parts[f"indexer_recall@{i}"] = torch.tensor(r)
+            parts.indexer_kl = float(ind.loss.detach())
+            parts.indexer_recall = sum(ind.recall) / max(1, len(ind.recall))
+            parts.indexer_recall_ceiling = sum(ind.recall_ceiling) / max(1, len(ind.recall_ceiling))
+            parts.indexer_recall_per_layer = [float(r) for r in ind.recall]
         if cfg.balance_loss > 0 and self.moes:
             bal = balance.device_balance_loss(self.moes, cfg.balance_groups)
             total = total + cfg.balance_loss * bal
-            parts["balance"] = bal.detach()
+            parts.balance = float(bal.detach())
         return total, parts, n
 
     @torch.no_grad()
@@ -697,23 +472,24 @@ class Trainer:
         t0 = time.perf_counter()
         if self.stats is not None:
             self.stats.reset()
-        sums: dict[str, float] = {}
+        parts: list[LossParts] = []
+        total_sum = 0.0
         tokens = 0
         for _ in range(cfg.grad_accum):
             x, y = self.task.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            loss, parts, _ = self.forward_loss(x, y)
+            loss, micro, _ = self.forward_loss(x, y)
             if self.stats is not None:
                 self.stats.record(self.moes)
             (loss / cfg.grad_accum).backward()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
-            sums["total"] = sums.get("total", 0.0) + float(loss.detach()) / cfg.grad_accum
+            parts.append(micro)
+            total_sum += float(loss.detach()) / cfg.grad_accum
             tokens += x.numel()  # processed positions (SFT: padding included)
         # sharded: FSDP has averaged the gradients over ranks (experts: all-to-all + FSDP), see parallelize.py
         gnorm = float(parallel.clip_grad_norm_(self.params, cfg.grad_clip))  # global norm; 0 = no clipping
+        step_parts = LossParts.mean(parts)
         loss_t = (
-            parallel.all_reduce_sum(torch.tensor([sums["ce"], sums["total"]], dtype=torch.float64))
+            parallel.all_reduce_sum(torch.tensor([step_parts.ce, total_sum], dtype=torch.float64))
             / self.world
         )
         ce, total = float(loss_t[0]), float(loss_t[1])
@@ -748,18 +524,7 @@ class Trainer:
             "tokens_per_s": global_tokens / dt if dt > 0 else None,
             "step_time_s": dt,
         }
-        for k in ("mtp", "z", "balance"):
-            if k in sums:
-                rec[f"{k}_loss"] = sums[k]
-        for k in ("indexer_kl", "indexer_recall", "indexer_recall_ceiling"):
-            if k in sums:
-                rec[k] = sums[k]
-        layer_keys = sorted(
-            (k for k in sums if k.startswith("indexer_recall@")), key=lambda k: int(k.partition("@")[2])
-        )
-        per_layer = [sums[k] for k in layer_keys]
-        if per_layer:  # one entry per indexer-owning attention sublayer, in model order
-            rec["indexer_recall_per_layer"] = per_layer
+        rec.update(step_parts.metrics())
         if not finite:
             rec["skipped"] = True
             rec["nonfinite_in_row"] = self.nonfinite_in_row
@@ -829,7 +594,7 @@ class Trainer:
                         f"error: {self.nonfinite_in_row} steps in a row had a non-finite loss or gradient "
                         f"(limit --max-nonfinite {cfg.max_nonfinite}); stopped at step {self.step}. "
                         f"{self.nonfinite_total} step(s) skipped in total. Last good checkpoint: "
-                        f"{checkpointing.latest_checkpoint(self.ckpt_root) or 'none'}. "
+                        f"{run_checkpoint.latest_checkpoint(self.ckpt_root) or 'none'}. "
                         "Try a lower --lr, --grad-clip, or --precision fp32, or check the data."
                     )
                     status = 3
@@ -865,7 +630,7 @@ class Trainer:
         except KeyboardInterrupt:
             self._log(
                 f"interrupted after step {self.step}; --resume continues from the last checkpoint "
-                f"({checkpointing.latest_checkpoint(self.ckpt_root) or 'none yet'})"
+                f"({run_checkpoint.latest_checkpoint(self.ckpt_root) or 'none yet'})"
             )
             status = 130
         finally:
@@ -882,7 +647,7 @@ class Trainer:
                 self._log(
                     f"done: step {self.step}, loss {recs[0]['loss']:.4f} -> {recs[-1]['loss']:.4f}, "
                     f"{self.tokens_seen:,} tokens in {self.elapsed:.1f}s; checkpoint "
-                    f"{checkpointing.latest_checkpoint(self.ckpt_root)}"
+                    f"{run_checkpoint.latest_checkpoint(self.ckpt_root)}"
                 )
         return status
 

@@ -49,7 +49,7 @@ def log(msg: str) -> None:
 
 
 def latest(run: str | Path) -> Path | None:
-    from longcat2.train.checkpointing import latest_checkpoint
+    from longcat2.train.run_checkpoint import latest_checkpoint
 
     p = Path(run)
     if (p / "config.json").is_file():

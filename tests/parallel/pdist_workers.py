@@ -1,4 +1,4 @@
-"""Functions run on every rank by `longcat2.parallel.launch.run_distributed` (module-level so spawn can import them)."""
+"""Functions run on every rank by `pdist_launch.run_distributed` (module-level so spawn can import them)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,7 @@ mesh validation errors inside a real process group (one job, to pay the process 
 from __future__ import annotations
 
 import pdist_workers as W
-
-from longcat2.parallel.launch import run_distributed
+from pdist_launch import run_distributed
 
 
 def test_dispatch_combine_skewed_routing() -> None:

@@ -14,9 +14,9 @@ import pdist_recipe as R
 import pdist_workers as W
 import pytest
 import torch
+from pdist_launch import run_distributed
 
 from longcat2 import parallel as P
-from longcat2.parallel.launch import run_distributed
 
 STEPS, SAVE_AT = 4, 2
 RTOL = 1e-5

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from longcat2.train import checkpointing
-from longcat2.train.trainer import read_metrics
+from longcat2.train import run_checkpoint
+from longcat2.train.metrics import read_metrics
 
 
 def _args(prepared: Path, out: Path, precision: str) -> list[str]:
     return [
-        sys.executable, "-m", "longcat2.train", "train", "--data", str(prepared), "--out", str(out),
+        sys.executable, "-m", "longcat2", "train", "--data", str(prepared), "--out", str(out),
         "--steps", "14", "--batch-size", "4", "--seq-len", "64", "--save-every", "3", "--eval-every", "5",
         "--eval-batches", "2", "--deterministic", "--precision", precision, "--threads", "1", "--no-progress",
         "--no-plot", "--warmup", "2",
@@ -152,7 +152,7 @@ def test_sigkill_during_a_save_then_resume_is_bit_exact(prepared, tmp_path, ref_
     caught: list[str] = []
     try:
         while proc.poll() is None and not caught:
-            if ckpts.is_dir() and any(checkpointing.list_all(ckpts)):  # past the first save: catch the next
+            if ckpts.is_dir() and any(run_checkpoint.list_all(ckpts)):  # past the first save: catch the next
                 caught = [n for n in os.listdir(ckpts) if n.startswith(".tmp-step_")]
     finally:
         if proc.poll() is None:
@@ -176,7 +176,7 @@ def test_resume_falls_back_past_a_broken_newest_checkpoint(prepared, tmp_path, r
     empty`, on every rerun) and nothing temporary is left behind."""
     ref, cut = _reference(prepared, ref_root, "fp32"), tmp_path / "cut"
     _run_and_kill(_args(prepared, cut, "fp32"), cut, after_lines=10)
-    good, newest = [p for _, p in checkpointing.list_all(cut / "checkpoints")][-2:]
+    good, newest = [p for _, p in run_checkpoint.list_all(cut / "checkpoints")][-2:]
     action, name = damage.split()
     f = newest / name
     if action == "delete":
@@ -184,7 +184,7 @@ def test_resume_falls_back_past_a_broken_newest_checkpoint(prepared, tmp_path, r
     else:
         with open(f, "r+b") as fh:
             fh.truncate(f.stat().st_size // 2)
-    assert checkpointing.verify_checkpoint(newest) is not None
+    assert run_checkpoint.verify_checkpoint(newest) is not None
     err = _resume_to_the_end(prepared, cut)
     assert f"resumed from {good} " in err
     if action == "truncate":
@@ -192,4 +192,4 @@ def test_resume_falls_back_past_a_broken_newest_checkpoint(prepared, tmp_path, r
     assert _signature(ref) == _signature(cut)
     assert _leftovers(cut) == []
     remaining = sorted((cut / "checkpoints").iterdir())  # the rewritten step was pruned like any other
-    assert remaining and all(checkpointing.verify_checkpoint(p) is None for p in remaining)
+    assert remaining and all(run_checkpoint.verify_checkpoint(p) is None for p in remaining)

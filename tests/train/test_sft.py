@@ -8,8 +8,10 @@ import torch
 
 from longcat2.chat import render_with_mask
 from longcat2.tokenizer import load_tokenizer
+from longcat2.train.config import IGNORE, TrainConfig
+from longcat2.train.metrics import read_metrics
 from longcat2.train.sft import SFTTask
-from longcat2.train.trainer import IGNORE, TrainConfig, Trainer, read_metrics
+from longcat2.train.trainer import Trainer
 
 
 def _cfg(prepared, chats, out, **kw) -> TrainConfig:

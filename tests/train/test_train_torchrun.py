@@ -15,15 +15,11 @@ import pytest
 import torch
 
 from longcat2.model import LongCatForCausalLM
-from longcat2.train import checkpointing
-from longcat2.train.trainer import (
-    TrainConfig,
-    Trainer,
-    TrainingError,
-    bf16_supported,
-    read_metrics,
-    resolve_precision,
-)
+from longcat2.train import run_checkpoint
+from longcat2.train.config import TrainConfig, TrainingError
+from longcat2.train.env import bf16_supported, resolve_precision
+from longcat2.train.metrics import read_metrics
+from longcat2.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -98,15 +94,15 @@ needs_torchrun = pytest.mark.skipif(
 @needs_torchrun
 def test_torchrun_ep2_matches_one_process_then_resumes_on_one(prepared, reference, tmp_path):
     want = _train_recs(reference)
-    ref_model = lambda step: checkpointing.load_model(reference / "checkpoints" / f"step_{step:08d}")  # noqa: E731
+    ref_model = lambda step: run_checkpoint.load_model(reference / "checkpoints" / f"step_{step:08d}")  # noqa: E731
     # torchrun, 2 processes x batch 2, EP=2 (+ FSDP2 of the dense weights): the same first 4 steps
     out = tmp_path / "ep2"
     args = ["-m", "longcat2", "train", *_flags(data=prepared, out=out, threads=1, **COMMON)]
     _torchrun(2, *args, *_flags(steps=4, batch_size=2, ep=2))
     _close(_train_recs(out), want[:4], "torchrun 2 ranks, ep 2")
     root = out / "checkpoints"
-    ckpts = checkpointing.list_all(root)
-    assert [s for s, _ in ckpts] == [2, 4] and all(checkpointing.is_sharded(p) for _, p in ckpts)
+    ckpts = run_checkpoint.list_all(root)
+    assert [s for s, _ in ckpts] == [2, 4] and all(run_checkpoint.is_sharded(p) for _, p in ckpts)
     assert json.loads((ckpts[-1][1] / "meta.json").read_text())["world_size"] == 2
     assert (ckpts[-1][1] / "tokenizer.json").is_file()
     # the full HF export loads with from_pretrained and equals the one-process weights at step 4
@@ -119,12 +115,12 @@ def test_torchrun_ep2_matches_one_process_then_resumes_on_one(prepared, referenc
     assert "resumed from" in p.stderr and "step_00000004" in p.stderr
     assert "global batch changes" not in p.stderr
     _close(_train_recs(out), want[:6], "2 ranks for steps 1-4, then 1 process from the sharded checkpoint")
-    assert [s for s, _ in checkpointing.list_all(root)] == [4, 6]  # keep_checkpoints 2
-    last = checkpointing.latest_checkpoint(root)
-    assert checkpointing.is_sharded(last)  # the run stays sharded
+    assert [s for s, _ in run_checkpoint.list_all(root)] == [4, 6]  # keep_checkpoints 2
+    last = run_checkpoint.latest_checkpoint(root)
+    assert run_checkpoint.is_sharded(last)  # the run stays sharded
     assert json.loads((last / "meta.json").read_text())["world_size"] == 1
-    final = checkpointing.load_model(
-        checkpointing.resolve_init(out)
+    final = run_checkpoint.load_model(
+        run_checkpoint.resolve_init(out)
     )  # a sharded checkpoint, as --init reads it
     _assert_same_weights(final, LongCatForCausalLM.from_pretrained(out / "hf", dtype=torch.float32), atol=0)
     _assert_same_weights(final, ref_model(6), atol=1e-5)
@@ -141,7 +137,7 @@ def test_one_process_checkpoint_resumes_on_two_ranks(prepared, reference, tmp_pa
     assert "optimizer moments restart on 2 ranks" in p.stderr, p.stderr[-3000:]
     assert "global batch changes" not in p.stderr
     _close(_train_recs(out), _train_recs(reference)[6:7], "2 ranks resumed from a one-process checkpoint")
-    layouts = [(s, checkpointing.is_sharded(d)) for s, d in checkpointing.list_all(out / "checkpoints")]
+    layouts = [(s, run_checkpoint.is_sharded(d)) for s, d in run_checkpoint.list_all(out / "checkpoints")]
     assert layouts == [(6, False), (7, True)]
 
 

@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from longcat2.model import LongCatForCausalLM
-from longcat2.train import add_cli, checkpointing, config_from_args
-from longcat2.train.trainer import TrainConfig, Trainer, TrainingError, read_metrics
+from longcat2.train import run_checkpoint
+from longcat2.train.cli import add_cli, config_from_args
+from longcat2.train.config import TrainConfig, TrainingError
+from longcat2.train.metrics import read_metrics
+from longcat2.train.trainer import Trainer
 
 
 def _cfg(prepared, out, **kw) -> TrainConfig:
@@ -51,7 +54,7 @@ def test_tiny_run_loss_falls_and_writes_everything(prepared, tmp_path, umask_027
     # outputs
     out = tmp_path / "run"
     assert (out / "loss.png").stat().st_size > 1000
-    ckpts = checkpointing.list_checkpoints(out / "checkpoints")
+    ckpts = run_checkpoint.list_checkpoints(out / "checkpoints")
     assert [s for s, _ in ckpts] == [20, 30]  # keep_checkpoints=2
     latest = ckpts[-1][1]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"):
@@ -59,7 +62,7 @@ def test_tiny_run_loss_falls_and_writes_everything(prepared, tmp_path, umask_027
     loaded = LongCatForCausalLM.from_pretrained(latest, dtype=torch.float32)
     for (n, a), b in zip(t.model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), n  # weights and the routing bias buffers
-    st = checkpointing.load_trainer_state(latest)
+    st = run_checkpoint.load_trainer_state(latest)
     assert st["step"] == 30 and "optimizer" in st and "rng" in st and "data" in st
     umask_027(
         out
@@ -104,13 +107,13 @@ def test_checkpoint_write_is_atomic_when_interrupted(prepared, tmp_path, monkeyp
             raise KeyboardInterrupt  # an interruption the trainer does not checkpoint
         return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(checkpointing.torch, "save", dying_save)
+    monkeypatch.setattr(run_checkpoint.torch, "save", dying_save)
     assert t.train() == 130
     root = out / "checkpoints"
-    assert [s for s, _ in checkpointing.list_checkpoints(root)] == [4]  # the last good one, intact
+    assert [s for s, _ in run_checkpoint.list_checkpoints(root)] == [4]  # the last good one, intact
     assert any(p.name.startswith(".tmp-") for p in root.iterdir())  # the partial write, hidden
-    assert checkpointing.load_trainer_state(root / "step_00000004")["step"] == 4
-    monkeypatch.setattr(checkpointing.torch, "save", real_save)
+    assert run_checkpoint.load_trainer_state(root / "step_00000004")["step"] == 4
+    monkeypatch.setattr(run_checkpoint.torch, "save", real_save)
     # resume: leftovers removed, continues from step 4, metrics cut back to it
     t2 = Trainer(_cfg(prepared, out, steps=8, save_every=4, eval_every=0, resume=True))
     assert t2.step == 4

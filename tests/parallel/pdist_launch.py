@@ -1,6 +1,7 @@
 """Run a function in N local processes as a torchrun-style job: spawn, a free port per run, a timeout.
 
-Used by the multi-process tests and `bench/ep_alltoall.py`; `torchrun` is the launcher for real jobs.
+Used by the multi-process tests and `bench/ep_alltoall.py` (test and benchmark harness, so it lives with the
+tests, not in the package); `torchrun` is the launcher for real jobs.
 
 `run_distributed(fn, world_size, *args)` starts `world_size` processes with the spawn start method (fork +
 gloo can deadlock inside big pytest sessions), sets the torchrun environment variables (RANK, WORLD_SIZE,

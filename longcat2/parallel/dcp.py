@@ -21,7 +21,7 @@ Design choices:
 - RNG states are per rank and restored only when the world size is unchanged; at another world size the
   caller keeps its fresh seeds (the data position is global, not per rank, so it always carries over).
 - `export_hf` gathers the full state dict to rank 0 (CPU) and writes a `from_pretrained`-loadable HF
-  checkpoint with `longcat2.checkpoint.save_pretrained` (released per-expert key names).
+  checkpoint with `longcat2.hf_checkpoint.save_pretrained` (released per-expert key names).
 """
 
 from __future__ import annotations
@@ -312,19 +312,15 @@ def export_hf(
     sd = full_state_dict(model)
     out: Path | None = None
     if _rank_world()[0] == 0:
-        from longcat2 import checkpoint as hf
+        from longcat2 import hf_checkpoint
         from longcat2.model import LongCatForCausalLM
 
         cfg = model.config  # type: ignore[attr-defined]
-        plain = (
-            hf._build_on_meta(LongCatForCausalLM, cfg)
-            if hasattr(hf, "_build_on_meta")
-            else LongCatForCausalLM(cfg)
-        )
+        plain = hf_checkpoint._build_on_meta(LongCatForCausalLM, cfg)
         plain.load_state_dict(sd, strict=True, assign=True)
         if getattr(cfg, "tie_word_embeddings", False):  # assign=True gave the two names separate tensors
             plain.lm_head.weight = plain.model.embed_tokens.weight
-        out = hf.save_pretrained(plain, path, dtype=dtype)
+        out = hf_checkpoint.save_pretrained(plain, path, dtype=dtype)
         for f in files or []:
             if Path(f).is_file():
                 shutil.copyfile(f, out / Path(f).name)

@@ -1,4 +1,7 @@
-"""Training checkpoints: HF-layout model + tokenizer + trainer state, written atomically.
+"""A training run's checkpoints (`OUT/checkpoints/step_*`): HF-layout model + tokenizer + trainer state.
+
+Named for what it holds: the state a run resumes from, written atomically. The model files inside are
+`longcat2.hf_checkpoint`'s format (one process) or `longcat2.parallel.dcp`'s sharded layout (torchrun).
 
 Layout of `OUT/checkpoints/step_00000200/` (one process):
     config.json, model.safetensors        the model (`LongCatForCausalLM.from_pretrained(dir)` loads it)
@@ -6,7 +9,7 @@ Layout of `OUT/checkpoints/step_00000200/` (one process):
     trainer_state.pt                       optimizer, step, data position, every RNG, counters, run config
     train_config.json                      the run config, for people
 
-A run on several processes (torchrun) writes the sharded layout of `longcat2.parallel.checkpoint` into the
+A run on several processes (torchrun) writes the sharded layout of `longcat2.parallel.dcp` into the
 same `step_*` names instead (DCP shards, `extra.pt`, per-rank RNG, `meta.json`, tokenizer files); the
 listings and `load_model` here read both.
 
@@ -17,7 +20,7 @@ Design choices:
   directory, which the next run deletes. Pruning old checkpoints renames them to `.del-*` before deleting,
   so a half-deleted directory never looks like a checkpoint, and it happens only after the new one is in
   place: the last good checkpoint is never replaced by a partial one. (The fsync, prune, leftover and RNG
-  helpers are `longcat2.parallel.checkpoint`'s: one implementation for both layouts.)
+  helpers are `longcat2.parallel.dcp`'s: one implementation for both layouts.)
 - `latest_checkpoint` picks the highest step directory that is complete in either layout; no "latest"
   pointer file to get out of sync. Resuming trusts nothing unread: `latest_good_checkpoint` verifies the
   candidates newest first (`verify_checkpoint`: the trainer state loads, every safetensors file's header
@@ -29,7 +32,7 @@ Design choices:
   and leaves no `.tmp-*` behind.
 - The trainer state is saved with `torch.save` and loaded with `weights_only=True` (no pickled code):
   RNG states of numpy/python are stored as plain lists.
-- Model files go through `longcat2.checkpoint` (released key names, per-expert tensors), so a checkpoint
+- Model files go through `longcat2.hf_checkpoint` (released key names, per-expert tensors), so a checkpoint
   directory is also a model directory for `from_pretrained`, `longcat2 sft --init`, evals and serving.
 """
 
@@ -46,8 +49,8 @@ import torch
 from longcat2.config import ModelConfig
 from longcat2.model import LongCatForCausalLM
 from longcat2.model_dir import resolve_model_dir
-from longcat2.parallel import checkpoint as sharded
-from longcat2.parallel.checkpoint import fsync_dir, fsync_tree, list_step_dirs, prune_checkpoints
+from longcat2.parallel import dcp
+from longcat2.parallel.dcp import fsync_dir, fsync_tree, list_step_dirs, prune_checkpoints
 from longcat2.tokenizer import TOKENIZER_FILES
 
 PREFIX = "step_"
@@ -61,7 +64,7 @@ def step_dir_name(step: int) -> str:
 # ---------------------------------------------------------------------- model files
 def save_model(model: LongCatForCausalLM, path: str | Path) -> None:
     """Write the model in HF layout (config.json + safetensors, released key names) to the new dir `path`."""
-    from longcat2.checkpoint import save_pretrained
+    from longcat2.hf_checkpoint import save_pretrained
 
     save_pretrained(model, path)
 
@@ -71,7 +74,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LongCatF
     size; collective when a process group is up) with fp32 weights, in train mode."""
     if is_sharded(path):
         model = model_from_sharded(path)
-        sharded.load_sharded(path, model, restore_rng=False)
+        dcp.load_sharded(path, model, restore_rng=False)
         return model.to(device).train()
     model = LongCatForCausalLM.from_pretrained(path, dtype=torch.float32, device=device)
     return model.train()
@@ -80,9 +83,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LongCatF
 def model_from_sharded(path: str | Path) -> LongCatForCausalLM:
     """A model of a sharded checkpoint's architecture (`extra["model_config"]`), initialised without
     touching the global RNG; its weights are to be loaded from the checkpoint."""
-    cfg = sharded.load_extra(path).get("model_config")
+    cfg = dcp.load_extra(path).get("model_config")
     if not isinstance(cfg, dict):
-        raise FileNotFoundError(f"{path}: the sharded checkpoint has no model_config in {sharded.EXTRA}")
+        raise FileNotFoundError(f"{path}: the sharded checkpoint has no model_config in {dcp.EXTRA}")
     with torch.random.fork_rng(devices=[]):
         return LongCatForCausalLM(ModelConfig(**cfg)).train()
 
@@ -104,7 +107,7 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 def list_all(root: str | Path) -> list[tuple[int, Path]]:
     """(step, dir) of the complete checkpoints under `root` in either layout (HF or sharded), oldest first."""
-    return sorted(list_checkpoints(root) + sharded.list_sharded(root, PREFIX))
+    return sorted(list_checkpoints(root) + dcp.list_sharded(root, PREFIX))
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -114,7 +117,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def is_sharded(path: str | Path) -> bool:
     """A complete checkpoint in the sharded (torchrun) layout."""
-    return sharded.is_complete(path)
+    return dcp.is_complete(path)
 
 
 def save_checkpoint(
@@ -177,7 +180,7 @@ def verify_checkpoint(ckpt: str | Path) -> str | None:
     ckpt = Path(ckpt)
     try:
         if is_sharded(ckpt):
-            sharded.load_extra(ckpt)
+            dcp.load_extra(ckpt)
             return None
         load_trainer_state(ckpt, mmap=True)
         json.loads((ckpt / "config.json").read_text())

@@ -13,9 +13,9 @@ from hf_reference import legacy_zero_expert_layout, random_longcat_flash
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import longcat2.checkpoint as ckpt
-from longcat2.checkpoint import CheckpointError, dequantize_fp8_blockwise
+import longcat2.hf_checkpoint as ckpt
 from longcat2.config import ConfigError, ModelConfig
+from longcat2.hf_checkpoint import CheckpointError, dequantize_fp8_blockwise
 from longcat2.model.longcat import LongCatForCausalLM
 
 YARN = {

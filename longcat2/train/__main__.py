@@ -1,5 +1,0 @@
-import sys
-
-from longcat2.train import main
-
-sys.exit(main())
