@@ -357,3 +357,18 @@ def test_cli_search_needs_a_cluster_size() -> None:
              "--global-batch", "512", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["search"]["chips"] == 128
+
+
+def test_hierarchical_indexing_decode_bytes() -> None:
+    """HI at 1M (LongCat-2.0, fp8 keys): the indexer reads the bf16 sub-block means of every page plus the
+    keys of the 1024 kept pages of 128 tokens, instead of every key; below lsa_hi_min_len nothing changes."""
+    cfg = ModelConfig.from_preset("longcat-2.0").replace(lsa_hi=True)
+    ctx = 1 << 20
+    d = decode_bytes_per_step(cfg, ctx, 2, 1)
+    passes = 38
+    assert d["hi"] and d["indexer"] == passes * (ctx / 8 * 128 * 2 + 1024 * 128 * 132)
+    off = decode_bytes_per_step(cfg.replace(lsa_hi=False), ctx, 2, 1)
+    assert off["indexer"] == passes * ctx * 132 and not off["hi"]
+    assert d["ratio"] > 2.5 * off["ratio"]
+    short = decode_bytes_per_step(cfg, 200_000, 2, 1)  # under the 256K switch-on length
+    assert not short["hi"] and short["indexer"] == passes * 200_000 * 132

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from longcat2.config import PRESETS, parse_override
+from longcat2.engine.cli import add_index_args
 from longcat2.model_dir import MODEL_HELP
 
 
@@ -59,7 +60,13 @@ def _cmd_longctx(args: argparse.Namespace) -> int:
     model = _load_model(args)
     lengths = list(dict.fromkeys(n for word in args.lengths for n in word))  # flattened, in order, once each
     res = evaluate_longctx(
-        model, args.task, lengths, depths=args.depths, per_cell=args.per_cell, seed=args.seed
+        model,
+        args.task,
+        lengths,
+        depths=args.depths,
+        per_cell=args.per_cell,
+        seed=args.seed,
+        index_dtype=args.index_dtype,
     )
     if args.heatmap:
         res["heatmap"] = str(heatmap(res, args.heatmap))
@@ -118,6 +125,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
             help="override a shape-preserving model config field, e.g. index_topk=128 (repeatable)",
         )
         q.add_argument("--threads", type=int, default=1)
+        if name == "longctx":  # (ppl runs the model's forward, which has no cache)
+            add_index_args(q, override=False)
         q.add_argument("--seed", type=int, default=1234)
         q.set_defaults(func=func)
         if name == "longctx":

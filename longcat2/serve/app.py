@@ -236,6 +236,7 @@ def load_state(config: ServerConfig) -> ServerState:
     """Load the model, tokenizer and engine named by `config` and wrap them in a `ServerState`."""
     import torch
 
+    from longcat2.config import ConfigError, with_inference_overrides
     from longcat2.engine import Engine
     from longcat2.model.longcat import LongCatForCausalLM
     from longcat2.tokenizer import TokenizerError, load_tokenizer
@@ -250,6 +251,10 @@ def load_state(config: ServerConfig) -> ServerState:
         model = LongCatForCausalLM.from_pretrained(path, dtype=dtype)
     except (ValueError, OSError) as e:
         raise ServeError(f"cannot load the model from {path}: {e}") from e
+    try:
+        model.config = with_inference_overrides(model.config, config.model_overrides)
+    except ConfigError as e:
+        raise ServeError(f"--override {e}") from e
     cfg = model.config
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ServeError(
@@ -271,6 +276,7 @@ def load_state(config: ServerConfig) -> ServerState:
         detokenize=tokenizer.decode,
         eos_token_id=tokenizer.eos_id,
         prefix_cache_bytes=config.prefix_cache_bytes,
+        index_dtype=config.index_dtype,
     )
     metrics = Metrics()
     metrics.prefix_cache = engine.prefix_cache_stats
