@@ -179,7 +179,6 @@ def _fine(
     head = torch.arange(init, p0 * page, device=dev)  # [S0] same for every row
     tail = ((nc + p0) * page)[:, None] + ar  # [C, P] (< P of them are dynamic tokens)
     tail_ok = tail <= (q_pos - local)[:, None]
-    page_keys = _page_keys(cache, lid, blocks, kept, page)  # [C, k·P, d]
     tok_keys = cache.dequant_index(
         lid, cache.slots(blocks, torch.cat([head.expand(c, -1), tail.clamp(max=int(q_pos[-1]))], 1)).flatten()
     )
@@ -189,16 +188,15 @@ def _fine(
     def score(keys: torch.Tensor) -> torch.Tensor:  # keys [C, M, d] → [C, M] (q·kᵀ: M is the long output dim)
         return torch.bmm(wf, torch.bmm(qf, keys.transpose(1, 2)).relu_())[:, 0]
 
-    scores = torch.cat(
-        [
-            score(tok_keys[:, : head.numel()]),
-            score(page_keys),
-            score(tok_keys[:, head.numel() :]).masked_fill_(~tail_ok, NEG_INF),
-        ],
-        dim=1,
-    )  # [C, S0 + k·P + P]
-    cols = select_dynamic(scores, topk - init - local)  # [C, kd] ascending columns
     s0, kp = head.numel(), k * page
+    scores = torch.empty(c, s0 + kp + page, dtype=torch.float32, device=dev)  # [C, S0 + k·P + P]
+    scores[:, :s0] = score(tok_keys[:, :s0])
+    per_tile = max(1, FINE_ELEMS // (c * page * cache.index_head_dim))  # pages per [C, pages·P, d] tile
+    for j in range(0, k, per_tile):
+        page_keys = _page_keys(cache, lid, blocks, kept[:, j : j + per_tile], page)  # [C, pages·P, d]
+        scores[:, s0 + j * page : s0 + j * page + page_keys.shape[1]] = score(page_keys)
+    scores[:, s0 + kp :] = score(tok_keys[:, s0:]).masked_fill_(~tail_ok, NEG_INF)
+    cols = select_dynamic(scores, topk - init - local)  # [C, kd] ascending columns
     in_pages = (cols >= s0) & (cols < s0 + kp)
     rel = (cols - s0).clamp(0, kp - 1)
     pos_pages = torch.gather(kept, 1, rel // page) * page + rel % page
