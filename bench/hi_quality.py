@@ -9,7 +9,7 @@ that the model's own selection (`MLA.select`, no cache) computes from the same i
 
 - set overlap: |S_HI ∩ S_exact| / |S_exact| per row (rows that see more than top-k keys), mean and 5th pct;
 - attention mass: the owner sublayer's dense attention probability (mean over heads) that S_HI captures,
-  over the mass S_exact captures, per row (mean and 5th pct).
+  over the mass S_exact captures, per row (mean and 5th pct), and summed over all rows (total HI / exact).
 
 HI settings are scaled to the model: LongCat-2.0 keeps 1024 pages x 128 = 64 x top-k tokens out of 1M;
 here `--page`, `--block`, `--top-pages` (default 16-token pages, 4-token sub-blocks, 16 pages = 256 tokens =
@@ -144,7 +144,7 @@ def main() -> None:
           f"{base.index_local_tokens} local), HI pages of {args.page}, sub-blocks of {args.block}, {args.top_pages} "
           f"pages kept ({args.top_pages * args.page} tokens) from {hi_cfg.lsa_hi_min_len} keys")  # fmt: skip
     seqs = sequences(tok, args.length, args.sequences)
-    ov, mass, fp8_ov = [], [], []
+    ov, mass, fp8_ov, tot = [], [], [], [0.0, 0.0]
     for ids in seqs:
         model.config = hi_cfg
         got = run_engine(model, ids, args.chunk)
@@ -154,6 +154,8 @@ def main() -> None:
             rows = slice(topk, None)
             ov.append(overlap(sel_hi[rows], exact[rows]))
             mass.append(m_hi[rows] / m_exact[rows])
+            tot[0] += float(m_hi[rows].sum())
+            tot[1] += float(m_exact[rows].sum())
             print(f"  layer {li}: overlap {stat(ov[-1])}; attention mass HI / exact {stat(mass[-1])}; "
                   f"exact top-k captures {float(m_exact[rows].mean()):.3f} of the dense mass", flush=True)  # fmt: skip
         if args.fp8:
@@ -162,7 +164,7 @@ def main() -> None:
                 fp8_ov.append(overlap(sel["fp8"][li][1][topk:], sel["bf16"][li][1][topk:]))
                 print(f"  layer {li}: fp8 vs bf16 index keys overlap {stat(fp8_ov[-1])}", flush=True)
     print(f"\nHI vs exact LSA top-k over {len(seqs)} x {args.length} tokens: set overlap {stat(torch.cat(ov))}, "
-          f"attention mass {stat(torch.cat(mass))}")  # fmt: skip
+          f"attention mass per row {stat(torch.cat(mass))}; total mass HI / exact {tot[0] / tot[1]:.4f}")  # fmt: skip
     if fp8_ov:
         print(f"fp8 vs bf16 index keys: set overlap {stat(torch.cat(fp8_ov))}")
     print(f"# {load_average()} at the end")

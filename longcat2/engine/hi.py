@@ -26,7 +26,15 @@ import torch
 
 from longcat2.config import ModelConfig
 from longcat2.engine.cache import PagedKVCache, SeqBlocks
-from longcat2.engine.kernels import NEG_INF, SCAN_ROWS, SCAN_TILE_ELEMS, index_scan, lsa_rows, select_dynamic
+from longcat2.engine.kernels import (
+    NEG_INF,
+    SCAN_ROWS,
+    SCAN_TILE_ELEMS,
+    index_scan,
+    index_scan_select_bf16,
+    lsa_rows,
+    select_dynamic,
+)
 
 DEQUANT_ROWS = 1 << 16  # fp8 keys are dequantised this many rows at a time
 # elements per fine-stage temporary ([rows, kept tokens, d] keys): small enough to be reused by the allocator
@@ -134,6 +142,10 @@ def hi_rows(
     ps = page_scores(cache, lid, blocks, q[ix], w[ix], p0, n_pages, page)  # [R, n_pages]
     ncr = torch.tensor([nc[i] for i in rows], device=q.device)
     ps.masked_fill_(torch.arange(n_pages, device=q.device)[None, :] >= ncr[:, None], NEG_INF)
+    if len(rows) == 1 and _bf16_decode(cache, lid, q):
+        i = rows[0]
+        out[i] = _decode_bf16(cache, lid, blocks, cfg, q[i], w[i], pos[i], p0, nc[i], keep[i])
+        return out
     # fine: per group of rows with the same page budget (forced pages differ by at most one)
     for k in sorted({keep[i] for i in rows}):
         gi = torch.tensor([j for j, i in enumerate(rows) if keep[i] == k], device=q.device)
@@ -205,6 +217,69 @@ def _fine(
     sink = torch.arange(init, device=dev).expand(c, init)
     loc = q_pos[:, None] - local + 1 + torch.arange(local, device=dev)
     return torch.cat([sink, dyn, loc], dim=1)
+
+
+def _bf16_decode(cache: PagedKVCache, lid: int, q: torch.Tensor) -> bool:
+    """A bf16 model's decode row over bf16 keys: the bf16 GEMM path (`_decode_bf16`) applies."""
+    return q.dtype == torch.bfloat16 and cache.index_keys[lid].dtype == torch.bfloat16 and cache.hi_block > 0
+
+
+def _decode_bf16(
+    cache: PagedKVCache,
+    lid: int,
+    blocks: SeqBlocks,
+    cfg: ModelConfig,
+    q: torch.Tensor,
+    w: torch.Tensor,
+    qp: int,
+    p0: int,
+    nc: int,
+    keep: int,
+) -> torch.Tensor:
+    """HI for one bf16 decode query q [h, d], w [h] (AMX-friendly): coarse page scores from one bf16 GEMM
+    over the bf16 summaries (outputs rounded to bf16: the coarse stage is an approximation either way), then
+    the fine stage as the bf16 two-pass scan (`kernels.index_scan_select_bf16`: bf16 GEMM + exact fp32
+    rescoring near the threshold, so the same tokens as the fp32 fine stage) over the kept pages' keys
+    copied into one buffer in ascending position order. → positions [index_topk]."""
+    topk, init, local = cfg.index_topk, cfg.index_init_tokens, cfg.index_local_tokens
+    page, b = cfg.lsa_hi_page_size, cache.hi_block
+    g = page // b
+    qt = q.t().contiguous()  # [d, h]
+    w1 = w.float()
+    pool = cache.index_summaries[lid]
+    ps = torch.empty(nc, dtype=torch.float32, device=q.device)
+    for a, r, m in cache.runs(blocks, p0 * page, (p0 + nc) * page):
+        sub = (pool[r // b : (r + m) // b] @ qt).float().relu_() @ w1  # [pages*g]
+        ps[a // page - p0 : a // page - p0 + m // page] = sub.view(-1, g).amax(-1)
+    kept = select_dynamic(ps[None], keep)[0] + p0  # [keep] ascending
+    keys = cache.index_keys[lid]
+    head = torch.arange(init, p0 * page, device=q.device)
+    tail = torch.arange((p0 + nc) * page, qp - local + 1, device=q.device)
+    if cache.block_size % page == 0:
+        rows = cache.slots(blocks, kept * page) // page
+        pages = keys.view(-1, page * keys.shape[1]).index_select(0, rows).view(-1, keys.shape[1])
+    else:
+        pos = (kept[:, None] * page + torch.arange(page, device=q.device)).flatten()
+        pages = keys.index_select(0, cache.slots(blocks, pos))
+    buf = torch.cat(
+        [
+            keys.index_select(0, cache.slots(blocks, head)),
+            pages,
+            keys.index_select(0, cache.slots(blocks, tail)),
+        ]
+    )
+    cols = index_scan_select_bf16(
+        q, w1, [(0, buf)], 0, buf.shape[0], topk - init - local, cache.index_key_max_norm[lid]
+    )
+    s0, kp = head.numel(), kept.numel() * page
+    rel = (cols - s0).clamp(0, kp - 1)
+    pos_pages = kept[rel // page] * page + rel % page
+    dyn = torch.where(
+        cols < s0, cols + init, torch.where(cols < s0 + kp, pos_pages, cols - s0 - kp + (p0 + nc) * page)
+    )
+    return torch.cat(
+        [torch.arange(init, device=q.device), dyn, torch.arange(qp - local + 1, qp + 1, device=q.device)]
+    )
 
 
 def _page_keys(

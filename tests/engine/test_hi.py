@@ -130,3 +130,30 @@ def test_fp8_index_keys_select_like_bf16_keys() -> None:
         len(set(x.tolist()) & set(y.tolist())) / len(set(x.tolist())) for x, y in zip(a[sparse], b[sparse])
     ]
     assert sum(overlap) / len(overlap) >= 0.9
+
+
+def test_bf16_decode_path_selects_like_the_generic_path() -> None:
+    """A bf16 decode row (bf16 GEMM coarse scores + the bf16 two-pass fine scan) against the fp32 path on
+    the same cache: the same tokens whenever the page ranking is not within bf16 rounding of a tie (random
+    keys: all 20 queries here)."""
+    from longcat2.config import ModelConfig
+    from longcat2.engine.cache import LayerSpec, PagedKVCache
+    from longcat2.engine.hi import hi_rows
+
+    cfg = ModelConfig.from_preset("tiny").replace(**{**HI, "lsa_hi_top_pages": 12})
+    g = torch.Generator().manual_seed(3)
+    cache = PagedKVCache(
+        [LayerSpec(8, 8, True)], 16, block_size=64, num_blocks=40, dtype=torch.bfloat16, hi_block=4
+    )
+    seq = cache.new_sequence()
+    cache.reserve(seq, 2500)
+    rows = cache.slots(seq, torch.arange(2500))
+    cache.write_index(0, rows, torch.randn(2500, 16, generator=g))
+    cache.update_summaries(0, rows[3::4])
+    for i in range(20):
+        q = torch.randn(1, 4, 16, generator=g).to(torch.bfloat16)
+        w = torch.randn(1, 4, generator=g)
+        pos = torch.tensor([2400 + i])
+        fast = hi_rows(cache, 0, seq, cfg, q, w, pos, 1 << 20)
+        slow = hi_rows(cache, 0, seq, cfg, q.float(), w, pos, 1 << 20)
+        assert torch.equal(fast, slow), i
