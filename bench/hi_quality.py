@@ -7,7 +7,8 @@ HI forced on from `--min-len` keys; per indexer owner the engine's HI selection 
 (a forward hook on the owner MLA) together with the owner's input, and compared with the exact LSA top-k
 that the model's own selection (`MLA.select`, no cache) computes from the same input:
 
-- set overlap: |S_HI ∩ S_exact| / |S_exact| per row (rows that see more than top-k keys), mean and 5th pct;
+- set overlap: |S_HI ∩ S_exact| / |S_exact| per row, over the rows where HI actually drops pages (position
+  >= top_pages · page; earlier rows are fully covered and exact by construction), mean and 5th pct;
 - attention mass: the owner sublayer's dense attention probability (mean over heads) that S_HI captures,
   over the mass S_exact captures, per row (mean and 5th pct), and summed over all rows (total HI / exact).
 
@@ -114,6 +115,16 @@ def overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def seqs_fp8(model, ids: list[int], args, topk: int, fp8_ov: list) -> None:
+    """fp8 vs bf16 index keys on one sequence (HI off); layer 0's owner sees identical inputs in both runs."""
+    rot = {"index_rotate": False} if args.no_rotate else {}
+    sel = {"bf16": run_engine(model, ids, args.chunk, index_dtype="bf16"),
+           "fp8": run_engine(model, ids, args.chunk, index_dtype="fp8", **rot)}  # fmt: skip
+    for li in sel["bf16"]:
+        fp8_ov.append(overlap(sel["fp8"][li][1][topk:], sel["bf16"][li][1][topk:]))
+        print(f"  layer {li}: fp8 vs bf16 index keys overlap {stat(fp8_ov[-1])}", flush=True)
+
+
 def stat(x: torch.Tensor) -> str:
     return f"{float(x.mean()):.4f} (p5 {float(x.quantile(0.05)):.4f}, min {float(x.min()):.4f})"
 
@@ -129,6 +140,8 @@ def main() -> None:
     ap.add_argument("--top-pages", type=int, default=16)
     ap.add_argument("--min-len", type=int, default=0, help="HI from this many keys (default: top-k)")
     ap.add_argument("--fp8", action="store_true", help="also compare fp8 and bf16 index keys")
+    ap.add_argument("--no-rotate", action="store_true", help="fp8 keys without the Hadamard rotation")
+    ap.add_argument("--no-hi", action="store_true", help="skip the HI comparison (fp8 only)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,12 +159,15 @@ def main() -> None:
     seqs = sequences(tok, args.length, args.sequences)
     ov, mass, fp8_ov, tot = [], [], [], [0.0, 0.0]
     for ids in seqs:
+        if args.no_hi:
+            seqs_fp8(model, ids, args, topk, fp8_ov)
+            continue
         model.config = hi_cfg
         got = run_engine(model, ids, args.chunk)
         model.config = base
         for li, (x, sel_hi) in got.items():
             exact, (m_exact, m_hi) = exact_and_mass(model, li, x, [sel_hi])
-            rows = slice(topk, None)
+            rows = slice(max(topk, args.top_pages * args.page), None)  # rows whose kept pages miss some pages
             ov.append(overlap(sel_hi[rows], exact[rows]))
             mass.append(m_hi[rows] / m_exact[rows])
             tot[0] += float(m_hi[rows].sum())
@@ -159,11 +175,9 @@ def main() -> None:
             print(f"  layer {li}: overlap {stat(ov[-1])}; attention mass HI / exact {stat(mass[-1])}; "
                   f"exact top-k captures {float(m_exact[rows].mean()):.3f} of the dense mass", flush=True)  # fmt: skip
         if args.fp8:
-            sel = {d: run_engine(model, ids, args.chunk, index_dtype=d) for d in ("bf16", "fp8")}
-            for li in sel["bf16"]:
-                fp8_ov.append(overlap(sel["fp8"][li][1][topk:], sel["bf16"][li][1][topk:]))
-                print(f"  layer {li}: fp8 vs bf16 index keys overlap {stat(fp8_ov[-1])}", flush=True)
-    print(f"\nHI vs exact LSA top-k over {len(seqs)} x {args.length} tokens: set overlap {stat(torch.cat(ov))}, "
+            seqs_fp8(model, ids, args, topk, fp8_ov)
+    if ov:
+        print(f"\nHI vs exact LSA top-k over {len(seqs)} x {args.length} tokens: set overlap {stat(torch.cat(ov))}, "
           f"attention mass per row {stat(torch.cat(mass))}; total mass HI / exact {tot[0] / tot[1]:.4f}")  # fmt: skip
     if fp8_ov:
         print(f"fp8 vs bf16 index keys: set overlap {stat(torch.cat(fp8_ov))}")

@@ -41,6 +41,9 @@ if [[ $SMOKE == 1 ]]; then
     run generation bench/generate_vs_transformers.py --settings tiny-flash:float32:2:16:4 --repeats 2
     run ep_alltoall bench/ep_alltoall.py --steps 1 --warmup 1 --batch 1 --seq 32 --repeats 1
     run server bench/serve_load.py --levels 1,2 --max-tokens 8 --repeat 2
+    run decode_hi bench/decode_lsa.py --config tiny --lengths 65536 --repeats 1 --engine-lengths "" --hi
+    run prefill_1m bench/prefill_1m.py --length 32768 --decode-steps 1 --hi-block 128 --hi-min-len 4096
+    run hi_quality bench/hi_quality.py --length 512 --sequences 1 --fp8
 else
     # "Training step: longcat2 vs transformers"
     run training bench/train_throughput.py --steps 6 --warmup 2
@@ -56,5 +59,10 @@ else
     # "Server under load": the tiny random model, then the embedded default model
     run server bench/serve_load.py --repeat 5
     run server_default_model bench/serve_load.py --model longcat2/assets/default-model --repeat 5
+    # "Hierarchical indexing and FP8 index keys": decode at 1M, the full 1M prefill, selection quality
+    run decode_hi bench/decode_lsa.py --config longcat-2.0 --lengths 262144,1048576 --repeats 5 \
+        --engine-lengths "" --hi
+    run prefill_1m bench/prefill_1m.py --hi-block 128
+    run hi_quality bench/hi_quality.py --length 4096 --sequences 1 --page 16 --block 4 --top-pages 128 --fp8
 fi
 echo "# results in $OUT"

@@ -193,7 +193,8 @@ class StepContext:
                 w[c0 : c0 + chunk],
                 q_pos[c0 : c0 + chunk],
                 st.score_budget,
-            )  # fmt: skip
+                bf16_decode=st.index_mode != "exact",
+            )
             for c0 in range(0, q_pos.numel(), chunk)
         ]
 

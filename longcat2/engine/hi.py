@@ -117,9 +117,11 @@ def hi_rows(
     w: torch.Tensor,
     q_pos: torch.Tensor,
     budget: int,
+    bf16_decode: bool = True,
 ) -> torch.Tensor:
     """HI selection for queries q [T, h, d], w [T, h] at ascending positions q_pos [T] (each HI-active)
-    → positions [T, index_topk] ascending."""
+    → positions [T, index_topk] ascending. bf16_decode: a single bf16 decode row may take `_decode_bf16`
+    (False: the fp32 path, the engine's index_mode="exact")."""
     topk, init, local = cfg.index_topk, cfg.index_init_tokens, cfg.index_local_tokens
     page = cfg.lsa_hi_page_size
     p0 = -(-init // page)
@@ -142,7 +144,7 @@ def hi_rows(
     ps = page_scores(cache, lid, blocks, q[ix], w[ix], p0, n_pages, page)  # [R, n_pages]
     ncr = torch.tensor([nc[i] for i in rows], device=q.device)
     ps.masked_fill_(torch.arange(n_pages, device=q.device)[None, :] >= ncr[:, None], NEG_INF)
-    if len(rows) == 1 and _bf16_decode(cache, lid, q):
+    if len(rows) == 1 and bf16_decode and _bf16_decode(cache, lid, q):
         i = rows[0]
         out[i] = _decode_bf16(cache, lid, blocks, cfg, q[i], w[i], pos[i], p0, nc[i], keep[i])
         return out
