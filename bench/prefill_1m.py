@@ -17,6 +17,9 @@ The time split is measured by wrapping the engine's functions (wall time inside 
 (`StepContext.attend`), MoE (`model.moe.MoE.forward`), and everything else. Peak RSS is printed (the
 cache is pre-sized, so the pool never doubles).
 
+Wall time and process CPU time are both printed: on a machine shared with other jobs the CPU time (one
+thread) is what the prefill costs a core of its own.
+
 `--probe L1,L2,...`: instead of the full run, time one chunk at each context (synthetic cache fill) and
 extrapolate the full prefill time by integrating the per-chunk time over the context (trapezoid); printed
 as an extrapolation.
@@ -125,7 +128,7 @@ def full_run(args) -> None:
     print(
         f"# cache {runner.cache.bytes_per_token()} B/token, {runner.cache.capacity * runner.cache.bytes_per_token() / 1e6:.0f} MB pre-sized"
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     last = t0
     out = None
     with torch.inference_mode():
@@ -134,10 +137,11 @@ def full_run(args) -> None:
             out = runner.forward([Segment(seq, tokens[start:end], start, "last" if end == n else "none")])
             now = time.perf_counter()
             if end % args.report_every == 0 or end == n:
-                print(f"  {end:>8} tokens  {now - t0:7.1f} s  (last chunk {1e3 * (now - last):.0f} ms, "
+                print(f"  {end:>8} tokens  {now - t0:7.1f} s wall, {time.process_time() - c0:7.1f} s CPU  "
+                      f"(last chunk {1e3 * (now - last):.0f} ms, "
                       f"{peak_rss_mb():.0f} MB peak RSS, {load_average()})", flush=True)  # fmt: skip
             last = now
-        prefill = time.perf_counter() - t0
+        prefill, prefill_cpu = time.perf_counter() - t0, time.process_time() - c0
         prefill_split = split(prefill)
         TIMES.clear()
         nxt = int(out.logits[0][0].argmax())
@@ -148,7 +152,8 @@ def full_run(args) -> None:
             nxt = int(out.logits[0][0].argmax())
         decode = time.perf_counter() - t1
     print(
-        f"\nprefill of {n:,} tokens: {prefill:.1f} s ({n / prefill:,.0f} tok/s), peak RSS {peak_rss_mb():.0f} MB"
+        f"\nprefill of {n:,} tokens: {prefill:.1f} s wall ({n / prefill:,.0f} tok/s), {prefill_cpu:.1f} s process "
+        f"CPU time, peak RSS {peak_rss_mb():.0f} MB"
     )
     print(f"  split: {prefill_split}")
     print(f"decode at {n:,}: {1e3 * decode / args.decode_steps:.1f} ms/token over {args.decode_steps} steps")
