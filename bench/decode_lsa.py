@@ -10,6 +10,12 @@ holding one contiguous sequence (synthetic latents/keys; the selection is whatev
   two-pass `index_scan_select_bf16` that returns the same indices), top-k with forced sink/local tokens
   (`lsa_rows`), gather of the selected latents for both sublayers and absorbed attention over them
   (`gather_attention`).
+- LSA+HI (`--hi`): the same step with hierarchical indexing (`engine.hi.hi_rows`, the engine's own code):
+  coarse scores of the cached page summaries (bf16 means of 8-token sub-blocks, page score = max over its
+  16 sub-blocks), the best 1024 pages of 128 tokens kept (sink and local pages forced), token top-k over
+  the kept pages' keys. Bytes model: L/8·d_I·2 (summaries) + 1024·128·d_I·e_I (kept keys) instead of L·d_I·e_I.
+  With `--index-dtype fp8` every indexer read is e4m3 + one fp32 scale per token (132 B at d_I = 128),
+  dequantised on the fly (the fp32 scan replaces the bf16 two-pass scan).
 
 The MLA weight projections (q/kv/o of both sublayers) are the same in both arms and are left out. The
 indexer's own projections of the new token (`wq_b` on the query latent, `wk` + key norm and
@@ -45,7 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import interleaved, load_average, median, ratio_spread, spread  # noqa: E402
 
-from longcat2.engine.cache import LayerSpec, PagedKVCache  # noqa: E402
+from longcat2.config import ModelConfig  # noqa: E402
+from longcat2.engine.cache import LayerSpec, PagedKVCache, index_dtype_of  # noqa: E402
+from longcat2.engine.hi import hi_rows, page_scores, scan_keys  # noqa: E402
 from longcat2.engine.kernels import (  # noqa: E402
     attend_gathered,
     dense_decode,
@@ -95,20 +103,44 @@ def fill(t: torch.Tensor, block: int = 1 << 16) -> None:
         t[i : i + block] = torch.randn(t[i : i + block].shape, generator=g).to(t.dtype)
 
 
-def bench_length(d: Dims, length: int, repeats: int, bw: float, exact_scan: bool) -> dict[str, float]:
+def bench_length(
+    d: Dims,
+    length: int,
+    repeats: int,
+    bw: float,
+    exact_scan: bool,
+    hi: bool = False,
+    index_dtype: str | None = None,
+) -> dict[str, float]:
+    hi_cfg = ModelConfig.from_preset(d.name).replace(lsa_hi=True, lsa_hi_min_len=d.topk)
+    idt = index_dtype_of(index_dtype)
     cache = PagedKVCache(
         [LayerSpec(d.latent, d.rope, True), LayerSpec(d.latent, d.rope, False)],
         d.index_dim,
         block_size=4096,
         num_blocks=-(-length // 4096),
         dtype=d.dtype,
+        index_dtype=idt,
+        hi_block=hi_cfg.lsa_hi_block_size if hi else 0,
     )
     seq = cache.new_sequence()
     cache.reserve(seq, length)
-    for t in [*cache.latent, *cache.rope, cache.index_keys[0]]:
+    for t in [*cache.latent, *cache.rope]:
         fill(t)
+    keys_src = torch.empty(cache.capacity, d.index_dim, dtype=d.dtype)
+    fill(keys_src)
+    for r0 in range(0, length, 1 << 16):  # through the cache's own writes (fp8 quantisation, summaries)
+        rows = torch.arange(r0, min(length, r0 + (1 << 16)))
+        cache.write_index(0, rows, keys_src[rows])
+        if hi:
+            b = cache.hi_block
+            cache.update_summaries(0, rows[rows % b == b - 1])
+    del keys_src
     e = torch.finfo(d.dtype).bits // 8
-    cache.index_key_max_norm[0] = float(cache.index_keys[0][:length].float().norm(dim=-1).max())
+    e_i = 1 if cache.index_fp8 else torch.finfo(cache.index_dtype).bits // 8
+    key_bytes = d.index_dim * e_i + (4 if cache.index_fp8 else 0)  # per token
+    if not cache.index_fp8:
+        cache.index_key_max_norm[0] = float(cache.index_keys[0][:length].float().norm(dim=-1).max())
     g = torch.Generator().manual_seed(1)
     ql = [torch.randn(d.heads, d.latent, generator=g).to(d.dtype) for _ in range(2)]
     qr = [torch.randn(d.heads, d.rope, generator=g).to(d.dtype) for _ in range(2)]
@@ -123,7 +155,7 @@ def bench_length(d: Dims, length: int, repeats: int, bw: float, exact_scan: bool
     k_norm = torch.ones(d.index_dim, dtype=d.dtype)
     index_weight_bytes = (w_qb.numel() + w_k.numel() + w_p.numel()) * e
     qpos = length - 1
-    lo, hi = d.init, qpos - d.local + 1
+    lo, hi_end = d.init, qpos - d.local + 1
     kd = d.topk - d.init - d.local
     scale = (d.latent // 4) ** -0.5
     keys = cache.index_keys[0]
@@ -131,7 +163,7 @@ def bench_length(d: Dims, length: int, repeats: int, bw: float, exact_scan: bool
         [(cache.latent[i][r : r + m], cache.rope[i][r : r + m]) for _, r, m in cache.runs(seq, 0, length)]
         for i in range(2)
     ]
-    key_runs = [(a, keys[r : r + m]) for a, r, m in cache.runs(seq, lo, hi)]
+    key_runs = [(a, keys[r : r + m]) for a, r, m in cache.runs(seq, lo, hi_end)]
     q_pos = torch.tensor([qpos])
 
     def dense() -> None:
@@ -139,7 +171,9 @@ def bench_length(d: Dims, length: int, repeats: int, bw: float, exact_scan: bool
             dense_decode(ql[i], qr[i], lat_runs[i], scale)
 
     def scan() -> torch.Tensor:
-        return index_scan(qi[None], wi[None], key_runs, lo, hi)
+        if cache.index_fp8:
+            return scan_keys(cache, 0, seq, qi[None], wi[None], lo, hi_end)
+        return index_scan(qi[None], wi[None], key_runs, lo, hi_end)
 
     scores = scan()
 
@@ -147,7 +181,7 @@ def bench_length(d: Dims, length: int, repeats: int, bw: float, exact_scan: bool
         return lsa_rows(scores, q_pos, d.topk, d.init, d.local)
 
     def two_pass() -> torch.Tensor:
-        return index_scan_select_bf16(qi, wi, key_runs, lo, hi, kd, cache.index_key_max_norm[0])
+        return index_scan_select_bf16(qi, wi, key_runs, lo, hi_end, kd, cache.index_key_max_norm[0])
 
     sel = topk()
     slots = cache.slots(seq, sel)  # [1, k]
@@ -167,7 +201,7 @@ def bench_length(d: Dims, length: int, repeats: int, bw: float, exact_scan: bool
         F.rms_norm(F.linear(x_new, w_k), (d.index_dim,), k_norm, 1e-6)
         F.linear(x_new, w_p)
 
-    use_two_pass = d.dtype == torch.bfloat16 and not exact_scan
+    use_two_pass = d.dtype == torch.bfloat16 and not exact_scan and not cache.index_fp8
     if use_two_pass:
         assert torch.equal(two_pass(), sel[0, d.init : d.init + kd]), "bf16 two-pass selection differs"
 
@@ -182,6 +216,22 @@ def bench_length(d: Dims, length: int, repeats: int, bw: float, exact_scan: bool
         for i in range(2):
             gather_attention(ql[i][None], qr[i][None], cache.latent[i], cache.rope[i], sl, scale)
 
+    def hi_select() -> torch.Tensor:
+        return hi_rows(cache, 0, seq, hi_cfg, qi[None], wi[None], q_pos, 1 << 24)
+
+    page = hi_cfg.lsa_hi_page_size
+    p0 = -(-d.init // page)
+    n_cand = max(0, (qpos - d.local + 1) // page - p0)
+
+    def hi_coarse() -> torch.Tensor:
+        return page_scores(cache, 0, seq, qi[None], wi[None], p0, n_cand, page)
+
+    def lsa_hi() -> None:
+        index_proj()
+        sl = cache.slots(seq, hi_select())
+        for i in range(2):
+            gather_attention(ql[i][None], qr[i][None], cache.latent[i], cache.rope[i], sl, scale)
+
     fns = {
         "dense": dense,
         "lsa": lsa,
@@ -193,14 +243,23 @@ def bench_length(d: Dims, length: int, repeats: int, bw: float, exact_scan: bool
     }
     if use_two_pass:
         fns["scan2"] = two_pass
+    if hi:
+        fns.update(hi=lsa_hi, hi_select=hi_select, hi_coarse=hi_coarse)
     res: dict = interleaved(fns, repeats, warmup=1)
     kv = (d.latent + d.rope) * e
     res["bytes_dense"] = 2 * length * kv
-    res["bytes_lsa"] = 2 * d.topk * kv + (hi - lo) * d.index_dim * e + index_weight_bytes
+    res["bytes_lsa"] = 2 * d.topk * kv + (hi_end - lo) * key_bytes + index_weight_bytes
+    kept = min(length, hi_cfg.lsa_hi_top_pages * page)
+    res["bytes_hi"] = (
+        2 * d.topk * kv
+        + length // hi_cfg.lsa_hi_block_size * d.index_dim * cache.summary_dtype.itemsize
+        + kept * key_bytes
+        + index_weight_bytes
+    )
     res["flops_dense"] = 2 * length * 2 * d.heads * (2 * d.latent + d.rope)
     res["flops_lsa"] = (
         2 * d.topk * 2 * d.heads * (2 * d.latent + d.rope)
-        + (hi - lo) * 2 * d.index_heads * d.index_dim
+        + (hi_end - lo) * 2 * d.index_heads * d.index_dim
         + 2 * index_weight_bytes // e
     )
     res["bw"] = bw
@@ -254,6 +313,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--exact-scan", action="store_true", help="bf16 configs: fp32 scan instead of two-pass")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hi", action="store_true", help="add the LSA + hierarchical indexing arm")
+    ap.add_argument(
+        "--index-dtype", choices=["bf16", "fp8"], default=None, help="index-key cache (default: cache dtype)"
+    )
     ap.add_argument(
         "--engine-lengths",
         default="4096,32768,131072,1048576",
@@ -289,8 +352,17 @@ def main() -> None:
             "top-k | gather | attention | dense GB/s (%BW) | LSA GB/s (%BW) | dense GFLOP/s | LSA GFLOP/s |"
         )
         print("|" + "---|" * 15)
+        hi_rows_txt = []
         for n in lengths:
-            r = bench_length(d, n, args.repeats, bw, args.exact_scan)
+            r = bench_length(d, n, args.repeats, bw, args.exact_scan, args.hi, args.index_dtype)
+            if args.hi:
+                mh = {k: median(r[k]) for k in ("hi", "hi_select", "hi_coarse")}
+                hi_rows_txt.append(
+                    f"| {fmt_len(n)} | {spread(r['dense'], 1e3)} | {spread(r['lsa'], 1e3, 3)} | {spread(r['hi'], 1e3, 3)} | "
+                    f"{ratio_spread(r['dense'], r['hi'], 1)} | {r['bytes_dense'] / r['bytes_hi']:.1f}x | "
+                    f"{ratio_spread(r['lsa'], r['hi'], 2)} | {mh['hi_coarse'] * 1e3:.2f} | "
+                    f"{(mh['hi_select'] - mh['hi_coarse']) * 1e3:.2f} | {r['bytes_hi'] / 1e6:.1f} / {r['bytes_lsa'] / 1e6:.1f} |"
+                )
             m = {k: median(v) for k, v in r.items() if isinstance(v, list)}
             model_ratio = r["bytes_dense"] / r["bytes_lsa"]
             ratio = median([a / b for a, b in zip(r["dense"], r["lsa"])])
@@ -307,6 +379,17 @@ def main() -> None:
                 f"{r['flops_dense'] / m['dense'] / 1e9:.0f} | {r['flops_lsa'] / m['lsa'] / 1e9:.0f} |",
                 flush=True,
             )
+        if hi_rows_txt:
+            print(
+                f"\n### {name}: LSA + hierarchical indexing (pages of 128, 8-token sub-block means, 1024 pages kept), "
+                f"index keys {args.index_dtype or 'as the cache'}; ms per layer"
+            )
+            print(
+                "| context | dense | LSA | LSA+HI | dense/HI [min–max] | bytes model dense/HI | LSA/HI | HI coarse | "
+                "HI fine + top-k | MB read HI / LSA |"
+            )
+            print("|" + "---|" * 10)
+            print("\n".join(hi_rows_txt), flush=True)
     if args.engine_lengths:
         from prefill_lsa import make_config, matmul_rate
 

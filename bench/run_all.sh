@@ -44,6 +44,9 @@ if [[ $SMOKE == 1 ]]; then
     run vs_vllm_cpu bench/vs_vllm_cpu.py --prompt-len 64 --new-tokens 8 --repeats 1
     run prefill_attn2 bench/prefill_lsa.py --preset attn-2.0 --lengths 2048 --repeats 1
     run embedded_cpu bench/embedded_cpu.py --prompt-len 2000 --new-tokens 16 --repeats 1
+    run decode_hi bench/decode_lsa.py --config tiny --lengths 65536 --repeats 1 --engine-lengths "" --hi
+    run prefill_1m bench/prefill_1m.py --length 32768 --decode-steps 1 --hi-block 128 --hi-min-len 4096
+    run hi_quality bench/hi_quality.py --length 512 --sequences 1 --fp8
 else
     # "Training step: longcat2 vs transformers"
     run training bench/train_throughput.py --steps 6 --warmup 2
@@ -67,5 +70,10 @@ else
     run decode_attn2 bench/decode_lsa.py --config tiny --lengths 4096 --repeats 3 --engine-preset attn-2.0 \
         --engine-lengths 8192,32768 --cpu-time
     run embedded_cpu bench/embedded_cpu.py --repeats 2
+    # "Hierarchical indexing and FP8 index keys": decode at 1M, the full 1M prefill, selection quality
+    run decode_hi bench/decode_lsa.py --config longcat-2.0 --lengths 262144,1048576 --repeats 5 \
+        --engine-lengths "" --hi
+    run prefill_1m bench/prefill_1m.py --hi-block 128
+    run hi_quality bench/hi_quality.py --length 4096 --sequences 1 --page 16 --block 4 --top-pages 128 --fp8
 fi
 echo "# results in $OUT"

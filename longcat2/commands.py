@@ -110,7 +110,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     print(f"  KV cache (bf16)      {stats['kv_cache_bytes_per_token']:,} bytes/token")
     if cfg.use_lsa:
-        print(f"  indexer keys (bf16)  {stats['indexer_cache_bytes_per_token']:,} bytes/token")
+        from longcat2.plan.model_math import indexer_cache_bytes_per_token
+
+        bf16, fp8 = indexer_cache_bytes_per_token(cfg, 2), indexer_cache_bytes_per_token(cfg, 1)
+        print(
+            f"  index-key cache      {bf16:,} bytes/token bf16, {fp8:,} fp8 (--index-dtype fp8: e4m3 + fp32 scale)"
+        )
+        sub = cfg.replace(lsa_hi=True)
+        per = sub.index_head_dim * 2 / sub.lsa_hi_block_size * (bf16 // (sub.index_head_dim * 2))
+        print(
+            f"  HI page summaries    {per:,.0f} bytes/token when lsa_hi is on (bf16 means of "
+            f"{sub.lsa_hi_block_size}-token sub-blocks, pages of {sub.lsa_hi_page_size})"
+        )
     return 0
 
 

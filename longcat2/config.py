@@ -96,6 +96,16 @@ class ModelConfig:
     cli_factor: int = 2
     dsa_mtp_cli: bool = True
     index_query_chunk: int = 256  # queries scored per chunk in prefill/training (memory bound, not maths)
+    # Hierarchical indexing (HI; inference only, training-free, same indexer weights; LSA report defaults):
+    # pages of lsa_hi_page_size tokens summarised by lsa_hi_block_size-token means of the index keys; a
+    # query keeps its lsa_hi_top_pages best pages (sink and local pages forced, inside that budget) and
+    # runs the token top-k over them, once it sees more than lsa_hi_min_len keys. Not released keys: off
+    # unless asked (written to config.json only when they differ from these defaults).
+    lsa_hi: bool = False
+    lsa_hi_page_size: int = 128
+    lsa_hi_block_size: int = 8
+    lsa_hi_top_pages: int = 1024
+    lsa_hi_min_len: int = 262144
     # MTP
     mtp_num_layers: int = 3  # draft steps
     mtp_replicate_modules: bool = True  # one physical block reused for every step
@@ -261,12 +271,41 @@ class ModelConfig:
                 f"must be 1 (no sharing) or 2 (paired), got {self.cli_factor}",
             )
             need(self.index_query_chunk > 0, "index_query_chunk", "must be > 0")
+            self._validate_hi(need)
         need(self.mtp_num_layers >= 0, "mtp_num_layers", "must be >= 0")
         need(self.hf_format in HF_FORMATS, "hf_format", f"one of {HF_FORMATS}, got {self.hf_format!r}")
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, key)
             need(v is None or 0 <= v < self.vocab_size, key, f"must be in [0, vocab_size), got {v}")
         return self
+
+    def hi_forced_pages_max(self) -> int:
+        """Most pages HI forces for one query: the sink page(s) plus every page the local window touches."""
+        p = self.lsa_hi_page_size
+        return -(-self.index_init_tokens // p) + -(-self.index_local_tokens // p) + 1
+
+    def _validate_hi(self, need: Any) -> None:
+        for key in ("lsa_hi_page_size", "lsa_hi_block_size", "lsa_hi_top_pages", "lsa_hi_min_len"):
+            v = getattr(self, key)
+            need(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                key,
+                f"must be a positive int, got {v!r}",
+            )
+        need(isinstance(self.lsa_hi, bool), "lsa_hi", f"must be true or false, got {self.lsa_hi!r}")
+        need(
+            self.lsa_hi_page_size % self.lsa_hi_block_size == 0,
+            "lsa_hi_page_size",
+            f"must be a multiple of lsa_hi_block_size ({self.lsa_hi_block_size}), got {self.lsa_hi_page_size}",
+        )
+        free = self.lsa_hi_top_pages - self.hi_forced_pages_max()
+        kd = self.index_topk - self.index_init_tokens - self.index_local_tokens
+        need(
+            free > 0 and free * self.lsa_hi_page_size >= kd,
+            "lsa_hi_top_pages",
+            f"{self.lsa_hi_top_pages} pages leave {max(free, 0)} after the up to {self.hi_forced_pages_max()} "
+            f"forced sink/local pages; they must hold the {kd} dynamically selected tokens",
+        )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -407,9 +446,27 @@ _VERBATIM = [
     "oe_vocab_size_ratio", "oe_neighbor_num", "oe_split_num", "index_n_heads", "index_head_dim", "index_topk",
     "index_init_tokens", "index_local_tokens", "index_k_norm_type", "indexer_rope_interleave", "cli_factor",
     "dsa_mtp_cli", "mtp_num_layers", "mtp_replicate_modules", "mtp_disable_over_tokenizer", "ngram_fusion",
-    "mla_norm_eps",
+    "mla_norm_eps", "lsa_hi", "lsa_hi_page_size", "lsa_hi_block_size", "lsa_hi_top_pages", "lsa_hi_min_len",
     "torch_dtype",
 ]  # fmt: skip
+HI_KEYS = ("lsa_hi", "lsa_hi_page_size", "lsa_hi_block_size", "lsa_hi_top_pages", "lsa_hi_min_len")
+INFERENCE_KEYS = (*HI_KEYS, "index_query_chunk")  # what `--override` may change on a loaded model
+
+
+def with_inference_overrides(
+    cfg: ModelConfig, overrides: dict[str, Any] | list[tuple[str, Any]] | None
+) -> ModelConfig:
+    """`cfg` with inference-only fields replaced (HI settings; weights and shapes are untouched), validated.
+    Raises ConfigError naming a key that is not one of INFERENCE_KEYS."""
+    changes = dict(overrides or {})
+    for key in changes:
+        if key not in INFERENCE_KEYS:
+            raise ConfigError(
+                f"{key}: not an inference-time setting; --override takes {', '.join(INFERENCE_KEYS)}"
+            )
+    return cfg.replace(**changes) if changes else cfg
+
+
 _INT_KEYS = {f.name for f in dataclasses.fields(ModelConfig) if f.type in ("int", "int | None")}
 _FLOAT_KEYS = {f.name for f in dataclasses.fields(ModelConfig) if f.type in ("float", "float | None")}
 _NOT_NULL = {
@@ -526,6 +583,10 @@ def _fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             d[k] = getattr(cfg, k)
         if cfg.mla_norm_eps is not None:  # not a released key: written only when it overrides rms_norm_eps
             d["mla_norm_eps"] = cfg.mla_norm_eps
+        defaults = ModelConfig.__dataclass_fields__
+        for k in HI_KEYS:  # not released keys either: written only when they differ from the defaults
+            if getattr(cfg, k) != defaults[k].default:
+                d[k] = getattr(cfg, k)
     else:
         # transformers 5.x reads rope_parameters (theta inside) and knows YaRN as "yarn"
         d["model_type"] = fmt

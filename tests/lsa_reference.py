@@ -73,6 +73,9 @@ def _q_latent(p: dict[str, torch.Tensor], x: torch.Tensor, cfg) -> torch.Tensor:
 class IndexerDetail:
     scores: torch.Tensor  # [T, T] I[t, s] (future keys included, unmasked)
     dots: torch.Tensor  # [T, heads, T] q^I · k^I
+    q: torch.Tensor | None = None  # [T, heads, d] indexer queries
+    k: torch.Tensor | None = None  # [T, d] indexer keys
+    w: torch.Tensor | None = None  # [T, heads] head weights
 
 
 def indexer_scores(sublayer_state: dict[str, torch.Tensor], x: torch.Tensor, cfg) -> IndexerDetail:
@@ -89,7 +92,50 @@ def indexer_scores(sublayer_state: dict[str, torch.Tensor], x: torch.Tensor, cfg
     k = torch.cat([rope(k[..., :r], cfg.rope_theta, cfg.indexer_rope_interleave), k[..., r:]], dim=-1)
     w = (x @ p["indexer.weights_proj.weight"].T) * n**-0.5 * d**-0.5  # [T, n]
     dots = torch.einsum("tjd,sd->tjs", q, k)
-    return IndexerDetail(scores=torch.einsum("tj,tjs->ts", w, dots.clamp(min=0)), dots=dots)
+    return IndexerDetail(scores=torch.einsum("tj,tjs->ts", w, dots.clamp(min=0)), dots=dots, q=q, k=k, w=w)
+
+
+def select_hi(detail: IndexerDetail, cfg) -> tuple[list[list[int]], list[bool]]:
+    """Hierarchical indexing (longcat_spec.md "Settled by the reference engines", LSA report), per query row t
+    that sees more than max(lsa_hi_min_len, index_topk) keys; other rows as `select`. Pages of P tokens, each
+    summarised by the means of its B-token sub-blocks; a page lying wholly in the dynamic region
+    [init, t - local] scores max over its sub-block means of Σ_j w_j ReLU(q_j · mean); the sink pages and
+    every page reaching the local window are kept, and the best other pages fill the `lsa_hi_top_pages`
+    budget (equal scores: the later page); the dynamic tokens of the kept pages then compete as in `select`.
+    Fragile: a near tie at the page boundary or at the token boundary."""
+    sets, fragile = select(detail, cfg)
+    topk, init, local = cfg.index_topk, cfg.index_init_tokens, cfg.index_local_tokens
+    page, sub = cfg.lsa_hi_page_size, cfg.lsa_hi_block_size
+    for t in range(detail.scores.shape[0]):
+        if not (cfg.lsa_hi and t + 1 > max(cfg.lsa_hi_min_len, topk)):
+            continue
+        last_page = t // page
+        forced_pages = {p for p in range(last_page + 1) if p * page < init or (p + 1) * page - 1 > t - local}
+        cands = [p for p in range(last_page + 1) if p not in forced_pages]
+        budget = cfg.lsa_hi_top_pages - len(forced_pages)
+        score = {}
+        for p in cands:
+            means = [
+                detail.k[b * sub : (b + 1) * sub].mean(0)
+                for b in range(p * page // sub, (p + 1) * page // sub)
+            ]
+            score[p] = max(float(detail.w[t] @ (detail.q[t] @ m).clamp(min=0)) for m in means)
+        ranked = sorted(cands, key=lambda p: (score[p], p), reverse=True)
+        kept = forced_pages | set(ranked[:budget])
+        page_fragile = budget < len(ranked) and abs(
+            score[ranked[budget - 1]] - score[ranked[budget]]
+        ) <= 1e-4 * (abs(score[ranked[0]]) + 1e-12)
+        forced = {s for s in range(t + 1) if s < init or s > t - local}
+        rest = [s for s in range(t + 1) if s not in forced and s // page in kept]
+        row = detail.scores[t]
+        ranked_tok = sorted(rest, key=lambda s: (float(row[s]), s), reverse=True)
+        chosen = ranked_tok[: topk - len(forced)]
+        sets[t] = sorted(forced | set(chosen))
+        boundary = float(row[chosen[-1]])
+        tol = 1e-4 * float(row[: t + 1].abs().max()) + 1e-12
+        near = [s for s in rest if abs(float(row[s]) - boundary) <= tol]
+        fragile[t] = page_fragile or (len(near) > 1 and any(float(row[s]) != boundary for s in near))
+    return sets, fragile
 
 
 def select(
@@ -179,7 +225,7 @@ def capture_attention(model) -> tuple[dict, list]:
     return seen, handles
 
 
-def assert_attention_matches(model, xs: dict, outs: dict, cfg, atol: float = 1e-4) -> int:
+def assert_attention_matches(model, xs: dict, outs: dict, cfg, atol: float = 1e-4, selector=None) -> int:
     """For every layer: reference selection from the owner's input xs[(l, 0)] [T, H], owner and reuser outputs
     over those sets; compare with outs[(l, j)] [T, heads · v] on every non-fragile row. Returns the number of
     rows compared that attend over a strict subset of their visible keys."""
@@ -187,7 +233,7 @@ def assert_attention_matches(model, xs: dict, outs: dict, cfg, atol: float = 1e-
     for li, layer in enumerate(model.model.layers):
         owner, reuser = layer.self_attn[0], layer.self_attn[1]
         assert reuser.indexer is None and owner.indexer is not None
-        sets, fragile = select(indexer_scores(owner.state_dict(), xs[li, 0], cfg), cfg)
+        sets, fragile = (selector or select)(indexer_scores(owner.state_dict(), xs[li, 0], cfg), cfg)
         keep = ~torch.tensor(fragile)
         assert keep.float().mean() > 0.9, f"layer {li}: too many fragile rows ({sum(fragile)})"
         for j, attn in ((0, owner), (1, reuser)):

@@ -371,3 +371,18 @@ def test_cli_serve_layout_fp8_fits_16_h200_bf16_does_not() -> None:
     fp8, bf16 = s["weights"]["fp8"], s["weights"]["bf16"]
     assert fp8["fits"] and not bf16["fits"] and fp8["cache_tokens_per_device"] > 100_000
     assert 0.5 < fp8["bytes_per_device"] / bf16["bytes_per_device"] < 0.6
+
+
+def test_hierarchical_indexing_decode_bytes() -> None:
+    """HI at 1M (LongCat-2.0, fp8 keys): the indexer reads the bf16 sub-block means of every page plus the
+    keys of the 1024 kept pages of 128 tokens, instead of every key; below lsa_hi_min_len nothing changes."""
+    cfg = ModelConfig.from_preset("longcat-2.0").replace(lsa_hi=True)
+    ctx = 1 << 20
+    d = decode_bytes_per_step(cfg, ctx, 2, 1)
+    passes = 38
+    assert d["hi"] and d["indexer"] == passes * (ctx / 8 * 128 * 2 + 1024 * 128 * 132)
+    off = decode_bytes_per_step(cfg.replace(lsa_hi=False), ctx, 2, 1)
+    assert off["indexer"] == passes * ctx * 132 and not off["hi"]
+    assert d["ratio"] > 2.5 * off["ratio"]
+    short = decode_bytes_per_step(cfg, 200_000, 2, 1)  # under the 256K switch-on length
+    assert not short["hi"] and short["indexer"] == passes * 200_000 * 132

@@ -57,7 +57,8 @@ class Engine:
         detokenize: Callable[[list[int]], str] | None = None,
         eos_token_id: int | None = -1,
         cache_dtype: torch.dtype | None = None,
-        index_dtype: torch.dtype | None = None,
+        index_dtype: torch.dtype | str | None = None,
+        index_rotate: bool | None = None,
         index_mode: str = "auto",
         prefix_cache_bytes: int = 1 << 30,
     ) -> None:
@@ -75,6 +76,7 @@ class Engine:
             with_mtp=speculative,
             cache_dtype=cache_dtype,
             index_dtype=index_dtype,
+            index_rotate=index_rotate,
             index_mode=index_mode,
         )
         if prefix_cache_bytes < 0:

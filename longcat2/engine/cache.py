@@ -17,7 +17,17 @@ Design choices:
 - The pool grows by doubling (a copy) when it runs out of blocks, so callers need no capacity planning;
   `max_blocks` caps it (a `CacheFull` error is raised rather than swapping).
 - The cache stores whatever dtype it is given (fp32 for tests, bf16 to halve bytes); indexer keys may use
-  their own dtype (`index_dtype`).
+  their own dtype (`index_dtype`). FP8 index keys (`index_dtype=torch.float8_e4m3fn`) are stored as e4m3
+  values with one fp32 scale per token (amax / 448), 132 B/token at LongCat-2.0's 128 dims as in the
+  reference engines; `index_rotate` first applies the orthogonal (normalised Sylvester) Hadamard rotation
+  to the keys, and selection rotates the queries the same way (q·k is unchanged, outliers are spread
+  before quantisation). Readers dequantise on the fly (`dequant_index`), a block of keys at a time.
+- Hierarchical indexing (`hi_block` > 0): per indexer owner a summary pool holds, for every complete
+  sub-block of `hi_block` tokens, the mean of its (dequantised, rotated) index keys, at row slot // hi_block
+  (block_size is a multiple of hi_block, so a sub-block never straddles two cache blocks). `update_summaries`
+  computes a sub-block's mean once, when its last token is written (decode, chunked prefill alike), from the
+  cached keys in a fixed order, so the summaries are bit-identical however the sequence was chunked and are
+  never rebuilt. Incomplete sub-blocks have no summary: they are always inside the forced local window.
 - Prefix caching (`prefix_cache_blocks` > 0): a full block's key is blake2b(parent key | its token ids), so
   equal keys mean equal prefixes, and every entry derived from the prefix (latent, rope key and index key of
   every layer; the N-gram state is a function of the tokens) can be reused by another sequence. Only full
@@ -35,6 +45,7 @@ Design choices:
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -141,10 +152,16 @@ class PagedKVCache:
         index_dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
         prefix_cache_blocks: int = 0,
+        hi_block: int = 0,
+        index_rotate: bool = False,
     ) -> None:
-        """prefix_cache_blocks: how many unreferenced full blocks the prefix cache may keep (0: off)."""
+        """prefix_cache_blocks: how many unreferenced full blocks the prefix cache may keep (0: off).
+        hi_block: sub-block size of the HI page summaries (0: no summaries); index_rotate: Hadamard-rotate
+        index keys (and, in selection, queries) before storing them."""
         if block_size <= 0 or num_blocks <= 0:
             raise ValueError("block_size and num_blocks must be positive")
+        if hi_block < 0 or (hi_block and block_size % hi_block):
+            raise ValueError(f"block_size ({block_size}) must be a multiple of the HI sub-block ({hi_block})")
         if prefix_cache_blocks < 0:
             raise ValueError(f"prefix_cache_blocks: must be >= 0, got {prefix_cache_blocks}")
         self.layers = layers
@@ -163,6 +180,25 @@ class PagedKVCache:
             for i, s in enumerate(layers)
             if s.index
         }
+        self.index_fp8 = self.index_dtype == torch.float8_e4m3fn
+        # fp8 keys: one fp32 scale per token per owner
+        self.index_scales: dict[int, torch.Tensor] = (
+            {i: torch.zeros(cap, 1, dtype=torch.float32, device=self.device) for i in self.index_keys}
+            if self.index_fp8
+            else {}
+        )
+        self.rotation = hadamard(index_head_dim, self.device) if index_rotate else None
+        # HI page summaries: sub-block means (fp32 for fp32 keys, else bf16)
+        self.hi_block = hi_block
+        self.summary_dtype = torch.float32 if self.index_dtype == torch.float32 else torch.bfloat16
+        self.index_summaries: dict[int, torch.Tensor] = (
+            {
+                i: torch.zeros(cap // hi_block, index_head_dim, dtype=self.summary_dtype, device=self.device)
+                for i in self.index_keys
+            }
+            if hi_block
+            else {}
+        )
         # running max of indexer-key L2 norms per owner (bf16 keys only: bounds of the bf16 two-pass scan)
         self.index_key_max_norm: dict[int, float] = {i: 0.0 for i in self.index_keys}
         # prefix cache
@@ -202,11 +238,17 @@ class PagedKVCache:
     def capacity(self) -> int:
         return self.num_blocks * self.block_size
 
+    def index_bytes_per_token(self) -> float:
+        """Index-key cache bytes per token over all owners (fp8: + 4 B scale; HI: + the summaries)."""
+        per = self.index_head_dim * torch.finfo(self.index_dtype).bits // 8 + (4 if self.index_fp8 else 0)
+        if self.hi_block:
+            per += self.index_head_dim * torch.finfo(self.summary_dtype).bits / 8 / self.hi_block
+        return len(self.index_keys) * per
+
     def bytes_per_token(self) -> int:
         e = torch.finfo(self.dtype).bits // 8
-        ei = torch.finfo(self.index_dtype).bits // 8
         lat = sum((s.latent_dim + s.rope_dim) * e for s in self.layers)
-        return lat + len(self.index_keys) * self.index_head_dim * ei
+        return lat + math.ceil(self.index_bytes_per_token())
 
     # ------------------------------------------------------------------ allocation
     def _grow(self, min_blocks: int) -> None:
@@ -218,11 +260,19 @@ class PagedKVCache:
         extra = (new - self.num_blocks) * self.block_size
 
         def grown(t: torch.Tensor) -> torch.Tensor:
+            if t.dtype == torch.float8_e4m3fn:  # (no fp8 cat on CPU: grow the bytes)
+                return grown(t.view(torch.uint8)).view(torch.float8_e4m3fn)
             return torch.cat([t, t.new_zeros(extra, t.shape[1])])
 
         self.latent = [grown(t) for t in self.latent]
         self.rope = [grown(t) for t in self.rope]
         self.index_keys = {i: grown(t) for i, t in self.index_keys.items()}
+        self.index_scales = {i: grown(t) for i, t in self.index_scales.items()}
+        if self.hi_block:
+            n_sum = (new - self.num_blocks) * self.block_size // self.hi_block
+            self.index_summaries = {
+                i: torch.cat([t, t.new_zeros(n_sum, t.shape[1])]) for i, t in self.index_summaries.items()
+            }
         self.refs.extend([0] * (new - self.num_blocks))
         self.allocator.grow(new)
 
@@ -400,10 +450,73 @@ class PagedKVCache:
         self.rope[layer].index_copy_(0, slots, rope.to(self.dtype))
 
     def write_index(self, layer: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
-        """slots [N], keys [N, index_head_dim]."""
+        """slots [N], keys [N, index_head_dim] (rotated first when the cache rotates index keys)."""
+        if self.rotation is not None:
+            keys = keys.float() @ self.rotation
+        if self.index_fp8:
+            q, scale = quantize_fp8(keys)  # (CPU has no fp8 index_copy_: copy the bytes)
+            self.index_keys[layer].view(torch.uint8).index_copy_(0, slots, q.view(torch.uint8))
+            self.index_scales[layer].index_copy_(0, slots, scale)
+            return
         keys = keys.to(self.index_dtype)
         self.index_keys[layer].index_copy_(0, slots, keys)
         if keys.numel() and self.index_dtype == torch.bfloat16:
             norm = float(keys.float().norm(dim=-1).max())
             if norm > self.index_key_max_norm[layer]:
                 self.index_key_max_norm[layer] = norm
+
+    # ------------------------------------------------------------------ index-key reads (fp8, HI)
+    def dequant_index(self, layer: int, rows: slice | torch.Tensor) -> torch.Tensor:
+        """Index keys of pool rows (a slice or an index tensor) as fp32 (fp8: value × scale)."""
+        if not self.index_fp8:
+            return self.index_keys[layer][rows].float()
+        keys = self.index_keys[layer].view(torch.uint8)[rows].view(torch.float8_e4m3fn)
+        return keys.float() * self.index_scales[layer][rows]
+
+    def rotate_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """q [..., d] → q rotated like the stored keys (unchanged without rotation)."""
+        return q if self.rotation is None else (q.float() @ self.rotation).to(q.dtype)
+
+    def update_summaries(self, layer: int, end_slots: torch.Tensor) -> None:
+        """end_slots [M]: pool rows of tokens that just completed a sub-block (position % hi_block ==
+        hi_block - 1; their sub-block's earlier keys are already written). Writes each sub-block's mean."""
+        if not self.hi_block or end_slots.numel() == 0:
+            return
+        b = self.hi_block
+        first = end_slots - (b - 1)
+        acc = self.dequant_index(layer, first)  # [M, d]
+        for j in range(1, b):  # fixed order: bit-identical however the sub-block's step was batched
+            acc = acc + self.dequant_index(layer, first + j)
+        self.index_summaries[layer].index_copy_(0, end_slots // b, (acc / b).to(self.summary_dtype))
+
+
+INDEX_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}  # --index-dtype choices
+
+
+def index_dtype_of(value: torch.dtype | str | None) -> torch.dtype | None:
+    """'bf16' / 'fp8' / a torch dtype / None (= the cache dtype) → the index-key storage dtype."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in INDEX_DTYPES:
+        raise ValueError(f"index_dtype: one of {', '.join(INDEX_DTYPES)}, got {value!r}")
+    return INDEX_DTYPES[value]
+
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, d] → (e4m3 values [N, d], fp32 scales [N, 1]) with x ≈ values · scale, scale = amax / 448."""
+    x = x.float()
+    scale = (x.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return (x / scale).to(torch.float8_e4m3fn), scale
+
+
+def hadamard(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Normalised Sylvester Hadamard matrix [d, d] (orthogonal and symmetric; d a power of two)."""
+    if d <= 0 or d & (d - 1):
+        raise ValueError(f"index_head_dim must be a power of two for the Hadamard rotation, got {d}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return (h / math.sqrt(d)).to(device)

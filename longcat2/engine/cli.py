@@ -18,7 +18,7 @@ import argparse
 import sys
 import time
 
-from longcat2.config import PRESETS
+from longcat2.config import INFERENCE_KEYS, PRESETS, parse_override
 from longcat2.model_dir import MODEL_HELP
 from longcat2.parallel import serving
 
@@ -30,10 +30,21 @@ def _ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
 
 
+def add_index_args(p: argparse.ArgumentParser, override: bool = True) -> None:
+    """--index-dtype and --override (hierarchical indexing settings), shared by generate, serve and eval."""
+    p.add_argument("--index-dtype", choices=["bf16", "fp8"], default=None,
+                   help="index-key cache: bf16, or fp8 (e4m3 + fp32 scale per token, Hadamard-rotated); "
+                        "default: the KV cache dtype")  # fmt: skip
+    if override:
+        p.add_argument("--override", action="append", type=parse_override, metavar="KEY=VALUE",
+                       help=f"inference setting of the model config (repeatable): {', '.join(INFERENCE_KEYS)}; "
+                            "e.g. lsa_hi=true turns hierarchical indexing on")  # fmt: skip
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from longcat2.config import ModelConfig
+    from longcat2.config import ModelConfig, with_inference_overrides
     from longcat2.engine import Engine, SamplingParams
     from longcat2.engine.cpu import choose_threads
     from longcat2.model.longcat import LongCatForCausalLM
@@ -57,6 +68,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if dtype is not None:
             model = model.to(dtype)
         model = serving.shard(model, layout)
+    model.config = with_inference_overrides(model.config, args.override)
     model.eval()
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
@@ -89,6 +101,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         detokenize=tokenizer.decode if tokenizer is not None else None,
         eos_token_id=-1,
         max_step_tokens=args.prefill_chunk,
+        index_dtype=args.index_dtype,
     )
     engine = serving.drive(engine, layout)  # ranks > 0 follow rank 0 here, then print nothing
     if engine is None:
@@ -162,6 +175,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-draft-tokens", type=int, default=None, help="1..3 (default: the MTP depth)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per engine step")
+    add_index_args(p)
     p.add_argument(
         "--threads",
         type=int,

@@ -31,18 +31,19 @@ from torch import nn
 
 from longcat2.config import ModelConfig
 from longcat2.engine.cache import PagedKVCache, SeqBlocks
+from longcat2.engine.hi import hi_active, hi_rows, scan_keys
 from longcat2.engine.kernels import (
     dense_decode,
     dense_prefill,
     dense_prefill_tiled,
     dense_rows,
     gather_attention,
-    index_scan,
     index_scan_select_bf16,
     lsa_rows,
 )
 from longcat2.model.attention import MLA, MLAProjection
 
+HI_SCORE_ELEMS = 1 << 22  # coarse page scores per HI call (a reusable buffer, not fresh pages)
 Selection = list[torch.Tensor | None]  # per segment: selected positions [T, K] (-1 = empty) or None (dense)
 
 
@@ -93,12 +94,15 @@ class StepContext:
         cache.write(lid, self.slots, kv_latent[0], k_rope[0])
         if index_keys is not None:
             cache.write_index(lid, self.slots, index_keys[0])  # [N, d]
+            if cache.hi_block:  # HI: sub-blocks completed by this step get their mean key
+                b = cache.hi_block
+                cache.update_summaries(lid, self.slots[self.positions % b == b - 1])
 
     def select(self, mla: MLA, q: torch.Tensor, w: torch.Tensor) -> Selection:
         """q [1, N, h, d], w [1, N, h] fp32 → per segment [T, index_topk] positions or None (dense)."""
         st = self.settings
         cfg, cache, lid = st.cfg, st.cache, st.layer_ids[mla]
-        q, w = q[0], w[0]
+        q, w = cache.rotate_queries(q[0]), w[0]
         topk, init, local = cfg.index_topk, cfg.index_init_tokens, cfg.index_local_tokens
         pool = cache.index_keys[lid]
         out: Selection = []
@@ -112,6 +116,10 @@ class StepContext:
             if n_dense:
                 rows.append(dense_rows(q_pos[:n_dense], topk))
             qs, ws, ps = q[off + n_dense : off + t], w[off + n_dense : off + t], q_pos[n_dense:]
+            n_hi = sum(1 for p in ps.tolist()[::-1] if hi_active(cfg, p)) if ps.numel() else 0
+            if n_hi:  # hierarchical indexing for the queries that see more than lsa_hi_min_len keys
+                rows_hi = self._hi(lid, blocks, qs[-n_hi:], ws[-n_hi:], ps[-n_hi:])
+                qs, ws, ps = qs[:-n_hi], ws[:-n_hi], ps[:-n_hi]
             if ps.numel() == 1 and self._use_bf16(q, pool):
                 # decode: bf16 GEMM scan + exact rescoring (same indices as the fp32 scan)
                 qp = int(ps[0])
@@ -122,14 +130,15 @@ class StepContext:
                 sink = torch.arange(init, device=dyn.device)
                 loc = torch.arange(qp - local + 1, qp + 1, device=dyn.device)
                 rows.append(torch.cat([sink, dyn, loc])[None])
-            else:
-                chunk = max(1, st.score_budget // max(1, int(ps[-1]) if ps.numel() else 1))
+            elif ps.numel():
+                chunk = max(1, st.score_budget // max(1, int(ps[-1])))
                 for c0 in range(0, ps.numel(), chunk):
                     pc = ps[c0 : c0 + chunk]
                     lo, hi = init, int(pc[-1]) - local + 1  # dynamic region of the chunk's last query
-                    pieces = [(a, pool[r : r + m]) for a, r, m in cache.runs(blocks, lo, hi)]
-                    scores = index_scan(qs[c0 : c0 + chunk], ws[c0 : c0 + chunk], pieces, lo, hi)
+                    scores = scan_keys(cache, lid, blocks, qs[c0 : c0 + chunk], ws[c0 : c0 + chunk], lo, hi)
                     rows.append(lsa_rows(scores, pc, topk, init, local))
+            if n_hi:
+                rows.extend(rows_hi)
             out.append(torch.cat(rows) if len(rows) > 1 else rows[0])
         return out
 
@@ -188,6 +197,29 @@ class StepContext:
         return out[None]
 
     # ------------------------------------------------------------------ helpers
+    def _hi(
+        self, lid: int, blocks: SeqBlocks, q: torch.Tensor, w: torch.Tensor, q_pos: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """HI selection of ascending queries, in chunks whose coarse scores fit the score budget."""
+        st = self.settings
+        cfg, cache = st.cfg, st.cache
+        n_pages = max(1, int(q_pos[-1]) // cfg.lsa_hi_page_size)
+        chunk = max(1, min(st.score_budget, HI_SCORE_ELEMS) // n_pages)  # [rows, pages] coarse scores
+        return [
+            hi_rows(
+                cache,
+                lid,
+                blocks,
+                cfg,
+                q[c0 : c0 + chunk],
+                w[c0 : c0 + chunk],
+                q_pos[c0 : c0 + chunk],
+                st.score_budget,
+                bf16_decode=st.index_mode != "exact",
+            )
+            for c0 in range(0, q_pos.numel(), chunk)
+        ]
+
     def _use_bf16(self, q: torch.Tensor, pool: torch.Tensor) -> bool:
         mode = self.settings.index_mode
         if mode == "exact":

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from longcat2.config import ModelConfig
-from longcat2.engine.cache import PagedKVCache, SeqBlocks
+from longcat2.engine.cache import PagedKVCache, SeqBlocks, index_dtype_of
 from longcat2.engine.context import AttentionSettings, Selection, StepContext
 from longcat2.engine.cpu import Bf16MatmulViaFp32, bf16_matmul_via_fp32
 from longcat2.model.attention import MLA
@@ -64,14 +64,18 @@ class ModelRunner:
         max_blocks: int | None = None,
         with_mtp: bool = False,
         cache_dtype: torch.dtype | None = None,
-        index_dtype: torch.dtype | None = None,
+        index_dtype: torch.dtype | str | None = None,
+        index_rotate: bool | None = None,
         index_mode: str = "auto",
         score_budget: int = 1 << 24,
         expanded_min_rows: int = 32,
         dense_gather_max: int = 4096,
     ) -> None:
         """index_mode: "exact" (fp32 scan) | "bf16" (bf16 GEMM scan + exact rescoring, decode rows with
-        bf16 queries and keys) | "auto" (bf16 when the indexer runs in bf16, else exact). Prefix caching is
+        bf16 queries and keys) | "auto" (bf16 when the indexer runs in bf16, else exact). index_dtype: the
+        index-key cache ("bf16", "fp8" = e4m3 + fp32 scale per token, a torch dtype, None = cache_dtype);
+        index_rotate: Hadamard-rotate index keys and queries (None: with fp8 keys). The HI page summaries
+        exist when the model config turns HI on (`lsa_hi`). Prefix caching is
         off until the owner sets `cache.prefix_cache_blocks` (the Engine sizes it from bytes)."""
         self.model = model
         self.cfg: ModelConfig = model.config
@@ -84,7 +88,11 @@ class ModelRunner:
             block_size=block_size,
             num_blocks=num_blocks,
             max_blocks=max_blocks,
-            index_dtype=index_dtype,
+            index_dtype=index_dtype_of(index_dtype),
+            hi_block=self.cfg.lsa_hi_block_size if self.cfg.lsa_hi and self.cfg.use_lsa else 0,
+            index_rotate=(index_dtype_of(index_dtype) == torch.float8_e4m3fn)
+            if index_rotate is None
+            else index_rotate,
         )
         if index_mode not in ("auto", "exact", "bf16"):
             raise ValueError(f"index_mode: one of auto/exact/bf16, got {index_mode!r}")

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from longcat2.config import PRESETS, parse_override
+from longcat2.engine.cli import add_index_args
 from longcat2.model_dir import MODEL_HELP
 from longcat2.parallel.serving import add_parallel_args
 
@@ -66,7 +67,13 @@ def _cmd_longctx(args: argparse.Namespace) -> int:
     model = _load_model(args)
     lengths = list(dict.fromkeys(n for word in args.lengths for n in word))  # flattened, in order, once each
     res = evaluate_longctx(
-        model, args.task, lengths, depths=args.depths, per_cell=args.per_cell, seed=args.seed
+        model,
+        args.task,
+        lengths,
+        depths=args.depths,
+        per_cell=args.per_cell,
+        seed=args.seed,
+        index_dtype=args.index_dtype,
     )
     if args.rank != 0:
         return 0
@@ -129,6 +136,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
             help="override a shape-preserving model config field, e.g. index_topk=128 (repeatable)",
         )
         q.add_argument("--threads", type=int, default=1)
+        if name == "longctx":  # (ppl runs the model's forward, which has no cache)
+            add_index_args(q, override=False)
         q.add_argument("--seed", type=int, default=1234)
         add_parallel_args(q)
         q.set_defaults(func=func)

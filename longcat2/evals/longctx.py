@@ -28,11 +28,16 @@ from longcat2.evals.tasks import Example, TaskVocab, make_examples
 
 @torch.no_grad()
 def predict_answers(
-    model: torch.nn.Module, examples: list[Example], batch_size: int = 4, prefill_chunk: int = 2048
+    model: torch.nn.Module,
+    examples: list[Example],
+    batch_size: int = 4,
+    prefill_chunk: int = 2048,
+    index_dtype: str | None = None,
 ) -> list[dict[int, int]]:
     """Per example {position t: the engine's argmax prediction of token t given tokens < t}, for every t
-    from the first answer token to the end (prefill + teacher-forced cached decode)."""
-    runner = ModelRunner(model, block_size=128)
+    from the first answer token to the end (prefill + teacher-forced cached decode). index_dtype: the
+    engine's index-key cache ("bf16", "fp8", None = the model dtype)."""
+    runner = ModelRunner(model, block_size=128, index_dtype=index_dtype)
     preds: list[dict[int, int]] = []
     for b0 in range(0, len(examples), batch_size):
         batch = examples[b0 : b0 + batch_size]
@@ -92,6 +97,7 @@ def evaluate_longctx(
     vocab: TaskVocab | None = None,
     batch_size: int = 4,
     predict: Callable[[list[Example]], list[dict[int, int]]] | None = None,
+    index_dtype: str | None = None,
     **task_kw: Any,
 ) -> dict[str, Any]:
     """Accuracy per length x depth cell. `predict(examples)` gives the predicted token per answer position
@@ -99,7 +105,7 @@ def evaluate_longctx(
     if predict is None:
 
         def predict(examples: list[Example]) -> list[dict[int, int]]:
-            return predict_answers(model, examples, batch_size)
+            return predict_answers(model, examples, batch_size, index_dtype=index_dtype)
 
     depth_grid = [round(d, 3) for d in np.linspace(0, 1, depths)] if depths > 1 else [0.5]
     acc: dict[str, dict[str, float]] = {}

@@ -75,6 +75,11 @@ def add_cli(subparsers: Any) -> None:
     a("--concurrency", type=int, default=0, help="sequences per instance (default: the max that fits)")
     a("--kv-dtype", choices=list(_DTYPE), default="bf16")
     a("--index-dtype", choices=list(_DTYPE), default="fp8")
+    a(
+        "--hi",
+        action="store_true",
+        help="serve with hierarchical indexing on (lsa_hi; off in released configs)",
+    )
     a("--weight-dtype", choices=list(_DTYPE), default="fp8")
     a("--instance-chips", type=int, default=0, help="chips per model instance (default: whole nodes)")
     a("--target-tps", type=float, default=0.0, help="per-sequence decode tokens/s target")
@@ -138,6 +143,8 @@ def build_plan(args: argparse.Namespace) -> dict[str, Any]:
         out["train"] = plan_training(cfg, hw, lay, wl, asm, args.chips)
         check_fits(out["train"], hw)
     if args.serve:
+        if args.hi:
+            cfg = cfg.replace(lsa_hi=True)
         serve_only = not args.search and all(v is None for v in degrees.values())  # --chips: the instance
         instance = args.instance_chips or (args.chips if serve_only and args.chips else 0)
         sw = ServeWorkload(context=args.context, concurrency=args.concurrency, kv_bytes=_DTYPE[args.kv_dtype],
@@ -253,7 +260,7 @@ def _render_serve(s: dict[str, Any]) -> list[str]:
              f" / {s['mtp_cache_bytes_per_token']:,} B"),
             ("cache per sequence", _gb(s["cache_bytes_per_sequence"])),
             ("decode bytes/step dense", _gb(d["dense"])),
-            ("decode bytes/step LSA (main + indexer)", f"{_gb(d['sparse'])} ({_gb(d['sparse_main'])} + "
+            ("decode bytes/step LSA" + ("+HI" if d.get("hi") else "") + " (main + indexer)", f"{_gb(d['sparse'])} ({_gb(d['sparse_main'])} + "
              f"{_gb(d['indexer'])}), {d['ratio']:.1f}x less, indexer {d['share']:.0%}"),
             ("max concurrency per instance / node", f"{s['max_concurrency']} / {s['max_concurrency_per_node']:.2f}"),
             ("concurrency planned", str(s["concurrency"])),

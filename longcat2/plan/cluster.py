@@ -466,7 +466,7 @@ def plan_serving(cfg: ModelConfig, hw: Hardware, sw: ServeWorkload, asm: Assumpt
     kv = mm.kv_cache_bytes_per_token(cfg, sw.kv_bytes)
     idx = mm.indexer_cache_bytes_per_token(cfg, sw.index_bytes) if cfg.use_lsa else 0
     mtp_c = mm.mtp_cache_bytes_per_token(cfg, sw.kv_bytes, sw.index_bytes)
-    per_seq = (kv + idx + mtp_c) * sw.context
+    per_seq = (kv + idx + mm.hi_summary_bytes_per_token(cfg) + mtp_c) * sw.context
     usable = hw.hbm_bytes * (1 - asm.hbm_reserve)
     chips = sw.instance_chips
     if not chips:

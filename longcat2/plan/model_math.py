@@ -132,6 +132,13 @@ def indexer_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 1) -> int
     return indexer_passes(cfg) * per
 
 
+def hi_summary_bytes_per_token(cfg: ModelConfig) -> float:
+    """HI page summaries (one bf16 mean key per lsa_hi_block_size tokens per indexer pass); 0 with HI off."""
+    if not (cfg.use_lsa and cfg.lsa_hi):
+        return 0.0
+    return indexer_passes(cfg) * cfg.index_head_dim * 2 / cfg.lsa_hi_block_size
+
+
 def mtp_cache_bytes_per_token(cfg: ModelConfig, kv_bytes: int = 2, index_bytes: int = 1) -> int:
     """Caches of the physical MTP modules (one MLA each, plus an indexer with LSA)."""
     kv = kv_cache_bytes_per_token(cfg, kv_bytes) // cfg.num_attention_sublayers
@@ -147,6 +154,8 @@ def decode_bytes_per_step(
     """Attention-cache bytes one sequence reads per decode step (sparse_attention.md §5.2 formula).
 
     dense = 2L·ctx·b_kv; sparse = 2L·min(ctx, k)·b_kv + passes·ctx·b_idx (dense when LSA is off).
+    With HI on (`cfg.lsa_hi`) and ctx > lsa_hi_min_len the indexer term is passes·(ctx/B·b_sum +
+    min(ctx, M·P)·b_idx): the page summaries (bf16 sub-block means) plus the kept pages' keys.
     """
     b_kv = kv_cache_bytes_per_token(cfg, kv_bytes) / cfg.num_attention_sublayers
     n = cfg.num_attention_sublayers
@@ -162,9 +171,14 @@ def decode_bytes_per_step(
         }
     main = n * min(context, cfg.index_topk) * b_kv
     idx = float(indexer_cache_bytes_per_token(cfg, index_bytes) * context)
+    if cfg.lsa_hi and context > max(cfg.lsa_hi_min_len, cfg.index_topk):
+        kept = min(context, cfg.lsa_hi_top_pages * cfg.lsa_hi_page_size)
+        idx = hi_summary_bytes_per_token(cfg) * context + float(
+            indexer_cache_bytes_per_token(cfg, index_bytes) * kept
+        )
     sparse = main + idx
     return {"dense": dense, "sparse_main": main, "indexer": idx, "sparse": sparse, "ratio": dense / sparse,
-            "share": idx / sparse}  # fmt: skip
+            "share": idx / sparse, "hi": bool(cfg.lsa_hi and context > max(cfg.lsa_hi_min_len, cfg.index_topk))}  # fmt: skip
 
 
 # ---------------------------------------------------------------------- FLOPs

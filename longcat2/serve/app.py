@@ -238,6 +238,7 @@ def load_state(config: ServerConfig) -> ServerState | None:
     engine in lockstep until it shuts down and return None (longcat2.parallel.serving)."""
     import torch
 
+    from longcat2.config import ConfigError, with_inference_overrides
     from longcat2.engine import Engine
     from longcat2.parallel import serving
     from longcat2.tokenizer import TokenizerError, load_tokenizer
@@ -253,6 +254,10 @@ def load_state(config: ServerConfig) -> ServerState | None:
         model = serving.load_model(path, layout, dtype, config.dequantize_fp8)
     except (ValueError, OSError) as e:
         raise ServeError(f"cannot load the model from {path}: {e}") from e
+    try:
+        model.config = with_inference_overrides(model.config, config.model_overrides)
+    except ConfigError as e:
+        raise ServeError(f"--override {e}") from e
     cfg = model.config
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ServeError(
@@ -274,6 +279,7 @@ def load_state(config: ServerConfig) -> ServerState | None:
         detokenize=tokenizer.decode,
         eos_token_id=tokenizer.eos_id,
         prefix_cache_bytes=config.prefix_cache_bytes,
+        index_dtype=config.index_dtype,
     )
     if layout.distributed and layout.rank != 0:
         serving.follow_server(engine, tokenizer)

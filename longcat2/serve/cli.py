@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from longcat2.engine.cli import add_index_args
 from longcat2.model_dir import MODEL_HELP
 
 
@@ -60,6 +61,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         max_request_bytes=args.max_request_bytes,
         prefix_cache_bytes=0 if args.no_prefix_cache else parse_size(args.prefix_cache_size),
+        index_dtype=args.index_dtype,
+        model_overrides=dict(args.override or []),
     )
     positive = (
         ("--max-batch", args.max_batch),
@@ -157,6 +160,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         help="torch CPU threads (0 = auto: the cores this process may use minus the current load, at least 1; "
         "env LONGCAT2_THREADS)",
     )
+    add_index_args(p)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown (default 30)")  # fmt: skip
     p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024,

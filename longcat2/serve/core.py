@@ -84,6 +84,8 @@ class ServerConfig:
     access_log: bool = True  # one log line per request (serve/access_log.py)
     max_request_bytes: int = 32 * 1024 * 1024  # larger bodies are a 413
     prefix_cache_bytes: int = 1 << 30  # cache blocks kept for prefix reuse after requests end; 0: off
+    index_dtype: str | None = None  # index-key cache: "bf16" | "fp8" | None (the KV cache dtype)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # inference-time config (HI settings)
 
 
 @dataclass

@@ -93,3 +93,16 @@ def test_bad_model_is_one_line_without_traceback(tmp_path) -> None:
         "checkpoints/step_* in it (expected a model folder, a training run folder, or 'longcat-2.0-tiny' for "
         "the embedded model)"
     ]
+
+
+def test_generate_with_fp8_index_keys_and_hierarchical_indexing(capsys: pytest.CaptureFixture[str]) -> None:
+    """--index-dtype fp8 and --override lsa_hi=true... reach the engine (a 200-token prompt: HI selects pages
+    from 96 keys on); a key that is not an inference setting is refused with its name."""
+    prompt = ",".join(str(5 + i % 400) for i in range(200))
+    hi = ["--override", "lsa_hi=true", "--override", "lsa_hi_page_size=16", "--override", "lsa_hi_block_size=4",
+          "--override", "lsa_hi_top_pages=6", "--override", "lsa_hi_min_len=96"]  # fmt: skip
+    base = ["generate", "--preset", "tiny", "--prompt-ids", prompt, "--max-new-tokens", "4", "--ignore-eos"]
+    assert _run([*base, "--index-dtype", "fp8", *hi]) == 0
+    assert len(capsys.readouterr().out.strip().split(",")) == 4
+    with pytest.raises(Exception, match="index_topk: not an inference-time setting"):
+        _run([*base, "--override", "index_topk=8"])

@@ -121,6 +121,9 @@ def test_flash_lite_config_maps_ngram_keys(tmp_path):
         (dict(hidden_act="gelu"), "hidden_act"),
         (dict(cli_factor=3), "cli_factor"),
         (dict(eos_token_id=10**7), "eos_token_id"),
+        (dict(lsa_hi_top_pages=12), "lsa_hi_top_pages"),
+        (dict(lsa_hi_page_size=100), "lsa_hi_page_size"),
+        (dict(lsa_hi_min_len=0), "lsa_hi_min_len"),
     ],
 )
 def test_bad_values_name_the_key(change, key):
@@ -182,3 +185,19 @@ def test_embedded_model_keeps_the_rules_it_was_trained_with():
     assert raw["ngram_fusion"] == "residual" and raw["mla_norm_eps"] == 1e-6
     cfg = ModelConfig.from_hf(DEFAULT_MODEL_DIR)
     assert cfg.ngram_fusion == "residual" and cfg.lora_norm_eps == 1e-6
+
+
+def test_hierarchical_indexing_is_off_for_released_configs_and_round_trips(tmp_path):
+    released = ModelConfig.from_hf(RELEASED_2_0)
+    assert not released.lsa_hi
+    assert (released.lsa_hi_page_size, released.lsa_hi_block_size) == (128, 8)  # the LSA report's pages
+    assert (released.lsa_hi_top_pages, released.lsa_hi_min_len) == (1024, 262144)
+    assert not any(k.startswith("lsa_hi") for k in released.to_hf())  # released files stay as released
+    on = released.replace(lsa_hi=True, lsa_hi_top_pages=512)
+    out = on.to_hf()
+    assert {k: v for k, v in out.items() if k.startswith("lsa_hi")} == {
+        "lsa_hi": True,
+        "lsa_hi_top_pages": 512,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(out))
+    assert ModelConfig.from_hf(tmp_path) == on
