@@ -14,7 +14,7 @@ from pathlib import Path
 from longcat2.config import PRESETS, parse_override
 from longcat2.engine.cli import add_index_args
 from longcat2.model_dir import MODEL_HELP
-from longcat2.parallel.serving import add_parallel_args
+from longcat2.parallel.serving import add_parallel_args, finish
 
 
 def _ints(text: str) -> list[int]:
@@ -75,6 +75,7 @@ def _cmd_longctx(args: argparse.Namespace) -> int:
         seed=args.seed,
         index_dtype=args.index_dtype,
     )
+    finish()  # every rank's last collective is done: end the process group (multi-process runs)
     if args.rank != 0:
         return 0
     if args.heatmap:
@@ -99,6 +100,7 @@ def _cmd_ppl(args: argparse.Namespace) -> int:
         Path(args.data) if args.data != "stdlib" else ensure_prepared("stdlib", None, model.config.vocab_size)
     )
     res = evaluate_ppl(model, shard_dir, args.seq_len, args.batch_size, args.max_windows, args.trailing)
+    finish()  # every rank's last collective is done: end the process group (multi-process runs)
     if args.rank != 0:
         return 0
     print(

@@ -90,14 +90,27 @@ def drive(engine, layout: InferenceLayout):
     if layout.rank == 0:
         return LockstepEngine(engine)
     follow(engine)
+    finish()
     return None
 
 
 def close(engine) -> None:
-    """Release the followers (no-op for a plain engine)."""
+    """Release the followers (no-op for a plain engine), then end the process group (`finish`)."""
     closer = getattr(engine, "close", None)
     if closer is not None:
         closer()
+        finish()
+
+
+def finish() -> None:
+    """Every rank, after its command's last collective: a barrier, then the process group is destroyed
+    explicitly. Left to interpreter shutdown, gloo's threads could abort a rank that had finished its work
+    ("terminate called without an active exception", exit -6), failing a run whose output was complete."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def follow_server(engine, tokenizer) -> None:
@@ -113,6 +126,7 @@ def follow_server(engine, tokenizer) -> None:
         return grammars[0].compile(lark)
 
     follow(engine, compile_grammar)
+    finish()
 
 
 def close_server(worker) -> None:
