@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from longcat2.parallel.inference import InferenceLayout, init_inference, parallelize_for_inference
-from longcat2.parallel.mesh import env_rank_world
+from longcat2.parallel.mesh import barrier, env_rank_world, shutdown
 
 SERVE_TIMEOUT_S = 7 * 24 * 3600  # followers wait inside a broadcast while the server is idle
 
@@ -106,11 +106,8 @@ def finish() -> None:
     """Every rank, after its command's last collective: a barrier, then the process group is destroyed
     explicitly. Left to interpreter shutdown, gloo's threads could abort a rank that had finished its work
     ("terminate called without an active exception", exit -6), failing a run whose output was complete."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    barrier()
+    shutdown()
 
 
 def follow_server(engine, tokenizer) -> None:
