@@ -51,6 +51,10 @@ MODEL_ARGS=(
   --model oe_vocab_size_ratio=2.0 --model mtp_num_layers=1
   # the rules the v1 model was trained with (the 2.0 preset now defaults to mean / rms_norm_eps)
   --model ngram_fusion=residual --model mla_norm_eps=1e-6
+  # top-k 256 (the preset's 64 is sized for 4K tests): a 300-600-token tool conversation then keeps the
+  # user's entity and the whole tool result in view while the model learns to copy; past 256 tokens the
+  # sparse path selects (the 32K stage and agent-sized prompts run sparse)
+  --model index_topk=256
 )
 # 32K context for the length-extension stage: YaRN x32 over the 1024 positions the model starts from
 # (the tiny preset's DeepSeek-YaRN, x4 before); shape-preserving, so the `--init` weights load unchanged
