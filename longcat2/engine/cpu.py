@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from longcat2.devices import cpu_has_bf16_gemm
+
 
 @functools.cache
 def bf16_matmul_via_fp32() -> bool:
@@ -37,10 +39,7 @@ def bf16_matmul_via_fp32() -> bool:
         return forced == "fp32"
     if forced:
         raise ValueError(f"LONGCAT2_BF16_MATMUL: 'native' or 'fp32', got {forced!r}")
-    try:
-        return not bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return not cpu_has_bf16_gemm()
 
 
 _BF16 = torch.bfloat16

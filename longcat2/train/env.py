@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from longcat2.devices import cpu_has_bf16_gemm
 from longcat2.train.config import TrainingError
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def bf16_supported(device: torch.device) -> bool:
     if not torch.amp.is_autocast_available(device.type):
         return False
     if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return cpu_has_bf16_gemm()
     check = getattr(getattr(torch, device.type, None), "is_bf16_supported", None)
     if callable(check):
         return bool(check())
