@@ -616,6 +616,44 @@ def long_tool_use(rng: random.Random, space: Space, max_tokens: int) -> Case:
 # -------------------------------------------------------------------------------------------- mixes
 
 
+def copy_case(rng: random.Random, space: Space) -> Case:
+    """A pure in-context copy (the copy warm-up set): echo a sequence of names, numbers, codes and words, look
+    a key up in a record, or restate a name given a sentence earlier. A model that cannot copy from its
+    context cannot learn the tool-use set (measured: no copying after 222 SFT steps, see the model card);
+    this set teaches it in a few hundred short steps."""
+
+    def item() -> str:
+        r = rng.random()
+        if r < 0.4:
+            return space.place(rng)
+        if r < 0.6:
+            return str(space.value(rng))
+        if r < 0.75:
+            return space.code(rng)
+        if r < 0.9:
+            return space.pick(rng, _WORDS)
+        return space.word(rng, 1, 3)
+
+    kind = rng.randrange(4)
+    if kind <= 1:
+        text = " ".join(item() for _ in range(rng.randint(1, 8)))
+        question = rng.choice(["Repeat exactly: ", "Copy this: ", "Say back: ", "Echo: "]) + text
+        answer = text
+    elif kind == 2:
+        keys = list(dict.fromkeys(space.word(rng, 1, 2) for _ in range(rng.randint(2, 6))))
+        record = {k: item() for k in keys}
+        asked = rng.choice(keys)
+        question, answer = f"Record: {json.dumps(record)}. What is {asked}?", f"{asked} is {record[asked]}."
+    else:
+        x = space.place(rng)
+        question = rng.choice(
+            [f"My city is {x}. Which city is mine?", f"The name is {x}. What is the name?",
+             f"Remember {x}. What did I ask you to remember?"]
+        )  # fmt: skip
+        answer = f"{x}."
+    return Case("copy", {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+
+
 def generate(n: int, seed: int, long_share: float = 0.03, max_tokens: int = 3000) -> list[Case]:
     """The training mix (train spaces): `long_share` long examples (agent-sized prompts 70 %, text passkeys
     30 %), the rest tool use 34 %, calculator 6 %, refusal 14 %, chat with tools offered 10 %, plain chat
@@ -806,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=3000, help="rough size bound of a long example")
     ap.add_argument("--val-out", default=None, help="also write a validation .jsonl (another seed)")
     ap.add_argument("--val-n", type=int, default=300, help="validation conversations (default 300)")
+    ap.add_argument("--copy-set", action="store_true", help="write the copy warm-up set instead of the mix")
     ap.add_argument("--eval-model", metavar="DIR", help="instead: held-out evals of a model, JSON")
     ap.add_argument("--grammar", action="store_true", help="with --eval-model: grammar-constrained replies")
     ap.add_argument("--per-kind", type=int, default=40, help="with --eval-model: conversations per kind")
@@ -832,16 +871,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         ap.error("--out is required (or --eval-model / --passkey-model DIR)")
-    cases = generate(args.n, args.seed, args.long_share, args.max_tokens)
+    if args.copy_set:
+        rng = random.Random(args.seed)
+        cases = [copy_case(rng, TRAIN) for _ in range(args.n)]
+    else:
+        cases = generate(args.n, args.seed, args.long_share, args.max_tokens)
     write(Path(args.out), cases)
     kinds: dict[str, int] = {}
     for c in cases:
         kinds[c.kind] = kinds.get(c.kind, 0) + 1
     print(f"wrote {len(cases)} conversations to {args.out} ({dict(sorted(kinds.items()))})")
     if args.val_out:
-        write(
-            Path(args.val_out), generate(args.val_n, args.seed + 1_000_003, args.long_share, args.max_tokens)
-        )
+        val_seed = args.seed + 1_000_003
+        if args.copy_set:
+            rng = random.Random(val_seed)
+            val = [copy_case(rng, TRAIN) for _ in range(args.val_n)]
+        else:
+            val = generate(args.val_n, val_seed, args.long_share, args.max_tokens)
+        write(Path(args.val_out), val)
         print(f"wrote {args.val_n} validation conversations to {args.val_out}")
     return 0
 
