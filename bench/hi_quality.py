@@ -27,8 +27,9 @@ lying in kept pages) of the coarse stage next to an oracle that ranks pages by t
 any page summary could at most achieve with the same page budget), and how far above τ the missed tokens
 were.
 
-FP8 (`--fp8`): the same sequences with bf16 index keys and with fp8 keys (Hadamard-rotated, and unrotated
-as a second arm), HI off. The fp8 runs replay the bf16 run's owner inputs (a forward pre-hook), so every
+FP8 (`--fp8`): the same sequences with bf16 index keys and with fp8 keys, HI off, in three arms: the
+cache's default (Hadamard-rotated, per-token scale searched, see `cache.quantize_fp8`), unrotated, and
+with the plain amax / 448 scale. The fp8 runs replay the bf16 run's owner inputs (a forward pre-hook), so every
 layer's owner sees identical inputs and only the key storage differs. Overlap of the fp8 selection with the
 bf16 one over the sparse rows (position >= top-k), raw and tie-aware against the bf16-key scores, plus the
 score error fp8 keys make (max |s_fp8 - s_bf16| per row, relative to the row's largest |score|) and how many
@@ -51,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import load_average  # noqa: E402
 
-from longcat2.engine.cache import hadamard, quantize_fp8  # noqa: E402
+from longcat2.engine.cache import FP8_SCALE_CANDIDATES, hadamard, quantize_fp8  # noqa: E402
 from longcat2.engine.runner import ModelRunner, Segment  # noqa: E402
 from longcat2.model.longcat import LongCatForCausalLM  # noqa: E402
 from longcat2.model.lsa import force_and_mask, index_scores, select_topk  # noqa: E402
@@ -61,6 +62,9 @@ from longcat2.tokenizer import load_tokenizer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 256  # query rows scored at a time
 TIE_TOL = 1e-5  # tie-aware tolerance, relative to the row's largest |score|
+# fp8 arms: name, Hadamard rotation, per-token scale candidates (the cache's default search; 1 = amax / 448)
+FP8_ARMS = (("fp8", True, FP8_SCALE_CANDIDATES), ("fp8 unrotated", False, FP8_SCALE_CANDIDATES),
+            ("fp8 amax scale", True, 1))  # fmt: skip
 
 
 def sequences(tok, length: int, n: int) -> list[list[int]]:
@@ -75,9 +79,12 @@ def owners(model) -> dict[int, torch.nn.Module]:
     return {li: layer.self_attn[0] for li, layer in enumerate(model.model.layers)}
 
 
-def run_engine(model, ids: list[int], chunk: int, replay: dict | None = None, **kw) -> dict:
+def run_engine(
+    model, ids: list[int], chunk: int, replay: dict | None = None, scales: int = FP8_SCALE_CANDIDATES, **kw
+) -> dict:
     """Prefill `ids` through ModelRunner → per owner layer: (its input x [T, H], its selection [T, k], the
-    inputs of each call). replay: per owner the inputs of another run's calls, substituted in order."""
+    inputs of each call). replay: per owner the inputs of another run's calls, substituted in order;
+    scales: the fp8 quantiser's per-token scale candidates (1 = amax / 448)."""
     got: dict[int, tuple[list, list]] = {li: ([], []) for li in owners(model)}
     hooks = []
     for li, mla in owners(model).items():
@@ -91,6 +98,7 @@ def run_engine(model, ids: list[int], chunk: int, replay: dict | None = None, **
 
         hooks.append(mla.register_forward_hook(hook))
     runner = ModelRunner(model, block_size=256, num_blocks=-(-len(ids) // 256) + 1, **kw)
+    runner.cache.fp8_scale_candidates = scales
     seq = runner.new_sequence(ids)
     try:
         with torch.inference_mode():
@@ -224,6 +232,11 @@ def analyse_hi(cfg, o: Owner, sc: torch.Tensor, qpos: torch.Tensor, exact, sel, 
     return out
 
 
+def mass(prob: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """Attention probability [R] that the selections sel [R, k] (-1 = empty) capture under prob [R, T]."""
+    return prob.gather(1, sel.clamp(min=0)).masked_fill(sel < 0, 0).sum(1)
+
+
 def stat(x) -> str:
     x = torch.as_tensor(x, dtype=torch.float32)
     if x.numel() == 0:
@@ -254,10 +267,8 @@ def hi_arm(model, base, hi_cfg, ids, args, totals: dict) -> None:
             c = compare(base, sc, qpos, exact, sel_hi[r0:r1])
             parts.append(c)
             prob = o.attention(r0, r1)
-            mass_ex.append(prob.gather(1, exact.clamp(min=0)).masked_fill(exact < 0, 0).sum(1))
-            mass_hi.append(
-                prob.gather(1, sel_hi[r0:r1].clamp(min=0)).masked_fill(sel_hi[r0:r1] < 0, 0).sum(1)
-            )
+            mass_ex.append(mass(prob, exact))
+            mass_hi.append(mass(prob, sel_hi[r0:r1]))
             if args.analyse:
                 for k, v in analyse_hi(hi_cfg, o, sc, qpos, exact, sel_hi[r0:r1], c["tau"]).items():
                     diag.setdefault(k, []).extend(v)
@@ -292,14 +303,16 @@ def fp8_arms(model, ids, args, totals: dict) -> None:
     cfg = model.config
     ref = run_engine(model, ids, args.chunk, index_dtype="bf16")
     replay = {li: v[2] for li, v in ref.items()}
-    for name, rotate in (("fp8", True), ("fp8 unrotated", False)):
-        got = run_engine(model, ids, args.chunk, replay=replay, index_dtype="fp8", index_rotate=rotate)
+    for name, rotate, scales in FP8_ARMS:
+        got = run_engine(
+            model, ids, args.chunk, replay=replay, scales=scales, index_dtype="fp8", index_rotate=rotate
+        )
         for li, (x, sel_bf16, _) in ref.items():
             o = Owner(model, li, x)
             k16 = o.keys.bfloat16().float()
             rot = hadamard(o.keys.shape[1]) if rotate else None
             kq = o.keys @ rot if rotate else o.keys
-            v8, s8 = quantize_fp8(kq)
+            v8, s8 = quantize_fp8(kq, scales)
             k8 = v8.float() * s8
             q8 = o.q @ rot if rotate else o.q
             parts = []
@@ -314,12 +327,15 @@ def fp8_arms(model, ids, args, totals: dict) -> None:
                 dyn = dynamic(cfg, sc16, qpos)
                 c["err"] = err / scale
                 c["near"] = ((dyn - c["tau"][:, None]).abs() <= err[:, None]).sum(1).float()
+                prob = o.attention(r0, r1)
+                c["mass"] = mass(prob, got[li][1][r0:r1]) / mass(prob, sel_bf16[r0:r1])
                 parts.append(c)
-            row = {k: cat(parts, k) for k in ("overlap", "dyn", "tie", "tie_rows", "err", "near")}
+            row = {k: cat(parts, k) for k in ("overlap", "dyn", "tie", "tie_rows", "err", "near", "mass")}
             totals.setdefault((name, li), []).append(row)
             print(f"  layer {li}, {name} vs bf16 keys: overlap {stat(row['overlap'])}, dyn {stat(row['dyn'])}, "
                   f"tie-aware {stat(row['tie'])}; score error / row max {stat(row['err'])}; dynamic keys within "
-                  f"that error of τ: mean {float(row['near'].mean()):.1f}", flush=True)  # fmt: skip
+                  f"that error of τ: mean {float(row['near'].mean()):.1f}; attention mass fp8 / bf16 "
+                  f"{stat(row['mass'])}", flush=True)  # fmt: skip
 
 
 def summary(label: str, rows: list[dict], keys: tuple[str, ...]) -> str:
@@ -377,11 +393,10 @@ def main() -> None:
         print(summary(f"HI vs exact top-k, {length} tokens, all layers", rows,
                       ("overlap", "dyn", "tie", "mass")) + f"; total mass HI / exact {m[0] / m[1]:.4f}")  # fmt: skip
     for length, per in fp8_tot.items():
-        for name in ("fp8", "fp8 unrotated"):
+        for name, _, _ in FP8_ARMS:
             rows = [r for (n, _), rs in per.items() if n == name for r in rs]
-            print(
-                summary(f"{name} vs bf16 keys, {length} tokens, all layers", rows, ("overlap", "dyn", "tie"))
-            )
+            label = f"{name} vs bf16 keys, {length} tokens, all layers"
+            print(summary(label, rows, ("overlap", "dyn", "tie", "mass")))
     print(f"# {load_average()} at the end")
 
 
