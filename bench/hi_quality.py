@@ -81,11 +81,18 @@ def owners(model) -> dict[int, torch.nn.Module]:
 
 
 def run_engine(
-    model, ids: list[int], chunk: int, replay: dict | None = None, scales: int = FP8_SCALE_CANDIDATES, **kw
+    model,
+    ids: list[int],
+    chunk: int,
+    replay: dict | None = None,
+    scales: int = FP8_SCALE_CANDIDATES,
+    logits: list | None = None,
+    **kw,
 ) -> dict:
     """Prefill `ids` through ModelRunner → per owner layer: (its input x [T, H], its selection [T, k], the
     inputs of each call). replay: per owner the inputs of another run's calls, substituted in order;
-    scales: the fp8 quantiser's per-token scale candidates (1 = amax / 448)."""
+    scales: the fp8 quantiser's per-token scale candidates (1 = amax / 448); logits: a list that receives
+    every chunk's logits [rows, V]."""
     got: dict[int, tuple[list, list]] = {li: ([], []) for li in owners(model)}
     hooks = []
     for li, mla in owners(model).items():
@@ -104,7 +111,15 @@ def run_engine(
     try:
         with torch.inference_mode():
             for s in range(0, len(ids), chunk):
-                runner.forward([Segment(seq, torch.tensor(ids[s : s + chunk]), s, "none")])
+                step = runner.forward(
+                    [
+                        Segment(
+                            seq, torch.tensor(ids[s : s + chunk]), s, "all" if logits is not None else "none"
+                        )
+                    ]
+                )
+                if logits is not None:
+                    logits.append(step.logits[0].float())
     finally:
         for h in hooks:
             h.remove()
@@ -345,6 +360,29 @@ def fp8_arms(model, ids, args, totals: dict) -> None:
                   f"{stat(row['mass'])}", flush=True)  # fmt: skip
 
 
+def e2e_arms(model, base, hi_cfg, ids: list[int], args, totals: dict) -> None:
+    """Next-token predictions through the engine on the same text, over the rows where HI drops pages:
+    mean loss and top-1 agreement with exact LSA, for exact, HI, fp8 keys and HI + fp8."""
+    first = max(base.index_topk, hi_cfg.lsa_hi_top_pages * hi_cfg.lsa_hi_page_size, hi_cfg.lsa_hi_min_len)
+    target = torch.tensor(ids[first + 1 :])
+    ref = None
+    for name, cfg, kw in (("exact", base, {}), ("hi", hi_cfg, {}), ("fp8", base, {"index_dtype": "fp8"}),
+                          ("hi+fp8", hi_cfg, {"index_dtype": "fp8"})):  # fmt: skip
+        model.config = cfg
+        chunks: list[torch.Tensor] = []
+        try:
+            run_engine(model, ids, args.chunk, logits=chunks, **kw)
+        finally:
+            model.config = base
+        lg = torch.cat(chunks)[first:-1]  # [N, V] predicting ids[first + 1:]
+        top1 = lg.argmax(-1)
+        ref = top1 if ref is None else ref
+        nll = torch.nn.functional.cross_entropy(lg, target, reduction="none")
+        totals.setdefault(name, []).append((nll, (top1 == ref).float()))
+        print(f"  {name}: next-token loss {float(nll.mean()):.4f}, top-1 agreement with exact "
+              f"{float((top1 == ref).float().mean()):.4f} ({len(target)} rows)", flush=True)  # fmt: skip
+
+
 def summary(label: str, rows: list[dict], keys: tuple[str, ...]) -> str:
     return f"{label}: " + ", ".join(f"{k} {stat(torch.cat([r[k] for r in rows]))}" for k in keys)
 
@@ -366,6 +404,7 @@ def main() -> None:
     ap.add_argument("--fp8", action="store_true", help="also compare fp8 and bf16 index keys")
     ap.add_argument("--no-hi", action="store_true", help="skip the HI comparison (fp8 only)")
     ap.add_argument("--analyse", action="store_true", help="diagnose HI's misses (coarse stage, margins)")
+    ap.add_argument("--e2e", action="store_true", help="next-token loss / top-1 of exact, HI, fp8, HI + fp8")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -380,6 +419,7 @@ def main() -> None:
           f"{base.max_position_embeddings} positions")  # fmt: skip
     hi_tot: dict = {}
     fp8_tot: dict = {}
+    e2e_tot: dict = {}
     for length in [int(v) for v in args.lengths.split(",") if v.strip()]:
         top_pages = args.top_pages or max(1, round(args.keep * length / args.page))
         hi_cfg = base.replace(lsa_hi=True, lsa_hi_page_size=args.page, lsa_hi_block_size=args.block,
@@ -393,6 +433,8 @@ def main() -> None:
                 hi_arm(model, base, hi_cfg, ids, args, hi_tot.setdefault(length, {}))
             if args.fp8:
                 fp8_arms(model, ids, args, fp8_tot.setdefault(length, {}))
+            if args.e2e:
+                e2e_arms(model, base, hi_cfg, ids, args, e2e_tot.setdefault(length, {}))
     print()
     for length, per_layer in hi_tot.items():
         rows = [r for t in per_layer.values() for r in t["rows"]]
@@ -404,6 +446,10 @@ def main() -> None:
             rows = [r for (n, _), rs in per.items() if n == name for r in rs]
             label = f"{name} vs bf16 keys, {length} tokens, all layers"
             print(summary(label, rows, ("overlap", "dyn", "tie", "mass")))
+    for length, per_arm in e2e_tot.items():
+        print(f"next-token predictions, {length} tokens: " + "; ".join(
+            f"{name} loss {float(torch.cat([n for n, _ in v]).mean()):.4f} top-1 = exact "
+            f"{float(torch.cat([a for _, a in v]).mean()):.4f}" for name, v in per_arm.items()))  # fmt: skip
     print(f"# {load_average()} at the end")
 
 
