@@ -110,7 +110,7 @@ def test_fp8_scale_search_rounds_each_token_at_least_as_well_as_the_amax_scale()
     (one of the candidates) and well below it in total on 16-dim rows; rows are quantised independently
     (any batching gives the same bytes); the cache stores exactly these values and scales."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(5000, 16, generator=g) * torch.logspace(-3, 3, 5000)[:, None]  # > one search tile
+    x = torch.randn(5000, 16, generator=g) * torch.logspace(-3, 3, 5000)[:, None]  # many rows
     v1, s1 = quantize_fp8(x)
     v, s = quantize_fp8(x, FP8_SCALE_CANDIDATES)
     back, base = v.float() * s, x.abs().amax(-1, keepdim=True) / 448
