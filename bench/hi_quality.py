@@ -30,14 +30,19 @@ above τ the missed tokens were.
 
 FP8 (`--fp8`): the same sequences with bf16 index keys and with fp8 keys, HI off, in three arms: the
 cache's default (Hadamard-rotated, per-token scale searched, see `cache.quantize_fp8`), unrotated, and
-with the plain amax / 448 scale. The fp8 runs replay the bf16 run's owner inputs (a forward pre-hook), so every
-layer's owner sees identical inputs and only the key storage differs. Overlap of the fp8 selection with the
+with the plain amax / 448 scale. The fp8 runs replay the bf16 run's owner inputs (a forward pre-hook), so
+every layer's owner sees identical inputs and only the key storage differs. Overlap of the fp8 selection with the
 bf16 one over the sparse rows (position >= top-k), raw and tie-aware against the bf16-key scores, plus the
 score error fp8 keys make (max |s_fp8 - s_bf16| per row, relative to the row's largest |score|) and how many
-dynamic keys sit within that error of τ (the keys whose side of the boundary quantisation can flip).
+dynamic keys sit within that error of τ (the keys whose side of the boundary quantisation can flip), and
+the attention mass of the fp8 selection over the bf16 one's.
 
-    python bench/hi_quality.py --model runs/default-model-v2/pretrain --lengths 4096 --keep 0.5 --fp8
-    python bench/hi_quality.py --lengths 1024 --sequences 1 --fp8 --analyse   # smoke (embedded model)
+`--e2e`: next-token predictions through the engine with exact LSA, HI, fp8 keys and HI + fp8 over the rows
+where HI drops pages: mean loss and top-1 agreement with exact (an end-to-end check for models that cannot
+do a passkey; bench/hi_passkey.sh measures passkey accuracy for those that can).
+
+    python bench/hi_quality.py --model runs/default-model-v2/pretrain --lengths 2048,4096 --keep 0.5 --fp8
+    python bench/hi_quality.py --lengths 1024 --top-pages 24 --fp8 --analyse --e2e   # smoke (embedded model)
 """
 
 from __future__ import annotations
