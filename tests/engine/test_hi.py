@@ -6,7 +6,7 @@ import torch
 from lsa_reference import assert_attention_matches, capture_attention, reference_model, select_hi
 
 from longcat2.engine import Engine, SamplingParams
-from longcat2.engine.cache import hadamard, quantize_fp8
+from longcat2.engine.cache import FP8_SCALE_CANDIDATES, LayerSpec, PagedKVCache, hadamard, quantize_fp8
 from longcat2.engine.runner import ModelRunner, Segment
 
 # tiny preset (top-k 64 = 4 sink + 16 local + 44 dynamic): pages of 16 tokens, sub-blocks of 4, HI from 64 keys
@@ -102,6 +102,34 @@ def test_fp8_round_trip_error_bound_and_hadamard_rotation() -> None:
     torch.testing.assert_close(h @ h.T, torch.eye(128), rtol=0, atol=1e-6)
     k, qv = torch.randn(64, 128, generator=g), torch.randn(4, 128, generator=g)
     torch.testing.assert_close((qv @ h) @ (k @ h).T, qv @ k.T, rtol=1e-5, atol=1e-4)  # logits preserved
+
+
+def test_fp8_scale_search_rounds_each_token_at_least_as_well_as_the_amax_scale() -> None:
+    """quantize_fp8 with C per-token scale candidates (the cache's quantiser): within e4m3's bound, nothing
+    beyond 448, the scale in [amax/448, 2·amax/448), every row's round-trip error <= the amax/448 scale's
+    (one of the candidates) and well below it in total on 16-dim rows; rows are quantised independently
+    (any batching gives the same bytes); the cache stores exactly these values and scales."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 16, generator=g) * torch.logspace(-3, 3, 5000)[:, None]  # many rows
+    v1, s1 = quantize_fp8(x)
+    v, s = quantize_fp8(x, FP8_SCALE_CANDIDATES)
+    back, base = v.float() * s, x.abs().amax(-1, keepdim=True) / 448
+    assert bool(((back - x).abs() <= torch.maximum(x.abs() * 2.0**-4, s * 2.0**-9)).all())
+    assert float(v.float().abs().max()) <= 448 and bool(((s >= base) & (s < 2 * base)).all())
+    err, err1 = (back - x).square().sum(-1), (v1.float() * s1 - x).square().sum(-1)
+    assert bool((err <= err1).all())
+    assert float((err / x.square().sum(-1)).mean()) < 0.7 * float((err1 / x.square().sum(-1)).mean())
+    part_v, part_s = quantize_fp8(x[2040:2060], FP8_SCALE_CANDIDATES)
+    assert torch.equal(part_v.view(torch.uint8), v[2040:2060].view(torch.uint8))
+    assert torch.equal(part_s, s[2040:2060])
+    cache = PagedKVCache(
+        [LayerSpec(8, 8, True)], 16, block_size=64, num_blocks=2, index_dtype=torch.float8_e4m3fn
+    )
+    seq = cache.new_sequence()
+    cache.reserve(seq, 100)
+    rows = cache.slots(seq, torch.arange(100))
+    cache.write_index(0, rows, x[:100])
+    assert torch.equal(cache.dequant_index(0, rows), back[:100])
 
 
 def test_fp8_index_keys_select_like_bf16_keys() -> None:
