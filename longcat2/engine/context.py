@@ -224,17 +224,13 @@ class StepContext:
         """Segments that fill q_latent [N, h, c] / q_rope [N, h, r] back to back, each over its cached keys
         in place (`kernels.run_attention`) → [N, h, c]."""
         cache, lid = self.settings.cache, self.settings.layer_ids[mla]
-        lat_pool, rope_pool = cache.latent[lid], cache.rope[lid]
+        pool = cache.kv[lid]  # [P, c + r]
+        q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1)  # [N, h, c + r]
+        c = q_latent.shape[-1]
         outs, row = [], 0
         for _, t, blocks, start in segs:
-            pieces = [
-                (lat_pool[r : r + m], rope_pool[r : r + m]) for _, r, m in cache.runs(blocks, 0, start + t)
-            ]
-            outs.append(
-                run_attention(
-                    q_latent[row : row + t], q_rope[row : row + t], pieces, start, mla.softmax_scale
-                )
-            )
+            pieces = [pool[r : r + m] for _, r, m in cache.runs(blocks, 0, start + t)]
+            outs.append(run_attention(q[row : row + t], pieces, c, start, mla.softmax_scale))
             row += t
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 

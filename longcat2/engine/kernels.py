@@ -284,35 +284,31 @@ def attend_gathered(
 
 # ---------------------------------------------------------------------- attention over runs in place
 def run_attention(
-    q_latent: torch.Tensor,
-    q_rope: torch.Tensor,
-    pieces: list[tuple[torch.Tensor, torch.Tensor]],
-    start: int,
-    scale: float,
+    q: torch.Tensor, pieces: list[torch.Tensor], latent_dim: int, start: int, scale: float
 ) -> torch.Tensor:
     """Absorbed causal MLA of T queries at positions start .. start+T-1 over every key of their sequence,
     read in place from the pool's contiguous runs (no gather: on a CPU the gather's copy costs as much
     as the attention's GEMMs; see context.py).
 
-    q_latent [T, h, c], q_rope [T, h, r]; pieces = [(latent [n, c], rope [n, r])] views of the pool
-    covering positions 0 .. start+T-1 in order → attended latent [T, h, c]. The arithmetic is
-    `attend_gathered`'s (rope scores first, latent scores added, fp32 softmax), one [T*h, S] score block."""
-    t, h, c = q_latent.shape
-    lat0 = pieces[0][0]
-    ql = q_latent.to(lat0.dtype).reshape(t * h, c)
-    qr = q_rope.to(lat0.dtype).reshape(t * h, -1)
-    parts = [torch.addmm(qr @ rope.t(), ql, lat.t()) for lat, rope in pieces]  # [T*h, n] each
+    q [T, h, c + r]: the latent query (q_nope · W_uk) and the rotated rope query side by side; pieces =
+    [kv [n, c + r]] views of the pool (latent | rope key per row) covering positions 0 .. start+T-1 in
+    order → attended latent [T, h, c]. One [T*h, S] score GEMM per run over both parts (fp32 softmax, the
+    same arithmetic as `attend_gathered` up to the order of the score sums)."""
+    t, h, d = q.shape
+    kv0 = pieces[0]
+    q2 = q.to(kv0.dtype).reshape(t * h, d)
+    parts = [q2 @ kv.t() for kv in pieces]  # [T*h, n] each
     scores = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).float() * scale  # [T*h, S]
     if t > 1:  # query i sees keys <= start + i: mask the diagonal block's future
         future = torch.ones(t, t, dtype=torch.bool, device=scores.device).triu_(1)  # [T, T]
         scores.view(t, h, -1)[..., start:].masked_fill_(future[:, None], NEG_INF)
-    probs = scores.softmax(dim=-1).to(lat0.dtype)
+    probs = scores.softmax(dim=-1).to(kv0.dtype)
     if len(pieces) == 1:
-        return (probs @ lat0).view(t, h, c)
+        return (probs @ kv0[:, :latent_dim]).view(t, h, latent_dim)
     out = None
-    for p, (lat, _) in zip(probs.split([lat.shape[0] for lat, _ in pieces], dim=1), pieces):
-        out = p @ lat if out is None else out.addmm_(p, lat)
-    return out.view(t, h, c)  # type: ignore[union-attr]
+    for p, kv in zip(probs.split([kv.shape[0] for kv in pieces], dim=1), pieces):
+        out = p @ kv[:, :latent_dim] if out is None else out.addmm_(p, kv[:, :latent_dim])
+    return out.view(t, h, latent_dim)  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------------- dense prefill (expanded form)
