@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument(
         "--short-kernels", default="", help="runs,gather: counted/profiled with the first, timed alternating"
     )
+    ap.add_argument("--time-only", action="store_true", help="only the uninstrumented CPU time per step")
     ap.add_argument("--checkpoint", type=Path, default=None, help="reuse/build the checkpoint here")
     args = ap.parse_args()
 
@@ -110,12 +111,13 @@ def main() -> None:
         eng.step()
 
     calls, aten = CountCalls(), CountAten()
-    with calls, aten:
-        for _ in range(args.steps):
-            eng.step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(args.steps):
-            eng.step()
+    if not args.time_only:
+        with calls, aten:
+            for _ in range(args.steps):
+                eng.step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                eng.step()
     cpu: dict[str, list[float]] = {k: [] for k in kernels}
     for _ in range(args.steps):
         for k in kernels:
@@ -132,6 +134,8 @@ def main() -> None:
     )
     for k, xs in cpu.items():
         print(f"# CPU per step, short_kernel={k}: {spread(xs, 1e3)} ms (uninstrumented)")
+    if args.time_only:
+        return
     print("\n| where (innermost longcat2 function) | torch calls / step | ATen ops / step |")
     print("|---|---|---|")
     for key in sorted(set(calls.counts) | set(aten.counts), key=lambda k: -aten.counts[k] - calls.counts[k]):

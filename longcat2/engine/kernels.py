@@ -296,18 +296,24 @@ def run_attention(
     same arithmetic as `attend_gathered` up to the order of the score sums)."""
     t, h, d = q.shape
     kv0 = pieces[0]
-    q2 = q.to(kv0.dtype).reshape(t * h, d)
-    parts = [q2 @ kv.t() for kv in pieces]  # [T*h, n] each
-    scores = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).float() * scale  # [T*h, S]
+    dt = kv0.dtype
+    q2 = (q if q.dtype == dt else q.to(dt)).reshape(t * h, d)
+    if len(pieces) == 1:  # (the common case; dtype checks in Python cost less than no-op casts)
+        scores = torch.mm(q2, kv0.t())  # [T*h, S]
+    else:
+        scores = torch.cat([torch.mm(q2, kv.t()) for kv in pieces], dim=1)
+    scores = (scores if scores.dtype == torch.float32 else scores.float()).mul_(scale)
     if t > 1:  # query i sees keys <= start + i: mask the diagonal block's future
         future = torch.ones(t, t, dtype=torch.bool, device=scores.device).triu_(1)  # [T, T]
         scores.view(t, h, -1)[..., start:].masked_fill_(future[:, None], NEG_INF)
-    probs = scores.softmax(dim=-1).to(kv0.dtype)
+    probs = scores.softmax(dim=-1)
+    if probs.dtype != dt:
+        probs = probs.to(dt)
     if len(pieces) == 1:
-        return (probs @ kv0[:, :latent_dim]).view(t, h, latent_dim)
+        return torch.mm(probs, kv0[:, :latent_dim]).view(t, h, latent_dim)
     out = None
     for p, kv in zip(probs.split([kv.shape[0] for kv in pieces], dim=1), pieces):
-        out = p @ kv[:, :latent_dim] if out is None else out.addmm_(p, kv[:, :latent_dim])
+        out = torch.mm(p, kv[:, :latent_dim]) if out is None else out.addmm_(p, kv[:, :latent_dim])
     return out.view(t, h, latent_dim)  # type: ignore[union-attr]
 
 
