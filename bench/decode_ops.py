@@ -99,7 +99,11 @@ def main() -> None:
     n_steps = (2 + n_kernels) * args.steps + 4  # counted, profiled and timed steps, plus warm-up
     per_seq = -(-(args.prompt_len + n_steps + 8) // 256)
     eng = Engine(model, max_batch_size=8, num_blocks=8 * per_seq + 4, prefix_cache_bytes=0)
-    kernels = args.short_kernels.split(",") if args.short_kernels else [eng.runner.attention.short_kernel]
+    kernels = (
+        args.short_kernels.split(",")
+        if args.short_kernels
+        else [getattr(eng.runner.attention, "short_kernel", "gather")]
+    )
     eng.runner.attention.short_kernel = kernels[0]
     g = torch.Generator().manual_seed(7)
     sp = SamplingParams(max_new_tokens=n_steps + 4, temperature=0.0, ignore_eos=True)

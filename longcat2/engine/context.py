@@ -76,9 +76,9 @@ class _Plan:
         default_factory=list
     )  # (row offset, T, blocks, start)
     long_rows: list[tuple[int, SeqBlocks, int]] = field(default_factory=list)  # (row, blocks, visible keys)
-    runs: list[tuple[int, int, SeqBlocks, int]] = field(
+    runs: list[tuple[int, int, int, list[tuple[int, int]]]] = field(
         default_factory=list
-    )  # (row offset, T, blocks, start)
+    )  # (row offset, T, start, [(first pool row, length)] of the keys' runs)
 
 
 @dataclass
@@ -159,8 +159,7 @@ class StepContext:
         q_nope, q_rope = p.q_nope[0], p.q_rope[0]  # [N, h, nope], [N, h, r]
         if plan.runs and plan.slots is None and not plan.expanded and not plan.long_rows:
             # common CPU case (short dense decode): every segment attends over its runs in place
-            o_lat = self._run_attention(mla, plan.runs, mla.absorb(q_nope), q_rope)  # [N, h, c]
-            return mla.unabsorb(o_lat)[None]
+            return mla.unabsorb(self._run_attention(mla, plan.runs, mla.absorb(q_nope), q_rope))[None]
         if plan.slots is not None and plan.rows is None and not plan.expanded and not plan.long_rows:
             # common case (decode, LSA prefill): every row attends over explicit slots
             o_lat = gather_attention(
@@ -177,9 +176,9 @@ class StepContext:
         out = q_nope.new_empty(n, mla.num_heads * mla.v_dim)
         if plan.slots is not None or plan.long_rows or plan.runs:
             q_latent = mla.absorb(q_nope)  # [N, h, c]
-        for off, t, blocks, start in plan.runs:
+        for off, t, start, runs in plan.runs:
             sl = slice(off, off + t)
-            o_lat = self._run_attention(mla, [(off, t, blocks, start)], q_latent[sl], q_rope[sl])
+            o_lat = self._run_attention(mla, [(0, t, start, runs)], q_latent[sl], q_rope[sl])
             out[sl] = mla.unabsorb(o_lat).to(out.dtype)
         if plan.slots is not None:
             rows = plan.rows if plan.rows is not None else slice(None)
@@ -217,22 +216,25 @@ class StepContext:
     def _run_attention(
         self,
         mla: MLA,
-        segs: list[tuple[int, int, SeqBlocks, int]],
+        segs: list[tuple[int, int, int, list[tuple[int, int]]]],
         q_latent: torch.Tensor,
         q_rope: torch.Tensor,
     ) -> torch.Tensor:
-        """Segments that fill q_latent [N, h, c] / q_rope [N, h, r] back to back, each over its cached keys
-        in place (`kernels.run_attention`) → [N, h, c]."""
+        """Segments at row offsets of q_latent [N, h, c] / q_rope [N, h, r], each over its cached keys in
+        place (`kernels.run_attention`) → [N, h, c]. Per-sublayer work (the query concat, the pool's
+        transposed view, the output) happens once, not per segment: a decode step runs this per sequence."""
         cache, lid = self.settings.cache, self.settings.layer_ids[mla]
-        pool = cache.kv[lid]  # [P, c + r]
-        q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1)  # [N, h, c + r]
-        c = q_latent.shape[-1]
-        outs, row = [], 0
-        for _, t, blocks, start in segs:
-            pieces = [pool[r : r + m] for _, r, m in cache.runs(blocks, 0, start + t)]
-            outs.append(run_attention(q[row : row + t], pieces, c, start, mla.softmax_scale))
-            row += t
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        n, h, c = q_latent.shape
+        q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1).view(n * h, -1)  # [N*h, c + r]
+        keys_t, lat = cache.kv[lid].t(), cache.latent[lid]  # [c + r, P], [P, c]
+        if q.dtype != lat.dtype:
+            q = q.to(lat.dtype)
+        out = q.new_empty(n * h, c)
+        for off, t, start, runs in segs:
+            rows = slice(off * h, (off + t) * h)
+            pieces = [(keys_t[:, r : r + m], lat[r : r + m]) for r, m in runs]
+            run_attention(q[rows], pieces, t, start, mla.softmax_scale, out[rows])
+        return out.view(n, h, c)
 
     def _hi(
         self, lid: int, blocks: SeqBlocks, q: torch.Tensor, w: torch.Tensor, q_pos: torch.Tensor
@@ -288,7 +290,8 @@ class StepContext:
             elif t >= st.expanded_min_rows and self._expanded_better(t):
                 plan.expanded.append((off, t, blocks, start))
             elif end <= st.dense_gather_max and st.short_kernel == "runs":
-                plan.runs.append((off, t, blocks, start))
+                runs = [(r, m) for _, r, m in st.cache.runs(blocks, 0, end)]
+                plan.runs.append((off, t, start, runs))
             elif end <= st.dense_gather_max:
                 rows.append((off, t))
                 slots.append(st.cache.slots(blocks, dense_rows(self.positions[off : off + t], end)))
