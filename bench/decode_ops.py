@@ -63,13 +63,20 @@ class CountCalls(TorchFunctionMode):
 
 
 class CountAten(TorchDispatchMode):
+    """ATen ops and their CPU time (process clock around each op) by where they were called from."""
+
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.cpu: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[where()] += 1
-        return func(*args, **(kwargs or {}))
+        key = where()
+        self.counts[key] += 1
+        c0 = time.process_time()
+        out = func(*args, **(kwargs or {}))
+        self.cpu[key] += time.process_time() - c0
+        return out
 
 
 def main() -> None:
@@ -140,10 +147,13 @@ def main() -> None:
         print(f"# CPU per step, short_kernel={k}: {spread(xs, 1e3)} ms (uninstrumented)")
     if args.time_only:
         return
-    print("\n| where (innermost longcat2 function) | torch calls / step | ATen ops / step |")
-    print("|---|---|---|")
+    print(
+        "\n| where (innermost longcat2 function) | torch calls / step | ATen ops / step | ATen CPU µs / step |"
+    )
+    print("|---|---|---|---|")
     for key in sorted(set(calls.counts) | set(aten.counts), key=lambda k: -aten.counts[k] - calls.counts[k]):
-        print(f"| {key} | {calls.counts[key] / n:.1f} | {aten.counts[key] / n:.1f} |")
+        us = aten.cpu[key] / n * 1e6
+        print(f"| {key} | {calls.counts[key] / n:.1f} | {aten.counts[key] / n:.1f} | {us:.0f} |")
     by_file: Counter[str] = Counter()
     for key, v in aten.counts.items():
         by_file[key.split(":")[0]] += v
