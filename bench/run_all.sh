@@ -42,6 +42,7 @@ if [[ $SMOKE == 1 ]]; then
     run ep_alltoall bench/ep_alltoall.py --steps 1 --warmup 1 --batch 1 --seq 32 --repeats 1
     run server bench/serve_load.py --levels 1,2 --max-tokens 8 --repeat 2
     run vs_vllm_cpu bench/vs_vllm_cpu.py --prompt-len 64 --new-tokens 8 --repeats 1
+    run decode_ops bench/decode_ops.py --batch 2 --prompt-len 64 --steps 2 --short-kernels runs,gather
     run prefill_attn2 bench/prefill_lsa.py --preset attn-2.0 --lengths 2048 --repeats 1
     run embedded_cpu bench/embedded_cpu.py --prompt-len 2000 --new-tokens 16 --repeats 1
     run decode_hi bench/decode_lsa.py --config tiny --lengths 65536 --repeats 1 --engine-lengths "" --hi
@@ -64,6 +65,8 @@ else
     run server_default_model bench/serve_load.py --model longcat2/assets/default-model --repeat 5
     # "CPU inference vs vLLM-CPU (issue 21)" (the vLLM arm needs VLLM_VENV; skipped with the reason if absent)
     run vs_vllm_cpu bench/vs_vllm_cpu.py --repeats 2
+    run decode_ops_b8 bench/decode_ops.py --dtype float32 --batch 8 --steps 16 --short-kernels runs,gather
+    run decode_ops_b1 bench/decode_ops.py --dtype float32 --batch 1 --steps 16
     run prefill_attn2 bench/prefill_lsa.py --preset attn-2.0 --lengths 4096,16384 --repeats 1
     run prefill_attn2_plain bench/prefill_lsa.py --preset attn-2.0 --lengths 4096 --repeats 1 --arms dense \
         --kernel plain

@@ -204,9 +204,19 @@ class Engine:
                 self._sample(req, logits, new, events)
         if chunks:
             self._isolated_batch(chunks, [c[0] for c in chunks], events, self.spec.after_prefill)  # type: ignore[union-attr]
+        batched = [  # plain greedy decode rows: one argmax for all of them
+            (req, res[0])
+            for req, res in zip(plain, results[len(prefill) :])
+            if res is not None and req.sampler.plain_greedy
+        ]
+        if len(batched) > 1:
+            for (req, _), tok in zip(
+                batched, torch.cat([lg for _, lg in batched]).float().argmax(-1).tolist()
+            ):
+                new[req.request_id] = [tok]
         for j, req in enumerate(plain):
             res = results[len(prefill) + j]
-            if res is not None:
+            if res is not None and req.request_id not in new:
                 self._sample(req, res[0], new, events)
         if self.spec is not None and drafted:
             live = [r for r in drafted if not r.finished]

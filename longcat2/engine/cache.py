@@ -2,8 +2,10 @@
 
 Design choices:
 - What is cached is what MLA needs in absorbed form and nothing more: per attention sublayer the normalised,
-  α_kv-scaled latent `c_kv` [kv_lora_rank] and the rotated `k_rope` [qk_rope_head_dim] of every token, kept
-  as two separate contiguous tensors (slicing one 576-wide row is slow on CPU); per indexer owner (sublayer
+  α_kv-scaled latent `c_kv` [kv_lora_rank] and the rotated `k_rope` [qk_rope_head_dim] of every token, side
+  by side in one [capacity, c + r] tensor per sublayer (`kv`; `latent` and `rope` are its column views):
+  the in-place attention over cached runs scores a query against both with one GEMM
+  (`kernels.run_attention`); gathers read the views (index_select is as fast on them); per indexer owner (sublayer
   0 of a layer under CLI, both sublayers without it, and each MTP module with LSA) the indexer key
   [index_head_dim]. Per-head K/V are never materialised in the cache.
 - Storage is paged: every layer's tensor is a flat pool of `capacity = num_blocks * block_size` rows, and a
@@ -176,8 +178,10 @@ class PagedKVCache:
         self.index_head_dim = index_head_dim
         self.allocator = BlockAllocator(num_blocks)
         cap = num_blocks * block_size
-        self.latent = [torch.zeros(cap, s.latent_dim, dtype=dtype, device=self.device) for s in layers]
-        self.rope = [torch.zeros(cap, s.rope_dim, dtype=dtype, device=self.device) for s in layers]
+        self.kv = [
+            torch.zeros(cap, s.latent_dim + s.rope_dim, dtype=dtype, device=self.device) for s in layers
+        ]
+        self._split_kv()
         self.index_keys: dict[int, torch.Tensor] = {
             i: torch.zeros(cap, index_head_dim, dtype=self.index_dtype, device=self.device)
             for i, s in enumerate(layers)
@@ -268,8 +272,8 @@ class PagedKVCache:
                 return grown(t.view(torch.uint8)).view(torch.float8_e4m3fn)
             return torch.cat([t, t.new_zeros(extra, t.shape[1])])
 
-        self.latent = [grown(t) for t in self.latent]
-        self.rope = [grown(t) for t in self.rope]
+        self.kv = [grown(t) for t in self.kv]
+        self._split_kv()
         self.index_keys = {i: grown(t) for i, t in self.index_keys.items()}
         self.index_scales = {i: grown(t) for i, t in self.index_scales.items()}
         if self.hi_block:
@@ -279,6 +283,11 @@ class PagedKVCache:
             }
         self.refs.extend([0] * (new - self.num_blocks))
         self.allocator.grow(new)
+
+    def _split_kv(self) -> None:
+        """`latent[l]` [P, c] and `rope[l]` [P, r]: the column views of `kv[l]` [P, c + r]."""
+        self.latent = [t[:, : s.latent_dim] for t, s in zip(self.kv, self.layers)]
+        self.rope = [t[:, s.latent_dim :] for t, s in zip(self.kv, self.layers)]
 
     def new_sequence(self) -> SeqBlocks:
         return SeqBlocks()
@@ -450,8 +459,7 @@ class PagedKVCache:
     # ------------------------------------------------------------------ writes
     def write(self, layer: int, slots: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor) -> None:
         """slots [N], latent [N, c], rope [N, r]."""
-        self.latent[layer].index_copy_(0, slots, latent.to(self.dtype))
-        self.rope[layer].index_copy_(0, slots, rope.to(self.dtype))
+        self.kv[layer].index_copy_(0, slots, torch.cat([latent, rope], dim=-1).to(self.dtype))
 
     def write_index(self, layer: int, slots: torch.Tensor, keys: torch.Tensor) -> None:
         """slots [N], keys [N, index_head_dim] (rotated first when the cache rotates index keys)."""

@@ -13,6 +13,10 @@ Design choices:
   (CLI); the attention plan derived from a selection is computed once per step and shared.
 - Attention forms: selected keys (sparse rows, and short dense rows) go through one batched gather +
   absorbed MLA call for the whole step (`kernels.gather_attention`: the model's sparse core on the pool);
+  on a CPU short dense segments (decode rows of a context <= dense_gather_max) instead attend over their
+  sequence's contiguous runs in place (`kernels.run_attention`, `short_kernel="runs"`): a loop over
+  segments, but no gathered copy — at batch 8 and 512 keys the gather's copy cost as much as the GEMMs
+  (the fp32 batch-8 gap of issue 21); on accelerators one batched gather beats a per-segment loop;
   dense segments with many queries (prefill without LSA, or within index_topk) use the expanded form
   (`kernels.dense_prefill_tiled`: keys expanded per block, online softmax over query blocks; the plain
   `MLA.expand` + `kernels.dense_prefill` is the selectable reference) when it is cheaper in
@@ -40,6 +44,7 @@ from longcat2.engine.kernels import (
     gather_attention,
     index_scan_select_bf16,
     lsa_rows,
+    run_attention,
 )
 from longcat2.model.attention import MLA, MLAProjection
 
@@ -59,6 +64,7 @@ class AttentionSettings:
     expanded_min_rows: int = 32
     dense_gather_max: int = 4096
     prefill_kernel: str = "tiled"  # "tiled" (kernels.dense_prefill_tiled) | "plain" (kernels.dense_prefill)
+    short_kernel: str = "gather"  # short dense segments: "gather" (batched) | "runs" (kernels.run_attention)
     workspace: dict = field(default_factory=dict)  # reused gather buffers (kernels.gather_attention)
 
 
@@ -70,6 +76,9 @@ class _Plan:
         default_factory=list
     )  # (row offset, T, blocks, start)
     long_rows: list[tuple[int, SeqBlocks, int]] = field(default_factory=list)  # (row, blocks, visible keys)
+    runs: list[tuple[int, int, int, list[tuple[int, int]]]] = field(
+        default_factory=list
+    )  # (row offset, T, start, [(first pool row, length)] of the keys' runs)
 
 
 @dataclass
@@ -148,6 +157,9 @@ class StepContext:
         plan = self._plan(selection)
         lat_pool, rope_pool = cache.latent[lid], cache.rope[lid]
         q_nope, q_rope = p.q_nope[0], p.q_rope[0]  # [N, h, nope], [N, h, r]
+        if plan.runs and plan.slots is None and not plan.expanded and not plan.long_rows:
+            # common CPU case (short dense decode): every segment attends over its runs in place
+            return mla.unabsorb(self._run_attention(mla, plan.runs, mla.absorb(q_nope), q_rope))[None]
         if plan.slots is not None and plan.rows is None and not plan.expanded and not plan.long_rows:
             # common case (decode, LSA prefill): every row attends over explicit slots
             o_lat = gather_attention(
@@ -162,8 +174,12 @@ class StepContext:
             return mla.unabsorb(o_lat)[None]
         n = self.positions.shape[0]
         out = q_nope.new_empty(n, mla.num_heads * mla.v_dim)
-        if plan.slots is not None or plan.long_rows:
+        if plan.slots is not None or plan.long_rows or plan.runs:
             q_latent = mla.absorb(q_nope)  # [N, h, c]
+        for off, t, start, runs in plan.runs:
+            sl = slice(off, off + t)
+            o_lat = self._run_attention(mla, [(0, t, start, runs)], q_latent[sl], q_rope[sl])
+            out[sl] = mla.unabsorb(o_lat).to(out.dtype)
         if plan.slots is not None:
             rows = plan.rows if plan.rows is not None else slice(None)
             o_lat = gather_attention(
@@ -197,6 +213,29 @@ class StepContext:
         return out[None]
 
     # ------------------------------------------------------------------ helpers
+    def _run_attention(
+        self,
+        mla: MLA,
+        segs: list[tuple[int, int, int, list[tuple[int, int]]]],
+        q_latent: torch.Tensor,
+        q_rope: torch.Tensor,
+    ) -> torch.Tensor:
+        """Segments at row offsets of q_latent [N, h, c] / q_rope [N, h, r], each over its cached keys in
+        place (`kernels.run_attention`) → [N, h, c]. Per-sublayer work (the query concat, the pool's
+        transposed view, the output) happens once, not per segment: a decode step runs this per sequence."""
+        cache, lid = self.settings.cache, self.settings.layer_ids[mla]
+        n, h, c = q_latent.shape
+        q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1).view(n * h, -1)  # [N*h, c + r]
+        keys_t, lat = cache.kv[lid].t(), cache.latent[lid]  # [c + r, P], [P, c]
+        if q.dtype != lat.dtype:
+            q = q.to(lat.dtype)
+        out = q.new_empty(n * h, c)
+        for off, t, start, runs in segs:
+            rows = slice(off * h, (off + t) * h)
+            pieces = [(keys_t[:, r : r + m], lat[r : r + m]) for r, m in runs]
+            run_attention(q[rows], pieces, t, start, mla.softmax_scale, out[rows])
+        return out.view(n, h, c)
+
     def _hi(
         self, lid: int, blocks: SeqBlocks, q: torch.Tensor, w: torch.Tensor, q_pos: torch.Tensor
     ) -> list[torch.Tensor]:
@@ -250,6 +289,9 @@ class StepContext:
                 slots.append(st.cache.slots(blocks, s_sel))
             elif t >= st.expanded_min_rows and self._expanded_better(t):
                 plan.expanded.append((off, t, blocks, start))
+            elif end <= st.dense_gather_max and st.short_kernel == "runs":
+                runs = [(r, m) for _, r, m in st.cache.runs(blocks, 0, end)]
+                plan.runs.append((off, t, start, runs))
             elif end <= st.dense_gather_max:
                 rows.append((off, t))
                 slots.append(st.cache.slots(blocks, dense_rows(self.positions[off : off + t], end)))

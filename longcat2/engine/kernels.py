@@ -282,6 +282,49 @@ def attend_gathered(
     return torch.bmm(probs, lat)  # [C, h, c]
 
 
+# ---------------------------------------------------------------------- attention over runs in place
+def run_attention(
+    q: torch.Tensor,
+    pieces: list[tuple[torch.Tensor, torch.Tensor]],
+    t: int,
+    start: int,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Absorbed causal MLA of T queries at positions start .. start+T-1 over every key of their sequence,
+    read in place from the pool's contiguous runs (no gather: on a CPU the gather's copy costs as much
+    as the attention's GEMMs; see context.py).
+
+    q [T*h, c + r] (row i*h + j: query i, head j): the latent query (q_nope · W_uk) and the rotated rope
+    query side by side; pieces = [(keys_t [c + r, n], latent [n, c])]: one run of the pool, transposed
+    (latent | rope key per column) and its latents, covering positions 0 .. start+T-1 in order. Writes
+    the attended latents to out [T*h, c]. One [T*h, S] score GEMM per run over both parts, fp32 softmax
+    (`attend_gathered`'s arithmetic up to the order of the score sums). A decode step calls this once per
+    sequence and sublayer, so it makes as few torch calls as it can."""
+    if len(pieces) == 1:  # (the common case; dtype checks in Python cost less than no-op casts)
+        scores = torch.mm(q, pieces[0][0])  # [T*h, S]
+    else:
+        scores = torch.cat([torch.mm(q, k) for k, _ in pieces], dim=1)
+    scores = (scores if scores.dtype == torch.float32 else scores.float()).mul_(scale)
+    if t > 1:  # query i sees keys <= start + i: mask the diagonal block's future
+        future = torch.ones(t, t, dtype=torch.bool, device=scores.device).triu_(1)  # [T, T]
+        scores.view(t, -1, scores.shape[1])[..., start:].masked_fill_(future[:, None], NEG_INF)
+    probs = scores.softmax(dim=-1)
+    if probs.dtype != out.dtype:
+        probs = probs.to(out.dtype)
+    if len(pieces) == 1:
+        torch.mm(probs, pieces[0][1], out=out)
+        return
+    o = 0
+    for i, (_, lat) in enumerate(pieces):
+        p = probs[:, o : o + lat.shape[0]]
+        if i == 0:
+            torch.mm(p, lat, out=out)
+        else:
+            out.addmm_(p, lat)
+        o += lat.shape[0]
+
+
 # ---------------------------------------------------------------------- dense prefill (expanded form)
 def dense_prefill(
     q: torch.Tensor,

@@ -70,12 +70,14 @@ class ModelRunner:
         score_budget: int = 1 << 24,
         expanded_min_rows: int = 32,
         dense_gather_max: int = 4096,
+        short_kernel: str | None = None,
     ) -> None:
         """index_mode: "exact" (fp32 scan) | "bf16" (bf16 GEMM scan + exact rescoring, decode rows with
         bf16 queries and keys) | "auto" (bf16 when the indexer runs in bf16, else exact). index_dtype: the
         index-key cache ("bf16", "fp8" = e4m3 + fp32 scale per token, a torch dtype, None = cache_dtype);
         index_rotate: Hadamard-rotate index keys and queries (None: with fp8 keys). The HI page summaries
-        exist when the model config turns HI on (`lsa_hi`). Prefix caching is
+        exist when the model config turns HI on (`lsa_hi`). short_kernel: how short dense segments attend
+        ("runs": in place over the cache's runs, "gather": one batched gather; None: "runs" on CPU). Prefix caching is
         off until the owner sets `cache.prefix_cache_blocks` (the Engine sizes it from bytes)."""
         self.model = model
         self.cfg: ModelConfig = model.config
@@ -104,8 +106,19 @@ class ModelRunner:
         if with_mtp and inner.mtp is not None:  # then one cache layer per MTP module
             for m, mtp_layer in enumerate(inner.mtp.layers):
                 layer_ids[mtp_layer.self_attn] = 2 * self.cfg.num_layers + m
+        if short_kernel is None:  # in place on CPUs, one batched gather elsewhere (see context.py)
+            short_kernel = "runs" if self.device.type == "cpu" else "gather"
+        if short_kernel not in ("runs", "gather"):
+            raise ValueError(f"short_kernel: 'runs' or 'gather', got {short_kernel!r}")
         self.attention = AttentionSettings(
-            self.cache, self.cfg, layer_ids, index_mode, score_budget, expanded_min_rows, dense_gather_max
+            self.cache,
+            self.cfg,
+            layer_ids,
+            index_mode,
+            score_budget,
+            expanded_min_rows,
+            dense_gather_max,
+            short_kernel=short_kernel,
         )
         self.with_mtp = with_mtp and model.model.mtp is not None
         self.ngram_ctx = self.cfg.oe_neighbor_num - 1 if self.cfg.use_ngram else 0

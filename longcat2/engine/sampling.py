@@ -110,6 +110,12 @@ class RequestSampler:
             if prompt:
                 self.seen[torch.tensor(prompt)] = True
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no logit processing: the token is the argmax of the raw logits (the engine takes
+        these rows' argmax in one batched call)."""
+        return self.params.greedy and self.bias is None and self.counts is None and self.constraint is None
+
     # ------------------------------------------------------------------ state
     def observe(self, token: int) -> None:
         if self.constraint is not None:

@@ -90,11 +90,13 @@ class MLA(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)
         kv_latent, k_rope = kv.split([self.kv_lora_rank, self.rope], dim=-1)
         kv_latent = self.kv_a_layernorm(kv_latent) * self.kv_scale
+        # the rope key rotates as one more head of the query: one rotation (ops, not FLOPs, cost a decode step)
+        rot = apply_rope(torch.cat([q_rope, k_rope.unsqueeze(2)], dim=2), cos, sin, interleave=True)
         return MLAProjection(
             q_nope=q_nope,
-            q_rope=apply_rope(q_rope, cos, sin, interleave=True),
+            q_rope=rot[:, :, : self.num_heads],
             kv_latent=kv_latent,
-            k_rope=apply_rope(k_rope, cos, sin, interleave=True),
+            k_rope=rot[:, :, self.num_heads],
             q_lora=q_lora,
         )
 

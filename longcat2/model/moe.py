@@ -104,7 +104,8 @@ def linear_by_expert(
     if _grouped_mm_ok(x, weight):
         if offs is None:
             offs = counts.cumsum(0).to(torch.int32)
-        return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs))
+        out = torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
+        return _ContiguousGrad.apply(out) if out.requires_grad else out  # (an autograd node costs ~10 µs)
     return _segment_linear(x, weight, counts.tolist())
 
 
@@ -129,11 +130,13 @@ class MoE(nn.Module):
         # identity experts: Σ gates · x, computed locally
         zero_gate = (gates * (ids >= n_dispatched)).sum(-1, keepdim=True)  # [N, 1]
         out = (zero_gate * x.float()).to(x.dtype)
-        slot = (flat_ids < n_dispatched).nonzero().squeeze(-1)  # positions in the [N*k] list
-        order = torch.sort(flat_ids[slot], stable=True).indices
-        slot = slot[order]
+        # one stable sort groups the [N*k] choices by expert, positions ascending within an expert; the
+        # dispatched experts' choices come first (identity experts have the largest ids)
+        order = torch.sort(flat_ids, stable=True).indices
+        counts_all = torch.bincount(flat_ids, minlength=self.router.num_experts)
+        counts = counts_all[:n_dispatched]
+        slot = order[: int(counts.sum())] if n_dispatched < self.router.num_experts else order
         token = slot // k
-        counts = torch.bincount(flat_ids[slot], minlength=n_dispatched)
         y = self.experts(x[token], counts)  # [M, H]; always called (EP: every rank enters the collectives)
         y = y * flat_gates[slot].unsqueeze(-1).to(y.dtype)
         return out.index_add(0, token, y.to(out.dtype)).view(shape)

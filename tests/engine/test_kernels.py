@@ -14,6 +14,7 @@ from longcat2.engine.kernels import (
     index_scan,
     index_scan_select_bf16,
     lsa_rows,
+    run_attention,
     select_dynamic,
 )
 from longcat2.model.lsa import force_and_mask, index_scores, select_topk, sparse_mla_attention
@@ -101,6 +102,30 @@ def test_gather_attention_matches_model_sparse_core() -> None:
         torch.testing.assert_close(got_ws, got_chunked, rtol=0, atol=0)
     assert ws
     torch.testing.assert_close(got_chunked, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,cuts", [(1, [130]), (5, [64, 100]), (3, [])])
+def test_run_attention_in_place_matches_gathered_causal_rows(t: int, cuts: list[int]) -> None:
+    """T queries at positions start.. over runs of a [P, c + r] pool (read in place, split at the pool
+    discontinuity and at `cuts`) equal the gather kernel over each query's visible slots (causal rows)."""
+    torch.manual_seed(4)
+    h, c, rr, start = 4, 32, 8, 150
+    s = start + t
+    half = s // 2
+    pool = torch.randn(400, c + rr)
+    rows = torch.cat([torch.arange(20, 20 + half), torch.arange(250, 250 + s - half)])  # [S] pool rows
+    visible = dense_rows(torch.arange(start, s), s)  # [T, S] positions, -1 = future
+    slots = torch.where(visible >= 0, rows[visible.clamp(min=0)], -1)
+    ql, qr = torch.randn(t, h, c), torch.randn(t, h, rr)
+    ref = gather_attention(ql, qr, pool[:, :c], pool[:, c:], slots, 0.3)
+    bounds = sorted({0, half, *cuts, s})
+    pieces = [
+        (pool.t()[:, rows[a] : rows[a] + b - a], pool[rows[a] : rows[a] + b - a, :c])
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    out = torch.empty(t * h, c)
+    run_attention(torch.cat([ql, qr], dim=-1).view(t * h, -1), pieces, t, start, 0.3, out)
+    torch.testing.assert_close(out.view(t, h, c), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_dense_decode_online_softmax_matches_full_softmax() -> None:

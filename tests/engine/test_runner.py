@@ -118,6 +118,34 @@ def test_dense_kernels_long_rows_and_expanded_form(prefill_kernel: str) -> None:
     torch.testing.assert_close(out.logits[0], full[86:89], rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("short_kernel", ["runs", "gather"])
+def test_short_dense_segments_in_place_or_gathered_equal_the_model(short_kernel: str) -> None:
+    """Short dense segments of several sequences in one step (decode rows and multi-row chunks, blocks
+    interleaved so the reads cross runs): the in-place kernel (CPU default) and the batched gather agree
+    with the model."""
+    model = _model("tiny-flash")
+    seqs_ids = [torch.randint(4, 512, (n,)).tolist() for n in (40, 57, 36)]
+    with torch.no_grad():
+        full = [model(torch.tensor([ids]))[0] for ids in seqs_ids]
+    runner = ModelRunner(model, block_size=8, short_kernel=short_kernel)
+    assert runner.attention.short_kernel == short_kernel
+    seqs = [runner.new_sequence(ids) for ids in seqs_ids]
+    done = [0, 0, 0]
+    for width in (5, 3, 7, 1, 2, 1, 1):  # each step: the next `width` tokens of every sequence
+        segs, spans = [], []
+        for i, (seq, ids) in enumerate(zip(seqs, seqs_ids)):
+            t = width if done[i] else 16  # a 16-token first chunk, then `width` rows
+            segs.append(Segment(seq, torch.tensor(ids[done[i] : done[i] + t]), done[i], "all"))
+            spans.append((done[i], t))
+            done[i] += t
+        out = runner.forward(segs)
+        for i, (s0, t) in enumerate(spans):
+            torch.testing.assert_close(out.logits[i], full[i][s0 : s0 + t], rtol=0, atol=ATOL)
+    assert all(len(runner.cache.runs(s.blocks, 0, n)) > 1 for s, n in zip(seqs, done))
+    with pytest.raises(ValueError, match="short_kernel"):
+        ModelRunner(model, short_kernel="paged")
+
+
 @pytest.mark.parametrize("prompt_len", [50, 140])
 def test_mtp_cache_step_one_equals_training_mtp(prompt_len: int) -> None:
     model = _model("tiny")
