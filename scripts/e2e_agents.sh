@@ -10,6 +10,8 @@ ROOT=$PWD
 PY=${PY:-$ROOT/.venv/bin/python}
 E2E=$ROOT/.e2e
 TASK=${TASK:-"What is the weather in Paris? Answer in one sentence."}
+MODEL_ARGS=()  # MODEL=DIR serves another model folder (default: the embedded model)
+[ -n "${MODEL:-}" ] && MODEL_ARGS=(--model "$MODEL")
 mkdir -p "$E2E"
 
 if [ ! -x "$E2E/node_modules/.bin/codex" ] || [ ! -x "$E2E/node_modules/.bin/claude" ]; then
@@ -18,7 +20,7 @@ if [ ! -x "$E2E/node_modules/.bin/codex" ] || [ ! -x "$E2E/node_modules/.bin/cla
 fi
 
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$PY" -m longcat2 serve --port "$PORT" --log-level warning >"$E2E/server.log" 2>&1 &
+"$PY" -m longcat2 serve "${MODEL_ARGS[@]}" --port "$PORT" --log-level warning >"$E2E/server.log" 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null' EXIT
 for _ in $(seq 120); do

@@ -34,9 +34,11 @@ def _lit(s: str) -> str:
 
 def _json(schema: Any) -> str:
     """`%json` of a schema, spaced as `json.dumps` (and the chat template) writes JSON: fixed separators,
-    since flexible whitespace lets a weak model pad forever."""
+    since flexible whitespace lets a weak model pad forever. Lenient: a keyword llguidance does not
+    implement (`propertyNames`, which Claude Code's tools send; some `format`s) is not enforced instead of
+    failing the whole request with a 400 that stops the client; every keyword it implements still is."""
     sub = schema if isinstance(schema, dict) else {}
-    guide = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    guide = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
     return "%json " + json.dumps({**sub, "x-guidance": guide}, ensure_ascii=False)
 
 

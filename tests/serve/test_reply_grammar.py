@@ -83,3 +83,27 @@ def test_json_content(accepts):
     assert accepts(g, '{"n": 3}') and accepts(g, THINK + '{"n": 3}')
     assert not accepts(g, '{"n": "3"}') and not accepts(g, "n is 3")
     assert accepts(reply_grammar([WEATHER], "auto", json_schema=schema), CALL)
+
+
+def test_unimplemented_schema_keywords_do_not_fail_the_request(accepts):
+    """Claude Code's tools carry `propertyNames` (not implemented by llguidance): the grammar still compiles,
+    enforcing the rest of the schema (the type of the map's values, required arguments)."""
+    task = {
+        "type": "function",
+        "function": {
+            "name": "task_create",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "subject": {"type": "string"},
+                    "metadata": {"type": "object", "propertyNames": {"type": "string"}, "additionalProperties": {}},
+                    "count": {"type": "integer", "format": "int64-ish"},
+                },
+                "required": ["subject"],
+            },
+        },
+    }
+    g = reply_grammar([task], "auto")
+    assert accepts(g, chat.format_tool_call("task_create", {"subject": "x", "metadata": {"k": 1}, "count": 2}))
+    assert not accepts(g, chat.format_tool_call("task_create", {"subject": "x", "metadata": [1]}))
+    assert not accepts(g, chat.format_tool_call("task_create", {"metadata": {"k": 1}}))
