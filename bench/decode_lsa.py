@@ -53,6 +53,7 @@ from timing import interleaved, load_average, median, ratio_spread, spread  # no
 
 from longcat2.config import ModelConfig  # noqa: E402
 from longcat2.engine.cache import LayerSpec, PagedKVCache, index_dtype_of  # noqa: E402
+from longcat2.engine.cpu import Bf16MatmulViaFp32, bf16_matmul_via_fp32  # noqa: E402
 from longcat2.engine.hi import hi_rows, page_scores, scan_keys  # noqa: E402
 from longcat2.engine.kernels import (  # noqa: E402
     attend_gathered,
@@ -328,12 +329,24 @@ def main() -> None:
         help="engine table in CPU time of this process (1 thread on a shared machine: the load stays out)",
     )
     ap.add_argument(
+        "--matmul",
+        choices=["native", "engine"],
+        default="native",
+        help="engine: every arm runs bf16 matmuls as the engine does on this CPU (fp32 BLAS calls where oneDNN "
+        "has no bf16 GEMM: engine.cpu.Bf16MatmulViaFp32); native: PyTorch's bf16 kernels",
+    )
+    ap.add_argument(
         "--engine-preset",
         default="tiny",
         help='model of the engine table: a ModelConfig preset or "attn-2.0" (one layer at 2.0 attention dims)',
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.matmul == "engine" and bf16_matmul_via_fp32():
+        Bf16MatmulViaFp32().__enter__()  # for the whole run, every arm alike
+        print(
+            "# bf16 matmuls as fp32 BLAS calls (engine.cpu.Bf16MatmulViaFp32), as the engine runs them here"
+        )
     lengths = [int(x) for x in args.lengths.split(",")]
     bw = stream_bandwidth()
     print(f"# {' '.join(sys.argv)}")
