@@ -651,7 +651,17 @@ def copy_case(rng: random.Random, space: Space) -> Case:
              f"Remember {x}. What did I ask you to remember?"]
         )  # fmt: skip
         answer = f"{x}."
-    return Case("copy", {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+    return Case(
+        "copy",
+        {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]},
+    )
+
+
+def copy_set(n: int, seed: int, *_: Any) -> list[Case]:
+    """The copy warm-up set (train spaces): `n` `copy_case`s, deterministic from the seed (same arguments as
+    `generate`; the long-example ones do not apply)."""
+    rng = random.Random(seed)
+    return [copy_case(rng, TRAIN) for _ in range(n)]
 
 
 def generate(n: int, seed: int, long_share: float = 0.03, max_tokens: int = 3000) -> list[Case]:
@@ -871,24 +881,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         ap.error("--out is required (or --eval-model / --passkey-model DIR)")
-    if args.copy_set:
-        rng = random.Random(args.seed)
-        cases = [copy_case(rng, TRAIN) for _ in range(args.n)]
-    else:
-        cases = generate(args.n, args.seed, args.long_share, args.max_tokens)
+    make = copy_set if args.copy_set else generate
+    cases = make(args.n, args.seed, args.long_share, args.max_tokens)
     write(Path(args.out), cases)
     kinds: dict[str, int] = {}
     for c in cases:
         kinds[c.kind] = kinds.get(c.kind, 0) + 1
     print(f"wrote {len(cases)} conversations to {args.out} ({dict(sorted(kinds.items()))})")
     if args.val_out:
-        val_seed = args.seed + 1_000_003
-        if args.copy_set:
-            rng = random.Random(val_seed)
-            val = [copy_case(rng, TRAIN) for _ in range(args.val_n)]
-        else:
-            val = generate(args.val_n, val_seed, args.long_share, args.max_tokens)
-        write(Path(args.val_out), val)
+        write(Path(args.val_out), make(args.val_n, args.seed + 1_000_003, args.long_share, args.max_tokens))
         print(f"wrote {args.val_n} validation conversations to {args.val_out}")
     return 0
 

@@ -74,14 +74,13 @@ def test_calls_name_offered_tools_and_refusals_make_none(train_records):
 def test_copy_set_answers_are_copied_from_the_request():
     """The copy warm-up set: every answer's content (names, numbers, codes) is in the user's message, so it
     can only be learned by copying; no held-out eval name occurs in it."""
-    import random
-
-    rng = random.Random(0)
-    cases = [v2.copy_case(rng, v2.TRAIN) for _ in range(400)]
+    cases = v2.copy_set(400, 0)
     for c in cases:
         question, answer = (m["content"] for m in c.record["messages"])
         copied = answer.removesuffix(".").split(" is ", 1)[-1]
         assert copied and copied in question, (question, answer)
     text = "\n".join(json.dumps(c.record) for c in cases)
     asked = [m[0] for kind, _, _, _, m in v2.eval_cases(10, 777) if kind == "tool_call" and m]
-    assert asked and not any(re.search(rf"\b{re.escape(n)}\b", text) for n in asked if n not in v2.REAL_CITIES)
+    assert asked and not any(
+        re.search(rf"\b{re.escape(n)}\b", text) for n in asked if n not in v2.REAL_CITIES
+    )
