@@ -96,7 +96,11 @@ def test_unimplemented_schema_keywords_do_not_fail_the_request(accepts):
                 "type": "object",
                 "properties": {
                     "subject": {"type": "string"},
-                    "metadata": {"type": "object", "propertyNames": {"type": "string"}, "additionalProperties": {}},
+                    "metadata": {
+                        "type": "object",
+                        "propertyNames": {"type": "string"},
+                        "additionalProperties": {},
+                    },
                     "count": {"type": "integer", "format": "int64-ish"},
                 },
                 "required": ["subject"],
@@ -104,6 +108,8 @@ def test_unimplemented_schema_keywords_do_not_fail_the_request(accepts):
         },
     }
     g = reply_grammar([task], "auto")
-    assert accepts(g, chat.format_tool_call("task_create", {"subject": "x", "metadata": {"k": 1}, "count": 2}))
+    assert accepts(
+        g, chat.format_tool_call("task_create", {"subject": "x", "metadata": {"k": 1}, "count": 2})
+    )
     assert not accepts(g, chat.format_tool_call("task_create", {"subject": "x", "metadata": [1]}))
     assert not accepts(g, chat.format_tool_call("task_create", {"metadata": {"k": 1}}))
