@@ -13,8 +13,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 SMOKE=0
+V2_PRETRAIN=runs/default-model-v2/pretrain/checkpoints/step_00001200
+HI_MODEL=${HI_MODEL:-$([[ -d $V2_PRETRAIN ]] && echo "$V2_PRETRAIN" || echo longcat2/assets/default-model)}
 [[ ${1:-} == --smoke ]] && SMOKE=1
-OUT=bench/results/$(date -u +%Y%m%dT%H%M%SZ)$([[ $SMOKE == 1 ]] && echo -smoke)
+OUT=bench/results/$(date -u +%Y%m%dT%H%M%SZ)$([[ $SMOKE == 1 ]] && echo -smoke || true)
 mkdir -p "$OUT"
 
 run() {  # run <table name> <script> <args...>
@@ -24,14 +26,23 @@ run() {  # run <table name> <script> <args...>
         echo "## $name"
         echo "\$ python $*"
         echo "# $(date -u +%FT%TZ) before: $(cut -d' ' -f1-3 /proc/loadavg) (load average 1/5/15 min), $(nproc) CPUs"
-        "$PY" "$@"
+        "$PY" "$@" || echo "# FAILED with exit status $? (the other tables still run)"
         echo "# $(date -u +%FT%TZ) after: $(cut -d' ' -f1-3 /proc/loadavg) (load average 1/5/15 min)"
         echo
     } 2>&1 | tee "$OUT/$name.txt"
 }
 
+# bf16 arms only where the CPU has bf16 GEMMs (AVX512-BF16 / AMX): elsewhere PyTorch's bf16 matmul is a
+# reference loop ~50x below fp32 (a transformers bf16 training step takes many minutes), and the engine and
+# trainer run fp32 there anyway
+BF16=$("$PY" -c 'from longcat2.devices import cpu_has_bf16_gemm; print(int(cpu_has_bf16_gemm()))')
+TRAIN_PRECISION=$([[ $BF16 == 1 ]] && echo bf16 || echo fp32)
+GEN_SETTINGS="tiny-flash:float32:1:64:64 small:float32:1:1024:32 small:float32:1:2048:32 small:float32:4:1024:32"
+[[ $BF16 == 1 ]] && GEN_SETTINGS="$GEN_SETTINGS small:bfloat16:1:2048:32"
+
 echo "# longcat2 benchmarks, $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(uname -n), $(nproc) CPUs"
 echo "# $("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
+echo "# bf16 GEMM kernels on this CPU: $([[ $BF16 == 1 ]] && echo yes || echo 'no (training and generation arms in fp32)')"
 
 if [[ $SMOKE == 1 ]]; then
     run training bench/train_throughput.py --precision fp32 --steps 1 --warmup 1 --batch-size 1 --seq-len 32 \
@@ -50,14 +61,15 @@ if [[ $SMOKE == 1 ]]; then
     run hi_quality bench/hi_quality.py --length 512 --sequences 1 --fp8
 else
     # "Training step: longcat2 vs transformers"
-    run training bench/train_throughput.py --steps 6 --warmup 2
+    run training bench/train_throughput.py --steps 6 --warmup 2 --precision "$TRAIN_PRECISION"
     # "Decode step of one layer": the LongCat-2.0 table and the tiny-preset line (per layer and whole model)
     run decode bench/decode_lsa.py --lengths 32768,131072,262144,1048576 --repeats 7 \
-        --engine-lengths 131072,1048576
+        --engine-lengths 131072,1048576 --matmul engine
     # "Prefill": every row 4K-32K and the 128K / 1M tail chunks
     run prefill bench/prefill_lsa.py --lengths 4096,8192,16384,32768 --repeats 3 --tail 131072,1048576
     # "End-to-end generation vs transformers generate": the five default settings
-    run generation bench/generate_vs_transformers.py --repeats 3
+    # shellcheck disable=SC2086
+    run generation bench/generate_vs_transformers.py --repeats 3 --settings $GEN_SETTINGS
     # "Expert-parallel all-to-all"
     run ep_alltoall bench/ep_alltoall.py --steps 8 --repeats 3
     # "Server under load": the tiny random model, then the embedded default model
@@ -75,8 +87,10 @@ else
     run embedded_cpu bench/embedded_cpu.py --repeats 2
     # "Hierarchical indexing and FP8 index keys": decode at 1M, the full 1M prefill, selection quality
     run decode_hi bench/decode_lsa.py --config longcat-2.0 --lengths 262144,1048576 --repeats 5 \
-        --engine-lengths "" --hi
+        --engine-lengths "" --hi --matmul engine
     run prefill_1m bench/prefill_1m.py --hi-block 128
-    run hi_quality bench/hi_quality.py --length 4096 --sequences 1 --page 16 --block 4 --top-pages 128 --fp8
+    # selection quality on a trained indexer: HI_MODEL (default: the v2 build's final pretraining checkpoint
+    # when scripts/build_default_model.sh has run here, else the embedded model)
+    run hi_quality bench/hi_quality.py --model "$HI_MODEL" --lengths 2048,4096 --keep 0.5 --fp8
 fi
 echo "# results in $OUT"
