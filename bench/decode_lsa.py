@@ -202,7 +202,7 @@ def bench_length(
         F.rms_norm(F.linear(x_new, w_k), (d.index_dim,), k_norm, 1e-6)
         F.linear(x_new, w_p)
 
-    use_two_pass = d.dtype == torch.bfloat16 and not exact_scan and not cache.index_fp8
+    use_two_pass = d.dtype == torch.bfloat16 and not exact_scan and not cache.index_fp8  # else the fp32 scan
     if use_two_pass:
         assert torch.equal(two_pass(), sel[0, d.init : d.init + kd]), "bf16 two-pass selection differs"
 
@@ -218,7 +218,7 @@ def bench_length(
             gather_attention(ql[i][None], qr[i][None], cache.latent[i], cache.rope[i], sl, scale)
 
     def hi_select() -> torch.Tensor:
-        return hi_rows(cache, 0, seq, hi_cfg, qi[None], wi[None], q_pos, 1 << 24)
+        return hi_rows(cache, 0, seq, hi_cfg, qi[None], wi[None], q_pos, 1 << 24, bf16_decode=not exact_scan)
 
     page = hi_cfg.lsa_hi_page_size
     p0 = -(-d.init // page)
@@ -332,8 +332,9 @@ def main() -> None:
         "--matmul",
         choices=["native", "engine"],
         default="native",
-        help="engine: every arm runs bf16 matmuls as the engine does on this CPU (fp32 BLAS calls where oneDNN "
-        "has no bf16 GEMM: engine.cpu.Bf16MatmulViaFp32); native: PyTorch's bf16 kernels",
+        help="engine: every arm runs bf16 matmuls and the indexer scan as the engine does on this CPU (where "
+        "oneDNN has no bf16 GEMM: fp32 BLAS calls, engine.cpu.Bf16MatmulViaFp32, and the fp32 indexer scan); "
+        "native: PyTorch's bf16 kernels and the bf16 two-pass scan",
     )
     ap.add_argument(
         "--engine-preset",
@@ -344,8 +345,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.matmul == "engine" and bf16_matmul_via_fp32():
         Bf16MatmulViaFp32().__enter__()  # for the whole run, every arm alike
+        args.exact_scan = True  # the engine's index_mode "auto" on such a CPU (ModelRunner)
         print(
-            "# bf16 matmuls as fp32 BLAS calls (engine.cpu.Bf16MatmulViaFp32), as the engine runs them here"
+            "# bf16 matmuls as fp32 BLAS calls (engine.cpu.Bf16MatmulViaFp32), as the engine runs them here;"
+            " fp32 indexer scan (the engine's choice where a bf16 pass saves nothing)"
         )
     lengths = [int(x) for x in args.lengths.split(",")]
     bw = stream_bandwidth()

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Regenerate every table of BENCHMARKS.md in one run, with the load average before and after each script.
 #
-#   bench/run_all.sh            # the BENCHMARKS.md settings (a few hours on the 2-vCPU box; run it on a quiet
+#   bench/run_all.sh            # the BENCHMARKS.md settings (~50 min on the 2-vCPU box; run it on a quiet
 #                               # machine: nothing else running, load average < 1 at the start)
 #   bench/run_all.sh --smoke    # every script at a tiny size (minutes): checks that they all run
+#   ONLY="decode decode_hi" bench/run_all.sh   # only these tables (names as in the results folder)
 #
 # Output: the console and bench/results/<UTC timestamp>/<table>.txt; copy the tables into BENCHMARKS.md with
 # their commands, repeats, spreads and the load averages printed here.
@@ -22,6 +23,9 @@ mkdir -p "$OUT"
 run() {  # run <table name> <script> <args...>
     local name=$1
     shift
+    if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then
+        return
+    fi
     {
         echo "## $name"
         echo "\$ python $*"
@@ -59,6 +63,8 @@ if [[ $SMOKE == 1 ]]; then
     run decode_hi bench/decode_lsa.py --config tiny --lengths 65536 --repeats 1 --engine-lengths "" --hi
     run prefill_1m bench/prefill_1m.py --length 32768 --decode-steps 1 --hi-block 128 --hi-min-len 4096
     run hi_quality bench/hi_quality.py --length 512 --sequences 1 --fp8
+    run grammar bench/grammar_overhead.py --steps 4 --repeats 1
+    run agent_session bench/agent_session.py --turns 2 --system-chars 600 --concurrent 0
 else
     # "Training step: longcat2 vs transformers"
     run training bench/train_throughput.py --steps 6 --warmup 2 --precision "$TRAIN_PRECISION"
@@ -92,5 +98,13 @@ else
     # selection quality on a trained indexer: HI_MODEL (default: the v2 build's final pretraining checkpoint
     # when scripts/build_default_model.sh has run here, else the embedded model)
     run hi_quality bench/hi_quality.py --model "$HI_MODEL" --lengths 2048,4096 --keep 0.5 --fp8
+    # "Grammar overhead per decode step", "Agent session with and without prefix caching"
+    run grammar bench/grammar_overhead.py
+    run agent_session bench/agent_session.py
+    # "bf16 vs fp32 training step on this CPU" (longcat2 only)
+    for p in fp32 bf16; do
+        run "train_$p" bench/train_throughput.py --precision $p --skip-transformers --steps 2 --warmup 1 \
+            --batch-size 2 --seq-len 128 --model hidden_size=256
+    done
 fi
 echo "# results in $OUT"

@@ -10,13 +10,14 @@
 #     text passkey at 8K / 32K through the engine, plus `longcat2 eval longctx --task passkey`
 #
 #   scripts/build_default_model.sh                 # full build (~2 h on 2 quiet cores; see the model card)
+#   INSTALL=1 scripts/build_default_model.sh       # the same, then copy the model into the package
 #   PRETRAIN_STEPS=3 SFT_STEPS=3 LONG_STEPS=2 EVAL_PER_KIND=2 PASSKEY_LENGTHS=2048 WORK=/tmp/smoke INSTALL=0 \
 #     scripts/build_default_model.sh               # smoke test of the whole pipeline
 #
 # Knobs (environment): WORK (run directory, default runs/default-model-v2), PRETRAIN_STEPS, SFT_STEPS,
 # LONG_STEPS (0 = no length extension), COPY_STEPS (0 = no copy warm-up), SFT_N, LONG_N,
-# BATCH, SEQ_LEN, SFT_SEQ_LEN, LONG_SEQ_LEN, LONG_BATCH, VOCAB, THREADS, SEED, EVAL_PER_KIND, PASSKEY_LENGTHS, PASSKEY_N, INSTALL (1 = copy into the package,
-# default 1), PYTHON (default .venv/bin/python). The model is a LongCat-2.0-architecture model at tiny
+# BATCH, SEQ_LEN, SFT_SEQ_LEN, LONG_SEQ_LEN, LONG_BATCH, VOCAB, THREADS, SEED, EVAL_PER_KIND, PASSKEY_LENGTHS, PASSKEY_N, INSTALL (1 = copy into the package
+# at the end; default 0: the build stays in $WORK until its evals are compared with the installed model's), PYTHON (default .venv/bin/python). The model is a LongCat-2.0-architecture model at tiny
 # scale: the `tiny` preset (LSA indexer, zero experts, N-gram embedding, MTP) with the overrides in
 # MODEL_ARGS. Training runs in fp32: on this CPU, bf16 autocast (`--precision auto`) measured 8x slower.
 # Every stage is resumable: a stage whose final checkpoint exists is skipped, an interrupted one resumes.
@@ -42,7 +43,7 @@ SEED=${SEED:-0}
 EVAL_PER_KIND=${EVAL_PER_KIND:-20}
 PASSKEY_LENGTHS=${PASSKEY_LENGTHS:-8192 32768}
 PASSKEY_N=${PASSKEY_N:-2}  # text passkeys per length (one at 32K: ~150 s on one core)
-INSTALL=${INSTALL:-1}
+INSTALL=${INSTALL:-0}
 DEST=longcat2/assets/default-model
 MAX_MB=25
 MODEL_ARGS=(
@@ -204,5 +205,7 @@ if [ "$INSTALL" = "1" ]; then
   cp "$WORK/eval.json" "$DEST.tmp/eval.json"
   rm -rf "$DEST" && mv "$DEST.tmp" "$DEST"
   log "installed into $DEST"
+else
+  log "not installed: compare $WORK/eval.json with docs/default-model.md, then rerun with INSTALL=1 (finished training stages are skipped)"
 fi
 log "done in $(( $(date +%s) - t_start )) s (training step time: pretrain ${t_pretrain} s, sft ${t_sft} s, long ${t_long} s)"

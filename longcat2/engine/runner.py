@@ -73,7 +73,8 @@ class ModelRunner:
         short_kernel: str | None = None,
     ) -> None:
         """index_mode: "exact" (fp32 scan) | "bf16" (bf16 GEMM scan + exact rescoring, decode rows with
-        bf16 queries and keys) | "auto" (bf16 when the indexer runs in bf16, else exact). index_dtype: the
+        bf16 queries and keys) | "auto" (bf16 when the indexer runs in bf16 on a device with a native bf16 GEMM,
+        else exact: on CPUs where bf16 matmuls run as fp32 calls the bf16 pass saves nothing). index_dtype: the
         index-key cache ("bf16", "fp8" = e4m3 + fp32 scale per token, a torch dtype, None = cache_dtype);
         index_rotate: Hadamard-rotate index keys and queries (None: with fp8 keys). The HI page summaries
         exist when the model config turns HI on (`lsa_hi`). short_kernel: how short dense segments attend
@@ -98,6 +99,11 @@ class ModelRunner:
         )
         if index_mode not in ("auto", "exact", "bf16"):
             raise ValueError(f"index_mode: one of auto/exact/bf16, got {index_mode!r}")
+        if index_mode == "auto" and self.device.type == "cpu" and bf16_matmul_via_fp32():
+            # no bf16 GEMM: the two-pass scan's bf16 pass would itself run as fp32 BLAS calls, so its
+            # rounding and rescoring only add work (LongCat-2.0 dims at 1M, one layer: LSA 190 → 197 ms,
+            # LSA+HI 182 → 94 ms; bench/decode_lsa.py --hi --matmul engine)
+            index_mode = "exact"
         inner = model.model
         layer_ids: dict[MLA, int] = {}
         for li, layer in enumerate(inner.layers):  # cache layer 2i + j = sublayer j of decoder layer i

@@ -193,6 +193,25 @@ def test_bf16_two_pass_index_mode_selects_like_the_exact_scan() -> None:
     assert (logits["bf16"].float() - full).abs().max() < 0.1 * full.abs().max()  # bf16 rounding only
 
 
+@pytest.mark.parametrize("matmul, expected", [("fp32", "exact"), ("native", "auto")])
+def test_auto_index_mode_scans_in_fp32_where_bf16_matmuls_run_as_fp32(
+    monkeypatch: pytest.MonkeyPatch, matmul: str, expected: str
+) -> None:
+    """Without a native bf16 GEMM the two-pass scan's bf16 pass is itself fp32 BLAS work: "auto" takes the
+    exact scan there (an explicit "bf16" is kept)."""
+    from longcat2.engine import cpu
+
+    monkeypatch.setenv("LONGCAT2_BF16_MATMUL", matmul)
+    cpu.bf16_matmul_via_fp32.cache_clear()
+    try:
+        model = _model("tiny").to(torch.bfloat16)
+        assert ModelRunner(model, block_size=32).attention.index_mode == expected
+        assert ModelRunner(model, block_size=32, index_mode="bf16").attention.index_mode == "bf16"
+    finally:
+        monkeypatch.undo()
+        cpu.bf16_matmul_via_fp32.cache_clear()
+
+
 def _calls_by_module(model: LongCatForCausalLM) -> tuple[dict[str, int], list]:
     """Forward-call counters for every module that owns parameters directly (Linear, norms, embeddings,
     the stacked experts)."""
