@@ -101,8 +101,8 @@ class ModelRunner:
             raise ValueError(f"index_mode: one of auto/exact/bf16, got {index_mode!r}")
         if index_mode == "auto" and self.device.type == "cpu" and bf16_matmul_via_fp32():
             # no bf16 GEMM: the two-pass scan's bf16 pass would itself run as fp32 BLAS calls, so its
-            # rounding and rescoring only add work (LongCat-2.0 dims at 1M, one layer: LSA 190 → 197 ms,
-            # LSA+HI 182 → 94 ms; bench/decode_lsa.py --hi --matmul engine)
+            # rounding and rescoring only add work (LongCat-2.0 dims at 1M, one layer, the two runs of
+            # bench/run_all.sh: LSA 196 → 189 ms, LSA+HI 177 → 78 ms; BENCHMARKS.md)
             index_mode = "exact"
         inner = model.model
         layer_ids: dict[MLA, int] = {}
