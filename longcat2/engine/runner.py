@@ -99,7 +99,10 @@ class ModelRunner:
         )
         if index_mode not in ("auto", "exact", "bf16"):
             raise ValueError(f"index_mode: one of auto/exact/bf16, got {index_mode!r}")
-        if index_mode == "auto" and self.device.type == "cpu" and bf16_matmul_via_fp32():
+        # bf16 model on a CPU without a native bf16 GEMM: matmuls as fp32 BLAS calls (see cpu.py)
+        bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+        self.bf16_via_fp32 = self.device.type == "cpu" and bf16 and bf16_matmul_via_fp32()
+        if index_mode == "auto" and self.bf16_via_fp32:
             # no bf16 GEMM: the two-pass scan's bf16 pass would itself run as fp32 BLAS calls, so its
             # rounding and rescoring only add work (LongCat-2.0 dims at 1M, one layer, the two runs of
             # bench/run_all.sh: LSA 196 → 189 ms, LSA+HI 177 → 78 ms; BENCHMARKS.md)
@@ -128,9 +131,6 @@ class ModelRunner:
         )
         self.with_mtp = with_mtp and model.model.mtp is not None
         self.ngram_ctx = self.cfg.oe_neighbor_num - 1 if self.cfg.use_ngram else 0
-        # bf16 model on a CPU without a native bf16 GEMM: matmuls as fp32 BLAS calls (see cpu.py)
-        bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
-        self.bf16_via_fp32 = self.device.type == "cpu" and bf16 and bf16_matmul_via_fp32()
 
     def _compute(self) -> contextlib.AbstractContextManager:
         return Bf16MatmulViaFp32() if self.bf16_via_fp32 else contextlib.nullcontext()
