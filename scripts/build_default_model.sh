@@ -9,7 +9,7 @@
 #   5 copy model + tokenizer into the package, 6 held-out evals (with and without the reply grammar) and
 #     text passkey at 8K / 32K through the engine, plus `longcat2 eval longctx --task passkey`
 #
-#   scripts/build_default_model.sh                 # full build (~2 h on 2 quiet cores; see the model card)
+#   scripts/build_default_model.sh                 # full build (2 h 5 min measured on 2 quiet cores: the model card)
 #   INSTALL=1 scripts/build_default_model.sh       # the same, then copy the model into the package
 #   PRETRAIN_STEPS=3 SFT_STEPS=3 LONG_STEPS=2 EVAL_PER_KIND=2 PASSKEY_LENGTHS=2048 WORK=/tmp/smoke INSTALL=0 \
 #     scripts/build_default_model.sh               # smoke test of the whole pipeline
@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-runs/default-model-v2}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1200}
-SFT_STEPS=${SFT_STEPS:-1500}  # ~60 min at 2.4 s per dense step (session 5: 200 sparse steps at 7.4 s)
+SFT_STEPS=${SFT_STEPS:-2500}  # ~90 min at 2.2 s per dense step, quiet (session 5: 200 sparse steps at 7.4 s)
 SFT_ATTENTION=${SFT_ATTENTION:-dense}  # sparse: the session-5 recipe (sparse path + indexer KL)
 LONG_STEPS=${LONG_STEPS:-30}  # length extension (YaRN 32K) on the long set; 0 = none
 COPY_STEPS=${COPY_STEPS:-600}  # copy warm-up between pretraining and SFT; 0 = none

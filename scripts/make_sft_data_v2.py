@@ -450,13 +450,16 @@ def calculator_use(rng: random.Random, space: Space) -> Case:
     return Case("tool_call", {"messages": messages, "tools": tools}, [str(value)])
 
 
+GREETING_REPLIES = ["Hello! How can I help you today?", "Hi! What can I do for you?"]  # equally right
+
+
 def _chat_turn(rng: random.Random, space: Space) -> tuple[str, str, str | None]:
     """(question, exact answer, reasoning or None): things the model can do without a tool."""
     kind = rng.randrange(6)
     if kind == 0:
         return (
             rng.choice(["Hi!", "Hello", "hello there", "Hey", "Good morning!", "Hi, how are you?"]),
-            rng.choice(["Hello! How can I help you today?", "Hi! What can I do for you?"]),
+            rng.choice(GREETING_REPLIES),
             None,
         )
     if kind == 1:
@@ -769,7 +772,10 @@ def score(kind: str, target: dict[str, Any], mention: list[str] | None, got: Any
     if kind == "code":
         want_line = target["content"].split("\n")[1] if "\n" in target["content"] else target["content"]
         return got.content.split("\n")[1:2] == [want_line]
-    return not got.tool_calls and got.content.strip() == target["content"]  # chat, no_call
+    reply = got.content.strip()
+    if target["content"] in GREETING_REPLIES:  # the training data answers a greeting with either reply
+        return not got.tool_calls and reply in GREETING_REPLIES
+    return not got.tool_calls and reply == target["content"]  # chat, no_call
 
 
 README_CASES = {

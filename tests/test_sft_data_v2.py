@@ -84,3 +84,17 @@ def test_copy_set_answers_are_copied_from_the_request():
     assert asked and not any(
         re.search(rf"\b{re.escape(n)}\b", text) for n in asked if n not in v2.REAL_CITIES
     )
+
+
+def test_chat_scoring_accepts_either_greeting_reply():
+    """A greeting's training answer is one of two replies drawn at random, so the eval takes either; other chat
+    answers are exact, and a call is never a chat answer."""
+    from longcat2.chat import ParsedOutput
+
+    greeting = {"role": "assistant", "content": v2.GREETING_REPLIES[0]}
+    for reply in v2.GREETING_REPLIES:
+        assert v2.score("chat", greeting, None, ParsedOutput(content=reply))
+    assert not v2.score("chat", greeting, None, ParsedOutput(content="Hello."))
+    count = {"role": "assistant", "content": "3, 4, 5."}
+    assert v2.score("no_call", count, None, ParsedOutput(content="3, 4, 5."))
+    assert not v2.score("no_call", count, None, ParsedOutput(content=v2.GREETING_REPLIES[0]))

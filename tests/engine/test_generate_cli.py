@@ -68,7 +68,7 @@ def _generate(*argv: str) -> subprocess.CompletedProcess:
                           timeout=120)  # fmt: skip
 
 
-CHAT_PROMPT = "<longcat_user>What is the capital of France?<longcat_assistant>"
+CHAT_PROMPT = "<longcat_user>What is your name?<longcat_assistant>"
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "config.json").is_file(), reason="no embedded default model")
@@ -76,7 +76,7 @@ def test_embedded_model_is_the_default_and_eos_is_not_printed() -> None:
     plain = _generate("--prompt", CHAT_PROMPT, "--max-new-tokens", "40")
     assert plain.returncode == 0, plain.stderr
     assert "finish: stop" in plain.stderr  # the model ended its answer with EOS ...
-    assert "Paris" in plain.stdout and "</longcat_s>" not in plain.stdout  # ... which is not printed
+    assert "LongCat" in plain.stdout and "</longcat_s>" not in plain.stdout  # ... which is not printed
     named = _generate(
         "--model", DEFAULT_MODEL_NAME, "--prompt", CHAT_PROMPT, "--max-new-tokens", "40", "--stream"
     )
