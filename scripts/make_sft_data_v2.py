@@ -772,10 +772,9 @@ def score(kind: str, target: dict[str, Any], mention: list[str] | None, got: Any
     if kind == "code":
         want_line = target["content"].split("\n")[1] if "\n" in target["content"] else target["content"]
         return got.content.split("\n")[1:2] == [want_line]
-    reply = got.content.strip()
-    if target["content"] in GREETING_REPLIES:  # the training data answers a greeting with either reply
-        return not got.tool_calls and reply in GREETING_REPLIES
-    return not got.tool_calls and reply == target["content"]  # chat, no_call
+    # chat, no_call: the exact reply (the training data answers a greeting with either greeting reply)
+    want = GREETING_REPLIES if target["content"] in GREETING_REPLIES else [target["content"]]
+    return not got.tool_calls and got.content.strip() in want
 
 
 README_CASES = {

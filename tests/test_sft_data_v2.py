@@ -95,6 +95,10 @@ def test_chat_scoring_accepts_either_greeting_reply():
     for reply in v2.GREETING_REPLIES:
         assert v2.score("chat", greeting, None, ParsedOutput(content=reply))
     assert not v2.score("chat", greeting, None, ParsedOutput(content="Hello."))
+    call = {"id": "c1", "name": "get_weather", "arguments": {"city": "Paris"}}
+    assert not v2.score(
+        "chat", greeting, None, ParsedOutput(content=v2.GREETING_REPLIES[0], tool_calls=[call])
+    )
     count = {"role": "assistant", "content": "3, 4, 5."}
     assert v2.score("no_call", count, None, ParsedOutput(content="3, 4, 5."))
     assert not v2.score("no_call", count, None, ParsedOutput(content=v2.GREETING_REPLIES[0]))

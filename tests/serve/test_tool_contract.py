@@ -165,10 +165,10 @@ def test_tool_call_contract(default_server):
             assert not calls, where
         if choice == "required" or isinstance(choice, dict):
             stats["required_or_named"] += 1
-            if (
-                finish == "length"
-            ):  # the budget ran out inside a call: the complete calls before it (validated
-                stats["required_cut_off"] += 1  # above) are kept, the cut-off one is plain text, no half call
+            # the budget ran out inside a call: the complete calls before it (validated above) are kept, the
+            # cut-off one is plain text, no half call
+            if finish == "length":
+                stats["required_cut_off"] += 1
             else:
                 assert calls and finish == "tool_calls" and not msg.content, where
                 if isinstance(choice, dict):
