@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
 # Rebuild the model embedded in the package (longcat2/assets/default-model/) from nothing, with the
-# project's own commands. Recipe v2 (issue 18, docs/default-model.md "v2 recipe"):
-#   1 synthetic SFT data that forces copying (scripts/make_sft_data_v2.py): a short set and a long set
+# project's own commands. Recipe v2 (the installed model) by default, v3 with RECIPE=3 (issue 18,
+# docs/default-model.md "v2 recipe" and "v3 recipe"):
+#   1 synthetic SFT data that forces copying (scripts/make_sft_data_v2.py): a short set, a copy set and a
+#     long set (training-syllable names); v3 adds the copy set and the short set again with random-letter
+#     names (the open space: copying any letters, not only the training syllables) and a wider MLA latent
 #   2 `longcat2 train` on the stdlib corpus, with the LSA indexer distilled (dense warm-up, then sparse)
-#   3 `longcat2 sft` on the short set (dense attention, ~3x cheaper per step than sparse at <= 640 tokens)
+#   2b copy warm-up: `longcat2 sft` on the two copy sets (short pure-copy conversations)
+#   3 `longcat2 sft` on the two short sets (dense attention, ~3x cheaper per step than sparse at <= 640 tokens)
 #   4 `longcat2 sft` length extension: YaRN x32 over 1024 (32K context, as LongCat extends with YaRN) on
 #     the long set (agent-sized tool prompts, text passkeys, short examples mixed in), sparse path active
 #   5 copy model + tokenizer into the package, 6 held-out evals (with and without the reply grammar) and
 #     text passkey at 8K / 32K through the engine, plus `longcat2 eval longctx --task passkey`
 #
-#   scripts/build_default_model.sh                 # full build (2 h 5 min measured on 2 quiet cores: the model card)
+#   scripts/build_default_model.sh                 # full build (time measured on 2 quiet cores: the model card)
 #   INSTALL=1 scripts/build_default_model.sh       # the same, then copy the model into the package
 #   PRETRAIN_STEPS=3 SFT_STEPS=3 LONG_STEPS=2 EVAL_PER_KIND=2 PASSKEY_LENGTHS=2048 WORK=/tmp/smoke INSTALL=0 \
 #     scripts/build_default_model.sh               # smoke test of the whole pipeline
 #
-# Knobs (environment): WORK (run directory, default runs/default-model-v2), PRETRAIN_STEPS, SFT_STEPS,
-# LONG_STEPS (0 = no length extension), COPY_STEPS (0 = no copy warm-up), SFT_ATTENTION, SFT_N, LONG_N,
+# Knobs (environment): RECIPE (2 = the installed model, the default; 3 = session 8's wider-latent, open-space
+# recipe, built and not installed: docs/default-model.md), WORK (run directory, default runs/default-model-v3,
+# v4 for RECIPE=3), PRETRAIN_STEPS, SFT_STEPS,
+# LONG_STEPS (0 = no length extension), COPY_STEPS (0 = no copy warm-up), SFT_ATTENTION, SFT_N, OPEN_N, OPEN_COPY_N, LONG_N,
 # BATCH, SEQ_LEN, SFT_SEQ_LEN, LONG_SEQ_LEN, LONG_BATCH, VOCAB, THREADS, SEED, EVAL_PER_KIND, PASSKEY_LENGTHS, PASSKEY_N, INSTALL (1 = copy into the package
 # at the end; default 0: the build stays in $WORK until its evals are compared with the installed model's), PYTHON (default .venv/bin/python). The model is a LongCat-2.0-architecture model at tiny
 # scale: the `tiny` preset (LSA indexer, zero experts, N-gram embedding, MTP) with the overrides in
@@ -25,13 +31,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-.venv/bin/python}
-WORK=${WORK:-runs/default-model-v2}
+RECIPE=${RECIPE:-2}
+case "$RECIPE" in
+  2) V3=0 ;;
+  3) V3=1 ;;
+  *) echo "error: RECIPE=$RECIPE; expected 2 (the installed model) or 3 (session 8's recipe)" >&2; exit 2 ;;
+esac
+WORK=${WORK:-runs/default-model-v$((RECIPE == 3 ? 4 : 3))}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1200}
-SFT_STEPS=${SFT_STEPS:-2500}  # ~90 min at 2.2 s per dense step, quiet (session 5: 200 sparse steps at 7.4 s)
+# v2: ~90 min at 2.2 s per dense step, quiet; v3: one epoch of the short + open sets (2.7 s a step)
+SFT_STEPS=${SFT_STEPS:-$((V3 ? 1400 : 2500))}
 SFT_ATTENTION=${SFT_ATTENTION:-dense}  # sparse: the session-5 recipe (sparse path + indexer KL)
 LONG_STEPS=${LONG_STEPS:-30}  # length extension (YaRN 32K) on the long set; 0 = none
-COPY_STEPS=${COPY_STEPS:-600}  # copy warm-up between pretraining and SFT; 0 = none
+COPY_STEPS=${COPY_STEPS:-$((V3 ? 2000 : 600))}  # copy warm-up before SFT (~0.4 s a step); 0 = none
 SFT_N=${SFT_N:-16000}
+OPEN_N=${OPEN_N:-$((V3 ? 8000 : 0))}  # the SFT mix again with random-letter names (the open space); 0 = none
+OPEN_COPY_N=${OPEN_COPY_N:-$((V3 ? 16000 : 0))}  # copy warm-up items with random-letter names; 0 = none
 LONG_N=${LONG_N:-1200}
 BATCH=${BATCH:-16}
 SEQ_LEN=${SEQ_LEN:-256}
@@ -50,7 +65,7 @@ MAX_MB=25
 MODEL_ARGS=(
   --model hidden_size=128 --model num_layers=3 --model num_attention_heads=4
   --model ffn_hidden_size=256 --model expert_ffn_hidden_size=64
-  --model q_lora_rank=64 --model kv_lora_rank=32
+  --model q_lora_rank=64
   --model oe_vocab_size_ratio=2.0 --model mtp_num_layers=1
   # the rules the v1 model was trained with (the 2.0 preset now defaults to mean / rms_norm_eps)
   --model ngram_fusion=residual --model mla_norm_eps=1e-6
@@ -59,6 +74,14 @@ MODEL_ARGS=(
   # sparse path selects (the 32K stage and agent-sized prompts run sparse)
   --model index_topk=256
 )
+if [ "$V3" = 1 ]; then
+  # v3: the attention latent and head dims 4x / 2x v2's (kv_lora_rank 32, nope/rope/v 16/8/16): copying a name
+  # carries each token's identity through the latent, and the v2 model copied held-out-syllable names at
+  # 0.5-0.6 however long it trained on copying (session 8, docs/default-model.md); +0.4 M parameters
+  MODEL_ARGS+=(--model kv_lora_rank=128 --model qk_nope_head_dim=32 --model qk_rope_head_dim=16 --model v_head_dim=32)
+else
+  MODEL_ARGS+=(--model kv_lora_rank=32)
+fi
 # 32K context for the length-extension stage: YaRN x32 over the 1024 positions the model starts from
 # (the tiny preset's DeepSeek-YaRN, x4 before); shape-preserving, so the `--init` weights load unchanged
 YARN_32K='{"rope_type": "deepseek_yarn", "factor": 32.0, "original_max_position_embeddings": 1024, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}'
@@ -95,6 +118,20 @@ run "$PY" "${DATA[@]}" --out "$WORK/sft.jsonl" --n "$SFT_N" --seed "$SEED" --lon
   --val-out "$WORK/sft-val.jsonl" --val-n 300
 run "$PY" "${DATA[@]}" --copy-set --out "$WORK/copy.jsonl" --n 12000 --seed "$((SEED + 7))" \
   --val-out "$WORK/copy-val.jsonl" --val-n 200
+# the open space (random-letter names, training tables otherwise): trained on syllable names alone, the model
+# copies training-syllable names and not others (session 8: 0.93 vs 0.18 held-out, 0.08 random letters)
+cp "$WORK/copy.jsonl" "$WORK/copy-all.jsonl" && cp "$WORK/copy-val.jsonl" "$WORK/copy-all-val.jsonl"
+cp "$WORK/sft.jsonl" "$WORK/sft-all.jsonl" && cp "$WORK/sft-val.jsonl" "$WORK/sft-all-val.jsonl"
+if [ "$OPEN_COPY_N" -gt 0 ]; then
+  run "$PY" "${DATA[@]}" --copy-set --space open --out "$WORK/open-copy.jsonl" --n "$OPEN_COPY_N" \
+    --seed "$((SEED + 17))" --val-out "$WORK/open-copy-val.jsonl" --val-n 200
+  cat "$WORK/open-copy.jsonl" >>"$WORK/copy-all.jsonl" && cat "$WORK/open-copy-val.jsonl" >>"$WORK/copy-all-val.jsonl"
+fi
+if [ "$OPEN_N" -gt 0 ]; then
+  run "$PY" "${DATA[@]}" --space open --out "$WORK/open-mix.jsonl" --n "$OPEN_N" --seed "$((SEED + 21))" \
+    --long-share 0 --val-out "$WORK/open-mix-val.jsonl" --val-n 200
+  cat "$WORK/open-mix.jsonl" >>"$WORK/sft-all.jsonl" && cat "$WORK/open-mix-val.jsonl" >>"$WORK/sft-all-val.jsonl"
+fi
 run "$PY" "${DATA[@]}" --out "$WORK/long.jsonl" --n "$LONG_N" --seed "$((SEED + 5))" --long-share 0.5 \
   --max-tokens "$((LONG_SEQ_LEN * 3 / 4))" --val-out "$WORK/long-val.jsonl" --val-n 40
 
@@ -111,9 +148,9 @@ if [ "$COPY_STEPS" -gt 0 ]; then
   # the second time), and the tool-use SFT alone did not teach it (222 steps: no held-out name copied);
   # short pure-copy conversations at the pretraining lr teach it in a few hundred steps (model card)
   log "2b/6 copy warm-up: echo / record lookup / restate conversations"
-  stage "$WORK/copy" "$COPY_STEPS" "${LC[@]}" sft --init "$WORK/pretrain" --data "$WORK/copy.jsonl" \
-    --val-data "$WORK/copy-val.jsonl" --steps "$COPY_STEPS" --batch-size "$BATCH" --seq-len 128 --lr 3e-3 \
-    --warmup 20 --precision fp32 --seed "$SEED" --threads "$THREADS" --save-every 100 --eval-every 100 \
+  stage "$WORK/copy" "$COPY_STEPS" "${LC[@]}" sft --init "$WORK/pretrain" --data "$WORK/copy-all.jsonl" \
+    --val-data "$WORK/copy-all-val.jsonl" --steps "$COPY_STEPS" --batch-size "$BATCH" --seq-len 128 --lr 3e-3 \
+    --warmup 20 --precision fp32 --seed "$SEED" --threads "$THREADS" --save-every 500 --eval-every 250 \
     --eval-batches 4 --no-progress "${INDEXER[@]}"
   sft_init=("$WORK/copy")
 fi
@@ -122,8 +159,8 @@ log "3/6 supervised fine-tuning on the short set (dense attention: the indexer k
 # at <= 640 tokens top-k 256 keeps most keys, and the training-time sparse path costs more than dense there:
 # 16 x 640 per step measured 7.4 s sparse + indexer KL, 6.0 s sparse, 2.4 s dense (session 6), so dense
 # buys ~3x the SFT steps in the same time; the 32K stage below trains sparse with the indexer KL again
-stage "$WORK/sft" "$SFT_STEPS" "${LC[@]}" sft --init "${sft_init[@]}" --data "$WORK/sft.jsonl" \
-  --val-data "$WORK/sft-val.jsonl" --steps "$SFT_STEPS" --batch-size "$BATCH" --seq-len "$SFT_SEQ_LEN" \
+stage "$WORK/sft" "$SFT_STEPS" "${LC[@]}" sft --init "${sft_init[@]}" --data "$WORK/sft-all.jsonl" \
+  --val-data "$WORK/sft-all-val.jsonl" --steps "$SFT_STEPS" --batch-size "$BATCH" --seq-len "$SFT_SEQ_LEN" \
   --lr 1e-3 --warmup 50 --precision fp32 --seed "$SEED" --threads "$THREADS" --save-every 200 \
   --eval-every 350 --eval-batches 8 --no-progress "${SFT_EXTRA[@]}"
 t_sft=$(step_seconds "$WORK/sft")
@@ -147,10 +184,10 @@ rm -rf "$stage" && mkdir -p "$stage"
 for f in config.json model.safetensors tokenizer.json tokenizer_config.json special_tokens_map.json; do
   cp "$latest/$f" "$stage/$f"
 done
-"$PY" - "$stage" "$latest" "$t_pretrain" "$t_sft" "$t_long" "$PRETRAIN_STEPS" "$SFT_STEPS" "$LONG_STEPS" "$SEED" <<'EOF'
+"$PY" - "$stage" "$latest" "$t_pretrain" "$t_sft" "$t_long" "$PRETRAIN_STEPS" "$SFT_STEPS" "$LONG_STEPS" "$SEED" "$RECIPE" <<'EOF'
 import json, subprocess, sys, time
 from pathlib import Path
-stage, latest, t_pre, t_sft, t_long, pre_steps, sft_steps, long_steps, seed = sys.argv[1:]
+stage, latest, t_pre, t_sft, t_long, pre_steps, sft_steps, long_steps, seed, recipe = sys.argv[1:]
 try:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 except OSError:
@@ -158,7 +195,7 @@ except OSError:
 info = {
     "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     "git_commit": commit,
-    "recipe_version": 2,
+    "recipe_version": int(recipe),
     "from_checkpoint": latest,
     "pretrain_steps": int(pre_steps), "sft_steps": int(sft_steps), "long_steps": int(long_steps),
     "seed": int(seed),

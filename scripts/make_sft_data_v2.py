@@ -40,7 +40,7 @@ import string
 import sys
 import time
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -136,11 +136,17 @@ class Space:
         held = self.split == "heldout"
         return [s for s in _SYLLABLES if (s in _HELD_SYL) == held]
 
+    @property
+    def _tables(self) -> str:
+        return "heldout" if self.split == "heldout" else "train"  # "open" uses the training tables
+
     @cached_property
     def _train_syl(self) -> frozenset[str]:
         return frozenset(s for s in _SYLLABLES if s not in _HELD_SYL)
 
     def word(self, rng: random.Random, lo: int = 2, hi: int = 3) -> str:
+        if self.split == "open":
+            return _open_word(rng, 2 * lo, 3 * hi)
         while True:
             w = "".join(rng.choice(self.syllables) for _ in range(rng.randint(lo, hi)))
             if self.split == "train" or not _segments_into(w, self._train_syl):
@@ -157,7 +163,7 @@ class Space:
     def number(self, rng: random.Random, lo: int, hi: int) -> int:
         while True:
             v = rng.randint(lo, hi)
-            if _held_number(v) == (self.split == "heldout"):
+            if _held_number(v) == (self._tables == "heldout"):
                 return v
 
     def value(self, rng: random.Random) -> int | float:
@@ -166,7 +172,7 @@ class Space:
         return round(v / 10, 1) if rng.random() < 0.25 and v % 10 else v
 
     def pick(self, rng: random.Random, table: dict[str, list[str]]) -> str:
-        return rng.choice(table[self.split])
+        return rng.choice(table[self._tables])
 
     def topic(self, rng: random.Random) -> str:
         return self.pick(rng, _TOPICS) if rng.random() < 0.5 else self.word(rng, 2, 3)
@@ -177,7 +183,35 @@ class Space:
         return f"{letters}-{self.number(rng, 100, 99999)}"
 
 
+_CONSONANTS = [c for c in string.ascii_lowercase if c not in "aeiou"]
+
+
+def _open_word(rng: random.Random, lo: int, hi: int) -> str:
+    """A random word of `lo`-`hi` letters from the open space: half are uniformly random letters, half
+    alternate random consonant clusters (any consonants) and vowels, so the multi-letter pieces the tokenizer
+    makes of pronounceable names are copied too, not only single letters. This teaches copying of any letter
+    sequence, not only of the training syllables'. A word that splits into held-out syllables is redrawn,
+    so no held-out name is ever a training item."""
+    while True:
+        n = rng.randint(lo, hi)
+        if rng.random() < 0.5:
+            w = "".join(rng.choice(string.ascii_lowercase) for _ in range(n))
+        else:
+            parts, vowel = [], rng.random() < 0.3
+            while sum(map(len, parts)) < n:
+                pool = "aeiouy" if vowel else _CONSONANTS
+                parts.append("".join(rng.choice(pool) for _ in range(rng.choice([1, 1, 1, 2]))))
+                vowel = not vowel
+            w = "".join(parts)[:n]
+        if not _segments_into(w, _HELD_SYL):
+            return w
+
+
 TRAIN, HELDOUT = Space("train"), Space("heldout")
+# "open": training tables (topics, verbs, units, ...) and number class, names of random letters (issue 18,
+# session 8: a model trained on syllable names copies training-syllable names at 0.93 and held-out-syllable
+# names at 0.18 or random letters at 0.08; the open set is what makes copying generic)
+OPEN = Space("open")
 
 
 def _call(name: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -660,17 +694,19 @@ def copy_case(rng: random.Random, space: Space) -> Case:
     )
 
 
-def copy_set(n: int, seed: int, *_: Any) -> list[Case]:
-    """The copy warm-up set (train spaces): `n` `copy_case`s, deterministic from the seed (same arguments as
-    `generate`; the long-example ones do not apply)."""
+def copy_set(n: int, seed: int, *_: Any, space: Space = TRAIN) -> list[Case]:
+    """The copy warm-up set (train spaces, or `OPEN`): `n` `copy_case`s, deterministic from the seed (same
+    arguments as `generate`; the long-example ones do not apply)."""
     rng = random.Random(seed)
-    return [copy_case(rng, TRAIN) for _ in range(n)]
+    return [copy_case(rng, space) for _ in range(n)]
 
 
-def generate(n: int, seed: int, long_share: float = 0.03, max_tokens: int = 3000) -> list[Case]:
-    """The training mix (train spaces): `long_share` long examples (agent-sized prompts 70 %, text passkeys
-    30 %), the rest tool use 34 %, calculator 6 %, refusal 14 %, chat with tools offered 10 %, plain chat
-    14 %, code completion 22 %."""
+def generate(
+    n: int, seed: int, long_share: float = 0.03, max_tokens: int = 3000, space: Space = TRAIN
+) -> list[Case]:
+    """The training mix (train spaces, or `OPEN`: random-letter names): `long_share` long examples
+    (agent-sized prompts 70 %, text passkeys 30 %; train spaces), the rest tool use 34 %, calculator 6 %,
+    refusal 14 %, chat with tools offered 10 %, plain chat 14 %, code completion 22 %."""
     rng = random.Random(seed)
     functions = stdlib_functions()
     if not functions:
@@ -686,15 +722,15 @@ def generate(n: int, seed: int, long_share: float = 0.03, max_tokens: int = 3000
             continue
         r = rng.random()
         if r < 0.34:
-            out.append(tool_use(rng, TRAIN))
+            out.append(tool_use(rng, space))
         elif r < 0.40:
-            out.append(calculator_use(rng, TRAIN))
+            out.append(calculator_use(rng, space))
         elif r < 0.54:
-            out.append(refusal(rng, TRAIN, "train"))
+            out.append(refusal(rng, space, "train"))
         elif r < 0.64:
-            out.append(chat(rng, TRAIN, True))
+            out.append(chat(rng, space, True))
         elif r < 0.78:
-            out.append(chat(rng, TRAIN, False))
+            out.append(chat(rng, space, False))
         else:
             out.append(Case("code", code_conversation(rng, functions)))
     return out
@@ -804,6 +840,7 @@ def evaluate(
             ex.append({"prompt": msgs[-1]["content"][:200], "ok": ok, "reply": got.to_message()})
     readme = {name: {"tool_calls": [{"name": c["name"], "arguments": c["arguments"]} for c in got.tool_calls],
                      "content": got.content} for name, got in zip(README_CASES, replies[len(cases):])}  # fmt: skip
+    probe = copy_probe(model, tok, 2 * per_kind, seed) if not grammar else None
     return {
         "model": str(model_dir),
         "recipe_version_of_evals": RECIPE_VERSION,
@@ -818,7 +855,33 @@ def evaluate(
         "generated_tokens": n_tokens,
         "generation_seconds": round(seconds, 2),
         "examples": examples,
+        **({"copy_probe": probe} if probe else {}),
     }
+
+
+COPY_PROMPTS = ["Repeat exactly: {x}", "My city is {x}. Which city is mine?"]
+
+
+def copy_probe(model, tok, n: int, seed: int) -> dict[str, float]:
+    """Bare copying of one name, per name space (`n` names each, half per prompt of `COPY_PROMPTS`): the
+    reply, less a final period, must be the name. "train": training-syllable names; "heldout": held-out
+    syllables (never a training name); "open": random letters as in the open training space. Where tool_call
+    fails on names, this says whether the model cannot copy them at all (docs/default-model.md)."""
+    rng = random.Random(seed + 1)
+    spaces = {"train": TRAIN, "heldout": HELDOUT, "open": OPEN}
+    names = {k: [sp.place(rng) for _ in range(n)] for k, sp in spaces.items()}
+    convs = [
+        ([{"role": "user", "content": COPY_PROMPTS[i % 2].format(x=x)}], None)
+        for k in spaces
+        for i, x in enumerate(names[k])
+    ]
+    replies, _ = _generate(model, tok, convs, 32, grammar=False)
+    out, i = {}, 0
+    for k in spaces:
+        got = replies[i : i + n]
+        i += n
+        out[k] = round(sum(g.content.strip().removesuffix(".") == x for g, x in zip(got, names[k])) / n, 4)
+    return out
 
 
 def passkey(model_dir: str, lengths: list[int], per_length: int, seed: int) -> dict[str, Any]:
@@ -860,6 +923,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-out", default=None, help="also write a validation .jsonl (another seed)")
     ap.add_argument("--val-n", type=int, default=300, help="validation conversations (default 300)")
     ap.add_argument("--copy-set", action="store_true", help="write the copy warm-up set instead of the mix")
+    ap.add_argument("--space", choices=["train", "open"], default="train",
+                    help="names: training syllables (default) | open: random letters (generic copying)")  # fmt: skip
     ap.add_argument("--eval-model", metavar="DIR", help="instead: held-out evals of a model, JSON")
     ap.add_argument("--grammar", action="store_true", help="with --eval-model: grammar-constrained replies")
     ap.add_argument("--per-kind", type=int, default=40, help="with --eval-model: conversations per kind")
@@ -886,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         ap.error("--out is required (or --eval-model / --passkey-model DIR)")
-    make = copy_set if args.copy_set else generate
+    make = partial(copy_set if args.copy_set else generate, space=Space(args.space))
     cases = make(args.n, args.seed, args.long_share, args.max_tokens)
     write(Path(args.out), cases)
     kinds: dict[str, int] = {}

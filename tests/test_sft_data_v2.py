@@ -4,6 +4,7 @@ held-out eval entities (names, numbers) never occur in training data; calls only
 from __future__ import annotations
 
 import json
+import random
 import re
 import sys
 from pathlib import Path
@@ -29,6 +30,17 @@ def _tool_values(messages: list[dict]) -> list:
     return out
 
 
+def _held_out_values(cases: list) -> set[str]:
+    """The numeric tool-result values of the held-out tool_answer cases, JSON-encoded."""
+    return {
+        json.dumps(v)
+        for kind, msgs, _, _, _ in cases
+        if kind == "tool_answer"
+        for v in _tool_values(msgs)
+        if isinstance(v, int | float)
+    }
+
+
 def test_same_seed_same_data():
     a = [json.dumps(c.record, sort_keys=True) for c in v2.generate(80, 3)]
     b = [json.dumps(c.record, sort_keys=True) for c in v2.generate(80, 3)]
@@ -45,13 +57,7 @@ def test_held_out_entities_and_values_never_in_training(train_records):
     for name in asked:
         if name not in v2.REAL_CITIES:
             assert not re.search(rf"\b{re.escape(name)}\b", text), name
-    eval_values = {
-        json.dumps(v)
-        for kind, msgs, _, _, _ in cases
-        if kind == "tool_answer"
-        for v in _tool_values(msgs)
-        if isinstance(v, int | float)
-    }
+    eval_values = _held_out_values(cases)
     assert eval_values and not (eval_values & train_values)
 
 
@@ -102,3 +108,26 @@ def test_chat_scoring_accepts_either_greeting_reply():
     count = {"role": "assistant", "content": "3, 4, 5."}
     assert v2.score("no_call", count, None, ParsedOutput(content="3, 4, 5."))
     assert not v2.score("no_call", count, None, ParsedOutput(content=v2.GREETING_REPLIES[0]))
+
+
+def test_open_space_names_are_random_letters_and_never_held_out_names():
+    """The open space (random-letter names, the training tables otherwise) is training data too: its names
+    never split into held-out syllables, no held-out eval name or value occurs in its mix or copy set, and its
+    names are not training-syllable names either (the point of it: copying any letters)."""
+    rng = random.Random(5)
+    words = [v2.OPEN.word(rng) for _ in range(2000)]
+    assert not any(v2._segments_into(w, v2._HELD_SYL) for w in words)
+    train_syl = frozenset(s for s in v2._SYLLABLES if s not in v2._HELD_SYL)
+    # few are syllable names (1.5 %)
+    assert sum(v2._segments_into(w, train_syl) for w in words) < len(words) // 20
+    assert all(w.isalpha() and w.islower() and 4 <= len(w) <= 9 for w in words)
+    records = [c.record for c in v2.generate(400, 0, long_share=0, space=v2.OPEN)]
+    records += [c.record for c in v2.copy_set(400, 0, space=v2.OPEN)]
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in records)
+    cases = v2.eval_cases(10, 777)
+    asked = [m[0] for kind, _, _, _, m in cases if kind == "tool_call" and m]
+    assert asked and not any(re.search(rf"\b{re.escape(n)}\b", text) for n in asked)
+    open_values = {json.dumps(v) for r in records for v in _tool_values(r["messages"])}
+    eval_values = _held_out_values(cases)
+    assert eval_values and not (eval_values & open_values)
+    assert any(c.kind == "tool_call" for c in v2.generate(50, 1, long_share=0, space=v2.OPEN))
