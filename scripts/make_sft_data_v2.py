@@ -14,7 +14,12 @@ Design choices:
 - Held-out spaces (`Space("heldout")`), never used in training: a disjoint syllable set (the syllables
   with coda "r"; a held-out name cannot even be segmented into training syllables), disjoint topic nouns, verbs, argument names, units
   and weather conditions, and the numbers in a fixed hash class (a held-out value never appears as a
-  value in training). Evals use these spaces and another seed; training uses `Space("train")`.
+  value in training). Evals use these spaces and another seed; training uses `Space("train")` (recipe v3
+  also the open space).
+- The open space (`Space("open")`, `--space open`, recipe v3): the training tables with names of random
+  letters instead of syllables, so that copying is learned for any letters, not for the training syllables'
+  tokens only (a model trained on syllable names alone copies held-out names at 0.1-0.2). Its words never
+  split into held-out syllables. The evals also report a bare copy probe per name space (`copy_probe`).
 - The mix teaches: tool selection among several offered tools with varying names and descriptions;
   parallel calls (two or three entities, or two tools, in one turn); an answer that restates the asked
   entity and every value of the tool result; small arithmetic answered directly (calculator offered or
@@ -190,7 +195,7 @@ def _open_word(rng: random.Random, lo: int, hi: int) -> str:
     """A random word of `lo`-`hi` letters from the open space: half are uniformly random letters, half
     alternate random consonant clusters (any consonants) and vowels, so the multi-letter pieces the tokenizer
     makes of pronounceable names are copied too, not only single letters. This teaches copying of any letter
-    sequence, not only of the training syllables'. A word that splits into held-out syllables is redrawn,
+    sequence, not only of the training syllables. A word that splits into held-out syllables is redrawn,
     so no held-out name is ever a training item."""
     while True:
         n = rng.randint(lo, hi)
