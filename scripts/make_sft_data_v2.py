@@ -881,10 +881,9 @@ def copy_probe(model, tok, n: int, seed: int) -> dict[str, float]:
         for i, x in enumerate(names[k])
     ]
     replies, _ = _generate(model, tok, convs, 32, grammar=False)
-    out, i = {}, 0
-    for k in spaces:
-        got = replies[i : i + n]
-        i += n
+    out = {}
+    for j, k in enumerate(spaces):  # the replies come in the order of `convs`: n per space
+        got = replies[j * n : (j + 1) * n]
         out[k] = round(sum(g.content.strip().removesuffix(".") == x for g, x in zip(got, names[k])) / n, 4)
     return out
 
