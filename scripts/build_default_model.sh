@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Rebuild the model embedded in the package (longcat2/assets/default-model/) from nothing, with the
-# project's own commands. Recipe v2 (the installed model) by default, v3 with RECIPE=3 (issue 18,
-# docs/default-model.md "v2 recipe" and "v3 recipe"):
+# project's own commands. Recipe v2 (the installed model) by default, v3 with RECIPE=3, v4 with RECIPE=4
+# (issue 18, docs/default-model.md "v2 recipe", "v3 recipe" and "v4 recipe"):
 #   1 synthetic SFT data that forces copying (scripts/make_sft_data_v2.py): a short set, a copy set and a
 #     long set (training-syllable names); v3 adds the copy set and the short set again with random-letter
-#     names (the open space: copying any letters, not only the training syllables) and a wider MLA latent
+#     names (the open space: copying any letters, not only the training syllables) and a wider MLA latent;
+#     v4 replaces v3's open SFT mix with the wide space (random-letter names and stdlib-lexicon words for
+#     topics, tools, arguments, units and conditions), keeps copy items in the SFT mix and batches SFT
+#     steps by length (v4 shares v3's data, pretraining and copy warm-up: same seeds and commands)
 #   2 `longcat2 train` on the stdlib corpus, with the LSA indexer distilled (dense warm-up, then sparse)
 #   2b copy warm-up: `longcat2 sft` on the two copy sets (short pure-copy conversations)
 #   3 `longcat2 sft` on the two short sets (dense attention, ~3x cheaper per step than sparse at <= 640 tokens)
@@ -19,9 +22,10 @@
 #     scripts/build_default_model.sh               # smoke test of the whole pipeline
 #
 # Knobs (environment): RECIPE (2 = the installed model, the default; 3 = session 8's wider-latent, open-space
-# recipe, built and not installed: docs/default-model.md), WORK (run directory, default runs/default-model-v3,
-# v4 for RECIPE=3), PRETRAIN_STEPS, SFT_STEPS,
-# LONG_STEPS (0 = no length extension), COPY_STEPS (0 = no copy warm-up), SFT_ATTENTION, SFT_N, OPEN_N, OPEN_COPY_N, LONG_N,
+# recipe; 4 = session 9's wide-space recipe: docs/default-model.md), WORK (run directory, default
+# runs/default-model-v$((RECIPE + 1))), PRETRAIN_STEPS, SFT_STEPS,
+# LONG_STEPS (0 = no length extension), COPY_STEPS (0 = no copy warm-up), SFT_ATTENTION, SFT_N, OPEN_N, OPEN_COPY_N,
+# WIDE_N, WIDE_COPY_N, SFT2_STEPS, LONG_N,
 # BATCH, SEQ_LEN, SFT_SEQ_LEN, LONG_SEQ_LEN, LONG_BATCH, VOCAB, THREADS, SEED, EVAL_PER_KIND, PASSKEY_LENGTHS, PASSKEY_N, INSTALL (1 = copy into the package
 # at the end; default 0: the build stays in $WORK until its evals are compared with the installed model's), PYTHON (default .venv/bin/python). The model is a LongCat-2.0-architecture model at tiny
 # scale: the `tiny` preset (LSA indexer, zero experts, N-gram embedding, MTP) with the overrides in
@@ -33,19 +37,25 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RECIPE=${RECIPE:-2}
 case "$RECIPE" in
-  2) V3=0 ;;
-  3) V3=1 ;;
-  *) echo "error: RECIPE=$RECIPE; expected 2 (the installed model) or 3 (session 8's recipe)" >&2; exit 2 ;;
+  2) V3=0 V4=0 ;;
+  3) V3=1 V4=0 ;;
+  4) V3=1 V4=1 ;;
+  *) echo "error: RECIPE=$RECIPE; expected 2 (the installed model), 3 or 4 (sessions 8 and 9)" >&2; exit 2 ;;
 esac
-WORK=${WORK:-runs/default-model-v$((RECIPE == 3 ? 4 : 3))}
+WORK=${WORK:-runs/default-model-v$((RECIPE + 1))}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1200}
 # v2: ~90 min at 2.2 s per dense step, quiet; v3: one epoch of the short + open sets (2.7 s a step)
-SFT_STEPS=${SFT_STEPS:-$((V3 ? 1400 : 2500))}
+# v4: one epoch of the short + wide + wide copy sets (40,000 conversations), batched by length
+SFT_STEPS=${SFT_STEPS:-$((V4 ? 2500 : V3 ? 1400 : 2500))}
 SFT_ATTENTION=${SFT_ATTENTION:-dense}  # sparse: the session-5 recipe (sparse path + indexer KL)
 LONG_STEPS=${LONG_STEPS:-30}  # length extension (YaRN 32K) on the long set; 0 = none
 COPY_STEPS=${COPY_STEPS:-$((V3 ? 2000 : 600))}  # copy warm-up before SFT (~0.4 s a step); 0 = none
 SFT_N=${SFT_N:-16000}
-OPEN_N=${OPEN_N:-$((V3 ? 8000 : 0))}  # the SFT mix again with random-letter names (the open space); 0 = none
+OPEN_N=${OPEN_N:-$((V3 && !V4 ? 8000 : 0))}  # the SFT mix again with random-letter names (the open space); 0 = none
+WIDE_N=${WIDE_N:-$((V4 ? 16000 : 0))}  # the SFT mix with random-letter names and lexicon words (the wide space)
+WIDE_COPY_N=${WIDE_COPY_N:-$((V4 ? 8000 : 0))}  # wide-space copy items kept in the SFT mix (copying erodes in SFT)
+# v4: a second SFT stage on fresh data (new seeds: the short set again, the wide2 space, wide2 copy items)
+SFT2_STEPS=${SFT2_STEPS:-$((V4 ? 2000 : 0))}  # 0 = none
 OPEN_COPY_N=${OPEN_COPY_N:-$((V3 ? 16000 : 0))}  # copy warm-up items with random-letter names; 0 = none
 LONG_N=${LONG_N:-1200}
 BATCH=${BATCH:-16}
@@ -91,6 +101,9 @@ LONG_ARGS=(--model max_position_embeddings=32768 --model "rope_scaling=$YARN_32K
 # so its indexer kept its random initialisation and selected keys by noise past 64 tokens)
 INDEXER=(--indexer-loss 1.0)
 SFT_EXTRA=(--attention "$SFT_ATTENTION")
+# v4: steps of similar-length conversations (52 % of v3's SFT compute was padding: 286 tokens a conversation
+# on average, 597 the longest of a 16-row batch)
+if [ "$V4" = 1 ]; then SFT_EXTRA+=(--group-by-length); fi
 if [ "$SFT_ATTENTION" = sparse ]; then SFT_EXTRA+=("${INDEXER[@]}"); fi
 
 # `longcat2 train` once the train module is registered in longcat2/cli.py, else its own entry point.
@@ -132,6 +145,27 @@ if [ "$OPEN_N" -gt 0 ]; then
     --long-share 0 --val-out "$WORK/open-mix-val.jsonl" --val-n 200
   cat "$WORK/open-mix.jsonl" >>"$WORK/sft-all.jsonl" && cat "$WORK/open-mix-val.jsonl" >>"$WORK/sft-all-val.jsonl"
 fi
+if [ "$WIDE_N" -gt 0 ]; then
+  run "$PY" "${DATA[@]}" --space wide --out "$WORK/wide-mix.jsonl" --n "$WIDE_N" --seed "$((SEED + 23))" \
+    --long-share 0 --val-out "$WORK/wide-mix-val.jsonl" --val-n 200
+  cat "$WORK/wide-mix.jsonl" >>"$WORK/sft-all.jsonl" && cat "$WORK/wide-mix-val.jsonl" >>"$WORK/sft-all-val.jsonl"
+fi
+if [ "$WIDE_COPY_N" -gt 0 ]; then
+  run "$PY" "${DATA[@]}" --copy-set --space wide --out "$WORK/wide-copy.jsonl" --n "$WIDE_COPY_N" \
+    --seed "$((SEED + 29))" --val-out "$WORK/wide-copy-val.jsonl" --val-n 100
+  cat "$WORK/wide-copy.jsonl" >>"$WORK/sft-all.jsonl" && cat "$WORK/wide-copy-val.jsonl" >>"$WORK/sft-all-val.jsonl"
+fi
+if [ "$SFT2_STEPS" -gt 0 ]; then
+  # the second SFT stage's data: one epoch of 2000 steps x 16 (12,000 + 14,000 + 6,000 conversations)
+  run "$PY" "${DATA[@]}" --out "$WORK/sft2.jsonl" --n "$((SFT2_STEPS * BATCH * 3 / 8))" --seed "$((SEED + 31))" \
+    --long-share 0 --val-out "$WORK/sft2-val.jsonl" --val-n 300
+  run "$PY" "${DATA[@]}" --space wide2 --out "$WORK/wide2-mix.jsonl" --n "$((SFT2_STEPS * BATCH * 7 / 16))" \
+    --seed "$((SEED + 37))" --long-share 0 --val-out "$WORK/wide2-mix-val.jsonl" --val-n 200
+  run "$PY" "${DATA[@]}" --copy-set --space wide2 --out "$WORK/wide2-copy.jsonl" \
+    --n "$((SFT2_STEPS * BATCH * 3 / 16))" --seed "$((SEED + 41))" --val-out "$WORK/wide2-copy-val.jsonl" --val-n 100
+  cat "$WORK/sft2.jsonl" "$WORK/wide2-mix.jsonl" "$WORK/wide2-copy.jsonl" >"$WORK/sft2-all.jsonl"
+  cat "$WORK/sft2-val.jsonl" "$WORK/wide2-mix-val.jsonl" "$WORK/wide2-copy-val.jsonl" >"$WORK/sft2-all-val.jsonl"
+fi
 run "$PY" "${DATA[@]}" --out "$WORK/long.jsonl" --n "$LONG_N" --seed "$((SEED + 5))" --long-share 0.5 \
   --max-tokens "$((LONG_SEQ_LEN * 3 / 4))" --val-out "$WORK/long-val.jsonl" --val-n 40
 
@@ -165,10 +199,19 @@ stage "$WORK/sft" "$SFT_STEPS" "${LC[@]}" sft --init "${sft_init[@]}" --data "$W
   --eval-every 350 --eval-batches 8 --no-progress "${SFT_EXTRA[@]}"
 t_sft=$(step_seconds "$WORK/sft")
 final=sft
+if [ "$SFT2_STEPS" -gt 0 ]; then
+  log "3b/6 second SFT stage: fresh short and wide2 data (snake_case arguments, the README's schema), lr 5e-4"
+  stage "$WORK/sft2" "$SFT2_STEPS" "${LC[@]}" sft --init "$WORK/sft" --data "$WORK/sft2-all.jsonl" \
+    --val-data "$WORK/sft2-all-val.jsonl" --steps "$SFT2_STEPS" --batch-size "$BATCH" --seq-len "$SFT_SEQ_LEN" \
+    --lr 5e-4 --warmup 20 --precision fp32 --seed "$((SEED + 2))" --threads "$THREADS" --save-every 200 \
+    --eval-every 500 --eval-batches 8 --no-progress "${SFT_EXTRA[@]}"
+  t_sft=$((t_sft + $(step_seconds "$WORK/sft2")))
+  final=sft2
+fi
 t_long=0
 if [ "$LONG_STEPS" -gt 0 ]; then
   log "4/6 length extension: YaRN 32K, agent-sized prompts and passkeys, sparse path active"
-  stage "$WORK/long" "$LONG_STEPS" "${LC[@]}" sft --init "$WORK/sft" --data "$WORK/long.jsonl" \
+  stage "$WORK/long" "$LONG_STEPS" "${LC[@]}" sft --init "$WORK/$final" --data "$WORK/long.jsonl" \
     --val-data "$WORK/long-val.jsonl" --steps "$LONG_STEPS" --batch-size 1 --grad-accum "$LONG_BATCH" \
     --seq-len "$LONG_SEQ_LEN" --lr 3e-4 --warmup 10 --precision fp32 --seed "$((SEED + 1))" \
     --threads "$THREADS" --save-every 40 --eval-every "$LONG_STEPS" --eval-batches 4 --no-progress \
@@ -184,7 +227,7 @@ rm -rf "$stage" && mkdir -p "$stage"
 for f in config.json model.safetensors tokenizer.json tokenizer_config.json special_tokens_map.json; do
   cp "$latest/$f" "$stage/$f"
 done
-"$PY" - "$stage" "$latest" "$t_pretrain" "$t_sft" "$t_long" "$PRETRAIN_STEPS" "$SFT_STEPS" "$LONG_STEPS" "$SEED" "$RECIPE" <<'EOF'
+"$PY" - "$stage" "$latest" "$t_pretrain" "$t_sft" "$t_long" "$PRETRAIN_STEPS" "$((SFT_STEPS + SFT2_STEPS))" "$LONG_STEPS" "$SEED" "$RECIPE" <<'EOF'
 import json, subprocess, sys, time
 from pathlib import Path
 stage, latest, t_pre, t_sft, t_long, pre_steps, sft_steps, long_steps, seed, recipe = sys.argv[1:]

@@ -20,6 +20,10 @@ Design choices:
   letters instead of syllables, so that copying is learned for any letters, not for the training syllables'
   tokens only (a model trained on syllable names alone copies held-out names at 0.1-0.2). Its words never
   split into held-out syllables. The evals also report a bare copy probe per name space (`copy_probe`).
+- The wide space (`Space("wide")`, `--space wide`, recipe v4): the open space's names, and every table
+  (topics, verbs, argument names, units, conditions, kinds, words) replaced by words of the standard
+  library's docstrings (`stdlib_lexicon`, ~2,400 words, none of a held-out table), so tool selection is
+  learned as matching the request's words to a tool's, not as recognising the training topics.
 - The mix teaches: tool selection among several offered tools with varying names and descriptions;
   parallel calls (two or three entities, or two tools, in one turn); an answer that restates the asked
   entity and every value of the tool result; small arithmetic answered directly (calculator offered or
@@ -39,13 +43,16 @@ Design choices:
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import random
+import re
 import string
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -143,14 +150,14 @@ class Space:
 
     @property
     def _tables(self) -> str:
-        return "heldout" if self.split == "heldout" else "train"  # "open" uses the training tables
+        return "heldout" if self.split == "heldout" else "train"  # "open"/"wide": the training number class
 
     @cached_property
     def _train_syl(self) -> frozenset[str]:
         return frozenset(s for s in _SYLLABLES if s not in _HELD_SYL)
 
     def word(self, rng: random.Random, lo: int = 2, hi: int = 3) -> str:
-        if self.split == "open":
+        if self.split in ("open", "wide", "wide2"):
             return _open_word(rng, 2 * lo, 3 * hi)
         while True:
             w = "".join(rng.choice(self.syllables) for _ in range(rng.randint(lo, hi)))
@@ -177,10 +184,20 @@ class Space:
         return round(v / 10, 1) if rng.random() < 0.25 and v % 10 else v
 
     def pick(self, rng: random.Random, table: dict[str, list[str]]) -> str:
+        if self.split in ("wide", "wide2"):  # any word of the lexicon, not the table (one or two for a topic)
+            lexicon = stdlib_lexicon()
+            # a topic is one or two words; wide2: argument names too, in snake_case
+            compound = table is _TOPICS or (table is _ARGS and self.split == "wide2")
+            n = rng.choice([1, 2]) if compound else 1
+            return (" " if table is _TOPICS else "_").join(rng.choice(lexicon) for _ in range(n))
         return rng.choice(table[self._tables])
 
     def topic(self, rng: random.Random) -> str:
-        return self.pick(rng, _TOPICS) if rng.random() < 0.5 else self.word(rng, 2, 3)
+        return (
+            self.pick(rng, _TOPICS)
+            if rng.random() < (0.8 if self.split in ("wide", "wide2") else 0.5)
+            else self.word(rng, 2, 3)
+        )
 
     def code(self, rng: random.Random) -> str:
         """An identifier like KX-4821 (letters are random; the number is in this split's class)."""
@@ -212,11 +229,40 @@ def _open_word(rng: random.Random, lo: int, hi: int) -> str:
             return w
 
 
+@cache
+def stdlib_lexicon(limit_files: int = 400) -> list[str]:
+    """The wide space's words: the lower-case words of 3-10 letters used at least three times in the docstrings
+    of the standard library's modules (the same files as the code-completion set), sorted: a few thousand
+    English and programming words. Left out: every word of a held-out table (topics, verbs, argument names,
+    units, conditions, kinds, words) and every word that splits into held-out syllables, so no held-out
+    entity is ever a training one."""
+    held = {w for table in _HELD_TABLES for entry in table["heldout"] for w in entry.lower().split()}
+    counts: dict[str, int] = {}
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:limit_files]:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                for w in re.findall(r"(?<![\w.])[a-z]{3,10}(?![\w.])", ast.get_docstring(node) or ""):
+                    counts[w] = counts.get(w, 0) + 1
+    return sorted(
+        w for w, c in counts.items() if c >= 3 and w not in held and not _segments_into(w, _HELD_SYL)
+    )
+
+
+_HELD_TABLES = [_TOPICS, _VERBS, _ARGS, _UNITS, _CONDITIONS, _KINDS, _WORDS]
 TRAIN, HELDOUT = Space("train"), Space("heldout")
 # "open": training tables (topics, verbs, units, ...) and number class, names of random letters (issue 18,
 # session 8: a model trained on syllable names copies training-syllable names at 0.93 and held-out-syllable
 # names at 0.18 or random letters at 0.08; the open set is what makes copying generic)
 OPEN = Space("open")
+# "wide" (recipe v4): the open space's names, and topics, verbs, argument names, units, conditions, kinds and
+# words from the standard library's lexicon instead of the fixed tables: the open space still taught the
+# tables' topics, so the v3 model refused a lookup whose held-out topic ("pollen count") an offered tool
+# covered; here the only way to pick the tool is to match the request's words to the tool's
+WIDE = Space("wide")
 
 
 def _call(name: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -241,10 +287,12 @@ class Lookup:
     desc: str
     unit: str | None = None
     weather: bool = False
+    arg_desc: str | None = None  # the argument's description (default "The {kind} name")
 
     @property
     def schema(self) -> dict[str, Any]:
-        props: dict[str, Any] = {self.arg: {"type": "string", "description": f"The {self.kind} name"}}
+        arg_desc = self.arg_desc or f"The {self.kind} name"
+        props: dict[str, Any] = {self.arg: {"type": "string", "description": arg_desc}}
         if self.weather:
             props["unit"] = {"type": "string", "enum": ["celsius", "fahrenheit"]}
         params = {"type": "object", "properties": props, "required": [self.arg]}
@@ -270,11 +318,14 @@ def make_lookup(rng: random.Random, space: Space, taken: set[str]) -> Lookup:
     return Lookup(name, topic, arg, kind, desc, space.pick(rng, _UNITS) if rng.random() < 0.8 else None)
 
 
-def weather_tool(rng: random.Random) -> Lookup:
-    """`get_weather(city, unit)`, the README's tool, with the description and argument of v1 (or a variant)."""
+def weather_tool(rng: random.Random, exact: bool = False) -> Lookup:
+    """`get_weather(city, unit)`, the README's tool, with the description and argument of v1 (or a variant);
+    `exact` (the wide2 space): 70 % of them the README's schema exactly (its argument description too: the
+    v4 pilot, trained on "The city name" alone, did not close the argument key after "city" with it)."""
     if rng.random() < 0.7:
+        arg_desc = TOOLS["get_weather"]["function"]["parameters"]["properties"]["city"]["description"]
         return Lookup("get_weather", "weather", "city", "city", TOOLS["get_weather"]["function"]["description"],
-                      weather=True)  # fmt: skip
+                      weather=True, arg_desc=arg_desc if exact else None)  # fmt: skip
     return Lookup("get_weather", "weather", rng.choice(["city", "location"]), "city",
                   "Current weather conditions for a location.", weather=True)  # fmt: skip
 
@@ -395,7 +446,7 @@ def tool_use(rng: random.Random, space: Space) -> Case:
     real = 0.25 if space.split == "train" else 0.0
     n_calls = rng.choices([1, 2, 3], [0.72, 0.22, 0.06])[0]
     if rng.random() < 0.4:
-        tools_needed = [weather_tool(rng)]
+        tools_needed = [weather_tool(rng, exact=space.split == "wide2")]
     else:
         tools_needed = [make_lookup(rng, space, set())]
     if n_calls > 1 and rng.random() < 0.35:  # two different tools
@@ -566,7 +617,7 @@ def refusal(rng: random.Random, space: Space, templates: str) -> Case:
     messages: list[dict[str, Any]] = []
     _system(rng, messages)
     tools: list[Lookup] = []
-    if rng.random() < 0.35:  # asks for a topic no offered tool covers
+    if rng.random() < (0.6 if space.split == "wide2" else 0.35):  # asks for a topic no offered tool covers
         wanted = make_lookup(rng, space, set())
         q = lookup_turn(rng, space, wanted, space.place(rng))[0]
         tools = _offer(rng, space, [], (1, 3))
@@ -927,8 +978,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-out", default=None, help="also write a validation .jsonl (another seed)")
     ap.add_argument("--val-n", type=int, default=300, help="validation conversations (default 300)")
     ap.add_argument("--copy-set", action="store_true", help="write the copy warm-up set instead of the mix")
-    ap.add_argument("--space", choices=["train", "open"], default="train",
-                    help="names: training syllables (default) | open: random letters (generic copying)")  # fmt: skip
+    ap.add_argument("--space", choices=["train", "open", "wide", "wide2"], default="train",
+                    help="names: training syllables (default) | open: random letters (generic copying) | "
+                         "wide: random letters and the stdlib lexicon for every table | wide2: wide with "
+                         "snake_case argument names, the README's weather schema, more unoffered lookups")  # fmt: skip
     ap.add_argument("--eval-model", metavar="DIR", help="instead: held-out evals of a model, JSON")
     ap.add_argument("--grammar", action="store_true", help="with --eval-model: grammar-constrained replies")
     ap.add_argument("--per-kind", type=int, default=40, help="with --eval-model: conversations per kind")

@@ -131,3 +131,37 @@ def test_open_space_names_are_random_letters_and_never_held_out_names():
     eval_values = _held_out_values(cases)
     assert eval_values and not (eval_values & open_values)
     assert any(c.kind == "tool_call" for c in v2.generate(50, 1, long_share=0, space=v2.OPEN))
+
+
+@pytest.mark.parametrize("split", ["wide", "wide2"])
+def test_wide_space_draws_tools_from_the_lexicon_and_never_a_held_out_word(split):
+    """The wide spaces (recipe v4): topics, verbs, argument names, units and conditions are words of the
+    standard library's lexicon, none of them a word of a held-out table; tool names are not the tables'.
+    wide2 also offers the README's weather schema verbatim and snake_case argument names."""
+    lexicon = v2.stdlib_lexicon()
+    assert len(lexicon) > 1000 and lexicon == sorted(set(lexicon))
+    held = {w for t in v2._HELD_TABLES for e in t["heldout"] for w in e.lower().split()}
+    assert not held & set(lexicon) and not any(v2._segments_into(w, v2._HELD_SYL) for w in lexicon)
+    space = v2.Space(split)
+    records = [c.record for c in v2.generate(300, 0, long_share=0, space=space)]
+    records += [c.record for c in v2.copy_set(200, 0, space=space)]
+    readme_schema = [t for r in records for t in r.get("tools", []) if t == v2.TOOLS["get_weather"]]
+    args = [a for r in records for t in r.get("tools", []) for a in t["function"]["parameters"]["properties"]]
+    compound = sum("_" in a for a in args) / len(args)
+    assert (bool(readme_schema), compound > 0.25) == ((True, True) if split == "wide2" else (False, False))
+    tools = [t["function"] for r in records for t in r.get("tools", [])]
+    names = {t["name"] for t in tools} - {"calculator", "get_weather"}
+    table_topics = {t.replace(" ", "_") for t in v2._TOPICS["train"]}
+    assert len(names) > 200 and sum(n.split("_", 1)[1] in table_topics for n in names) < len(names) // 10
+    words = set()
+    for r in records:
+        for m in r["messages"]:
+            if m["role"] == "tool":
+                for k, v in json.loads(m["content"]).items():
+                    words |= set(k.split("_")) | (set(v.lower().split()) if isinstance(v, str) else set())
+        words |= {w for t in r.get("tools", []) for w in re.findall(r"[a-z]+", json.dumps(t).lower())}
+    assert not held & words
+    cases = v2.eval_cases(10, 777)
+    asked = [m[0] for kind, _, _, _, m in cases if kind == "tool_call" and m]
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in records)
+    assert asked and not any(re.search(rf"\b{re.escape(n)}\b", text) for n in asked)

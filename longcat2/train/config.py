@@ -39,6 +39,11 @@ class TrainConfig:
         "or a folder from `longcat2 prepare --task` (sft: a chat .jsonl)",
     )
     val_data: str | None = _f(None, "sft: validation chat .jsonl (default: hold out a share of --data)")
+    group_by_length: bool = _f(
+        False,
+        "sft: batches of conversations of similar length (less padding; transformers' group_by_length): "
+        "each shuffled window of 64 batches is sorted by length, then the batches are shuffled",
+    )
     data_cache: str | None = _f(
         None, "where raw --data is tokenized to (default: ~/.cache/longcat2/data/...)"
     )

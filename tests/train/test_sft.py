@@ -117,3 +117,41 @@ def test_bad_lines_are_counted(prepared, tmp_path, make_chats):
     task = SFTTask(_cfg(prepared, path, "unused"), rank=0, world=1)
     assert task.report["bad"] == 2 and task.report["no_assistant"] == 1
     assert len(task.train) == 5
+
+
+def test_group_by_length_sees_every_conversation_once_with_less_padding_and_resumes(prepared, tmp_path):
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path / "mixed.jsonl"
+    with open(path, "w") as f:
+        for i in range(200):  # 1 to 60 words: 200 conversations of very different lengths
+            words = " ".join(
+                rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(rng.randint(1, 60))
+            )
+            msgs = [
+                {"role": "user", "content": f"Echo {i}: {words}"},
+                {"role": "assistant", "content": words},
+            ]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    kw = dict(seq_len=512, batch_size=4, val_data=str(path))
+    grouped = SFTTask(_cfg(prepared, path, "unused", group_by_length=True, **kw), rank=0, world=1)
+    plain = SFTTask(_cfg(prepared, path, "unused", **kw), rank=0, world=1)
+    steps = len(grouped.train) // 4
+
+    def epoch(task):
+        return [task.next_batch()[0] for _ in range(steps)]
+
+    def rows(batches):
+        return sorted(tuple(r[r != grouped.pad_id].tolist()) for x in batches for r in x)
+
+    g, p = epoch(grouped), epoch(plain)
+    assert rows(g) == rows(p) == sorted(tuple(x) for x, _ in grouped.train)  # each conversation once
+    real = sum(len(x) for x, _ in grouped.train)
+    assert sum(x.numel() for x in g) < 1.1 * real < 1.1 / 1.4 * sum(x.numel() for x in p)  # padded tokens
+    assert [x.shape[1] for x in g] != sorted((x.shape[1] for x in g), reverse=True)  # steps are shuffled
+    assert grouped.epoch == 1 and grouped.next_batch()[0].tolist() != g[0].tolist()  # a new order each epoch
+    # resume: the (epoch, index) state gives the same batches
+    again = SFTTask(_cfg(prepared, path, "unused", group_by_length=True, **kw), rank=0, world=1)
+    again.load_state_dict({**grouped.state_dict(), "epoch": 0, "index": 4 * 7})
+    assert all(torch.equal(a, b) for a, b in zip([again.next_batch()[0] for _ in range(5)], g[7:12]))
