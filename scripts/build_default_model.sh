@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the model embedded in the package (longcat2/assets/default-model/) from nothing, with the
-# project's own commands. Recipe v2 (the installed model) by default, v3 with RECIPE=3, v4 with RECIPE=4
+# project's own commands. Recipe v4 (the installed model) by default, v2 with RECIPE=2, v3 with RECIPE=3
 # (issue 18, docs/default-model.md "v2 recipe", "v3 recipe" and "v4 recipe"):
 #   1 synthetic SFT data that forces copying (scripts/make_sft_data_v2.py): a short set, a copy set and a
 #     long set (training-syllable names); v3 adds the copy set and the short set again with random-letter
@@ -21,8 +21,8 @@
 #   PRETRAIN_STEPS=3 SFT_STEPS=3 LONG_STEPS=2 EVAL_PER_KIND=2 PASSKEY_LENGTHS=2048 WORK=/tmp/smoke INSTALL=0 \
 #     scripts/build_default_model.sh               # smoke test of the whole pipeline
 #
-# Knobs (environment): RECIPE (2 = the installed model, the default; 3 = session 8's wider-latent, open-space
-# recipe; 4 = session 9's wide-space recipe: docs/default-model.md), WORK (run directory, default
+# Knobs (environment): RECIPE (4 = the installed model, session 9's wide-space recipe, the default; 2 = the
+# model installed until session 9; 3 = session 8's wider-latent, open-space recipe), WORK (run directory, default
 # runs/default-model-v$((RECIPE + 1))), PRETRAIN_STEPS, SFT_STEPS,
 # LONG_STEPS (0 = no length extension), COPY_STEPS (0 = no copy warm-up), SFT_ATTENTION, SFT_N, OPEN_N, OPEN_COPY_N,
 # WIDE_N, WIDE_COPY_N, SFT2_STEPS, LONG_N,
@@ -35,12 +35,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-.venv/bin/python}
-RECIPE=${RECIPE:-2}
+RECIPE=${RECIPE:-4}
 case "$RECIPE" in
   2) V3=0 V4=0 ;;
   3) V3=1 V4=0 ;;
   4) V3=1 V4=1 ;;
-  *) echo "error: RECIPE=$RECIPE; expected 2 (the installed model), 3 or 4 (sessions 8 and 9)" >&2; exit 2 ;;
+  *) echo "error: RECIPE=$RECIPE; expected 4 (the installed model), 2 or 3" >&2; exit 2 ;;
 esac
 WORK=${WORK:-runs/default-model-v$((RECIPE + 1))}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1200}
