@@ -29,6 +29,13 @@ for _ in $(seq 120); do
 done
 curl -sf "http://127.0.0.1:$PORT/health" >/dev/null || { echo "the server did not start (see $E2E/server.log)"; exit 1; }
 
+# the agents run in an empty scratch folder: Claude Code's system prompt carries the working directory's git
+# state (branch, status, recent commit subjects), which in this repository took its prompt from ~29K tokens
+# past the model's 32,768 (session 9: 32,837 tokens, a 400 from the server)
+SCRATCH=$(mktemp -d)
+trap 'kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; rm -rf "$SCRATCH"' EXIT
+cd "$SCRATCH" || exit 1
+
 report() {  # name, exit status, output file
   echo "== $1: exit status $2"
   tail -n 15 "$3" | sed 's/^/   /'
