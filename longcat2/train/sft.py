@@ -146,7 +146,7 @@ class SFTTask:
         return self._perm[1]
 
     def _grouped(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """`order` with each window of WINDOW steps' rows sorted by length (longest first) and the steps' row
+        """`order` with each window of GROUP_WINDOW steps' rows sorted by length (longest first) and the steps' row
         blocks shuffled; a last partial block stays last (see the module docstring)."""
         step = self.cfg.batch_size * self.world
         lengths = np.array([len(x) for x, _ in self.train])
