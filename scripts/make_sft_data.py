@@ -30,6 +30,7 @@ import json
 import random
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -319,16 +320,23 @@ def chat_conversation(rng: random.Random, with_tools: bool = False) -> dict[str,
 # ------------------------------------------------------------------------------------- code completion
 
 
-def stdlib_functions(limit_files: int = 400) -> list[str]:
-    """Source of small top-level functions (4-24 lines, with a docstring) from the standard library."""
+def stdlib_modules(limit_files: int = 400) -> Iterator[tuple[str, ast.Module]]:
+    """(source, syntax tree) of the standard library's first `limit_files` top-level modules by path; a file
+    that cannot be read or parsed is skipped."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    out: list[str] = []
     for path in sorted(root.glob("*.py"))[:limit_files]:
         try:
             src = path.read_text(encoding="utf-8")
             tree = ast.parse(src)
         except (SyntaxError, UnicodeDecodeError, OSError):
             continue
+        yield src, tree
+
+
+def stdlib_functions(limit_files: int = 400) -> list[str]:
+    """Source of small top-level functions (4-24 lines, with a docstring) from the standard library."""
+    out: list[str] = []
+    for src, tree in stdlib_modules(limit_files):
         lines = src.splitlines()
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and node.end_lineno and not node.decorator_list:

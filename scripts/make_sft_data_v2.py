@@ -49,7 +49,6 @@ import random
 import re
 import string
 import sys
-import sysconfig
 import time
 from dataclasses import dataclass
 from functools import cache, cached_property, partial
@@ -57,7 +56,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_sft_data import IDENTITY, SYSTEMS, TOOLS, code_conversation, stdlib_functions  # noqa: E402
+from make_sft_data import (  # noqa: E402
+    IDENTITY,
+    SYSTEMS,
+    TOOLS,
+    code_conversation,
+    stdlib_functions,
+    stdlib_modules,
+)
 
 REFUSAL = "I can't help with that."
 RECIPE_VERSION = 2
@@ -149,6 +155,11 @@ class Space:
         return [s for s in _SYLLABLES if (s in _HELD_SYL) == held]
 
     @property
+    def _lexical(self) -> bool:
+        """wide / wide2: the tables' words come from the stdlib lexicon."""
+        return self.split in ("wide", "wide2")
+
+    @property
     def _tables(self) -> str:
         return "heldout" if self.split == "heldout" else "train"  # "open"/"wide": the training number class
 
@@ -157,7 +168,7 @@ class Space:
         return frozenset(s for s in _SYLLABLES if s not in _HELD_SYL)
 
     def word(self, rng: random.Random, lo: int = 2, hi: int = 3) -> str:
-        if self.split in ("open", "wide", "wide2"):
+        if self.split == "open" or self._lexical:
             return _open_word(rng, 2 * lo, 3 * hi)
         while True:
             w = "".join(rng.choice(self.syllables) for _ in range(rng.randint(lo, hi)))
@@ -184,7 +195,7 @@ class Space:
         return round(v / 10, 1) if rng.random() < 0.25 and v % 10 else v
 
     def pick(self, rng: random.Random, table: dict[str, list[str]]) -> str:
-        if self.split in ("wide", "wide2"):  # any word of the lexicon, not the table (one or two for a topic)
+        if self._lexical:  # any word of the lexicon, not the table (one or two for a topic)
             lexicon = stdlib_lexicon()
             # a topic is one or two words; wide2: argument names too, in snake_case
             compound = table is _TOPICS or (table is _ARGS and self.split == "wide2")
@@ -195,7 +206,7 @@ class Space:
     def topic(self, rng: random.Random) -> str:
         return (
             self.pick(rng, _TOPICS)
-            if rng.random() < (0.8 if self.split in ("wide", "wide2") else 0.5)
+            if rng.random() < (0.8 if self._lexical else 0.5)
             else self.word(rng, 2, 3)
         )
 
@@ -238,11 +249,7 @@ def stdlib_lexicon(limit_files: int = 400) -> list[str]:
     entity is ever a training one."""
     held = {w for table in _HELD_TABLES for entry in table["heldout"] for w in entry.lower().split()}
     counts: dict[str, int] = {}
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:limit_files]:
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue
+    for _, tree in stdlib_modules(limit_files):
         for node in ast.walk(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 for w in re.findall(r"(?<![\w.])[a-z]{3,10}(?![\w.])", ast.get_docstring(node) or ""):
@@ -751,7 +758,7 @@ def copy_case(rng: random.Random, space: Space) -> Case:
 
 
 def copy_set(n: int, seed: int, *_: Any, space: Space = TRAIN) -> list[Case]:
-    """The copy warm-up set (train spaces, or `OPEN`): `n` `copy_case`s, deterministic from the seed (same
+    """The copy warm-up set (train spaces, or another training `Space`): `n` `copy_case`s, deterministic from the seed (same
     arguments as `generate`; the long-example ones do not apply)."""
     rng = random.Random(seed)
     return [copy_case(rng, space) for _ in range(n)]
@@ -760,7 +767,7 @@ def copy_set(n: int, seed: int, *_: Any, space: Space = TRAIN) -> list[Case]:
 def generate(
     n: int, seed: int, long_share: float = 0.03, max_tokens: int = 3000, space: Space = TRAIN
 ) -> list[Case]:
-    """The training mix (train spaces, or `OPEN`: random-letter names): `long_share` long examples
+    """The training mix (train spaces, or another training `Space`): `long_share` long examples
     (agent-sized prompts 70 %, text passkeys 30 %; train spaces), the rest tool use 34 %, calculator 6 %,
     refusal 14 %, chat with tools offered 10 %, plain chat 14 %, code completion 22 %."""
     rng = random.Random(seed)
