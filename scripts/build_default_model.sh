@@ -125,6 +125,16 @@ step_seconds() {
 }
 t_start=$(date +%s)
 DATA=(scripts/make_sft_data_v2.py)
+# add_set INTO NAME N SEED VAL_N ARGS...: N conversations of `make_sft_data_v2.py ARGS` in $WORK/NAME.jsonl and
+# VAL_N in NAME-val.jsonl, appended to $WORK/INTO.jsonl and INTO-val.jsonl; nothing when N is 0
+add_set() {
+  local into=$1 name=$2 n=$3 seed=$4 val_n=$5
+  shift 5
+  if [ "$n" -le 0 ]; then return 0; fi
+  run "$PY" "${DATA[@]}" "$@" --out "$WORK/$name.jsonl" --n "$n" --seed "$seed" \
+    --val-out "$WORK/$name-val.jsonl" --val-n "$val_n"
+  cat "$WORK/$name.jsonl" >>"$WORK/$into.jsonl" && cat "$WORK/$name-val.jsonl" >>"$WORK/$into-val.jsonl"
+}
 
 log "1/6 synthetic SFT data (deterministic from the seed): the short set and the long set"
 run "$PY" "${DATA[@]}" --out "$WORK/sft.jsonl" --n "$SFT_N" --seed "$SEED" --long-share 0 \
@@ -135,36 +145,16 @@ run "$PY" "${DATA[@]}" --copy-set --out "$WORK/copy.jsonl" --n 12000 --seed "$((
 # copies training-syllable names and not others (session 8: 0.93 vs 0.18 held-out, 0.08 random letters)
 cp "$WORK/copy.jsonl" "$WORK/copy-all.jsonl" && cp "$WORK/copy-val.jsonl" "$WORK/copy-all-val.jsonl"
 cp "$WORK/sft.jsonl" "$WORK/sft-all.jsonl" && cp "$WORK/sft-val.jsonl" "$WORK/sft-all-val.jsonl"
-if [ "$OPEN_COPY_N" -gt 0 ]; then
-  run "$PY" "${DATA[@]}" --copy-set --space open --out "$WORK/open-copy.jsonl" --n "$OPEN_COPY_N" \
-    --seed "$((SEED + 17))" --val-out "$WORK/open-copy-val.jsonl" --val-n 200
-  cat "$WORK/open-copy.jsonl" >>"$WORK/copy-all.jsonl" && cat "$WORK/open-copy-val.jsonl" >>"$WORK/copy-all-val.jsonl"
-fi
-if [ "$OPEN_N" -gt 0 ]; then
-  run "$PY" "${DATA[@]}" --space open --out "$WORK/open-mix.jsonl" --n "$OPEN_N" --seed "$((SEED + 21))" \
-    --long-share 0 --val-out "$WORK/open-mix-val.jsonl" --val-n 200
-  cat "$WORK/open-mix.jsonl" >>"$WORK/sft-all.jsonl" && cat "$WORK/open-mix-val.jsonl" >>"$WORK/sft-all-val.jsonl"
-fi
-if [ "$WIDE_N" -gt 0 ]; then
-  run "$PY" "${DATA[@]}" --space wide --out "$WORK/wide-mix.jsonl" --n "$WIDE_N" --seed "$((SEED + 23))" \
-    --long-share 0 --val-out "$WORK/wide-mix-val.jsonl" --val-n 200
-  cat "$WORK/wide-mix.jsonl" >>"$WORK/sft-all.jsonl" && cat "$WORK/wide-mix-val.jsonl" >>"$WORK/sft-all-val.jsonl"
-fi
-if [ "$WIDE_COPY_N" -gt 0 ]; then
-  run "$PY" "${DATA[@]}" --copy-set --space wide --out "$WORK/wide-copy.jsonl" --n "$WIDE_COPY_N" \
-    --seed "$((SEED + 29))" --val-out "$WORK/wide-copy-val.jsonl" --val-n 100
-  cat "$WORK/wide-copy.jsonl" >>"$WORK/sft-all.jsonl" && cat "$WORK/wide-copy-val.jsonl" >>"$WORK/sft-all-val.jsonl"
-fi
+add_set copy-all open-copy "$OPEN_COPY_N" "$((SEED + 17))" 200 --copy-set --space open
+add_set sft-all open-mix "$OPEN_N" "$((SEED + 21))" 200 --space open --long-share 0
+add_set sft-all wide-mix "$WIDE_N" "$((SEED + 23))" 200 --space wide --long-share 0
+add_set sft-all wide-copy "$WIDE_COPY_N" "$((SEED + 29))" 100 --copy-set --space wide
 if [ "$SFT2_STEPS" -gt 0 ]; then
   # the second SFT stage's data: one epoch of 2000 steps x 16 (12,000 + 14,000 + 6,000 conversations)
-  run "$PY" "${DATA[@]}" --out "$WORK/sft2.jsonl" --n "$((SFT2_STEPS * BATCH * 3 / 8))" --seed "$((SEED + 31))" \
-    --long-share 0 --val-out "$WORK/sft2-val.jsonl" --val-n 300
-  run "$PY" "${DATA[@]}" --space wide2 --out "$WORK/wide2-mix.jsonl" --n "$((SFT2_STEPS * BATCH * 7 / 16))" \
-    --seed "$((SEED + 37))" --long-share 0 --val-out "$WORK/wide2-mix-val.jsonl" --val-n 200
-  run "$PY" "${DATA[@]}" --copy-set --space wide2 --out "$WORK/wide2-copy.jsonl" \
-    --n "$((SFT2_STEPS * BATCH * 3 / 16))" --seed "$((SEED + 41))" --val-out "$WORK/wide2-copy-val.jsonl" --val-n 100
-  cat "$WORK/sft2.jsonl" "$WORK/wide2-mix.jsonl" "$WORK/wide2-copy.jsonl" >"$WORK/sft2-all.jsonl"
-  cat "$WORK/sft2-val.jsonl" "$WORK/wide2-mix-val.jsonl" "$WORK/wide2-copy-val.jsonl" >"$WORK/sft2-all-val.jsonl"
+  : >"$WORK/sft2-all.jsonl" && : >"$WORK/sft2-all-val.jsonl"
+  add_set sft2-all sft2 "$((SFT2_STEPS * BATCH * 3 / 8))" "$((SEED + 31))" 300 --long-share 0
+  add_set sft2-all wide2-mix "$((SFT2_STEPS * BATCH * 7 / 16))" "$((SEED + 37))" 200 --space wide2 --long-share 0
+  add_set sft2-all wide2-copy "$((SFT2_STEPS * BATCH * 3 / 16))" "$((SEED + 41))" 100 --copy-set --space wide2
 fi
 run "$PY" "${DATA[@]}" --out "$WORK/long.jsonl" --n "$LONG_N" --seed "$((SEED + 5))" --long-share 0.5 \
   --max-tokens "$((LONG_SEQ_LEN * 3 / 4))" --val-out "$WORK/long-val.jsonl" --val-n 40
