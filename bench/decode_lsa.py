@@ -145,6 +145,9 @@ def bench_length(
     g = torch.Generator().manual_seed(1)
     ql = [torch.randn(d.heads, d.latent, generator=g).to(d.dtype) for _ in range(2)]
     qr = [torch.randn(d.heads, d.rope, generator=g).to(d.dtype) for _ in range(2)]
+    q_cat = [
+        torch.cat([a, b], dim=-1)[None] for a, b in zip(ql, qr)
+    ]  # [1, h, c + r] (attend_gathered's query)
     qi = torch.randn(d.index_heads, d.index_dim, generator=g).to(d.dtype)
     wi = torch.randn(d.index_heads, generator=g) * d.index_heads**-0.5 * d.index_dim**-0.5
     # the indexer's projections of the new token (LSA arm only): wq_b, wk (+ RMS key norm), weights_proj
@@ -188,14 +191,14 @@ def bench_length(
     slots = cache.slots(seq, sel)  # [1, k]
 
     def gather() -> list:
-        return [gather_rows(cache.latent[i], cache.rope[i], slots) for i in range(2)]
+        return [gather_rows(cache.kv[i], slots) for i in range(2)]
 
     gathered = gather()
 
     def attention() -> None:
         for i in range(2):
-            lat, rope, invalid = gathered[i]
-            attend_gathered(ql[i][None], qr[i][None], lat, rope, invalid, scale)
+            kv, invalid = gathered[i]
+            attend_gathered(q_cat[i], kv, ql[i].shape[-1], invalid, scale)
 
     def index_proj() -> None:
         F.linear(q_latent_new, w_qb)
@@ -215,7 +218,7 @@ def bench_length(
             s = lsa_rows(scan(), q_pos, d.topk, d.init, d.local)
         sl = cache.slots(seq, s)
         for i in range(2):
-            gather_attention(ql[i][None], qr[i][None], cache.latent[i], cache.rope[i], sl, scale)
+            gather_attention(ql[i][None], qr[i][None], cache.kv[i], sl, scale)
 
     def hi_select() -> torch.Tensor:
         return hi_rows(cache, 0, seq, hi_cfg, qi[None], wi[None], q_pos, 1 << 24, bf16_decode=not exact_scan)
@@ -231,7 +234,7 @@ def bench_length(
         index_proj()
         sl = cache.slots(seq, hi_select())
         for i in range(2):
-            gather_attention(ql[i][None], qr[i][None], cache.latent[i], cache.rope[i], sl, scale)
+            gather_attention(ql[i][None], qr[i][None], cache.kv[i], sl, scale)
 
     fns = {
         "dense": dense,

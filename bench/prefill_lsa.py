@@ -23,7 +23,9 @@ RSS is per run); tables show the median with [min–max], and dense/LSA is the m
 ratios. The tail chunk is timed `--repeats` times in one process (the chunk is rolled back between runs),
 after one warm-up run. Attention efficiency (issue 21): the prefill's attention FLOPs (`attention_flops`)
 per CPU second of the run, against the best fp32/bf16 GEMM rate measured in CPU time in the same process
-(CPU time: on a shared machine wall time mostly measures the other processes).
+(CPU time: on a shared machine wall time mostly measures the other processes); and the same FLOPs per CPU
+second inside the engine's attention ops (`AttentionClock`: selection and attend, K/V expansion included,
+the layer's projections not), which is what the attention kernels achieve.
 
     .venv/bin/python bench/prefill_lsa.py --preset attn-2.0 --lengths 4096,16384   # LongCat-2.0 attention dims
 
@@ -154,6 +156,38 @@ def run_tail(length: int, chunk: int, preset: str, repeats: int) -> dict:
     }
 
 
+class AttentionClock:
+    """CPU seconds spent in the engine's attention ops while active: `StepContext.select` and `.attend` (the
+    indexer scan and top-k, gathers, K/V expansion and the attention kernels; not the layer's projections,
+    which the whole-prefill rate also pays). The methods are wrapped for the duration and restored."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._saved: dict = {}
+
+    def __enter__(self) -> AttentionClock:
+        from longcat2.engine.context import StepContext
+
+        for name in ("select", "attend"):
+            orig = self._saved[name] = getattr(StepContext, name)
+
+            def timed(*args, _orig=orig, **kwargs):
+                t0 = time.process_time()
+                try:
+                    return _orig(*args, **kwargs)
+                finally:
+                    self.seconds += time.process_time() - t0
+
+            setattr(StepContext, name, timed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from longcat2.engine.context import StepContext
+
+        for name, orig in self._saved.items():
+            setattr(StepContext, name, orig)
+
+
 def run_single(arm: str, length: int, chunk: int, preset: str, dtype: str, kernel: str) -> dict:
     from longcat2.engine.runner import ModelRunner, Segment
     from longcat2.model.longcat import LongCatForCausalLM
@@ -174,9 +208,10 @@ def run_single(arm: str, length: int, chunk: int, preset: str, dtype: str, kerne
     seq = runner.new_sequence(ids.tolist())
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0, cpu0 = time.perf_counter(), time.process_time()
-    for c0 in range(0, length, chunk):
-        c1 = min(length, c0 + chunk)
-        out = runner.forward([Segment(seq, ids[c0:c1], c0, "last" if c1 == length else "none")])
+    with AttentionClock() as clock:
+        for c0 in range(0, length, chunk):
+            c1 = min(length, c0 + chunk)
+            out = runner.forward([Segment(seq, ids[c0:c1], c0, "last" if c1 == length else "none")])
     dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
@@ -184,6 +219,7 @@ def run_single(arm: str, length: int, chunk: int, preset: str, dtype: str, kerne
         "length": length,
         "seconds": dt,
         "cpu_seconds": cpu,
+        "attention_cpu_seconds": clock.seconds,
         "peak_rss_mb": rss1 / 1024,
         "rss_growth_mb": (rss1 - rss0) / 1024,
         "cache_mb": runner.cache.capacity * runner.cache.bytes_per_token() / 2**20,
@@ -201,7 +237,10 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny", help='a ModelConfig preset or "attn-2.0" (see ATTN_2_0)')
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument(
-        "--kernel", default="tiled", choices=["tiled", "plain"], help="dense prefill kernel (context.py)"
+        "--kernel",
+        default="auto",
+        choices=["auto", "flash", "tiled", "plain"],
+        help="dense prefill kernel (context.py)",
     )
     ap.add_argument("--repeats", type=int, default=3, help="runs per arm (interleaved) and tail chunk runs")
     ap.add_argument(
@@ -229,9 +268,10 @@ def main() -> None:
     )
     print(
         "| context | dense s | LSA s | dense/LSA | dense tok/s | LSA tok/s | peak RSS dense / LSA (MB) | cache MB "
-        "| CPU s dense / LSA | attention GFLOP/s dense / LSA | matmul GFLOP/s | attention / matmul dense / LSA |"
+        "| CPU s dense / LSA | attention GFLOP/s dense / LSA | matmul GFLOP/s | attention / matmul dense / LSA "
+        "| attention ops CPU s dense / LSA | in attention ops: GFLOP/s dense / LSA | ... / matmul dense / LSA |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     arms = args.arms.split(",")
 
     def single(arm: str, n: int, *extra: str) -> dict:
@@ -255,6 +295,11 @@ def main() -> None:
         cpu = {arm: [r["cpu_seconds"] for r in rs] for arm, rs in runs.items()}
         mm = median([r["matmul_flops_per_s"] for rs in runs.values() for r in rs])
         eff = " / ".join(f"{rate[a] / mm:.0%}" if a in rate else "—" for a in ("dense", "lsa"))
+        attn_cpu = {arm: [r["attention_cpu_seconds"] for r in rs] for arm, rs in runs.items()}
+        a_rate = {
+            arm: median([r["attn_flops"] / r["attention_cpu_seconds"] for r in rs])
+            for arm, rs in runs.items()
+        }
         print(
             f"| {n // 1024}K | {spread(d) if d else '—'} | {spread(s) if s else '—'} | "
             f"{ratio_spread(d, s, 1) if d and s else '—'} | {f'{n / median(d):.0f}' if d else '—'} | "
@@ -263,7 +308,13 @@ def main() -> None:
             + " / ".join(spread(cpu[a], digits=1) if a in cpu else "—" for a in ("dense", "lsa"))
             + " | "
             + " / ".join(f"{rate[a] / 1e9:.1f}" if a in rate else "—" for a in ("dense", "lsa"))
-            + f" | {mm / 1e9:.1f} | {eff} |",
+            + f" | {mm / 1e9:.1f} | {eff} | "
+            + " / ".join(spread(attn_cpu[a], digits=1) if a in attn_cpu else "—" for a in ("dense", "lsa"))
+            + " | "
+            + " / ".join(f"{a_rate[a] / 1e9:.1f}" if a in a_rate else "—" for a in ("dense", "lsa"))
+            + " | "
+            + " / ".join(f"{a_rate[a] / mm:.0%}" if a in a_rate else "—" for a in ("dense", "lsa"))
+            + " |",
             flush=True,
         )
     if args.tail:

@@ -18,10 +18,11 @@ Design choices:
   segments, but no gathered copy — at batch 8 and 512 keys the gather's copy cost as much as the GEMMs
   (the fp32 batch-8 gap of issue 21); on accelerators one batched gather beats a per-segment loop;
   dense segments with many queries (prefill without LSA, or within index_topk) use the expanded form
-  (`kernels.dense_prefill_tiled`: keys expanded per block, online softmax over query blocks; the plain
-  `MLA.expand` + `kernels.dense_prefill` is the selectable reference) when it is cheaper in
-  FLOPs; long dense decode rows use the online-softmax kernel over the cache's contiguous runs
-  (`kernels.dense_decode`).
+  when it is cheaper in FLOPs: on CPU in fp32 through PyTorch's fused flash-attention op
+  (`kernels.dense_prefill_flash`), else `kernels.dense_prefill_tiled` (keys expanded per block, online
+  softmax over query blocks; in bf16 it beats the op, whose bf16 path runs at its fp32 rate); the plain
+  `MLA.expand` + `kernels.dense_prefill` is the selectable reference; long dense decode rows use the
+  online-softmax kernel over the cache's contiguous runs (`kernels.dense_decode`).
 - Selection never builds [T, S] masks: only the dynamic region is scored (see kernels.py), in query chunks
   bounded by `score_budget` elements, so prefill memory stays bounded for 1M-token contexts.
 """
@@ -37,8 +38,10 @@ from longcat2.config import ModelConfig
 from longcat2.engine.cache import PagedKVCache, SeqBlocks
 from longcat2.engine.hi import hi_active, hi_rows, scan_keys
 from longcat2.engine.kernels import (
+    cpu_flash_available,
     dense_decode,
     dense_prefill,
+    dense_prefill_flash,
     dense_prefill_tiled,
     dense_rows,
     gather_attention,
@@ -63,7 +66,9 @@ class AttentionSettings:
     score_budget: int = 1 << 24
     expanded_min_rows: int = 32
     dense_gather_max: int = 4096
-    prefill_kernel: str = "tiled"  # "tiled" (kernels.dense_prefill_tiled) | "plain" (kernels.dense_prefill)
+    # dense prefill: "auto" (flash for fp32 on CPU where PyTorch has the op, else tiled) | "flash"
+    # (kernels.dense_prefill_flash) | "tiled" (kernels.dense_prefill_tiled) | "plain" (kernels.dense_prefill)
+    prefill_kernel: str = "auto"
     short_kernel: str = "gather"  # short dense segments: "gather" (batched) | "runs" (kernels.run_attention)
     workspace: dict = field(default_factory=dict)  # reused gather buffers (kernels.gather_attention)
 
@@ -155,7 +160,7 @@ class StepContext:
         """→ attention output before o_proj [1, N, h*v]."""
         cache, lid = self.settings.cache, self.settings.layer_ids[mla]
         plan = self._plan(selection)
-        lat_pool, rope_pool = cache.latent[lid], cache.rope[lid]
+        kv_pool, lat_pool, rope_pool = cache.kv[lid], cache.latent[lid], cache.rope[lid]
         q_nope, q_rope = p.q_nope[0], p.q_rope[0]  # [N, h, nope], [N, h, r]
         if plan.runs and plan.slots is None and not plan.expanded and not plan.long_rows:
             # common CPU case (short dense decode): every segment attends over its runs in place
@@ -165,8 +170,7 @@ class StepContext:
             o_lat = gather_attention(
                 mla.absorb(q_nope),
                 q_rope,
-                lat_pool,
-                rope_pool,
+                kv_pool,
                 plan.slots,
                 mla.softmax_scale,
                 workspace=self.settings.workspace,
@@ -185,8 +189,7 @@ class StepContext:
             o_lat = gather_attention(
                 q_latent[rows],
                 q_rope[rows],
-                lat_pool,
-                rope_pool,
+                kv_pool,
                 plan.slots,
                 mla.softmax_scale,
                 workspace=self.settings.workspace,
@@ -197,7 +200,22 @@ class StepContext:
             lat = cache.read(lat_pool, blocks, 0, end).to(q_nope.dtype)  # [S, c]
             rope = cache.read(rope_pool, blocks, 0, end).to(q_nope.dtype)  # [S, r]
             sl = slice(off, off + t)
-            if self.settings.prefill_kernel == "tiled":
+            kernel = self.settings.prefill_kernel
+            if kernel == "auto":
+                cpu_fp32 = lat.device.type == "cpu" and lat.dtype == torch.float32
+                kernel = "flash" if cpu_fp32 and cpu_flash_available() else "tiled"
+            if kernel == "flash":
+                o = dense_prefill_flash(
+                    q_nope[sl],
+                    q_rope[sl],
+                    lat,
+                    rope,
+                    mla.kv_b_proj,
+                    start,
+                    mla.softmax_scale,
+                    workspace=self.settings.workspace,
+                )
+            elif kernel == "tiled":
                 o = dense_prefill_tiled(
                     q_nope[sl], q_rope[sl], lat, rope, mla.kv_b_proj, start, mla.softmax_scale
                 )

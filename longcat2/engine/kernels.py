@@ -31,11 +31,19 @@ from collections.abc import Callable
 import torch
 
 NEG_INF = float("-inf")
+# Online softmaxes here work in log2 units (scores x log2(e), then exp2): on CPU, torch.exp of arguments
+# below ~-87 (results that underflow fp32, common once scores span a wide range) is ~10x slower than on
+# normal arguments (measured 16 vs 1.7 ms on 2M fp32 elements, x86-64 AVX-512), while exp2 is not.
+LOG2E = 1.4426950408889634
 
 # L2-sized tile for the indexer scan: rows * T * h fp32 elements per dot-product block; at most SCAN_ROWS
 # query-head rows per tile in prefill.
 SCAN_TILE_ELEMS = 1 << 18
 SCAN_ROWS = 256
+# keys per kv_b_proj call when the dense prefill expands latents: the [rows, h*(nope+v)] product stays small
+# enough for the allocator to reuse (at LongCat-2.0 dims 256 rows = 16 MB; fresh blocks of hundreds of MB
+# pay page faults on every call)
+EXPAND_ROWS = 256
 
 
 def dense_rows(q_pos: torch.Tensor, width: int) -> torch.Tensor:
@@ -206,47 +214,58 @@ def _gather_positions(
 def gather_attention(
     q_latent: torch.Tensor,
     q_rope: torch.Tensor,
-    lat_pool: torch.Tensor,
-    rope_pool: torch.Tensor,
+    kv_pool: torch.Tensor,
     slots: torch.Tensor,
     scale: float,
     max_elems: int = 1 << 24,
     workspace: dict | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA of R queries over their own K cached keys (the model's `sparse_mla_attention` on the
-    pool, with `index_select` gathers and batched GEMMs).
+    pool, with one `index_select` gather and batched GEMMs).
 
-    q_latent [R, h, c], q_rope [R, h, r], lat_pool [P, c], rope_pool [P, r], slots [R, K] (-1 = empty)
-    → attended latent [R, h, c]. `workspace` (a dict the caller keeps across steps): the gathered keys are
-    written into buffers kept there instead of fresh allocations — a gather of a few MB per sublayer and
-    step otherwise pays page faults on a new mmap'd buffer every time (measured ~2x the copy itself)."""
+    q_latent [R, h, c], q_rope [R, h, r], kv_pool [P, c + r] (latent | rope key per slot: the cache's
+    layout), slots [R, K] (-1 = empty) → attended latent [R, h, c]. The latent and rope queries are joined
+    (and, in fp32, scaled) once, so each chunk of rows is one gather, one score GEMM over c + r, a softmax
+    and one output GEMM. `workspace` (a dict the caller keeps across steps): the gathered keys and the
+    score / probability tiles live in buffers kept there instead of fresh allocations — a few MB per
+    sublayer and step otherwise pay page faults on a new mmap'd buffer every time (measured ~2x the copy
+    itself for the gather)."""
     rows, k = slots.shape
     h, c = q_latent.shape[1:]
-    r = q_rope.shape[-1]
-    chunk = max(1, max_elems // max(1, k * (c + r + h)))
-    outs = []
+    dt = kv_pool.dtype
+    q = torch.cat([q_latent.to(dt), q_rope.to(dt)], dim=-1)  # [R, h, c + r]
+    if dt == torch.float32:
+        q.mul_(scale)  # scale folded into the queries: no pass over the scores
+    out = q_latent.new_empty(rows, h, c, dtype=dt)
+    chunk = max(1, max_elems // max(1, k * (kv_pool.shape[1] + h)))
     for s0 in range(0, rows, chunk):
-        lat, rope, invalid = gather_rows(lat_pool, rope_pool, slots[s0 : s0 + chunk], workspace)
-        outs.append(
-            attend_gathered(q_latent[s0 : s0 + chunk], q_rope[s0 : s0 + chunk], lat, rope, invalid, scale)
-        )
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+        s1 = min(rows, s0 + chunk)
+        kv, invalid = gather_rows(kv_pool, slots[s0:s1], workspace)
+        q_scale = 1.0 if dt == torch.float32 else scale
+        attend_gathered(q[s0:s1], kv, c, invalid, q_scale, out[s0:s1], workspace)
+    return out
 
 
-def _buffer(workspace: dict, name: str, like: torch.Tensor, n: int) -> torch.Tensor:
-    """A [n, like.shape[1]] buffer of like's dtype/device from `workspace`, grown (never shrunk) as needed."""
-    key = (name, like.dtype, like.device, like.shape[1])
+def _scratch(workspace: dict | None, name: str, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A buffer of `shape` with like's dtype/device: fresh without a workspace, else a view of one kept in
+    `workspace`, grown (never shrunk) as needed."""
+    if workspace is None:
+        return like.new_empty(shape)
+    n = 1
+    for d in shape:
+        n *= d
+    key = (name, like.dtype, like.device)
     buf = workspace.get(key)
-    if buf is None or buf.shape[0] < n:
-        buf = workspace[key] = like.new_empty(n, like.shape[1])
-    return buf[:n]
+    if buf is None or buf.numel() < n:
+        buf = workspace[key] = like.new_empty(n)
+    return buf[:n].view(shape)
 
 
 def gather_rows(
-    lat_pool: torch.Tensor, rope_pool: torch.Tensor, slots: torch.Tensor, workspace: dict | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """slots [C, K] (-1 = empty) → latents [C, K, c], rope keys [C, K, r], empty mask [C, 1, K] or None.
-    With `workspace`, the latents / rope keys are views of its buffers (valid until the next call)."""
+    kv_pool: torch.Tensor, slots: torch.Tensor, workspace: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """slots [C, K] (-1 = empty) → keys [C, K, c + r] (latent | rope), empty mask [C, 1, K] or None.
+    With `workspace`, the keys are a view of its buffer (valid until the next call)."""
     n, k = slots.shape
     flat = slots.reshape(-1)
     invalid = flat < 0
@@ -255,31 +274,36 @@ def gather_rows(
         mask = invalid.view(n, 1, k)
     else:
         mask = None
-    if workspace is None:
-        lat = lat_pool.index_select(0, flat)
-        rope = rope_pool.index_select(0, flat)
-    else:
-        lat = torch.index_select(lat_pool, 0, flat, out=_buffer(workspace, "lat", lat_pool, n * k))
-        rope = torch.index_select(rope_pool, 0, flat, out=_buffer(workspace, "rope", rope_pool, n * k))
-    return lat.view(n, k, -1), rope.view(n, k, -1), mask
+    kv = torch.index_select(
+        kv_pool, 0, flat, out=_scratch(workspace, "kv", kv_pool, (n * k, kv_pool.shape[1]))
+    )
+    return kv.view(n, k, -1), mask
 
 
 def attend_gathered(
-    q_latent: torch.Tensor,
-    q_rope: torch.Tensor,
-    lat: torch.Tensor,
-    rope: torch.Tensor,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    latent_dim: int,
     invalid: torch.Tensor | None,
     scale: float,
+    out: torch.Tensor | None = None,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
-    """Absorbed attention core: q_latent [C, h, c], q_rope [C, h, r] over lat [C, K, c], rope [C, K, r]
-    → [C, h, c] (scores and softmax in fp32)."""
-    ql, qr = q_latent.to(lat.dtype), q_rope.to(lat.dtype)
-    scores = torch.baddbmm(torch.bmm(qr, rope.transpose(1, 2)), ql, lat.transpose(1, 2)).float() * scale
+    """Absorbed attention core: q [C, h, c + r] (latent | rope query) over kv [C, K, c + r] (latent | rope
+    key), c = latent_dim → attended latents [C, h, c] (written to `out` when given); scores and softmax
+    in fp32."""
+    n, h, _ = q.shape
+    scores = torch.bmm(q, kv.transpose(1, 2), out=_scratch(workspace, "scores", kv, (n, h, kv.shape[1])))
+    if scores.dtype != torch.float32:
+        scores = scores.float()
+    if scale != 1.0:
+        scores.mul_(scale)
     if invalid is not None:
-        scores = scores.masked_fill(invalid, NEG_INF)  # [C, h, K]
-    probs = scores.softmax(dim=-1).to(lat.dtype)
-    return torch.bmm(probs, lat)  # [C, h, c]
+        scores.masked_fill_(invalid, NEG_INF)  # [C, h, K]
+    probs = torch.softmax(scores, dim=-1, out=_scratch(workspace, "probs", scores, scores.shape))
+    if probs.dtype != kv.dtype:
+        probs = probs.to(kv.dtype)
+    return torch.bmm(probs, kv[..., :latent_dim], out=out)
 
 
 # ---------------------------------------------------------------------- attention over runs in place
@@ -379,40 +403,111 @@ def dense_prefill_tiled(
     (fp32, [h, T, ·]) are the only temporaries. Only blocks that straddle the diagonal are masked; query
     blocks that see none of a key block are skipped. Same result as `dense_prefill` on the expanded K/V."""
     t, h, nope = q_nope.shape
+    r = q_rope.shape[-1]
     s = lat.shape[0]
     dt = lat.dtype
-    qn = (q_nope.to(dt) * scale).transpose(0, 1)  # [h, T, nope]
-    qr = (q_rope.to(dt) * scale).transpose(0, 1)  # [h, T, r]
+    scale2 = scale * LOG2E  # scores in log2 units: exp2 below (see LOG2E)
+    q = (
+        (torch.cat([q_nope.to(dt), q_rope.to(dt)], dim=-1) * scale2).transpose(0, 1).contiguous()
+    )  # [h, T, qk]
     m = torch.full((h, t, 1), NEG_INF, dtype=torch.float32, device=lat.device)  # running max
     l_sum = torch.zeros(h, t, 1, dtype=torch.float32, device=lat.device)
     acc: torch.Tensor | None = None  # [h, T, v] fp32
     q_pos = start + torch.arange(t, device=lat.device)  # [T]
     for b0 in range(0, s, key_block):
         b1 = min(s, b0 + key_block)
-        kv = kv_b(lat[b0:b1]).view(b1 - b0, h, -1).transpose(0, 1)  # [h, B, nope+v]
+        kv = kv_b(lat[b0:b1]).view(b1 - b0, h, -1)  # [B, h, nope+v]
         if acc is None:
             acc = torch.zeros(h, t, kv.shape[-1] - nope, dtype=torch.float32, device=lat.device)
-        k_nope = kv[..., :nope].transpose(1, 2)  # [h, nope, B]
-        v = kv[..., nope:]  # [h, B, v]
-        if v.dtype != torch.float32:
-            v = v.float()
-        k_rope = rope[b0:b1].t()  # [r, B] (shared by all heads)
+        # contiguous per key block (read by every query block): K^T [h, qk, B] = k_nope | shared rope key
+        kt = torch.empty(h, nope + r, b1 - b0, dtype=dt, device=lat.device)
+        kt[:, :nope] = kv[..., :nope].permute(1, 2, 0)
+        kt[:, nope:] = rope[b0:b1].t()
+        v = kv[..., nope:].transpose(0, 1).contiguous()  # [h, B, v]
         first = max(0, b0 - start)  # first query row that sees key b0
         for r0 in range(first - first % query_block, t, query_block):
             r1 = min(t, r0 + query_block)
-            sc = torch.baddbmm(torch.matmul(qr[:, r0:r1], k_rope), qn[:, r0:r1], k_nope).float()  # [h, R, B]
+            sc = torch.bmm(q[:, r0:r1], kt)  # [h, R, B]
+            if sc.dtype != torch.float32:
+                sc = sc.float()
             if b1 - 1 > start + r0:  # the block reaches past some row's position: causal mask
                 future = torch.arange(b0, b1, device=lat.device)[None, :] > q_pos[r0:r1, None]  # [R, B]
                 sc.masked_fill_(future, NEG_INF)
             mb, lb, ab = m[:, r0:r1], l_sum[:, r0:r1], acc[:, r0:r1]
             m_new = torch.maximum(mb, sc.amax(dim=-1, keepdim=True))
-            corr = (mb - m_new).exp_()
-            probs = sc.sub_(m_new).exp_()
+            corr = (mb - m_new).exp2_()
+            probs = sc.sub_(m_new).exp2_()
             lb.mul_(corr).add_(probs.sum(dim=-1, keepdim=True))
-            ab.mul_(corr).baddbmm_(probs, v)
+            if v.dtype == torch.float32:
+                ab.mul_(corr).baddbmm_(probs, v)
+            else:  # the P·V GEMM in the model's dtype (native bf16 GEMMs are several times fp32's rate)
+                ab.mul_(corr).add_(torch.bmm(probs.to(v.dtype), v))
             mb.copy_(m_new)
     assert acc is not None, "dense_prefill_tiled: no keys"
     return (acc / l_sum).transpose(0, 1).to(dt)
+
+
+# ---------------------------------------------------------------------- dense prefill (CPU flash kernel)
+def cpu_flash_available() -> bool:
+    """True when this PyTorch has the CPU flash-attention op that `dense_prefill_flash` calls."""
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def dense_prefill_flash(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    lat: torch.Tensor,
+    rope: torch.Tensor,
+    kv_b: Callable[[torch.Tensor], torch.Tensor],
+    start: int,
+    scale: float,
+    key_block: int = 4096,
+    workspace: dict | None = None,
+) -> torch.Tensor:
+    """`dense_prefill_tiled`'s result through PyTorch's fused CPU flash-attention op (CPU tensors only).
+
+    q_nope [T, h, nope], q_rope [T, h, r], lat [S, c], rope [S, r] with S = start + T → [T, h, v]. The keys
+    before the chunk ([0, start)) are expanded and attended in blocks of `key_block` keys without a mask;
+    the chunk's own keys ([start, S), T x T) with the op's causal mask; the blocks' outputs are merged with
+    their log-sum-exps, so memory stays bounded by the block, and no masked score is computed. The op wants
+    one head size for K and V: V is zero-padded from v to qk (the padded columns are dropped; they cost
+    (qk - v) / (qk + v) extra FLOPs, which the fused kernel's speed more than pays for on CPU). Keys are
+    expanded EXPAND_ROWS at a time into the K / V block buffers (kept in `workspace` when given): fresh
+    buffers of hundreds of MB per block cost page faults comparable to the expansion itself."""
+    t, h, nope = q_nope.shape
+    r = q_rope.shape[-1]
+    qk = nope + r
+    dt = lat.dtype
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    q = torch.cat([q_nope.to(dt), q_rope.to(dt)], dim=-1).transpose(0, 1)[None]  # [1, h, T, qk]
+    out: torch.Tensor | None = None  # [h, T, qk] fp32, merged so far
+    lse: torch.Tensor | None = None  # [h, T] fp32
+    s = start + t
+    spans = [(b0, min(start, b0 + key_block), False) for b0 in range(0, start, key_block)]
+    spans.append((start, s, True))
+    vd = 0
+    for b0, b1, causal in spans:
+        n = b1 - b0
+        k = _scratch(workspace, "flash_k", lat, (n, h, qk))  # [B, h, qk]: k_nope | shared rope key
+        v = _scratch(workspace, "flash_v", lat, (n, h, qk))  # [B, h, qk]: v | zeros
+        for e0 in range(0, n, EXPAND_ROWS):
+            e1 = min(n, e0 + EXPAND_ROWS)
+            kv = kv_b(lat[b0 + e0 : b0 + e1]).view(e1 - e0, h, -1)  # [E, h, nope + v]
+            vd = kv.shape[-1] - nope
+            k[e0:e1, :, :nope] = kv[..., :nope]
+            v[e0:e1, :, :vd] = kv[..., nope:]
+        k[..., nope:] = rope[b0:b1, None, :]
+        v[..., vd:] = 0
+        o_b, lse_b = flash(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], 0.0, causal, scale=scale)
+        o_b, lse_b = o_b[0].float(), lse_b[0]  # [h, T, qk], [h, T]
+        if out is None:
+            out, lse = o_b, lse_b
+            continue
+        new = torch.logaddexp(lse, lse_b)
+        out = out.mul_((lse - new).exp_()[..., None]).add_(o_b.mul_((lse_b - new).exp_()[..., None]))
+        lse = new
+    assert out is not None
+    return out[..., :vd].transpose(0, 1).to(dt)
 
 
 # ---------------------------------------------------------------------- dense decode (long contexts)
@@ -436,10 +531,10 @@ def dense_decode(
             ql, qr = q_latent.to(lat.dtype), q_rope.to(lat.dtype)
         for b0 in range(0, lat.shape[0], block):
             lb, rb = lat[b0 : b0 + block], rope[b0 : b0 + block]
-            s = torch.addmm(ql @ lb.t(), qr, rb.t()).float() * scale  # [h, n]
+            s = torch.addmm(ql @ lb.t(), qr, rb.t()).float() * (scale * LOG2E)  # [h, n], log2 units
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            p = torch.exp(s - m_new)
-            corr = torch.exp(m - m_new)
+            p = torch.exp2(s - m_new)
+            corr = torch.exp2(m - m_new)
             l_sum = l_sum * corr + p.sum(dim=-1, keepdim=True)
             acc = acc * corr + (p.to(lb.dtype) @ lb).float()
             m = m_new

@@ -8,6 +8,7 @@ import torch
 from longcat2.engine.kernels import (
     dense_decode,
     dense_prefill,
+    dense_prefill_flash,
     dense_prefill_tiled,
     dense_rows,
     gather_attention,
@@ -93,12 +94,13 @@ def test_gather_attention_matches_model_sparse_core() -> None:
     slots = torch.randint(0, p, (r, k))
     slots[0, 40:] = -1
     ref = sparse_mla_attention(ql[None], qr[None], lat[None], rope[None], slots[None], 0.3)[0]
-    got = gather_attention(ql, qr, lat, rope, slots, 0.3)
+    pool = torch.cat([lat, rope], dim=-1)  # [P, c + r]: the cache's layout
+    got = gather_attention(ql, qr, pool, slots, 0.3)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-    got_chunked = gather_attention(ql, qr, lat, rope, slots, 0.3, max_elems=k * (c + rr + h))
+    got_chunked = gather_attention(ql, qr, pool, slots, 0.3, max_elems=k * (c + rr + h))
     ws: dict = {}  # reused gather buffers: same result, and again when the buffers are reused (2nd call)
     for _ in range(2):
-        got_ws = gather_attention(ql, qr, lat, rope, slots, 0.3, max_elems=k * (c + rr + h), workspace=ws)
+        got_ws = gather_attention(ql, qr, pool, slots, 0.3, max_elems=k * (c + rr + h), workspace=ws)
         torch.testing.assert_close(got_ws, got_chunked, rtol=0, atol=0)
     assert ws
     torch.testing.assert_close(got_chunked, ref, rtol=1e-5, atol=1e-6)
@@ -117,7 +119,7 @@ def test_run_attention_in_place_matches_gathered_causal_rows(t: int, cuts: list[
     visible = dense_rows(torch.arange(start, s), s)  # [T, S] positions, -1 = future
     slots = torch.where(visible >= 0, rows[visible.clamp(min=0)], -1)
     ql, qr = torch.randn(t, h, c), torch.randn(t, h, rr)
-    ref = gather_attention(ql, qr, pool[:, :c], pool[:, c:], slots, 0.3)
+    ref = gather_attention(ql, qr, pool, slots, 0.3)
     bounds = sorted({0, half, *cuts, s})
     pieces = [
         (pool.t()[:, rows[a] : rows[a] + b - a], pool[rows[a] : rows[a] + b - a, :c])
@@ -133,7 +135,7 @@ def test_dense_decode_online_softmax_matches_full_softmax() -> None:
     h, c, rr, s = 4, 32, 8, 1000
     ql, qr = torch.randn(h, c), torch.randn(h, rr)
     lat, rope = torch.randn(s, c), torch.randn(s, rr)
-    ref = gather_attention(ql[None], qr[None], lat, rope, torch.arange(s)[None], 0.2)[0]
+    ref = gather_attention(ql[None], qr[None], torch.cat([lat, rope], -1), torch.arange(s)[None], 0.2)[0]
     pieces = [(lat[:300], rope[:300]), (lat[300:], rope[300:])]
     got = dense_decode(ql, qr, pieces, 0.2, block=128)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
@@ -153,13 +155,15 @@ def test_dense_prefill_matches_sdpa(start: int) -> None:
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", ["tiled", "flash"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("start,t,key_block,query_block", [(0, 50, 16, 8), (37, 20, 8, 16), (70, 33, 32, 7)])
-def test_dense_prefill_tiled_matches_plain(
-    dtype: torch.dtype, start: int, t: int, key_block: int, query_block: int
+def test_dense_prefill_from_latents_matches_plain(
+    kernel: str, dtype: torch.dtype, start: int, t: int, key_block: int, query_block: int
 ) -> None:
-    """The tiled latent kernel (keys expanded per block, online softmax) against the plain expanded path,
-    with blocks that straddle the diagonal, partial last blocks and query blocks skipped for early keys."""
+    """The latent kernels against the plain expanded path: the tiled one (keys expanded per block, online
+    softmax; blocks straddling the diagonal, partial last blocks, query blocks skipped for early keys) and
+    the CPU flash one (key blocks before the chunk merged by log-sum-exp, the chunk itself causal)."""
     torch.manual_seed(5)
     h, nope, r, dv, c = 3, 12, 4, 8, 16
     s = start + t
@@ -170,9 +174,12 @@ def test_dense_prefill_tiled_matches_plain(
     k = torch.cat([kv[..., :nope], rope[:, None].expand(s, h, r)], dim=-1)
     q = torch.cat([q_nope, q_rope], dim=-1)
     ref = dense_prefill(q.float(), k.float(), kv[..., nope:].float(), start, 0.3)
-    got = dense_prefill_tiled(
-        q_nope, q_rope, lat, rope, lambda x: x @ w_kv.t(), start, 0.3, key_block, query_block
-    )
+    if kernel == "tiled":
+        got = dense_prefill_tiled(
+            q_nope, q_rope, lat, rope, lambda x: x @ w_kv.t(), start, 0.3, key_block, query_block
+        )
+    else:
+        got = dense_prefill_flash(q_nope, q_rope, lat, rope, lambda x: x @ w_kv.t(), start, 0.3, key_block)
     assert got.dtype == dtype and got.shape == (t, h, dv)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got.float(), ref, **tol)

@@ -101,10 +101,10 @@ def test_chunked_prefill_equals_one_shot(chunk: int) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("prefill_kernel", ["tiled", "plain"])
+@pytest.mark.parametrize("prefill_kernel", ["flash", "tiled", "plain"])
 def test_dense_kernels_long_rows_and_expanded_form(prefill_kernel: str) -> None:
-    """Models without LSA: online-softmax dense decode and expanded-form prefill (the tiled kernel and the
-    plain reference) agree with the model."""
+    """Models without LSA: online-softmax dense decode and expanded-form prefill (the CPU flash and tiled
+    kernels and the plain reference) agree with the model."""
     model = _model("tiny-flash")
     ids = torch.randint(4, 512, (90,)).tolist()
     with torch.no_grad():
