@@ -22,6 +22,11 @@ Design choices:
 - Dense decode over a long context (models without LSA, and the dense baseline of the benchmarks) runs the
   absorbed form over the contiguous runs with an online softmax in blocks, so no [h, S] tensor and no copy
   of the latents are made.
+- Dense prefill (expanded form): on CPU in fp32 PyTorch's fused flash-attention op (key blocks merged by
+  their log-sum-exps; V zero-padded to the QK head size, which the op requires); elsewhere, and in bf16
+  where that op runs at its fp32 rate, a tiled online softmax with one contiguous K^T per key block and the
+  P·V GEMM in the model's dtype. Online softmaxes use exp2 on log2-scaled scores (see LOG2E).
+- Sparse rows gather from the cache's joint [latent | rope] pool: one gather, one score GEMM over c + r.
 """
 
 from __future__ import annotations
@@ -234,15 +239,16 @@ def gather_attention(
     h, c = q_latent.shape[1:]
     dt = kv_pool.dtype
     q = torch.cat([q_latent.to(dt), q_rope.to(dt)], dim=-1)  # [R, h, c + r]
+    score_scale = scale
     if dt == torch.float32:
         q.mul_(scale)  # scale folded into the queries: no pass over the scores
+        score_scale = 1.0
     out = q_latent.new_empty(rows, h, c, dtype=dt)
     chunk = max(1, max_elems // max(1, k * (kv_pool.shape[1] + h)))
     for s0 in range(0, rows, chunk):
         s1 = min(rows, s0 + chunk)
         kv, invalid = gather_rows(kv_pool, slots[s0:s1], workspace)
-        q_scale = 1.0 if dt == torch.float32 else scale
-        attend_gathered(q[s0:s1], kv, c, invalid, q_scale, out[s0:s1], workspace)
+        attend_gathered(q[s0:s1], kv, c, invalid, score_scale, out[s0:s1], workspace)
     return out
 
 
@@ -429,7 +435,7 @@ def dense_prefill_tiled(
             r1 = min(t, r0 + query_block)
             sc = torch.bmm(q[:, r0:r1], kt)  # [h, R, B]
             if sc.dtype != torch.float32:
-                sc = sc.float()
+                sc = sc.float()  # (PyTorch's bf16 reductions are several times slower than fp32's here)
             if b1 - 1 > start + r0:  # the block reaches past some row's position: causal mask
                 future = torch.arange(b0, b1, device=lat.device)[None, :] > q_pos[r0:r1, None]  # [R, B]
                 sc.masked_fill_(future, NEG_INF)
