@@ -203,7 +203,8 @@ class StepContext:
             kernel = self.settings.prefill_kernel
             if kernel == "auto":
                 cpu_fp32 = lat.device.type == "cpu" and lat.dtype == torch.float32
-                kernel = "flash" if cpu_fp32 and cpu_flash_available() else "tiled"
+                fits = mla.v_dim <= mla.nope + mla.rope  # (V is padded to the QK head size)
+                kernel = "flash" if cpu_fp32 and fits and cpu_flash_available() else "tiled"
             if kernel == "flash":
                 o = dense_prefill_flash(
                     q_nope[sl],

@@ -500,6 +500,10 @@ def dense_prefill_flash(
             e1 = min(n, e0 + EXPAND_ROWS)
             kv = kv_b(lat[b0 + e0 : b0 + e1]).view(e1 - e0, h, -1)  # [E, h, nope + v]
             vd = kv.shape[-1] - nope
+            if vd > qk:
+                raise ValueError(
+                    f"dense_prefill_flash: v head dim {vd} > qk head dim {qk} (V is padded to qk)"
+                )
             k[e0:e1, :, :nope] = kv[..., :nope]
             v[e0:e1, :, :vd] = kv[..., nope:]
         k[..., nope:] = rope[b0:b1, None, :]
