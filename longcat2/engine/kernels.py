@@ -31,6 +31,7 @@ Design choices:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -257,9 +258,7 @@ def _scratch(workspace: dict | None, name: str, like: torch.Tensor, shape: tuple
     `workspace`, grown (never shrunk) as needed."""
     if workspace is None:
         return like.new_empty(shape)
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     key = (name, like.dtype, like.device)
     buf = workspace.get(key)
     if buf is None or buf.numel() < n:
