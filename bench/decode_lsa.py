@@ -270,10 +270,10 @@ def bench_length(
     return res
 
 
-def engine_stepper(length: int, lsa: bool, steps: int, preset: str = "tiny"):
+def engine_stepper(length: int, lsa: bool, steps: int, preset: str = "tiny", dtype: str = "float32"):
     """→ a function that runs the next decode step of the whole `preset` model (a ModelConfig preset or
-    prefill_lsa.py's "attn-2.0") through `ModelRunner`, at a synthetic context of `length` tokens (good for
-    `steps` calls)."""
+    prefill_lsa.py's "attn-2.0") in `dtype` (weights and cache) through `ModelRunner`, at a synthetic
+    context of `length` tokens (good for `steps` calls)."""
     from prefill_lsa import make_config
 
     from longcat2.engine.runner import ModelRunner, Segment
@@ -283,7 +283,7 @@ def engine_stepper(length: int, lsa: bool, steps: int, preset: str = "tiny"):
     cfg = make_config(preset)
     if not lsa:
         cfg = cfg.replace(index_n_heads=0)
-    model = LongCatForCausalLM(cfg).eval()
+    model = LongCatForCausalLM(cfg).to(getattr(torch, dtype)).eval()
     runner = ModelRunner(model, block_size=4096, num_blocks=-(-(length + steps + 64) // 4096))
     g = torch.Generator().manual_seed(1)
     seq = runner.new_sequence(torch.randint(4, cfg.vocab_size, (length,), generator=g).tolist())
@@ -343,6 +343,12 @@ def main() -> None:
         "--engine-preset",
         default="tiny",
         help='model of the engine table: a ModelConfig preset or "attn-2.0" (one layer at 2.0 attention dims)',
+    )
+    ap.add_argument(
+        "--engine-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="engine table: weights and cache dtype; the bound uses this dtype's matmul rate",
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -413,12 +419,13 @@ def main() -> None:
         from prefill_lsa import make_config, matmul_rate
 
         cfg = make_config(args.engine_preset)
-        mm = matmul_rate(torch.float32)
+        mm = matmul_rate(getattr(torch, args.engine_dtype))
         print(
             f"\n## whole {args.engine_preset} model ({cfg.num_layers} layer(s), MoE, N-gram, LM head) decode step "
             "through ModelRunner, synthetic cache; dense = the same weights without indexers. LSA bound = the "
             "step's attention + indexer FLOPs (absorbed attention over top-k keys in both sublayers, indexer "
-            f"scores over the context) at the fp32 matmul rate measured here ({mm / 1e9:.1f} GFLOP/s); "
+            f"scores over the context) at the {args.engine_dtype} matmul rate measured here ({mm / 1e9:.1f} "
+            "GFLOP/s); "
             "+ weights = that plus one read of the non-embedding weights at the stream bandwidth (batch-1 "
             f"projections are weight-bound); {'CPU' if args.cpu_time else 'wall'} time"
         )
@@ -431,8 +438,10 @@ def main() -> None:
         with torch.inference_mode():
             for n in [int(x) for x in args.engine_lengths.split(",")]:
                 arms = {
-                    "dense": engine_stepper(n, False, args.repeats + 1, args.engine_preset),
-                    "lsa": engine_stepper(n, True, args.repeats + 1, args.engine_preset),
+                    "dense": engine_stepper(
+                        n, False, args.repeats + 1, args.engine_preset, args.engine_dtype
+                    ),
+                    "lsa": engine_stepper(n, True, args.repeats + 1, args.engine_preset, args.engine_dtype),
                 }
                 clock = time.process_time if args.cpu_time else time.perf_counter
                 r = interleaved(arms, args.repeats, warmup=1, clock=clock)

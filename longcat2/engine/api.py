@@ -335,7 +335,8 @@ class Engine:
                 continue
             while True:
                 try:
-                    self.runner.cache.reserve(req.seq.blocks, need[req.request_id])  # type: ignore[union-attr]
+                    expect = len(req.prompt) + req.params.max_new_tokens + extra
+                    self.runner.cache.reserve(req.seq.blocks, need[req.request_id], expect)  # type: ignore[union-attr]
                     break
                 except CacheFull as e:
                     victim = self.scheduler.active[-1]

@@ -13,7 +13,8 @@ Design choices:
   `block_table[p // block_size] * block_size + p % block_size` (its *slot*) in every layer at once, so one
   slot mapping per step serves all layers, and selected positions map to slots the same way.
 - Blocks are allocated contiguously when possible (a sequence first tries the blocks right after its last
-  block, a multi-block request first looks for a free run). Readers then see a sequence as a few contiguous
+  block, a multi-block request first looks for a free run, and one that says how long it may get first
+  looks for a free run with room to grow into, so that decode extends the run). Readers then see a sequence as a few contiguous
   *runs* of rows and can scan them as views: the indexer scan and dense decode read keys and latents in
   place, with no gather, whenever the block table is contiguous (always for a single sequence).
 - The pool grows by doubling (a copy) when it runs out of blocks, so callers need no capacity planning;
@@ -64,6 +65,10 @@ class CacheFull(RuntimeError):
     """The pool has no free blocks left and may not grow any further."""
 
 
+# at most this many free blocks are looked for after a new run, for its sequence to grow into
+GROWTH_ROOM_BLOCKS = 8
+
+
 class BlockAllocator:
     """Free-block bookkeeping with a preference for contiguous runs."""
 
@@ -84,9 +89,10 @@ class BlockAllocator:
         self.num_free -= n
         return list(range(start, start + n))
 
-    def allocate(self, n: int, after: int | None = None) -> list[int] | None:
-        """n blocks, contiguous with block `after` if possible, else one free run, else any free blocks.
-        None when fewer than n blocks are free."""
+    def allocate(self, n: int, after: int | None = None, room: int = 0) -> list[int] | None:
+        """n blocks, contiguous with block `after` if possible, else one free run (with `room` > 0: one
+        followed by `room` free blocks for its owner to grow into, and that leaves as many free after the
+        run before it, if there is such a place), else any free blocks. None when fewer than n are free."""
         if n <= 0:
             return []
         if n > self.num_free:
@@ -95,7 +101,12 @@ class BlockAllocator:
         if after is not None and after + 1 + n <= self.num_blocks:
             if free.find(b"\x00", after + 1, after + 1 + n) == -1:
                 return self._take(after + 1, n)
-        start = free.find(b"\x01" * n)  # first fit
+        start = -1
+        if room > 0:  # a free stretch that also keeps `room` blocks free for the run that may end before it
+            gap = free.find(b"\x01" * (room + n + room))
+            start = (gap + room if gap > 0 else gap) if gap != -1 else free.find(b"\x01" * (n + room))
+        if start == -1:
+            start = free.find(b"\x01" * n)  # first fit
         if start != -1:
             return self._take(start, n)
         out: list[int] = []
@@ -292,14 +303,22 @@ class PagedKVCache:
     def new_sequence(self) -> SeqBlocks:
         return SeqBlocks()
 
-    def reserve(self, seq: SeqBlocks, num_tokens: int) -> None:
+    def reserve(self, seq: SeqBlocks, num_tokens: int, expect_tokens: int = 0) -> None:
         """Make sure positions 0..num_tokens-1 have slots. Grows the pool, and when it may not grow any
-        further evicts cached prefix blocks; raises CacheFull when neither gives enough blocks."""
-        need = -(-num_tokens // self.block_size) - len(seq.blocks)
+        further evicts cached prefix blocks; raises CacheFull when neither gives enough blocks.
+
+        expect_tokens: how long the sequence may get (prompt + max new tokens). A new run of blocks is then
+        placed, when the pool has the space, where up to GROWTH_ROOM_BLOCKS free blocks follow it, so the
+        blocks decode adds later continue the run: attention reads a sequence as one contiguous run
+        instead of two (each run costs its own small GEMMs per sublayer and step). Nothing is held back:
+        those blocks stay free for anyone who needs them."""
+        n_blocks = -(-num_tokens // self.block_size)
+        need = n_blocks - len(seq.blocks)
         if need <= 0:
             return
         after = seq.blocks[-1] if seq.blocks else None
-        got = self.allocator.allocate(need, after)
+        room = min(GROWTH_ROOM_BLOCKS, max(0, -(-expect_tokens // self.block_size) - n_blocks))
+        got = self.allocator.allocate(need, after, room)
         if got is None:
             missing = need - self.allocator.num_free
             room = None if self.max_blocks is None else self.max_blocks - self.num_blocks

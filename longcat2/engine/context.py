@@ -246,13 +246,13 @@ class StepContext:
         n, h, c = q_latent.shape
         q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1).view(n * h, -1)  # [N*h, c + r]
         keys_t, lat = cache.kv[lid].t(), cache.latent[lid]  # [c + r, P], [P, c]
-        if q.dtype != lat.dtype:
-            q = q.to(lat.dtype)
+        # the softmax scale folded into the queries once per sublayer, not once per sequence
+        q = (q.float() * mla.softmax_scale).to(lat.dtype)
         out = q.new_empty(n * h, c)
         for off, t, start, runs in segs:
             rows = slice(off * h, (off + t) * h)
             pieces = [(keys_t[:, r : r + m], lat[r : r + m]) for r, m in runs]
-            run_attention(q[rows], pieces, t, start, mla.softmax_scale, out[rows])
+            run_attention(q[rows], pieces, t, start, 1.0, out[rows])
         return out.view(n, h, c)
 
     def _hi(

@@ -325,7 +325,7 @@ def run_attention(
     as the attention's GEMMs; see context.py).
 
     q [T*h, c + r] (row i*h + j: query i, head j): the latent query (q_nope · W_uk) and the rotated rope
-    query side by side; pieces = [(keys_t [c + r, n], latent [n, c])]: one run of the pool, transposed
+    query side by side (callers may fold the softmax scale into q and pass scale=1.0: fewer ops per call); pieces = [(keys_t [c + r, n], latent [n, c])]: one run of the pool, transposed
     (latent | rope key per column) and its latents, covering positions 0 .. start+T-1 in order. Writes
     the attended latents to out [T*h, c]. One [T*h, S] score GEMM per run over both parts, fp32 softmax
     (`attend_gathered`'s arithmetic up to the order of the score sums). A decode step calls this once per
@@ -334,11 +334,12 @@ def run_attention(
         scores = torch.mm(q, pieces[0][0])  # [T*h, S]
     else:
         scores = torch.cat([torch.mm(q, k) for k, _ in pieces], dim=1)
-    scores = (scores if scores.dtype == torch.float32 else scores.float()).mul_(scale)
+    if scale != 1.0:
+        scores = (scores if scores.dtype == torch.float32 else scores.float()).mul_(scale)
     if t > 1:  # query i sees keys <= start + i: mask the diagonal block's future
         future = torch.ones(t, t, dtype=torch.bool, device=scores.device).triu_(1)  # [T, T]
         scores.view(t, -1, scores.shape[1])[..., start:].masked_fill_(future[:, None], NEG_INF)
-    probs = scores.softmax(dim=-1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (fp32 softmax of bf16 scores: one op)
     if probs.dtype != out.dtype:
         probs = probs.to(out.dtype)
     if len(pieces) == 1:

@@ -34,6 +34,29 @@ def test_allocator_fragmented_and_exhausted() -> None:
     assert a.allocate(1) is None
 
 
+def test_allocator_leaves_room_to_grow() -> None:
+    a = BlockAllocator(12)
+    assert a.allocate(2, room=1) == [0, 1]  # block 2 stays free for this run to grow into
+    assert a.allocate(2, room=1) == [3, 4]  # and is not taken by the next run
+    assert a.allocate(1, after=1) == [2]  # the first run grows in place
+    assert a.allocate(3, room=4) == [5, 6, 7]  # no stretch of 4 + 3 + 4 free: one of 3 + 4 (5..11)
+    assert a.allocate(4, room=1) == [8, 9, 10, 11]  # no room left: first fit
+    assert a.allocate(1) is None
+
+
+def test_reserve_with_expected_length_keeps_decode_runs_contiguous() -> None:
+    """Sequences prefilled together, then decoding past their last block: with the length they may reach
+    each stays one run; without it the blocks interleave."""
+    for expect, runs in ((0, 2), (12, 1)):
+        c = _cache(block_size=4, num_blocks=16)
+        seqs = [c.new_sequence() for _ in range(3)]
+        for s in seqs:
+            c.reserve(s, 8, expect)  # prompts of 8 tokens
+        for s in seqs:
+            c.reserve(s, 9, expect)  # the first decode token needs a third block
+        assert all(len(c.runs(s, 0, 9)) == runs for s in seqs)
+
+
 def test_slots_runs_and_reads() -> None:
     c = _cache(block_size=4, num_blocks=8)
     s1, s2 = c.new_sequence(), c.new_sequence()
