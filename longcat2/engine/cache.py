@@ -12,11 +12,12 @@ Design choices:
   sequence owns a list of blocks (its block table). Token at position p of a sequence lives in pool row
   `block_table[p // block_size] * block_size + p % block_size` (its *slot*) in every layer at once, so one
   slot mapping per step serves all layers, and selected positions map to slots the same way.
-- Blocks are allocated contiguously when possible (a sequence first tries the blocks right after its last
-  block, a multi-block request first looks for a free run, and one that says how long it may get first
-  looks for a free run with room to grow into, so that decode extends the run). Readers then see a sequence as a few contiguous
-  *runs* of rows and can scan them as views: the indexer scan and dense decode read keys and latents in
-  place, with no gather, whenever the block table is contiguous (always for a single sequence).
+- Blocks are allocated contiguously when possible: a sequence first tries the blocks right after its last
+  block, a multi-block request first looks for a free run, and a request that says how long it may get
+  looks for a free run with room after it to grow into, so that its decode blocks extend the run. Readers
+  then see a sequence as a few contiguous *runs* of rows and can scan them as views: the indexer scan and
+  dense decode read keys and latents in place, with no gather, whenever the block table is contiguous
+  (always for a single sequence).
 - The pool grows by doubling (a copy) when it runs out of blocks, so callers need no capacity planning;
   `max_blocks` caps it (a `CacheFull` error is raised rather than swapping).
 - The cache stores whatever dtype it is given (fp32 for tests, bf16 to halve bytes); indexer keys may use
@@ -317,8 +318,8 @@ class PagedKVCache:
         if need <= 0:
             return
         after = seq.blocks[-1] if seq.blocks else None
-        room = min(GROWTH_ROOM_BLOCKS, max(0, -(-expect_tokens // self.block_size) - n_blocks))
-        got = self.allocator.allocate(need, after, room)
+        growth = min(GROWTH_ROOM_BLOCKS, max(0, -(-expect_tokens // self.block_size) - n_blocks))
+        got = self.allocator.allocate(need, after, growth)
         if got is None:
             missing = need - self.allocator.num_free
             room = None if self.max_blocks is None else self.max_blocks - self.num_blocks

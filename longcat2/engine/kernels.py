@@ -325,7 +325,8 @@ def run_attention(
     as the attention's GEMMs; see context.py).
 
     q [T*h, c + r] (row i*h + j: query i, head j): the latent query (q_nope · W_uk) and the rotated rope
-    query side by side (callers may fold the softmax scale into q and pass scale=1.0: fewer ops per call); pieces = [(keys_t [c + r, n], latent [n, c])]: one run of the pool, transposed
+    query side by side (a caller may fold the softmax scale into q and pass scale=1.0: one op fewer per
+    call); pieces = [(keys_t [c + r, n], latent [n, c])]: one run of the pool, transposed
     (latent | rope key per column) and its latents, covering positions 0 .. start+T-1 in order. Writes
     the attended latents to out [T*h, c]. One [T*h, S] score GEMM per run over both parts, fp32 softmax
     (`attend_gathered`'s arithmetic up to the order of the score sums). A decode step calls this once per
