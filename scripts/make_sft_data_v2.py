@@ -156,8 +156,8 @@ class Space:
 
     @property
     def _lexical(self) -> bool:
-        """wide / wide2: the tables' words come from the stdlib lexicon."""
-        return self.split in ("wide", "wide2")
+        """wide / wide2 / wide3: the tables' words come from the stdlib lexicon."""
+        return self.split in ("wide", "wide2", "wide3")
 
     @property
     def _tables(self) -> str:
@@ -453,7 +453,7 @@ def tool_use(rng: random.Random, space: Space) -> Case:
     real = 0.25 if space.split == "train" else 0.0
     n_calls = rng.choices([1, 2, 3], [0.72, 0.22, 0.06])[0]
     if rng.random() < 0.4:
-        tools_needed = [weather_tool(rng, exact=space.split == "wide2")]
+        tools_needed = [weather_tool(rng, exact=space.split in ("wide2", "wide3"))]
     else:
         tools_needed = [make_lookup(rng, space, set())]
     if n_calls > 1 and rng.random() < 0.35:  # two different tools
@@ -530,6 +530,32 @@ def tool_use(rng: random.Random, space: Space) -> Case:
     return Case(
         "tool_call", {"messages": messages, "tools": _schemas(offered, rng, rng.random() < 0.3)}, mention
     )
+
+
+def contrast_pair(rng: random.Random, space: Space) -> list[Case]:
+    """The same lookup question twice, with the same other tools offered: once with the asked topic's tool
+    among them (→ the call, its result and the grounded answer) and once without it (→ the refusal), so
+    whether to call is learned from the offered tools alone (wide3; the v4 build refused held-out topics
+    whose tool was offered, and called tools for topics it was not)."""
+    wanted = make_lookup(rng, space, set())
+    q, args, result, answer, mention = lookup_turn(rng, space, wanted, space.place(rng))
+    others = [t for t in _offer(rng, space, [], (1, 3)) if t.topic != wanted.topic]
+    others = others or [make_lookup(rng, space, {wanted.topic})]
+    with_tool = [*others, wanted]
+    rng.shuffle(with_tool)
+    head: list[dict[str, Any]] = []
+    _system(rng, head)
+    head.append({"role": "user", "content": q})
+    call = head + [
+        {"role": "assistant", "content": "", "tool_calls": [_call(wanted.name, args)]},
+        {"role": "tool", "content": json.dumps(result, ensure_ascii=False)},
+        {"role": "assistant", "content": answer},
+    ]
+    refuse = head + [{"role": "assistant", "content": REFUSAL}]
+    return [
+        Case("tool_call", {"messages": call, "tools": _schemas(with_tool, rng)}, mention),
+        Case("refusal", {"messages": refuse, "tools": [t.schema for t in others]}),
+    ]
 
 
 def calculator_use(rng: random.Random, space: Space) -> Case:
@@ -624,7 +650,7 @@ def refusal(rng: random.Random, space: Space, templates: str) -> Case:
     messages: list[dict[str, Any]] = []
     _system(rng, messages)
     tools: list[Lookup] = []
-    if rng.random() < (0.6 if space.split == "wide2" else 0.35):  # asks for a topic no offered tool covers
+    if rng.random() < (0.6 if space.split in ("wide2", "wide3") else 0.35):  # a topic no offered tool covers
         wanted = make_lookup(rng, space, set())
         q = lookup_turn(rng, space, wanted, space.place(rng))[0]
         tools = _offer(rng, space, [], (1, 3))
@@ -769,13 +795,17 @@ def generate(
 ) -> list[Case]:
     """The training mix (train spaces, or another training `Space`): `long_share` long examples
     (agent-sized prompts 70 %, text passkeys 30 %; train spaces), the rest tool use 34 %, calculator 6 %,
-    refusal 14 %, chat with tools offered 10 %, plain chat 14 %, code completion 22 %."""
+    refusal 14 %, chat with tools offered 10 %, plain chat 14 %, code completion 22 %. In the wide3 space
+    a tenth of the draws are call / refusal contrast pairs instead (`contrast_pair`)."""
     rng = random.Random(seed)
     functions = stdlib_functions()
     if not functions:
         raise SystemExit("error: found no standard-library functions to make code-completion examples from")
     out: list[Case] = []
-    for _ in range(n):
+    while len(out) < n:
+        if space.split == "wide3" and rng.random() < 0.1:  # 10 % of draws: a call / refusal contrast pair
+            out += contrast_pair(rng, space)
+            continue
         r = rng.random()
         if r < long_share:
             if rng.random() < 0.3:
@@ -796,7 +826,7 @@ def generate(
             out.append(chat(rng, space, False))
         else:
             out.append(Case("code", code_conversation(rng, functions)))
-    return out
+    return out[:n]
 
 
 def eval_cases(per_kind: int, seed: int) -> list[tuple[str, list, list | None, dict, list[str] | None]]:
@@ -985,10 +1015,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-out", default=None, help="also write a validation .jsonl (another seed)")
     ap.add_argument("--val-n", type=int, default=300, help="validation conversations (default 300)")
     ap.add_argument("--copy-set", action="store_true", help="write the copy warm-up set instead of the mix")
-    ap.add_argument("--space", choices=["train", "open", "wide", "wide2"], default="train",
+    ap.add_argument("--space", choices=["train", "open", "wide", "wide2", "wide3"], default="train",
                     help="names: training syllables (default) | open: random letters (generic copying) | "
                          "wide: random letters and the stdlib lexicon for every table | wide2: wide with "
-                         "snake_case argument names, the README's weather schema, more unoffered lookups")  # fmt: skip
+                         "snake_case argument names, the README's weather schema, more unoffered lookups | "
+                         "wide3: wide2 with one-word argument names and call/refusal contrast pairs")  # fmt: skip
     ap.add_argument("--eval-model", metavar="DIR", help="instead: held-out evals of a model, JSON")
     ap.add_argument("--grammar", action="store_true", help="with --eval-model: grammar-constrained replies")
     ap.add_argument("--per-kind", type=int, default=40, help="with --eval-model: conversations per kind")

@@ -133,11 +133,12 @@ def test_open_space_names_are_random_letters_and_never_held_out_names():
     assert any(c.kind == "tool_call" for c in v2.generate(50, 1, long_share=0, space=v2.OPEN))
 
 
-@pytest.mark.parametrize("split", ["wide", "wide2"])
+@pytest.mark.parametrize("split", ["wide", "wide2", "wide3"])
 def test_wide_space_draws_tools_from_the_lexicon_and_never_a_held_out_word(split):
     """The wide spaces (recipe v4): topics, verbs, argument names, units and conditions are words of the
     standard library's lexicon, none of them a word of a held-out table; tool names are not the tables'.
-    wide2 also offers the README's weather schema verbatim and snake_case argument names."""
+    wide2 also offers the README's weather schema verbatim and snake_case argument names; wide3 the schema
+    with one-word argument names."""
     lexicon = v2.stdlib_lexicon()
     assert len(lexicon) > 1000 and lexicon == sorted(set(lexicon))
     held = {w for t in v2._HELD_TABLES for e in t["heldout"] for w in e.lower().split()}
@@ -148,7 +149,8 @@ def test_wide_space_draws_tools_from_the_lexicon_and_never_a_held_out_word(split
     readme_schema = [t for r in records for t in r.get("tools", []) if t == v2.TOOLS["get_weather"]]
     args = [a for r in records for t in r.get("tools", []) for a in t["function"]["parameters"]["properties"]]
     compound = sum("_" in a for a in args) / len(args)
-    assert (bool(readme_schema), compound > 0.25) == ((True, True) if split == "wide2" else (False, False))
+    expect = {"wide": (False, False), "wide2": (True, True), "wide3": (True, False)}[split]
+    assert (bool(readme_schema), compound > 0.25) == expect
     tools = [t["function"] for r in records for t in r.get("tools", [])]
     names = {t["name"] for t in tools} - {"calculator", "get_weather"}
     table_topics = {t.replace(" ", "_") for t in v2._TOPICS["train"]}
@@ -165,3 +167,23 @@ def test_wide_space_draws_tools_from_the_lexicon_and_never_a_held_out_word(split
     asked = [m[0] for kind, _, _, _, m in cases if kind == "tool_call" and m]
     text = "\n".join(json.dumps(r, ensure_ascii=False) for r in records)
     assert asked and not any(re.search(rf"\b{re.escape(n)}\b", text) for n in asked)
+
+
+def test_wide3_contrast_pairs_differ_only_in_the_offered_tool():
+    """wide3's pairs: the same conversation head; the call's tools are the refusal's plus the called one."""
+    cases = v2.generate(400, 3, long_share=0, space=v2.Space("wide3"))
+    assert len(cases) == 400
+    pairs = [
+        (a, b)
+        for a, b in zip(cases, cases[1:])
+        if a.kind == "tool_call"
+        and b.kind == "refusal"
+        and a.record["messages"][:-3] == b.record["messages"][:-1]
+    ]
+    assert len(pairs) >= 20
+    for call, refuse in pairs:
+        called = call.record["messages"][-3]["tool_calls"][0]["function"]["name"]
+        call_tools = {t["function"]["name"] for t in call.record["tools"]}
+        refuse_tools = {t["function"]["name"] for t in refuse.record["tools"]}
+        assert call_tools - refuse_tools == {called} and refuse_tools < call_tools
+        assert refuse.record["messages"][-1]["content"] == v2.REFUSAL
