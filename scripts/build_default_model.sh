@@ -29,7 +29,9 @@
 # BATCH, SEQ_LEN, SFT_SEQ_LEN, LONG_SEQ_LEN, LONG_BATCH, VOCAB, THREADS, SEED, EVAL_PER_KIND, PASSKEY_LENGTHS, PASSKEY_N, INSTALL (1 = copy into the package
 # at the end; default 0: the build stays in $WORK until its evals are compared with the installed model's), PYTHON (default .venv/bin/python). The model is a LongCat-2.0-architecture model at tiny
 # scale: the `tiny` preset (LSA indexer, zero experts, N-gram embedding, MTP) with the overrides in
-# MODEL_ARGS. Training runs in fp32: on this CPU, bf16 autocast (`--precision auto`) measured 8x slower.
+# MODEL_ARGS. Training runs in fp32, as the installed builds did: on a CPU without native bf16 GEMMs (the
+# AVX2 box of sessions 1-9) bf16 autocast measured 8x slower; on one with AVX512-BF16 it is 1.6x faster
+# (BENCHMARKS.md, "bf16 vs fp32 training step"; the session-11 pilot in docs/default-model.md).
 # Every stage is resumable: a stage whose final checkpoint exists is skipped, an interrupted one resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
