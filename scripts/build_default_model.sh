@@ -39,11 +39,16 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RECIPE=${RECIPE:-4}
 case "$RECIPE" in
-  2) V3=0 V4=0 ;;
-  3) V3=1 V4=0 ;;
-  4) V3=1 V4=1 ;;
-  *) echo "error: RECIPE=$RECIPE; expected 4 (the installed model), 2 or 3" >&2; exit 2 ;;
+  2) V3=0 V4=0 V5=0 ;;
+  3) V3=1 V4=0 V5=0 ;;
+  4) V3=1 V4=1 V5=0 ;;
+  5) V3=1 V4=1 V5=1 ;;
+  *) echo "error: RECIPE=$RECIPE; expected 4 (the installed model), 2, 3 or 5" >&2; exit 2 ;;
 esac
+# v5: bf16 autocast where the CPU has native bf16 GEMMs (fp32 elsewhere: `--precision auto`), and the second
+# SFT stage on the wide3 space (one-word argument names, call/refusal contrast pairs) instead of wide2
+PRECISION=${PRECISION:-$([ "$V5" = 1 ] && echo auto || echo fp32)}
+SPACE2=$([ "$V5" = 1 ] && echo wide3 || echo wide2)
 WORK=${WORK:-runs/default-model-v$((RECIPE + 1))}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1200}
 # v2: ~90 min at 2.2 s per dense step, quiet; v3: one epoch of the short + open sets (2.7 s a step)
@@ -155,8 +160,8 @@ if [ "$SFT2_STEPS" -gt 0 ]; then
   # the second SFT stage's data: one epoch of 2000 steps x 16 (12,000 + 14,000 + 6,000 conversations)
   : >"$WORK/sft2-all.jsonl" && : >"$WORK/sft2-all-val.jsonl"
   add_set sft2-all sft2 "$((SFT2_STEPS * BATCH * 3 / 8))" "$((SEED + 31))" 300 --long-share 0
-  add_set sft2-all wide2-mix "$((SFT2_STEPS * BATCH * 7 / 16))" "$((SEED + 37))" 200 --space wide2 --long-share 0
-  add_set sft2-all wide2-copy "$((SFT2_STEPS * BATCH * 3 / 16))" "$((SEED + 41))" 100 --copy-set --space wide2
+  add_set sft2-all "$SPACE2-mix" "$((SFT2_STEPS * BATCH * 7 / 16))" "$((SEED + 37))" 200 --space "$SPACE2" --long-share 0
+  add_set sft2-all "$SPACE2-copy" "$((SFT2_STEPS * BATCH * 3 / 16))" "$((SEED + 41))" 100 --copy-set --space "$SPACE2"
 fi
 run "$PY" "${DATA[@]}" --out "$WORK/long.jsonl" --n "$LONG_N" --seed "$((SEED + 5))" --long-share 0.5 \
   --max-tokens "$((LONG_SEQ_LEN * 3 / 4))" --val-out "$WORK/long-val.jsonl" --val-n 40
@@ -164,7 +169,7 @@ run "$PY" "${DATA[@]}" --out "$WORK/long.jsonl" --n "$LONG_N" --seed "$((SEED + 
 log "2/6 pretraining on the stdlib corpus (LSA indexer distilled: dense warm-up, then sparse)"
 stage "$WORK/pretrain" "$PRETRAIN_STEPS" "${LC[@]}" train --preset tiny --data stdlib --vocab-size "$VOCAB" \
   --steps "$PRETRAIN_STEPS" --batch-size "$BATCH" --seq-len "$SEQ_LEN" --lr 3e-3 --warmup 100 \
-  --precision fp32 --seed "$SEED" --threads "$THREADS" --save-every 300 --eval-every 600 --no-progress \
+  --precision "$PRECISION" --seed "$SEED" --threads "$THREADS" --save-every 300 --eval-every 600 --no-progress \
   "${INDEXER[@]}" --indexer-warmup 200 "${MODEL_ARGS[@]}"
 t_pretrain=$(step_seconds "$WORK/pretrain")
 
@@ -176,7 +181,7 @@ if [ "$COPY_STEPS" -gt 0 ]; then
   log "2b/6 copy warm-up: echo / record lookup / restate conversations"
   stage "$WORK/copy" "$COPY_STEPS" "${LC[@]}" sft --init "$WORK/pretrain" --data "$WORK/copy-all.jsonl" \
     --val-data "$WORK/copy-all-val.jsonl" --steps "$COPY_STEPS" --batch-size "$BATCH" --seq-len 128 --lr 3e-3 \
-    --warmup 20 --precision fp32 --seed "$SEED" --threads "$THREADS" --save-every 500 --eval-every 250 \
+    --warmup 20 --precision "$PRECISION" --seed "$SEED" --threads "$THREADS" --save-every 500 --eval-every 250 \
     --eval-batches 4 --no-progress "${INDEXER[@]}"
   sft_init=("$WORK/copy")
 fi
@@ -187,7 +192,7 @@ log "3/6 supervised fine-tuning on the short set (dense attention: the indexer k
 # buys ~3x the SFT steps in the same time; the 32K stage below trains sparse with the indexer KL again
 stage "$WORK/sft" "$SFT_STEPS" "${LC[@]}" sft --init "${sft_init[@]}" --data "$WORK/sft-all.jsonl" \
   --val-data "$WORK/sft-all-val.jsonl" --steps "$SFT_STEPS" --batch-size "$BATCH" --seq-len "$SFT_SEQ_LEN" \
-  --lr 1e-3 --warmup 50 --precision fp32 --seed "$SEED" --threads "$THREADS" --save-every 200 \
+  --lr 1e-3 --warmup 50 --precision "$PRECISION" --seed "$SEED" --threads "$THREADS" --save-every 200 \
   --eval-every 350 --eval-batches 8 --no-progress "${SFT_EXTRA[@]}"
 t_sft=$(step_seconds "$WORK/sft")
 final=sft
@@ -195,7 +200,7 @@ if [ "$SFT2_STEPS" -gt 0 ]; then
   log "3b/6 second SFT stage: fresh short and wide2 data (snake_case arguments, the README's schema), lr 5e-4"
   stage "$WORK/sft2" "$SFT2_STEPS" "${LC[@]}" sft --init "$WORK/sft" --data "$WORK/sft2-all.jsonl" \
     --val-data "$WORK/sft2-all-val.jsonl" --steps "$SFT2_STEPS" --batch-size "$BATCH" --seq-len "$SFT_SEQ_LEN" \
-    --lr 5e-4 --warmup 20 --precision fp32 --seed "$((SEED + 2))" --threads "$THREADS" --save-every 200 \
+    --lr 5e-4 --warmup 20 --precision "$PRECISION" --seed "$((SEED + 2))" --threads "$THREADS" --save-every 200 \
     --eval-every 500 --eval-batches 8 --no-progress "${SFT_EXTRA[@]}"
   t_sft=$((t_sft + $(step_seconds "$WORK/sft2")))
   final=sft2
@@ -205,7 +210,7 @@ if [ "$LONG_STEPS" -gt 0 ]; then
   log "4/6 length extension: YaRN 32K, agent-sized prompts and passkeys, sparse path active"
   stage "$WORK/long" "$LONG_STEPS" "${LC[@]}" sft --init "$WORK/$final" --data "$WORK/long.jsonl" \
     --val-data "$WORK/long-val.jsonl" --steps "$LONG_STEPS" --batch-size 1 --grad-accum "$LONG_BATCH" \
-    --seq-len "$LONG_SEQ_LEN" --lr 3e-4 --warmup 10 --precision fp32 --seed "$((SEED + 1))" \
+    --seq-len "$LONG_SEQ_LEN" --lr 3e-4 --warmup 10 --precision "$PRECISION" --seed "$((SEED + 1))" \
     --threads "$THREADS" --save-every 40 --eval-every "$LONG_STEPS" --eval-batches 4 --no-progress \
     "${INDEXER[@]}" "${LONG_ARGS[@]}"
   t_long=$(step_seconds "$WORK/long")

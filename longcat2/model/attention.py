@@ -117,15 +117,16 @@ class MLA(nn.Module):
         if autograd or type(w.data) is not torch.Tensor:  # (a DTensor shard: views as well)
             return kv_b[:, : self.nope], kv_b[:, self.nope :].transpose(1, 2)
         version = None if w.is_inference() else w._version  # (inference tensors keep no version counter)
-        key = (w.data_ptr(), version, w.dtype, w.device, self.num_heads)
+        # the weight itself (held, so its memory cannot be reused by a new weight) and its version
+        key = (version, w.data_ptr(), self.num_heads)
         cached = getattr(self, "_absorbed_cache", None)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] is not w or cached[1] != key:
             with torch.no_grad():
                 w_uk = kv_b[:, : self.nope].contiguous()
                 w_uv_t = kv_b[:, self.nope :].transpose(1, 2).contiguous()
-            cached = (key, w_uk, w_uv_t)
+            cached = (w, key, w_uk, w_uv_t)
             self._absorbed_cache = cached
-        return cached[1], cached[2]
+        return cached[2], cached[3]
 
     def absorb(self, q_nope: torch.Tensor) -> torch.Tensor:
         """q_nope [..., T, h, nope] → latent queries q_nope · W_uk [..., T, h, c] (one GEMM per head)."""

@@ -36,6 +36,10 @@ def test_absorbed_weights_are_cached_in_inference_and_follow_weight_updates(dtyp
         torch.testing.assert_close(mla.unabsorb(o_latent).float(), ref_val, rtol=tol, atol=tol)
     with torch.inference_mode():  # the engine's mode
         torch.testing.assert_close(mla.absorb(q_nope).float(), ref_lat, rtol=tol, atol=tol)
+        # a new weight object (as tensor parallelism or a dtype cast installs) is never served stale copies
+        mla.kv_b_proj.weight = torch.nn.Parameter(mla.kv_b_proj.weight.detach() * 3, requires_grad=False)
+        ref_lat, _ = _reference(mla, q_nope, o_latent)
+        torch.testing.assert_close(mla.absorb(q_nope).float(), ref_lat, rtol=tol, atol=tol)
 
 
 def test_absorbed_form_trains_kv_b_proj():
