@@ -22,7 +22,8 @@
 #     scripts/build_default_model.sh               # smoke test of the whole pipeline
 #
 # Knobs (environment): RECIPE (4 = the installed model, session 9's wide-space recipe, the default; 2 = the
-# model installed until session 9; 3 = session 8's wider-latent, open-space recipe), WORK (run directory, default
+# model installed until session 9; 3 = session 8's wider-latent, open-space recipe; 5 = v4 in bf16 where the
+# CPU has native bf16 GEMMs, second stage on the wide3 space), PRECISION, WORK (run directory, default
 # runs/default-model-v$((RECIPE + 1))), PRETRAIN_STEPS, SFT_STEPS,
 # LONG_STEPS (0 = no length extension), COPY_STEPS (0 = no copy warm-up), SFT_ATTENTION, SFT_N, OPEN_N, OPEN_COPY_N,
 # WIDE_N, WIDE_COPY_N, SFT2_STEPS, LONG_N,
@@ -197,7 +198,7 @@ stage "$WORK/sft" "$SFT_STEPS" "${LC[@]}" sft --init "${sft_init[@]}" --data "$W
 t_sft=$(step_seconds "$WORK/sft")
 final=sft
 if [ "$SFT2_STEPS" -gt 0 ]; then
-  log "3b/6 second SFT stage: fresh short and wide2 data (snake_case arguments, the README's schema), lr 5e-4"
+  log "3b/6 second SFT stage: fresh short and $SPACE2 data (the README's schema; wide2: snake_case arguments), lr 5e-4"
   stage "$WORK/sft2" "$SFT2_STEPS" "${LC[@]}" sft --init "$WORK/sft" --data "$WORK/sft2-all.jsonl" \
     --val-data "$WORK/sft2-all-val.jsonl" --steps "$SFT2_STEPS" --batch-size "$BATCH" --seq-len "$SFT_SEQ_LEN" \
     --lr 5e-4 --warmup 20 --precision "$PRECISION" --seed "$((SEED + 2))" --threads "$THREADS" --save-every 200 \
