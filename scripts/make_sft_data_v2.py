@@ -554,7 +554,7 @@ def contrast_pair(rng: random.Random, space: Space) -> list[Case]:
     refuse = head + [{"role": "assistant", "content": REFUSAL}]
     return [
         Case("tool_call", {"messages": call, "tools": _schemas(with_tool, rng)}, mention),
-        Case("refusal", {"messages": refuse, "tools": [t.schema for t in others]}),
+        Case("refusal", {"messages": refuse, "tools": _schemas(others, rng)}),
     ]
 
 

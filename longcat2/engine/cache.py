@@ -103,9 +103,16 @@ class BlockAllocator:
             if free.find(b"\x00", after + 1, after + 1 + n) == -1:
                 return self._take(after + 1, n)
         start = -1
-        if room > 0:  # a free stretch that also keeps `room` blocks free for the run that may end before it
+        if room > 0:
+            # a free stretch that also keeps `room` blocks free for the run that may end before it (none
+            # does at block 0), else one with room after the new run only
             gap = free.find(b"\x01" * (room + n + room))
-            start = (gap + room if gap > 0 else gap) if gap != -1 else free.find(b"\x01" * (n + room))
+            if gap > 0:
+                start = gap + room
+            elif gap == 0:
+                start = 0
+            else:
+                start = free.find(b"\x01" * (n + room))
         if start == -1:
             start = free.find(b"\x01" * n)  # first fit
         if start != -1:

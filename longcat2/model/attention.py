@@ -112,15 +112,16 @@ class MLA(nn.Module):
         (oneDNN; measured 2.5 of a 5.6 ms bf16 decode step of a 2-layer model), which fp32 BLAS is not.
         The copies hold one more kv_b_proj per sublayer in memory (0.04 % of LongCat-2.0's weights)."""
         w = self.kv_b_proj.weight
-        kv_b = self._kv_b()
         autograd = torch.is_grad_enabled() and w.requires_grad
         if autograd or type(w.data) is not torch.Tensor:  # (a DTensor shard: views as well)
+            kv_b = self._kv_b()
             return kv_b[:, : self.nope], kv_b[:, self.nope :].transpose(1, 2)
         version = None if w.is_inference() else w._version  # (inference tensors keep no version counter)
         # the weight itself (held, so its memory cannot be reused by a new weight) and its version
         key = (version, w.data_ptr(), self.num_heads)
         cached = getattr(self, "_absorbed_cache", None)
         if cached is None or cached[0] is not w or cached[1] != key:
+            kv_b = self._kv_b()
             with torch.no_grad():
                 w_uk = kv_b[:, : self.nope].contiguous()
                 w_uv_t = kv_b[:, self.nope :].transpose(1, 2).contiguous()
