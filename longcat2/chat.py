@@ -11,7 +11,12 @@ Design choices (the exact LongCat-2.0 template is unpublished; this follows the 
   parser needs no outside state. Reasoning of assistant turns before the last user message is dropped
   unless `keep_history_reasoning=True` (LongCat's `save_history_reasoning_content`).
 - Tools are listed at the end of the system turn under a `# Tools` heading: one JSON object per line
-  (`{"name", "description", "parameters"}`), then a short statement of the call syntax.
+  (`{"name", "description", "parameters"}`), then a short statement of the call syntax. The parameters
+  schema is written canonically, every object's keys sorted: clients send the same schema with its keys
+  in different orders (`type` first, or `properties` first), and the same tools should make the same
+  prompt. A model sees one order in training and in serving (issue 18: the embedded model, trained on
+  key-sorted schemas, closed an argument key with p = 0.001-0.016 after a `type`-first schema and
+  0.91-1.0 after the same schema sorted), and a prefix cache hits whichever order a client used.
 - Tool calls follow the reply content, one block each (separated by `\\n`), in the XML variant
   `<longcat_tool_call>NAME\\n<longcat_arg_key>K</longcat_arg_key>\\n<longcat_arg_value>V</longcat_arg_value>\\n
   </longcat_tool_call>` (`tool_format="xml"`, default) or the Flash-Chat JSON variant
@@ -109,8 +114,17 @@ def _tool_function(tool: Any, where: str) -> dict[str, Any]:
     out = {"name": fn["name"]}
     if fn.get("description"):
         out["description"] = fn["description"]
-    out["parameters"] = fn.get("parameters") or {"type": "object", "properties": {}}
+    out["parameters"] = _sorted_keys(fn.get("parameters") or {"type": "object", "properties": {}})
     return out
+
+
+def _sorted_keys(value: Any) -> Any:
+    """A copy of a JSON value with every object's keys in sorted order (the canonical schema; module doc)."""
+    if isinstance(value, dict):
+        return {k: _sorted_keys(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, list):
+        return [_sorted_keys(v) for v in value]
+    return value
 
 
 def _tools_parts(tools: Sequence[dict[str, Any]], tool_format: str) -> list[str]:

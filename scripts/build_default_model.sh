@@ -23,7 +23,8 @@
 #
 # Knobs (environment): RECIPE (4 = the installed model, session 9's wide-space recipe, the default; 2 = the
 # model installed until session 9; 3 = session 8's wider-latent, open-space recipe; 5 = v4 in bf16 where the
-# CPU has native bf16 GEMMs, second stage on the wide3 space), PRECISION, WORK (run directory, default
+# CPU has native bf16 GEMMs, second stage on the wide3 space; 6 = v5 with half the copied names made of
+# lexicon-word pieces: the open2 / wide4 spaces), PRECISION, WORK (run directory, default
 # runs/default-model-v$((RECIPE + 1))), PRETRAIN_STEPS, SFT_STEPS,
 # LONG_STEPS (0 = no length extension), COPY_STEPS (0 = no copy warm-up), SFT_ATTENTION, SFT_N, OPEN_N, OPEN_COPY_N,
 # WIDE_N, WIDE_COPY_N, SFT2_STEPS, LONG_N,
@@ -40,16 +41,21 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RECIPE=${RECIPE:-4}
 case "$RECIPE" in
-  2) V3=0 V4=0 V5=0 ;;
-  3) V3=1 V4=0 V5=0 ;;
-  4) V3=1 V4=1 V5=0 ;;
-  5) V3=1 V4=1 V5=1 ;;
-  *) echo "error: RECIPE=$RECIPE; expected 4 (the installed model), 2, 3 or 5" >&2; exit 2 ;;
+  2) V3=0 V4=0 V5=0 V6=0 ;;
+  3) V3=1 V4=0 V5=0 V6=0 ;;
+  4) V3=1 V4=1 V5=0 V6=0 ;;
+  5) V3=1 V4=1 V5=1 V6=0 ;;
+  6) V3=1 V4=1 V5=1 V6=1 ;;
+  *) echo "error: RECIPE=$RECIPE; expected 4 (the installed model), 2, 3, 5 or 6" >&2; exit 2 ;;
 esac
 # v5: bf16 autocast where the CPU has native bf16 GEMMs (fp32 elsewhere: `--precision auto`), and the second
 # SFT stage on the wide3 space (one-word argument names, call/refusal contrast pairs) instead of wide2
 PRECISION=${PRECISION:-$([ "$V5" = 1 ] && echo auto || echo fp32)}
-SPACE2=$([ "$V5" = 1 ] && echo wide3 || echo wide2)
+SPACE2=$([ "$V6" = 1 ] && echo wide4 || { [ "$V5" = 1 ] && echo wide3 || echo wide2; })
+# v6: half the copied names made of lexicon-word pieces (open2 / wide4), in the copy warm-up and both SFT stages:
+# random letters alone left the tokenizer's longer pieces uncopied (held-out copy 0.625 -> 0.925, model card)
+OPEN_SPACE=$([ "$V6" = 1 ] && echo open2 || echo open)
+WIDE_SPACE=$([ "$V6" = 1 ] && echo wide4 || echo wide)
 WORK=${WORK:-runs/default-model-v$((RECIPE + 1))}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-1200}
 # v2: ~90 min at 2.2 s per dense step, quiet; v3: one epoch of the short + open sets (2.7 s a step)
@@ -153,10 +159,10 @@ run "$PY" "${DATA[@]}" --copy-set --out "$WORK/copy.jsonl" --n 12000 --seed "$((
 # copies training-syllable names and not others (session 8: 0.93 vs 0.18 held-out, 0.08 random letters)
 cp "$WORK/copy.jsonl" "$WORK/copy-all.jsonl" && cp "$WORK/copy-val.jsonl" "$WORK/copy-all-val.jsonl"
 cp "$WORK/sft.jsonl" "$WORK/sft-all.jsonl" && cp "$WORK/sft-val.jsonl" "$WORK/sft-all-val.jsonl"
-add_set copy-all open-copy "$OPEN_COPY_N" "$((SEED + 17))" 200 --copy-set --space open
+add_set copy-all open-copy "$OPEN_COPY_N" "$((SEED + 17))" 200 --copy-set --space "$OPEN_SPACE"
 add_set sft-all open-mix "$OPEN_N" "$((SEED + 21))" 200 --space open --long-share 0
-add_set sft-all wide-mix "$WIDE_N" "$((SEED + 23))" 200 --space wide --long-share 0
-add_set sft-all wide-copy "$WIDE_COPY_N" "$((SEED + 29))" 100 --copy-set --space wide
+add_set sft-all wide-mix "$WIDE_N" "$((SEED + 23))" 200 --space "$WIDE_SPACE" --long-share 0
+add_set sft-all wide-copy "$WIDE_COPY_N" "$((SEED + 29))" 100 --copy-set --space "$WIDE_SPACE"
 if [ "$SFT2_STEPS" -gt 0 ]; then
   # the second SFT stage's data: one epoch of 2000 steps x 16 (12,000 + 14,000 + 6,000 conversations)
   : >"$WORK/sft2-all.jsonl" && : >"$WORK/sft2-all-val.jsonl"

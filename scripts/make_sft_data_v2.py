@@ -156,8 +156,18 @@ class Space:
 
     @property
     def _lexical(self) -> bool:
-        """wide / wide2 / wide3: the tables' words come from the stdlib lexicon."""
-        return self.split in ("wide", "wide2", "wide3")
+        """wide / wide2 / wide3 / wide4: the tables' words come from the stdlib lexicon."""
+        return self.split in ("wide", "wide2", "wide3", "wide4")
+
+    @property
+    def readme_weather(self) -> bool:
+        """wide2 and later: most weather tools carry the README's schema exactly, and more lookups are refused."""
+        return self.split in ("wide2", "wide3", "wide4")
+
+    @property
+    def contrast(self) -> bool:
+        """wide3 and wide4: one-word argument names, and a tenth of the draws are call / refusal contrast pairs."""
+        return self.split in ("wide3", "wide4")
 
     @property
     def _tables(self) -> str:
@@ -168,6 +178,8 @@ class Space:
         return frozenset(s for s in _SYLLABLES if s not in _HELD_SYL)
 
     def word(self, rng: random.Random, lo: int = 2, hi: int = 3) -> str:
+        if self.split in ("open2", "wide4"):
+            return _piece_word(rng, 2 * lo, 3 * hi)
         if self.split == "open" or self._lexical:
             return _open_word(rng, 2 * lo, 3 * hi)
         while True:
@@ -238,6 +250,28 @@ def _open_word(rng: random.Random, lo: int, hi: int) -> str:
             w = "".join(parts)[:n]
         if not _segments_into(w, _HELD_SYL):
             return w
+
+
+def _piece_word(rng: random.Random, lo: int, hi: int) -> str:
+    """A word of the open2 / wide4 spaces (recipe v6): half are `_open_word`s, half join one to three pieces
+    of 2-5 letters cut from lexicon words ("ret" + "amet" + "fi"). Random letters tokenize into one- and
+    two-letter tokens, so a model trained on them still failed to copy names made of the tokenizer's longer,
+    word-like pieces ("tur", "par", "orm" in held-out names: 0.625 copied); with these words in the copy
+    warm-up it copied 0.925 (docs/default-model.md, recipe v6). As for `_open_word`, a word that splits into
+    held-out syllables is redrawn."""
+    lexicon = stdlib_lexicon()
+    while True:
+        if rng.random() < 0.5:
+            return _open_word(rng, lo, hi)
+        parts = []
+        for _ in range(rng.choice([1, 2, 2, 3])):
+            w = rng.choice(lexicon)
+            n = rng.randint(2, min(5, len(w)))
+            start = rng.randint(0, len(w) - n)
+            parts.append(w[start : start + n])
+        word = "".join(parts)
+        if not _segments_into(word, _HELD_SYL):
+            return word
 
 
 @cache
@@ -453,7 +487,7 @@ def tool_use(rng: random.Random, space: Space) -> Case:
     real = 0.25 if space.split == "train" else 0.0
     n_calls = rng.choices([1, 2, 3], [0.72, 0.22, 0.06])[0]
     if rng.random() < 0.4:
-        tools_needed = [weather_tool(rng, exact=space.split in ("wide2", "wide3"))]
+        tools_needed = [weather_tool(rng, exact=space.readme_weather)]
     else:
         tools_needed = [make_lookup(rng, space, set())]
     if n_calls > 1 and rng.random() < 0.35:  # two different tools
@@ -650,7 +684,7 @@ def refusal(rng: random.Random, space: Space, templates: str) -> Case:
     messages: list[dict[str, Any]] = []
     _system(rng, messages)
     tools: list[Lookup] = []
-    if rng.random() < (0.6 if space.split in ("wide2", "wide3") else 0.35):  # a topic no offered tool covers
+    if rng.random() < (0.6 if space.readme_weather else 0.35):  # a topic no offered tool covers
         wanted = make_lookup(rng, space, set())
         q = lookup_turn(rng, space, wanted, space.place(rng))[0]
         tools = _offer(rng, space, [], (1, 3))
@@ -803,7 +837,7 @@ def generate(
         raise SystemExit("error: found no standard-library functions to make code-completion examples from")
     out: list[Case] = []
     while len(out) < n:
-        if space.split == "wide3" and rng.random() < 0.1:  # 10 % of draws: a call / refusal contrast pair
+        if space.contrast and rng.random() < 0.1:  # 10 % of draws: a call / refusal contrast pair
             out += contrast_pair(rng, space)
             continue
         r = rng.random()
@@ -1015,11 +1049,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-out", default=None, help="also write a validation .jsonl (another seed)")
     ap.add_argument("--val-n", type=int, default=300, help="validation conversations (default 300)")
     ap.add_argument("--copy-set", action="store_true", help="write the copy warm-up set instead of the mix")
-    ap.add_argument("--space", choices=["train", "open", "wide", "wide2", "wide3"], default="train",
+    ap.add_argument("--space", choices=["train", "open", "open2", "wide", "wide2", "wide3", "wide4"], default="train",
                     help="names: training syllables (default) | open: random letters (generic copying) | "
                          "wide: random letters and the stdlib lexicon for every table | wide2: wide with "
                          "snake_case argument names, the README's weather schema, more unoffered lookups | "
-                         "wide3: wide2 with one-word argument names and call/refusal contrast pairs")  # fmt: skip
+                         "wide3: wide2 with one-word argument names and call/refusal contrast pairs | "
+                         "open2 / wide4: open / wide3 with half the names made of lexicon-word pieces")  # fmt: skip
     ap.add_argument("--eval-model", metavar="DIR", help="instead: held-out evals of a model, JSON")
     ap.add_argument("--grammar", action="store_true", help="with --eval-model: grammar-constrained replies")
     ap.add_argument("--per-kind", type=int, default=40, help="with --eval-model: conversations per kind")

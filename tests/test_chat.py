@@ -111,6 +111,34 @@ def test_render_thinking_and_history_reasoning() -> None:
     assert render(msgs, add_generation_prompt=False, thinking=None) == text  # auto: last reply has reasoning
 
 
+def test_tool_schemas_render_the_same_whatever_their_key_order() -> None:
+    """A schema's keys are written sorted at every depth (name, description, parameters stay first): two
+    clients sending one schema with its keys in different orders get the same prompt."""
+    params = {"type": "object", "properties": {"city": {"type": "string", "description": "The city"},
+              "unit": {"enum": ["c", "f"], "type": "string"}}, "required": ["city"]}  # fmt: skip
+    reordered = {"required": ["city"], "properties": {"unit": {"type": "string", "enum": ["c", "f"]},
+                 "city": {"description": "The city", "type": "string"}}, "type": "object"}  # fmt: skip
+    msgs = [{"role": "user", "content": "Weather?"}]
+    tool = {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather.", "parameters": params},
+    }
+    other = {
+        "function": {"parameters": reordered, "description": "Weather.", "name": "get_weather"},
+        "type": "function",
+    }
+    assert render(msgs, [tool]) == render(msgs, [other])
+    assert (
+        '{"name": "get_weather", "description": "Weather.", "parameters": {"properties": {"city": {"description": '
+        '"The city", "type": "string"}, "unit": {"enum": ["c", "f"], "type": "string"}}, "required": ["city"], '
+        '"type": "object"}}'
+    ) in render(msgs, [tool])
+    assert params["properties"]["city"] == {
+        "type": "string",
+        "description": "The city",
+    }  # the input is untouched
+
+
 def test_render_tools_in_system_and_tool_results() -> None:
     msgs = [
         {"role": "user", "content": "Weather?"},
@@ -124,7 +152,7 @@ def test_render_tools_in_system_and_tool_results() -> None:
     for t in TOOLS:
         fn = t["function"]
         line = {"name": fn["name"], **({"description": fn["description"]} if "description" in fn else {})}
-        line["parameters"] = fn["parameters"]
+        line["parameters"] = json.loads(json.dumps(fn["parameters"], sort_keys=True))  # canonical order
         assert json.dumps(line) in system
     assert text.endswith(
         "<longcat_user><longcat_tool_response>sunny</longcat_tool_response>\n"

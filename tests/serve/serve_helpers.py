@@ -94,7 +94,7 @@ SCRIPTED_CONVERSATIONS: list[tuple[list[dict], list[dict] | None, bool]] = [
 RAW_COMPLETION = ("please count", COUNTING)  # /v1/completions: raw text, then the reply and EOS
 
 
-def memorise(tokenizer_dir: Path, out: Path, steps: int = 150, lr: float = 1e-2) -> Path:
+def memorise(tokenizer_dir: Path, out: Path, steps: int = 300, lr: float = 1e-2) -> Path:
     """Train a tiny LongCat model until greedy decoding through the real `Engine` reproduces every scripted
     reply exactly (asserted), and save it with the tokenizer in `out`."""
     tok = load_tokenizer(tokenizer_dir)
