@@ -209,3 +209,41 @@ def test_contrast_pairs_differ_only_in_the_offered_tool(split):
         refuse_tools = {t["function"]["name"] for t in refuse.record["tools"]}
         assert call_tools - refuse_tools == {called} and refuse_tools < call_tools
         assert refuse.record["messages"][-1]["content"] == v2.REFUSAL
+
+
+def test_drill_set_answers_are_right_and_never_call():
+    """The drill set (recipe v6): small sums, spelling, counting and repeating, each answered exactly as
+    the chat evals score it, never with a tool call (tools offered in about a third), no held-out name."""
+    cases = v2.drill_set(600, 4, space=v2.Space("wide4"))
+    kinds = {"sum": 0, "spell": 0, "count": 0, "repeat": 0}
+    for c in cases:
+        (user, reply), tools = c.record["messages"], c.record.get("tools", [])
+        assert c.kind == "drill" and "tool_calls" not in reply
+        q, a = user["content"], reply["content"]
+        if m := re.fullmatch(r"(\d+) ([-+*]) (\d+) = (-?\d+)\.", a):
+            x, op, y, value = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert value == {"+": x + y, "-": x - y, "*": x * y}[op] and str(x) in q and str(y) in q
+            kinds["sum"] += 1
+        elif q.startswith("Spell"):
+            name = q.removeprefix("Spell the name ").removeprefix("Spell ").removesuffix(".")
+            assert a == " ".join(name.replace(" ", "")) + "."
+            kinds["spell"] += 1
+        elif q.startswith("Count"):
+            lo, hi = map(int, re.findall(r"\d+", q))
+            assert a == ", ".join(map(str, range(lo, hi + 1))) + "."
+            kinds["count"] += 1
+        else:
+            assert q == f"Repeat these words: {a}"
+            kinds["repeat"] += 1
+        kinds.setdefault("tools", 0)
+        kinds["tools"] += bool(tools)
+    assert (
+        0.3 < kinds["sum"] / 600 < 0.5
+        and 0.2 < kinds["spell"] / 600 < 0.4
+        and kinds["count"]
+        and kinds["repeat"]
+    )
+    assert 0.2 < kinds["tools"] / 600 < 0.45
+    text = "\n".join(json.dumps(c.record, ensure_ascii=False) for c in cases)
+    asked = [m[0] for kind, _, _, _, m in v2.eval_cases(10, 777) if kind == "tool_call" and m]
+    assert not any(re.search(rf"\b{re.escape(n)}\b", text) for n in asked)
