@@ -270,10 +270,12 @@ def bench_length(
     return res
 
 
-def engine_stepper(length: int, lsa: bool, steps: int, preset: str = "tiny", dtype: str = "float32"):
+def engine_stepper(
+    length: int, lsa: bool, steps: int, preset: str = "tiny", dtype: str = "float32", batch: int = 1
+):
     """→ a function that runs the next decode step of the whole `preset` model (a ModelConfig preset or
-    prefill_lsa.py's "attn-2.0") in `dtype` (weights and cache) through `ModelRunner`, at a synthetic
-    context of `length` tokens (good for `steps` calls)."""
+    prefill_lsa.py's "attn-2.0") in `dtype` (weights and cache) through `ModelRunner`, for `batch`
+    sequences at a synthetic context of `length` tokens each (good for `steps` calls)."""
     from prefill_lsa import make_config
 
     from longcat2.engine.runner import ModelRunner, Segment
@@ -284,18 +286,23 @@ def engine_stepper(length: int, lsa: bool, steps: int, preset: str = "tiny", dty
     if not lsa:
         cfg = cfg.replace(index_n_heads=0)
     model = LongCatForCausalLM(cfg).to(getattr(torch, dtype)).eval()
-    runner = ModelRunner(model, block_size=4096, num_blocks=-(-(length + steps + 64) // 4096))
+    per_seq = -(-(length + steps + 64) // 4096)
+    runner = ModelRunner(model, block_size=4096, num_blocks=batch * per_seq)
     g = torch.Generator().manual_seed(1)
-    seq = runner.new_sequence(torch.randint(4, cfg.vocab_size, (length,), generator=g).tolist())
-    runner.cache.reserve(seq.blocks, length + steps + 2)
+    seqs = []
+    for _ in range(batch):
+        seq = runner.new_sequence(torch.randint(4, cfg.vocab_size, (length,), generator=g).tolist())
+        runner.cache.reserve(seq.blocks, length + steps + 2)
+        seq.blocks.num_tokens = length
+        seqs.append(seq)
     for t in [*runner.cache.latent, *runner.cache.rope, *runner.cache.index_keys.values()]:
         fill(t)
-    seq.blocks.num_tokens = length
     pos = [length]
 
     def step() -> None:
-        seq.tokens.append(7)
-        runner.forward([Segment(seq, torch.tensor([7]), pos[0], "last")])
+        for seq in seqs:
+            seq.tokens.append(7)
+        runner.forward([Segment(seq, torch.tensor([7]), pos[0], "last") for seq in seqs])
         pos[0] += 1
 
     step.weight_bytes = sum(  # type: ignore[attr-defined]
@@ -343,6 +350,13 @@ def main() -> None:
         "--engine-preset",
         default="tiny",
         help='model of the engine table: a ModelConfig preset or "attn-2.0" (one layer at 2.0 attention dims)',
+    )
+    ap.add_argument(
+        "--engine-batch",
+        type=int,
+        default=1,
+        help="engine table: sequences decoded together per step, each at the full context (the step's "
+        "weights are read once for all of them; times and the bound are per step)",
     )
     ap.add_argument(
         "--engine-dtype",
@@ -422,7 +436,7 @@ def main() -> None:
         mm = matmul_rate(getattr(torch, args.engine_dtype))
         print(
             f"\n## whole {args.engine_preset} model ({cfg.num_layers} layer(s), MoE, N-gram, LM head) decode step "
-            "through ModelRunner, synthetic cache; dense = the same weights without indexers. LSA bound = the "
+            f"of {args.engine_batch} sequence(s) through ModelRunner, synthetic cache; dense = the same weights without indexers. LSA bound = the "
             "step's attention + indexer FLOPs (absorbed attention over top-k keys in both sublayers, indexer "
             f"scores over the context) at the {args.engine_dtype} matmul rate measured here ({mm / 1e9:.1f} "
             "GFLOP/s); "
@@ -430,7 +444,7 @@ def main() -> None:
             f"projections are weight-bound); {'CPU' if args.cpu_time else 'wall'} time"
         )
         print(
-            "| context | dense ms/token | LSA ms/token | dense/LSA [min–max] | dense tok/s | LSA tok/s "
+            "| context | dense ms/step | LSA ms/step | dense/LSA [min–max] | dense tok/s | LSA tok/s "
             "| LSA bound ms | LSA / bound | weights MB | bound + weights ms | LSA / (bound + weights) |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -439,23 +453,27 @@ def main() -> None:
             for n in [int(x) for x in args.engine_lengths.split(",")]:
                 arms = {
                     "dense": engine_stepper(
-                        n, False, args.repeats + 1, args.engine_preset, args.engine_dtype
+                        n, False, args.repeats + 1, args.engine_preset, args.engine_dtype, args.engine_batch
                     ),
-                    "lsa": engine_stepper(n, True, args.repeats + 1, args.engine_preset, args.engine_dtype),
+                    "lsa": engine_stepper(
+                        n, True, args.repeats + 1, args.engine_preset, args.engine_dtype, args.engine_batch
+                    ),
                 }
                 clock = time.process_time if args.cpu_time else time.perf_counter
                 r = interleaved(arms, args.repeats, warmup=1, clock=clock)
                 td, tl = median(r["dense"]), median(r["lsa"])
                 k = min(n, cfg.index_topk)
-                flops = cfg.num_layers * (
-                    2 * 2 * h * (2 * c + r_) * k + 2 * cfg.index_n_heads * cfg.index_head_dim * n
+                flops = (
+                    args.engine_batch
+                    * cfg.num_layers
+                    * (2 * 2 * h * (2 * c + r_) * k + 2 * cfg.index_n_heads * cfg.index_head_dim * n)
                 )
                 bound = flops / mm
                 wbytes = arms["lsa"].weight_bytes  # type: ignore[attr-defined]
                 full = bound + wbytes / (stream_bandwidth(clock) if args.cpu_time else bw)
                 print(
                     f"| {fmt_len(n)} | {spread(r['dense'], 1e3)} | {spread(r['lsa'], 1e3)} | "
-                    f"{ratio_spread(r['dense'], r['lsa'], 1)} | {1 / td:.0f} | {1 / tl:.0f} | "
+                    f"{ratio_spread(r['dense'], r['lsa'], 1)} | {args.engine_batch / td:.0f} | {args.engine_batch / tl:.0f} | "
                     f"{bound * 1e3:.2f} | {tl / bound:.1f}x | {wbytes / 2**20:.0f} | {full * 1e3:.2f} | "
                     f"{tl / full:.1f}x |",
                     flush=True,

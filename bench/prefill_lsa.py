@@ -93,14 +93,23 @@ def attention_flops(cfg, length: int, lsa: bool) -> float:
 
 def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
     """Best of `repeats` n³ GEMMs in this process, in CPU time → FLOP/s (the reference for attention
-    efficiency; CPU time, like the prefill's, so other processes' load does not enter)."""
+    efficiency; CPU time, like the prefill's, so other processes' load does not enter). The best of the
+    BLAS (`a @ b`) and oneDNN (`torch.ops.mkldnn._linear_pointwise`): on AMD CPUs MKL's fp32 GEMM runs at
+    less than half of oneDNN's (engine/cpu.py), and the reference is what the machine can do."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
+    products = [lambda: a @ b]
+    if torch.backends.mkldnn.is_available():
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = float("inf")
-    for _ in range(repeats):
-        t0 = time.process_time()
-        a @ b
-        best = min(best, time.process_time() - t0)
+    for product in products:
+        try:
+            product()
+        except RuntimeError:  # no oneDNN kernel for this dtype here
+            continue
+        for _ in range(repeats):
+            t0 = time.process_time()
+            product()
+            best = min(best, time.process_time() - t0)
     return 2 * n**3 / best
 
 

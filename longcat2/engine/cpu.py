@@ -1,4 +1,5 @@
-"""CPU-specific choices of the engine: bf16 matmuls on CPUs without a native bf16 GEMM, and how many threads.
+"""CPU-specific choices of the engine: bf16 matmuls on CPUs without a native bf16 GEMM, fp32 linear layers
+through oneDNN where it beats the BLAS, and how many threads.
 
 Design choices:
 - bf16 GEMM: where oneDNN has no bf16 kernel for the CPU (no AVX512-BF16 / AMX: e.g. AVX2-only parts), PyTorch
@@ -10,6 +11,16 @@ Design choices:
   enters it only for bf16 models on such CPUs (`bf16_matmul_via_fp32() is True`); it is a selectable fast
   path (`LONGCAT2_BF16_MATMUL=native|fp32` overrides the detection), device-neutral code and tested against
   the plain bf16 ops.
+- fp32 linear layers: PyTorch's fp32 `linear` calls the BLAS (MKL). On AMD CPUs MKL does not run its
+  AVX-512 kernels: on session 12's Zen 4 slice a 1024³ fp32 GEMM ran at 116 GFLOP/s through MKL and 254-265
+  through oneDNN (`torch.ops.mkldnn._linear_pointwise`, plain weights), and an 8-row product with
+  q_b_proj's 1536×12288 weight took 8.0 vs 2.7 ms. oneDNN costs ~8 µs more per call, so
+  `route_fp32_linears` gives each fp32 `nn.Linear` of an inference model a forward that calls oneDNN
+  only for products of at least `ONEDNN_MIN_MACS` multiply-adds, and only where no gradient is needed
+  (training and DTensor weights keep `F.linear`). The choice is measured once per process
+  (`fp32_linear_via_onednn`: oneDNN is used where it runs a 64×1024×1024 product ≥ 1.25x faster);
+  `LONGCAT2_FP32_LINEAR=onednn|blas` overrides it. The same values as `F.linear` up to accumulation order
+  (tested against it).
 - Threads: `choose_threads` picks from the cores this process may run on (`os.sched_getaffinity`) minus
   the load other processes put on them (1-minute load average, read before this process computes), at least
   1. Threads that share a busy core spin against each other in OpenMP barriers (issue 21: with another
@@ -25,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from longcat2.devices import cpu_has_bf16_gemm
@@ -86,6 +98,77 @@ class Bf16MatmulViaFp32(TorchFunctionMode):
                 return out.copy_(res)
             return res.to(_BF16) if res.dtype == torch.float32 else res
         return func(*args, **kwargs)
+
+
+ONEDNN_MIN_MACS = 1 << 21  # below this a oneDNN call's fixed cost outweighs its faster GEMM (module doc)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ weight [out, in]^T (+ bias) through oneDNN; weight must be contiguous (module doc)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@functools.cache
+def fp32_linear_via_onednn() -> bool:
+    """True when fp32 linear layers should run through oneDNN here (module doc): measured once, unless
+    LONGCAT2_FP32_LINEAR=onednn|blas says otherwise."""
+    forced = os.environ.get("LONGCAT2_FP32_LINEAR", "")
+    if forced in ("onednn", "blas"):
+        return forced == "onednn"
+    if forced:
+        raise ValueError(f"LONGCAT2_FP32_LINEAR: 'onednn' or 'blas', got {forced!r}")
+    if not torch.backends.mkldnn.is_available():
+        return False
+    import time
+
+    x, w = torch.randn(64, 1024), torch.randn(1024, 1024)
+    try:
+        if not torch.allclose(onednn_linear(x, w), F.linear(x, w), rtol=1e-4, atol=1e-3):
+            return False
+    except RuntimeError:  # no oneDNN kernel for this CPU
+        return False
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(lambda: F.linear(x, w)) >= 1.25 * best(lambda: onednn_linear(x, w))
+
+
+class OnednnLinear(nn.Linear):
+    """An `nn.Linear` whose inference products of at least ONEDNN_MIN_MACS multiply-adds run through oneDNN
+    (fp32, CPU); everything else, and every call that needs a gradient, is `F.linear`. Made by
+    `route_fp32_linears` (a class swap: parameters, state-dict keys and isinstance checks are unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            x.dtype == torch.float32
+            and w.dtype == torch.float32
+            and x.device.type == "cpu"
+            and type(w) in (nn.Parameter, torch.Tensor)  # not a DTensor shard
+            and w.is_contiguous()  # a strided weight takes oneDNN's reference path (1,000x slower)
+            and x.is_contiguous()
+            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+            and x.numel() * w.shape[0] >= ONEDNN_MIN_MACS
+        ):
+            return onednn_linear(x, w, self.bias)
+        return F.linear(x, w, self.bias)
+
+
+def route_fp32_linears(model: nn.Module) -> int:
+    """Give every plain fp32 `nn.Linear` of `model` (on CPU) `OnednnLinear`'s forward; → how many."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu":
+            m.__class__ = OnednnLinear
+            n += 1
+    return n
 
 
 def choose_threads(requested: int | None = None) -> int:

@@ -70,6 +70,56 @@ def test_engine_bf16_tokens_do_not_depend_on_the_matmul_path(monkeypatch: pytest
     assert outs["fp32"] == outs["native"]
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_onednn_linear_matches_f_linear_and_keeps_gradients() -> None:
+    """OnednnLinear: the same values as F.linear (bias or not, 2-D / 3-D / strided input, below and above
+    the size threshold); a call that needs a gradient takes F.linear, so training through it still works."""
+    from torch import nn
+
+    from longcat2.engine import cpu
+
+    torch.manual_seed(0)
+    cases = [
+        (False, (1, 64), False),
+        (True, (8, 64), False),
+        (False, (3, 40, 64), True),
+        (True, (5, 64, 64), True),
+    ]
+    for bias, shape, big in cases:
+        plain = nn.Linear(64, 2048, bias=bias)
+        routed = nn.Linear(64, 2048, bias=bias)
+        routed.load_state_dict(plain.state_dict())
+        assert cpu.route_fp32_linears(routed) == 1 and isinstance(routed, nn.Linear)
+        x = torch.randn(*shape)
+        if len(shape) == 3:
+            x = x.transpose(0, 1)  # strided
+        with torch.inference_mode():
+            torch.testing.assert_close(routed(x), plain(x), rtol=1e-5, atol=1e-5)
+        assert (x.numel() * 2048 >= cpu.ONEDNN_MIN_MACS) is big  # both paths are covered
+        y = routed(x.requires_grad_())
+        y.square().sum().backward()
+        assert routed.weight.grad is not None and x.grad is not None
+    assert list(routed.state_dict()) == list(plain.state_dict())
+
+
+def test_engine_fp32_tokens_do_not_depend_on_the_linear_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fp32 model through the engine: greedy tokens with oneDNN linear layers equal the BLAS path's."""
+    from longcat2 import LongCatForCausalLM, ModelConfig
+    from longcat2.engine import cpu, generate
+
+    outs = {}
+    for mode in ("blas", "onednn"):
+        torch.manual_seed(0)
+        model = LongCatForCausalLM(ModelConfig.from_preset("tiny")).eval()
+        prompts = [torch.randint(4, 512, (n,)).tolist() for n in (9, 300)]
+        monkeypatch.setenv("LONGCAT2_FP32_LINEAR", mode)
+        cpu.fp32_linear_via_onednn.cache_clear()
+        outs[mode], eng = generate(model, prompts, max_new_tokens=6, ignore_eos=True, return_engine=True)
+        assert (eng.runner.onednn_linears > 0) is (mode == "onednn")
+    cpu.fp32_linear_via_onednn.cache_clear()
+    assert outs["onednn"] == outs["blas"]
+
+
 def test_choose_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LONGCAT2_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0))

@@ -86,7 +86,18 @@ def test_bf16_two_pass_scan_selects_exactly_the_fp32_set(seed: int) -> None:
     assert torch.equal(got, ref)
 
 
-def test_gather_attention_matches_model_sparse_core() -> None:
+@pytest.mark.parametrize("linear", ["blas", "onednn"])
+def test_gather_attention_matches_model_sparse_core(
+    linear: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """Both fp32 scoring paths (bmm, and oneDNN per row where it is the faster fp32 GEMM: engine/cpu.py)."""
+    from longcat2.engine import cpu
+
+    if linear == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("PyTorch built without oneDNN")
+    monkeypatch.setenv("LONGCAT2_FP32_LINEAR", linear)
+    cpu.fp32_linear_via_onednn.cache_clear()
+    request.addfinalizer(cpu.fp32_linear_via_onednn.cache_clear)  # later tests measure again
     torch.manual_seed(2)
     r, h, c, rr, p, k = 6, 4, 32, 8, 200, 50
     ql, qr = torch.randn(r, h, c), torch.randn(r, h, rr)
