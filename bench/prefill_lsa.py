@@ -94,12 +94,14 @@ def attention_flops(cfg, length: int, lsa: bool) -> float:
 def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
     """Best of `repeats` n³ GEMMs in this process, in CPU time → FLOP/s (the reference for attention
     efficiency; CPU time, like the prefill's, so other processes' load does not enter). The best of the
-    BLAS (`a @ b`) and oneDNN (`torch.ops.mkldnn._linear_pointwise`): on AMD CPUs MKL's fp32 GEMM runs at
+    BLAS (`a @ b`) and oneDNN (`engine.cpu.onednn_linear`): on AMD CPUs MKL's fp32 GEMM runs at
     less than half of oneDNN's (engine/cpu.py), and the reference is what the machine can do."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     products = [lambda: a @ b]
     if torch.backends.mkldnn.is_available():
-        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+        from longcat2.engine.cpu import onednn_linear
+
+        products.append(lambda: onednn_linear(a, b))
     best = float("inf")
     for product in products:
         try:

@@ -825,7 +825,7 @@ def copy_set(n: int, seed: int, *_: Any, space: Space = TRAIN) -> list[Case]:
 
 
 def drill_case(rng: random.Random, space: Space) -> Case:
-    """A one-turn drill of the skills the chat evals test without a tool (recipe v6's third stage): small
+    """A one-turn drill of the skills the chat evals test without a tool (recipe v6's second SFT stage): small
     arithmetic 40 %, spelling a name 30 %, counting 15 %, repeating words 15 %, each as the mix asks it
     (`_chat_turn`), with tools offered in a third of them (the answer is still no call). The mix holds
     ~1,000 sums among 2,600 possible ones; the v5 model got "0 + 48" wrong (docs/default-model.md)."""
@@ -1075,7 +1075,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-n", type=int, default=300, help="validation conversations (default 300)")
     ap.add_argument("--copy-set", action="store_true", help="write the copy warm-up set instead of the mix")
     ap.add_argument(
-        "--drill-set", action="store_true", help="write the drill set (arithmetic, spelling, counting)"
+        "--drill-set",
+        action="store_true",
+        help="write the drill set (arithmetic, spelling, counting, repeating)",
     )
     ap.add_argument("--space", choices=["train", "open", "open2", "wide", "wide2", "wide3", "wide4"], default="train",
                     help="names: training syllables (default) | open: random letters (generic copying) | "

@@ -140,6 +140,19 @@ def fp32_linear_via_onednn() -> bool:
     return best(lambda: F.linear(x, w)) >= 1.25 * best(lambda: onednn_linear(x, w))
 
 
+def onednn_fp32_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `onednn_linear(x, weight)` is the faster, safe product here: fp32 CPU tensors, a contiguous
+    plain weight (a strided one takes oneDNN's reference path, ~1,000x slower; a DTensor shard has no
+    oneDNN kernel), on a CPU where oneDNN measured faster (module doc)."""
+    return (
+        x.dtype == weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and type(weight) in (nn.Parameter, torch.Tensor)
+        and weight.is_contiguous()
+        and fp32_linear_via_onednn()
+    )
+
+
 class OnednnLinear(nn.Linear):
     """An `nn.Linear` whose inference products of at least ONEDNN_MIN_MACS multiply-adds run through oneDNN
     (fp32, CPU); everything else, and every call that needs a gradient, is `F.linear`. Made by
@@ -148,14 +161,10 @@ class OnednnLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (
-            x.dtype == torch.float32
-            and w.dtype == torch.float32
-            and x.device.type == "cpu"
-            and type(w) in (nn.Parameter, torch.Tensor)  # not a DTensor shard
-            and w.is_contiguous()  # a strided weight takes oneDNN's reference path (1,000x slower)
-            and x.is_contiguous()
+            x.is_contiguous()
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
             and x.numel() * w.shape[0] >= ONEDNN_MIN_MACS
+            and onednn_fp32_ok(x, w)
         ):
             return onednn_linear(x, w, self.bias)
         return F.linear(x, w, self.bias)

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import torch
 
-from longcat2.engine.cpu import fp32_linear_via_onednn, onednn_linear
+from longcat2.engine.cpu import onednn_fp32_ok, onednn_linear
 
 NEG_INF = float("-inf")
 # Online softmaxes here work in log2 units (scores x log2(e), then exp2): on CPU, torch.exp of arguments
@@ -301,12 +301,7 @@ def attend_gathered(
     in fp32."""
     n, h, _ = q.shape
     scores = _scratch(workspace, "scores", kv, (n, h, kv.shape[1]))
-    if (
-        q.dtype == kv.dtype == torch.float32
-        and q.device.type == "cpu"
-        and kv.is_contiguous()  # (a strided oneDNN weight is 1,000x slower)
-        and fp32_linear_via_onednn()
-    ):
+    if onednn_fp32_ok(q, kv):
         for c in range(n):  # per row through oneDNN: 1.8x MKL's bmm on AMD CPUs (engine/cpu.py)
             scores[c] = onednn_linear(q[c], kv[c])  # [h, K]
     else:

@@ -71,13 +71,18 @@ def test_engine_bf16_tokens_do_not_depend_on_the_matmul_path(monkeypatch: pytest
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
-def test_onednn_linear_matches_f_linear_and_keeps_gradients() -> None:
+def test_onednn_linear_matches_f_linear_and_keeps_gradients(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     """OnednnLinear: the same values as F.linear (bias or not, 2-D / 3-D / strided input, below and above
     the size threshold); a call that needs a gradient takes F.linear, so training through it still works."""
     from torch import nn
 
     from longcat2.engine import cpu
 
+    monkeypatch.setenv("LONGCAT2_FP32_LINEAR", "onednn")  # the oneDNN path on any CPU that has it
+    cpu.fp32_linear_via_onednn.cache_clear()
+    request.addfinalizer(cpu.fp32_linear_via_onednn.cache_clear)  # later tests measure again
     torch.manual_seed(0)
     cases = [
         (False, (1, 64), False),
