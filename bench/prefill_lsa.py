@@ -250,7 +250,7 @@ def main() -> None:
     ap.add_argument(
         "--kernel",
         default="auto",
-        choices=["auto", "flash", "tiled", "plain"],
+        choices=["auto", "onednn", "flash", "tiled", "plain"],
         help="dense prefill kernel (context.py)",
     )
     ap.add_argument("--repeats", type=int, default=3, help="runs per arm (interleaved) and tail chunk runs")

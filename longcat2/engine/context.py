@@ -17,10 +17,13 @@ Design choices:
   sequence's contiguous runs in place (`kernels.run_attention`, `short_kernel="runs"`): a loop over
   segments, but no gathered copy — at batch 8 and 512 keys the gather's copy cost as much as the GEMMs
   (the fp32 batch-8 gap of issue 21); on accelerators one batched gather beats a per-segment loop;
-  dense segments with many queries (prefill without LSA, or within index_topk) use the expanded form
-  when it is cheaper in FLOPs: on CPU in fp32 through PyTorch's fused flash-attention op
-  (`kernels.dense_prefill_flash`), else `kernels.dense_prefill_tiled` (keys expanded per block, online
-  softmax over query blocks; in bf16 it beats the op, whose bf16 path runs at its fp32 rate); the plain
+  dense segments with many queries (prefill without LSA, or the rows of an LSA segment at positions
+  < index_topk, which select every key they see) use the expanded form when it is cheaper in FLOPs: on
+  CPU with one oneDNN GEMM per head and tile (`kernels.dense_prefill_onednn`, fp32 where oneDNN beats
+  the BLAS — on AMD CPUs, where MKL skips AVX-512, 1.8-2x PyTorch's flash op — and bf16 on CPUs with
+  native bf16 GEMMs, 1.08-1.13x the tiled kernel at LongCat-2.0 dims); else in fp32 through PyTorch's
+  fused flash-attention op (`kernels.dense_prefill_flash`), otherwise `kernels.dense_prefill_tiled`
+  (keys expanded per block, online softmax over query blocks, one batched GEMM over heads); the plain
   `MLA.expand` + `kernels.dense_prefill` is the selectable reference; long dense decode rows use the
   online-softmax kernel over the cache's contiguous runs (`kernels.dense_decode`).
 - Selection never builds [T, S] masks: only the dynamic region is scored (see kernels.py), in query chunks
@@ -42,11 +45,13 @@ from longcat2.engine.kernels import (
     dense_decode,
     dense_prefill,
     dense_prefill_flash,
+    dense_prefill_onednn,
     dense_prefill_tiled,
     dense_rows,
     gather_attention,
     index_scan_select_bf16,
     lsa_rows,
+    onednn_prefill_ok,
     run_attention,
 )
 from longcat2.model.attention import MLA, MLAProjection
@@ -66,8 +71,10 @@ class AttentionSettings:
     score_budget: int = 1 << 24
     expanded_min_rows: int = 32
     dense_gather_max: int = 4096
-    # dense prefill: "auto" (flash for fp32 on CPU where PyTorch has the op, else tiled) | "flash"
-    # (kernels.dense_prefill_flash) | "tiled" (kernels.dense_prefill_tiled) | "plain" (kernels.dense_prefill)
+    # dense prefill: "auto" (on CPU onednn where oneDNN runs the dtype at its rate, else flash in fp32;
+    # else tiled; see StepContext._prefill_kernel) | "flash"
+    # (kernels.dense_prefill_flash) | "onednn" (kernels.dense_prefill_onednn) | "tiled"
+    # (kernels.dense_prefill_tiled) | "plain" (kernels.dense_prefill)
     prefill_kernel: str = "auto"
     short_kernel: str = "gather"  # short dense segments: "gather" (batched) | "runs" (kernels.run_attention)
     workspace: dict = field(default_factory=dict)  # reused gather buffers (kernels.gather_attention)
@@ -202,10 +209,12 @@ class StepContext:
             sl = slice(off, off + t)
             kernel = self.settings.prefill_kernel
             if kernel == "auto":
-                cpu_fp32 = lat.device.type == "cpu" and lat.dtype == torch.float32
-                fits = mla.v_dim <= mla.nope + mla.rope  # (V is padded to the QK head size)
-                kernel = "flash" if cpu_fp32 and fits and cpu_flash_available() else "tiled"
-            if kernel == "flash":
+                kernel = self._prefill_kernel(mla, lat)
+            if kernel == "onednn":
+                o = dense_prefill_onednn(
+                    q_nope[sl], q_rope[sl], lat, rope, mla.kv_b_proj, start, mla.softmax_scale
+                )
+            elif kernel == "flash":
                 o = dense_prefill_flash(
                     q_nope[sl],
                     q_rope[sl],
@@ -281,6 +290,17 @@ class StepContext:
             for c0 in range(0, q_pos.numel(), chunk)
         ]
 
+    @staticmethod
+    def _prefill_kernel(mla: MLA, lat: torch.Tensor) -> str:
+        """The "auto" dense prefill kernel (module doc): on CPU, per-head oneDNN GEMMs where oneDNN runs
+        the dtype at its rate (fp32 where it beats the BLAS, bf16 on CPUs with native bf16 GEMMs); else,
+        in fp32 on CPU, PyTorch's CPU flash op; otherwise the tiled kernel."""
+        if onednn_prefill_ok(lat.dtype, lat.device):
+            return "onednn"
+        fits = mla.v_dim <= mla.nope + mla.rope  # (the flash op's V is padded to the QK head size)
+        cpu_fp32 = lat.device.type == "cpu" and lat.dtype == torch.float32
+        return "flash" if cpu_fp32 and fits and cpu_flash_available() else "tiled"
+
     def _use_bf16(self, q: torch.Tensor, pool: torch.Tensor) -> bool:
         mode = self.settings.index_mode
         if mode == "exact":
@@ -307,8 +327,16 @@ class StepContext:
             end = start + t
             s_sel = sel[i] if sel is not None else None
             if s_sel is not None:
-                rows.append((off, t))
-                slots.append(st.cache.slots(blocks, s_sel))
+                # queries at positions < index_topk select every key they see (`select`): those of a
+                # segment that straddles index_topk attend in the expanded form when it is cheaper
+                n_dense = max(0, min(t, st.cfg.index_topk - start))
+                if n_dense < st.expanded_min_rows or not self._expanded_better(n_dense):
+                    n_dense = 0
+                if n_dense:
+                    plan.expanded.append((off, n_dense, blocks, start))
+                if n_dense < t:
+                    rows.append((off + n_dense, t - n_dense))
+                    slots.append(st.cache.slots(blocks, s_sel[n_dense:]))
             elif t >= st.expanded_min_rows and self._expanded_better(t):
                 plan.expanded.append((off, t, blocks, start))
             elif end <= st.dense_gather_max and st.short_kernel == "runs":

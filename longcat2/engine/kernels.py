@@ -12,7 +12,8 @@ Design choices:
 - Indexer scan: keys are read in place from the pool's contiguous runs, in blocks sized to keep the
   [block, T*h] dot-product tile in L2 (scoring a long context in one GEMM would spill a T*h-times larger
   intermediate to memory). Keys are promoted to fp32 per block, so bf16 keys give the fp32 reference
-  scores of bf16 values.
+  scores of bf16 values. The dot products go through oneDNN where it is the faster fp32 GEMM
+  (engine/cpu.py; both operands are contiguous here).
 - bf16 two-pass scan (decode, bf16 queries and keys): the dot products run as one bf16 GEMM (AMX on CPUs
   that have it) whose outputs are rounded to bf16; with |round(x) - x| <= 2^-9 |x|, |q_h·k| <= |q_h| |k|
   and the cache's running max key norm, every approximate score is within a certified δ of the exact
@@ -22,11 +23,21 @@ Design choices:
 - Dense decode over a long context (models without LSA, and the dense baseline of the benchmarks) runs the
   absorbed form over the contiguous runs with an online softmax in blocks, so no [h, S] tensor and no copy
   of the latents are made.
-- Dense prefill (expanded form): on CPU in fp32 PyTorch's fused flash-attention op (key blocks merged by
-  their log-sum-exps; V zero-padded to the QK head size, which the op requires); elsewhere, and in bf16
-  where that op runs at its fp32 rate, a tiled online softmax with one contiguous K^T per key block and the
-  P·V GEMM in the model's dtype. Online softmaxes use exp2 on log2-scaled scores (see LOG2E).
+- Dense prefill (expanded form), three kernels over the same latents: (1) on CPU, a tiled online softmax
+  whose two products per tile are one oneDNN GEMM per head (`dense_prefill_onednn`: keys expanded per
+  block into per-head contiguous K and V^T, the operand layout oneDNN's fast kernels take; in fp32 on
+  AMD CPUs, where MKL skips its AVX-512 kernels, 1.8-2x PyTorch's flash op; in bf16 on CPUs with native
+  bf16 GEMMs a little faster than (3)); (2) PyTorch's fused CPU flash-attention op (key blocks merged
+  by their log-sum-exps; V zero-padded to the QK head size, which the op requires), for fp32 where
+  oneDNN is not the faster GEMM (its bf16 path runs at its fp32 rate); (3) elsewhere, a tiled online
+  softmax with one batched GEMM over the heads per tile. Online softmaxes use exp2 on log2-scaled scores
+  (see LOG2E).
 - Sparse rows gather from the cache's joint [latent | rope] pool: one gather, one score GEMM over c + r.
+  On CPU the products of large rows run one row at a time: the scores through oneDNN (fp32, where it
+  beats the BLAS), P·V as one `mm` per row, which ran 1.15x (fp32, MKL) and 1.19x (bf16, oneDNN) the
+  batched `bmm` at LongCat-2.0 dims (12 rows x 64 heads x 2,048 keys x 512, one thread). P·V cannot go
+  through `onednn_linear` at its rate: the latents are its K-strided operand, and a transposed copy
+  per row costs as much as the GEMM saves.
 """
 
 from __future__ import annotations
@@ -36,7 +47,8 @@ from collections.abc import Callable
 
 import torch
 
-from longcat2.engine.cpu import onednn_fp32_ok, onednn_linear
+from longcat2.devices import cpu_has_bf16_gemm
+from longcat2.engine.cpu import fp32_linear_via_onednn, onednn_fp32_ok, onednn_linear
 
 NEG_INF = float("-inf")
 # Online softmaxes here work in log2 units (scores x log2(e), then exp2): on CPU, torch.exp of arguments
@@ -52,6 +64,8 @@ SCAN_ROWS = 256
 # enough for the allocator to reuse (at LongCat-2.0 dims 256 rows = 16 MB; fresh blocks of hundreds of MB
 # pay page faults on every call)
 EXPAND_ROWS = 256
+# gathered rows' P·V products of at least this many multiply-adds run as one mm per row on CPU (module doc)
+PER_ROW_MIN_MACS = 1 << 21
 
 
 def dense_rows(q_pos: torch.Tensor, width: int) -> torch.Tensor:
@@ -82,7 +96,7 @@ def index_scan(
         for pos, keys in pieces:
             for b0 in range(0, keys.shape[0], blk):
                 kb = keys[b0 : b0 + blk].float()  # [n, d]
-                dots = kb @ qf.t()  # [n, h]
+                dots = onednn_linear(kb, qf) if onednn_fp32_ok(kb, qf) else kb @ qf.t()  # [n, h]
                 dots.relu_()
                 o = pos - start + b0
                 torch.mv(dots, w1, out=out[0, o : o + kb.shape[0]])
@@ -98,7 +112,8 @@ def index_scan(
         for pos, keys in pieces:
             for b0 in range(0, keys.shape[0], blk):
                 kb = keys[b0 : b0 + blk].float()  # [n, d]
-                dots = (qr @ kb.t()).view(n_rows, h, kb.shape[0])  # [rows, h, n]
+                dots = onednn_linear(qr, kb) if onednn_fp32_ok(qr, kb) else qr @ kb.t()  # [rows*h, n]
+                dots = dots.view(n_rows, h, kb.shape[0])  # [rows, h, n]
                 dots.relu_()
                 o = pos - start + b0
                 out[r0 : r0 + n_rows, o : o + kb.shape[0]] = dots.mul_(wr).sum(1)
@@ -315,7 +330,14 @@ def attend_gathered(
     probs = torch.softmax(scores, dim=-1, out=_scratch(workspace, "probs", scores, scores.shape))
     if probs.dtype != kv.dtype:
         probs = probs.to(kv.dtype)
-    return torch.bmm(probs, kv[..., :latent_dim], out=out)
+    lat = kv[..., :latent_dim]  # [C, K, c]
+    if kv.device.type != "cpu" or h * kv.shape[1] * latent_dim < PER_ROW_MIN_MACS:
+        return torch.bmm(probs, lat, out=out)
+    if out is None:
+        out = probs.new_empty(n, h, latent_dim)
+    for c in range(n):  # per row: 1.15-1.2x the batched product on CPU (module doc)
+        torch.mm(probs[c], lat[c], out=out[c])
+    return out
 
 
 # ---------------------------------------------------------------------- attention over runs in place
@@ -526,6 +548,84 @@ def dense_prefill_flash(
         lse = new
     assert out is not None
     return out[..., :vd].transpose(0, 1).to(dt)
+
+
+# ---------------------------------------------------------------------- dense prefill (oneDNN, per head)
+def onednn_prefill_ok(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `dense_prefill_onednn` runs its GEMMs at oneDNN's rate here: CPU tensors, fp32 where oneDNN
+    measured faster than the BLAS (engine/cpu.py), bf16 where the CPU has native bf16 GEMMs."""
+    if device.type != "cpu":
+        return False
+    if dtype == torch.float32:
+        return fp32_linear_via_onednn()
+    return dtype == torch.bfloat16 and cpu_has_bf16_gemm()
+
+
+def dense_prefill_onednn(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    lat: torch.Tensor,
+    rope: torch.Tensor,
+    kv_b: Callable[[torch.Tensor], torch.Tensor],
+    start: int,
+    scale: float,
+    key_block: int = 512,
+    query_block: int = 256,
+) -> torch.Tensor:
+    """`dense_prefill_tiled`'s result with both products of every tile as one oneDNN GEMM per head (CPU).
+
+    q_nope [T, h, nope], q_rope [T, h, r], lat [S, c], rope [S, r] with S = start + T, kv_b: the layer's
+    kv_b_proj → [T, h, v]. Keys are expanded `key_block` at a time into per-head contiguous K [h, B, qk]
+    and V^T [h, v, B] (oneDNN's fast kernels want a contiguous weight operand; a strided one takes its
+    reference loop); for each head and query block of `query_block` rows, scores = Q_h K_h^T and P V_h
+    are `onednn_linear` calls (on AMD CPUs, where MKL skips its AVX-512 kernels, 2x the fp32 rate of
+    `bmm`), with an online softmax in fp32 between them (exp2 on log2-scaled scores). Tiles above the
+    diagonal are skipped, tiles that straddle it trimmed to the keys some row sees and masked. Same result
+    as `dense_prefill` on the expanded K/V, up to summation order."""
+    t, h, nope = q_nope.shape
+    r = q_rope.shape[-1]
+    s = lat.shape[0]
+    dt = lat.dtype
+    dev = lat.device
+    q = (torch.cat([q_nope.to(dt), q_rope.to(dt)], dim=-1) * (scale * LOG2E)).transpose(0, 1).contiguous()
+    m = torch.full((h, t, 1), NEG_INF, dtype=torch.float32, device=dev)  # running max, log2 units
+    l_sum = torch.zeros(h, t, 1, dtype=torch.float32, device=dev)
+    acc: torch.Tensor | None = None  # [h, T, v] fp32
+    q_pos = start + torch.arange(t, device=dev)  # [T]
+    for b0 in range(0, s, key_block):
+        b1 = min(s, b0 + key_block)
+        n = b1 - b0
+        kv = kv_b(lat[b0:b1]).view(n, h, -1)  # [B, h, nope + v]
+        if acc is None:
+            acc = torch.zeros(h, t, kv.shape[-1] - nope, dtype=torch.float32, device=dev)
+        k = torch.empty(h, n, nope + r, dtype=dt, device=dev)  # K_h: k_nope | shared rope key
+        k[..., :nope] = kv[..., :nope].transpose(0, 1)
+        k[..., nope:] = rope[b0:b1]
+        v_t = kv[..., nope:].permute(1, 2, 0).contiguous()  # [h, v, B]
+        first = max(0, b0 - start)  # first query row that sees key b0
+        for r0 in range(first - first % query_block, t, query_block):
+            r1 = min(t, r0 + query_block)
+            j1 = min(n, start + r1 - b0)  # keys of the block that some row of the query block sees
+            future = None
+            if b0 + j1 - 1 > start + r0:  # the tile reaches past some row's position: causal mask
+                future = torch.arange(b0, b0 + j1, device=dev)[None, :] > q_pos[r0:r1, None]  # [R, J]
+            for hh in range(h):
+                vh = v_t[hh] if j1 == n else v_t[hh, :, :j1].contiguous()  # (contiguous for oneDNN)
+                sc = onednn_linear(q[hh, r0:r1], k[hh, :j1])  # [R, J]
+                if sc.dtype != torch.float32:
+                    sc = sc.float()
+                if future is not None:
+                    sc.masked_fill_(future, NEG_INF)
+                mb, lb, ab = m[hh, r0:r1], l_sum[hh, r0:r1], acc[hh, r0:r1]
+                m_new = torch.maximum(mb, sc.amax(dim=-1, keepdim=True))
+                corr = (mb - m_new).exp2_()
+                probs = sc.sub_(m_new).exp2_()
+                lb.mul_(corr).add_(probs.sum(dim=-1, keepdim=True))
+                pv = onednn_linear(probs if dt == torch.float32 else probs.to(dt), vh)  # [R, v]
+                ab.mul_(corr).add_(pv)
+                mb.copy_(m_new)
+    assert acc is not None, "dense_prefill_onednn: no keys"
+    return (acc / l_sum).transpose(0, 1).to(dt)
 
 
 # ---------------------------------------------------------------------- dense decode (long contexts)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from longcat2.devices import cpu_has_bf16_gemm
 from longcat2.engine.kernels import (
+    PER_ROW_MIN_MACS,
     dense_decode,
     dense_prefill,
     dense_prefill_flash,
+    dense_prefill_onednn,
     dense_prefill_tiled,
     dense_rows,
     gather_attention,
@@ -86,11 +89,13 @@ def test_bf16_two_pass_scan_selects_exactly_the_fp32_set(seed: int) -> None:
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("size", ["small", "large"])
 @pytest.mark.parametrize("linear", ["blas", "onednn"])
 def test_gather_attention_matches_model_sparse_core(
-    linear: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    linear: str, size: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
-    """Both fp32 scoring paths (bmm, and oneDNN per row where it is the faster fp32 GEMM: engine/cpu.py)."""
+    """Both fp32 scoring paths (bmm, and oneDNN per row where it is the faster fp32 GEMM: engine/cpu.py),
+    and both P·V paths (batched for small rows, one mm per row from PER_ROW_MIN_MACS on CPU)."""
     from longcat2.engine import cpu
 
     if linear == "onednn" and not torch.backends.mkldnn.is_available():
@@ -99,22 +104,24 @@ def test_gather_attention_matches_model_sparse_core(
     cpu.fp32_linear_via_onednn.cache_clear()
     request.addfinalizer(cpu.fp32_linear_via_onednn.cache_clear)  # later tests measure again
     torch.manual_seed(2)
-    r, h, c, rr, p, k = 6, 4, 32, 8, 200, 50
-    ql, qr = torch.randn(r, h, c), torch.randn(r, h, rr)
+    r, h, c, rr, p, k = (6, 4, 32, 8, 200, 50) if size == "small" else (3, 16, 512, 8, 600, 256)
+    assert (h * k * c >= PER_ROW_MIN_MACS) == (size == "large")
+    ql, qr = torch.randn(r, h, c) * (32 / c) ** 0.5, torch.randn(r, h, rr)  # (scores of the same spread)
+    tol = dict(rtol=1e-5, atol=1e-6 if size == "small" else 1e-5)  # (sums over 512 vs 32 latents)
     lat, rope = torch.randn(p, c), torch.randn(p, rr)
     slots = torch.randint(0, p, (r, k))
     slots[0, 40:] = -1
     ref = sparse_mla_attention(ql[None], qr[None], lat[None], rope[None], slots[None], 0.3)[0]
     pool = torch.cat([lat, rope], dim=-1)  # [P, c + r]: the cache's layout
     got = gather_attention(ql, qr, pool, slots, 0.3)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, ref, **tol)
     got_chunked = gather_attention(ql, qr, pool, slots, 0.3, max_elems=k * (c + rr + h))
     ws: dict = {}  # reused gather buffers: same result, and again when the buffers are reused (2nd call)
     for _ in range(2):
         got_ws = gather_attention(ql, qr, pool, slots, 0.3, max_elems=k * (c + rr + h), workspace=ws)
         torch.testing.assert_close(got_ws, got_chunked, rtol=0, atol=0)
     assert ws
-    torch.testing.assert_close(got_chunked, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_chunked, ref, **tol)
 
 
 @pytest.mark.parametrize("t,cuts", [(1, [130]), (5, [64, 100]), (3, [])])
@@ -166,7 +173,7 @@ def test_dense_prefill_matches_sdpa(start: int) -> None:
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel", ["tiled", "flash"])
+@pytest.mark.parametrize("kernel", ["tiled", "flash", "onednn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("start,t,key_block,query_block", [(0, 50, 16, 8), (37, 20, 8, 16), (70, 33, 32, 7)])
 def test_dense_prefill_from_latents_matches_plain(
@@ -174,7 +181,8 @@ def test_dense_prefill_from_latents_matches_plain(
 ) -> None:
     """The latent kernels against the plain expanded path: the tiled one (keys expanded per block, online
     softmax; blocks straddling the diagonal, partial last blocks, query blocks skipped for early keys) and
-    the CPU flash one (key blocks before the chunk merged by log-sum-exp, the chunk itself causal)."""
+    the CPU flash one (key blocks before the chunk merged by log-sum-exp, the chunk itself causal), and the
+    per-head oneDNN one (tiles trimmed at the diagonal, query blocks skipped for early keys)."""
     torch.manual_seed(5)
     h, nope, r, dv, c = 3, 12, 4, 8, 16
     s = start + t
@@ -187,6 +195,12 @@ def test_dense_prefill_from_latents_matches_plain(
     ref = dense_prefill(q.float(), k.float(), kv[..., nope:].float(), start, 0.3)
     if kernel == "tiled":
         got = dense_prefill_tiled(
+            q_nope, q_rope, lat, rope, lambda x: x @ w_kv.t(), start, 0.3, key_block, query_block
+        )
+    elif kernel == "onednn":
+        if not torch.backends.mkldnn.is_available() or (dtype == torch.bfloat16 and not cpu_has_bf16_gemm()):
+            pytest.skip("no oneDNN kernel for this dtype on this CPU")
+        got = dense_prefill_onednn(
             q_nope, q_rope, lat, rope, lambda x: x @ w_kv.t(), start, 0.3, key_block, query_block
         )
     else:

@@ -101,10 +101,10 @@ def test_chunked_prefill_equals_one_shot(chunk: int) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("prefill_kernel", ["flash", "tiled", "plain"])
+@pytest.mark.parametrize("prefill_kernel", ["onednn", "flash", "tiled", "plain"])
 def test_dense_kernels_long_rows_and_expanded_form(prefill_kernel: str) -> None:
-    """Models without LSA: online-softmax dense decode and expanded-form prefill (the CPU flash and tiled
-    kernels and the plain reference) agree with the model."""
+    """Models without LSA: online-softmax dense decode and expanded-form prefill (the per-head oneDNN, CPU
+    flash and tiled kernels and the plain reference) agree with the model."""
     model = _model("tiny-flash")
     ids = torch.randint(4, 512, (90,)).tolist()
     with torch.no_grad():
@@ -116,6 +116,28 @@ def test_dense_kernels_long_rows_and_expanded_form(prefill_kernel: str) -> None:
     torch.testing.assert_close(last, full[85], rtol=0, atol=ATOL)
     out = runner.forward([Segment(seq, torch.tensor(ids[86:89]), 86, "all")])  # 3 rows: long dense decode
     torch.testing.assert_close(out.logits[0], full[86:89], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("prefill_kernel", ["onednn", "tiled"])
+def test_lsa_chunk_straddling_index_topk_attends_its_dense_rows_expanded(prefill_kernel: str) -> None:
+    """One 150-row chunk of an LSA model (index_topk 64): rows 0-63 see <= index_topk keys and attend in
+    the expanded form (kv_b_proj runs: the sparse path never calls it), rows 64-149 over their top-k;
+    every row's logits equal the model's."""
+    model = _model("tiny")
+    assert model.config.index_topk == 64
+    ids = torch.randint(4, 512, (150,)).tolist()
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))[0]
+    runner = ModelRunner(model, block_size=16)
+    runner.attention.prefill_kernel = prefill_kernel
+    seq = runner.new_sequence(ids)
+    expanded = []
+    mla = model.model.layers[0].self_attn[0]
+    hook = mla.kv_b_proj.register_forward_hook(lambda m, a, out: expanded.append(a[0].shape[0]))
+    out = runner.forward([Segment(seq, torch.tensor(ids), 0, "all")])
+    hook.remove()
+    assert sum(expanded) == 64  # the latents of the 64 dense rows' keys, expanded once
+    torch.testing.assert_close(out.logits[0], full, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("short_kernel", ["runs", "gather"])
