@@ -53,6 +53,7 @@ from longcat2.engine.kernels import (
     lsa_rows,
     onednn_prefill_ok,
     run_attention,
+    window_attention,
 )
 from longcat2.model.attention import MLA, MLAProjection
 
@@ -77,6 +78,9 @@ class AttentionSettings:
     # (kernels.dense_prefill_tiled) | "plain" (kernels.dense_prefill)
     prefill_kernel: str = "auto"
     short_kernel: str = "gather"  # short dense segments: "gather" (batched) | "runs" (kernels.run_attention)
+    # segments with at least this many LSA rows share their sink + local-window part per query block
+    # (kernels.window_attention); fewer (decode) gather each row's whole selection
+    window_min_rows: int = 16
     workspace: dict = field(default_factory=dict)  # reused gather buffers (kernels.gather_attention)
 
 
@@ -88,6 +92,8 @@ class _Plan:
         default_factory=list
     )  # (row offset, T, blocks, start)
     long_rows: list[tuple[int, SeqBlocks, int]] = field(default_factory=list)  # (row, blocks, visible keys)
+    # LSA rows with a shared sink + window part: (row offset, T, blocks, pool rows of the dynamic picks)
+    windowed: list[tuple[int, int, SeqBlocks, torch.Tensor]] = field(default_factory=list)
     runs: list[tuple[int, int, int, list[tuple[int, int]]]] = field(
         default_factory=list
     )  # (row offset, T, start, [(first pool row, length)] of the keys' runs)
@@ -169,10 +175,14 @@ class StepContext:
         plan = self._plan(selection)
         kv_pool, lat_pool, rope_pool = cache.kv[lid], cache.latent[lid], cache.rope[lid]
         q_nope, q_rope = p.q_nope[0], p.q_rope[0]  # [N, h, nope], [N, h, r]
-        if plan.runs and plan.slots is None and not plan.expanded and not plan.long_rows:
+        if plan.runs and plan.slots is None and not (plan.expanded or plan.long_rows or plan.windowed):
             # common CPU case (short dense decode): every segment attends over its runs in place
             return mla.unabsorb(self._run_attention(mla, plan.runs, mla.absorb(q_nope), q_rope))[None]
-        if plan.slots is not None and plan.rows is None and not plan.expanded and not plan.long_rows:
+        if (
+            plan.slots is not None
+            and plan.rows is None
+            and not (plan.expanded or plan.long_rows or plan.windowed)
+        ):
             # common case (decode, LSA prefill): every row attends over explicit slots
             o_lat = gather_attention(
                 mla.absorb(q_nope),
@@ -202,6 +212,22 @@ class StepContext:
                 workspace=self.settings.workspace,
             )  # [R, h, c]
             out[rows] = mla.unabsorb(o_lat).to(out.dtype)
+        cfg = self.settings.cfg
+        for off, t, blocks, dyn in plan.windowed:
+            sl = slice(off, off + t)
+            o_lat = window_attention(
+                mla.absorb(q_nope[sl]),
+                q_rope[sl],
+                kv_pool,
+                self.positions[sl],
+                lambda pos, blocks=blocks: cache.slots(blocks, pos),
+                dyn,
+                cfg.index_init_tokens,
+                cfg.index_local_tokens,
+                mla.softmax_scale,
+                workspace=self.settings.workspace,
+            )  # [T, h, c]
+            out[sl] = mla.unabsorb(o_lat).to(out.dtype)
         for off, t, blocks, start in plan.expanded:
             end = start + t
             lat = cache.read(lat_pool, blocks, 0, end).to(q_nope.dtype)  # [S, c]
@@ -334,9 +360,14 @@ class StepContext:
                     n_dense = 0
                 if n_dense:
                     plan.expanded.append((off, n_dense, blocks, start))
-                if n_dense < t:
+                lsa = s_sel[n_dense:]  # [T', K]
+                if n_dense < t and self._windowed(lsa, start + n_dense):
+                    init, local = st.cfg.index_init_tokens, st.cfg.index_local_tokens
+                    dyn = st.cache.slots(blocks, lsa[:, init : lsa.shape[1] - local])
+                    plan.windowed.append((off + n_dense, t - n_dense, blocks, dyn))
+                elif n_dense < t:
                     rows.append((off + n_dense, t - n_dense))
-                    slots.append(st.cache.slots(blocks, s_sel[n_dense:]))
+                    slots.append(st.cache.slots(blocks, lsa))
             elif t >= st.expanded_min_rows and self._expanded_better(t):
                 plan.expanded.append((off, t, blocks, start))
             elif end <= st.dense_gather_max and st.short_kernel == "runs":
@@ -358,6 +389,20 @@ class StepContext:
                 plan.rows = torch.cat([torch.arange(o, o + t, device=dev) for o, t in rows])
         self.plans[key] = (sel, plan)
         return plan
+
+    def _windowed(self, sel: torch.Tensor, first: int) -> bool:
+        """Whether LSA rows at positions first.. with selection sel [T, K] take `window_attention`: enough
+        rows, and every row is sink ∪ dynamic ∪ its local window (checked, not assumed: HI rows or another
+        selection rule fall back to the gathered path)."""
+        cfg = self.settings.cfg
+        t, k = sel.shape
+        init, local = cfg.index_init_tokens, cfg.index_local_tokens
+        if t < self.settings.window_min_rows or local == 0 or k != cfg.index_topk or init + local >= k:
+            return False
+        dev = sel.device
+        sink_ok = torch.equal(sel[:, :init], torch.arange(init, device=dev).expand(t, init))
+        window = first + torch.arange(t, device=dev)[:, None] - local + 1 + torch.arange(local, device=dev)
+        return sink_ok and torch.equal(sel[:, k - local :], window)
 
     def _expanded_better(self, t: int) -> bool:
         """Expanded MLA costs S·c·h·(nope+v) to expand keys plus T·S·h·(qk+v); absorbed T·S·h·(2c+r)."""

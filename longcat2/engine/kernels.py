@@ -340,6 +340,91 @@ def attend_gathered(
     return out
 
 
+# ---------------------------------------------------------------------- LSA prefill rows: shared window
+def window_attention(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_pool: torch.Tensor,
+    q_pos: torch.Tensor,
+    pool_slots: Callable[[torch.Tensor], torch.Tensor],
+    dyn_slots: torch.Tensor,
+    init: int,
+    local: int,
+    scale: float,
+    query_block: int = 64,
+    workspace: dict | None = None,
+) -> torch.Tensor:
+    """`gather_attention` for consecutive LSA rows whose selection is sink ∪ dynamic ∪ local window, with
+    the forced part shared by a block of queries.
+
+    q_latent [R, h, c], q_rope [R, h, r], kv_pool [P, c + r]; q_pos [R]: consecutive ascending positions,
+    each seeing more than index_topk keys (so the three parts are disjoint); pool_slots: positions → pool
+    rows (the sequence's block table); dyn_slots [R, kd]: pool rows of each row's dynamic picks (-1 =
+    empty) → attended latents [R, h, c]. Per block of `query_block` rows, the sink and the union of the
+    rows' local windows (init + local + rows - 1 keys, contiguous positions) are gathered once and scored
+    as one [rows*h, c + r] x [c + r, W] GEMM and one P·V GEMM over a transposed copy of their latents
+    (both at the GEMM rate of big operands: through oneDNN in fp32 where it beats the BLAS), with each
+    row's band (its own window) masked; only the dynamic picks go through the per-row gathered products.
+    One softmax over both parts (log2 units, exp2). The band costs (rows - 1) / (init + local) extra
+    FLOPs in the shared part."""
+    rows, h, c = q_latent.shape
+    dt = kv_pool.dtype
+    dev = kv_pool.device
+    q = torch.cat([q_latent.to(dt), q_rope.to(dt)], dim=-1)  # [R, h, c + r]
+    score_scale = scale * LOG2E  # scores in log2 units (exp2 below)
+    if dt == torch.float32:
+        q.mul_(score_scale)  # folded into the queries (in bf16 the fp32 scores are scaled instead)
+        score_scale = 1.0
+    out = q_latent.new_empty(rows, h, c, dtype=dt)
+    sink = torch.arange(init, device=dev)
+    for r0 in range(0, rows, query_block):
+        r1 = min(rows, r0 + query_block)
+        n = r1 - r0
+        pos = q_pos[r0:r1]  # [n]
+        p0, p1 = int(pos[0]), int(pos[-1])
+        w_pos = torch.cat([sink, torch.arange(p0 - local + 1, p1 + 1, device=dev)])  # [W]
+        kv_w = torch.index_select(kv_pool, 0, pool_slots(w_pos))  # [W, c + r]
+        qb = q[r0:r1].reshape(n * h, -1)  # [n*h, c + r]
+        s_w = (onednn_linear(qb, kv_w) if onednn_fp32_ok(qb, kv_w) else qb @ kv_w.t()).float()  # [n*h, W]
+        s_w = s_w.view(n, h, -1)
+        if score_scale != 1.0:
+            s_w.mul_(score_scale)
+        hidden = (w_pos[None, :] > pos[:, None]) | (
+            (w_pos[None, :] <= pos[:, None] - local) & (w_pos[None, :] >= init)
+        )  # [n, W]: outside each row's sink ∪ window
+        s_w.masked_fill_(hidden[:, None], NEG_INF)
+        kv_d, invalid = gather_rows(kv_pool, dyn_slots[r0:r1], workspace)  # [n, kd, c + r]
+        s_d = _scratch(workspace, "scores", kv_d, (n, h, kv_d.shape[1]))
+        if onednn_fp32_ok(qb, kv_d[0]):
+            for i in range(n):
+                s_d[i] = onednn_linear(q[r0 + i], kv_d[i])  # [h, kd]
+        else:
+            torch.bmm(q[r0:r1], kv_d.transpose(1, 2), out=s_d)
+        s_d = s_d.float()
+        if score_scale != 1.0:
+            s_d.mul_(score_scale)
+        if invalid is not None:
+            s_d.masked_fill_(invalid, NEG_INF)
+        m = torch.maximum(s_w.amax(dim=-1, keepdim=True), s_d.amax(dim=-1, keepdim=True))  # [n, h, 1]
+        p_w = s_w.sub_(m).exp2_()
+        p_d = s_d.sub_(m).exp2_()
+        l_sum = p_w.sum(dim=-1, keepdim=True).add_(p_d.sum(dim=-1, keepdim=True))  # [n, h, 1]
+        lat_w_t = kv_w[:, :c].t().contiguous()  # [c, W]: the shared latents as a contiguous operand
+        pw = p_w.view(n * h, -1).to(dt)
+        o = onednn_linear(pw, lat_w_t) if onednn_fp32_ok(pw, lat_w_t) else pw @ lat_w_t.t()  # [n*h, c]
+        o = o.view(n, h, c)
+        if dt == torch.float32:
+            for i in range(n):
+                o[i].addmm_(p_d[i], kv_d[i, :, :c])  # [h, c]
+        else:
+            o = o.float()
+            p_d = p_d.to(dt)
+            for i in range(n):
+                o[i] += (p_d[i] @ kv_d[i, :, :c]).float()
+        out[r0:r1] = o.div_(l_sum)
+    return out
+
+
 # ---------------------------------------------------------------------- attention over runs in place
 def run_attention(
     q: torch.Tensor,

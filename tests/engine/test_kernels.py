@@ -20,6 +20,7 @@ from longcat2.engine.kernels import (
     lsa_rows,
     run_attention,
     select_dynamic,
+    window_attention,
 )
 from longcat2.model.lsa import force_and_mask, index_scores, select_topk, sparse_mla_attention
 
@@ -122,6 +123,33 @@ def test_gather_attention_matches_model_sparse_core(
         torch.testing.assert_close(got_ws, got_chunked, rtol=0, atol=0)
     assert ws
     torch.testing.assert_close(got_chunked, ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,query_block", [(37, 16), (5, 64)])
+def test_window_attention_equals_gathered_selection(dtype: torch.dtype, rows: int, query_block: int) -> None:
+    """Consecutive LSA rows with the shared sink + local-window part: the same result as gathering each
+    row's whole selection (sink, dynamic picks, local window), over a shuffled block table (windows cross
+    blocks; partial last query block)."""
+    torch.manual_seed(4)
+    h, c, rr, init, local, kd, p = 4, 32, 8, 4, 24, 20, 300
+    block = 16
+    table = torch.randperm(p // block)  # position block → pool block
+    pool_slots = lambda pos: table[pos // block] * block + pos % block  # noqa: E731
+    kv_pool = torch.randn(p, c + rr).to(dtype)
+    q_pos = torch.arange(120, 120 + rows)
+    sel = []
+    for pos in q_pos.tolist():  # sink, kd distinct dynamic positions of [init, pos - local], window
+        dyn = (torch.randperm(pos - local - init + 1)[:kd] + init).sort().values
+        sel.append(torch.cat([torch.arange(init), dyn, torch.arange(pos - local + 1, pos + 1)]))
+    sel = torch.stack(sel)  # [R, init + kd + local]
+    ql, qr = torch.randn(rows, h, c).to(dtype), torch.randn(rows, h, rr).to(dtype)
+    ref = gather_attention(ql, qr, kv_pool, pool_slots(sel), 0.2).float()
+    dyn_slots = pool_slots(sel[:, init : init + kd])
+    got = window_attention(ql, qr, kv_pool, q_pos, pool_slots, dyn_slots, init, local, 0.2, query_block)
+    assert got.dtype == dtype and got.shape == (rows, h, c)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), ref, **tol)
 
 
 @pytest.mark.parametrize("t,cuts", [(1, [130]), (5, [64, 100]), (3, [])])
