@@ -153,6 +153,14 @@ def onednn_fp32_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def mm_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T: through oneDNN where `onednn_fp32_ok` and the product has at least
+    ONEDNN_MIN_MACS multiply-adds (the inference linear layers' rule), else `x @ w.t()`."""
+    if x.shape[0] * w.numel() >= ONEDNN_MIN_MACS and onednn_fp32_ok(x, w):
+        return onednn_linear(x, w)
+    return x @ w.t()
+
+
 class OnednnLinear(nn.Linear):
     """An `nn.Linear` whose inference products of at least ONEDNN_MIN_MACS multiply-adds run through oneDNN
     (fp32, CPU); everything else, and every call that needs a gradient, is `F.linear`. Made by

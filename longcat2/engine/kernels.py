@@ -48,7 +48,7 @@ from collections.abc import Callable
 import torch
 
 from longcat2.devices import cpu_has_bf16_gemm
-from longcat2.engine.cpu import fp32_linear_via_onednn, onednn_fp32_ok, onednn_linear
+from longcat2.engine.cpu import ONEDNN_MIN_MACS, fp32_linear_via_onednn, mm_nt, onednn_fp32_ok, onednn_linear
 
 NEG_INF = float("-inf")
 # Online softmaxes here work in log2 units (scores x log2(e), then exp2): on CPU, torch.exp of arguments
@@ -96,7 +96,7 @@ def index_scan(
         for pos, keys in pieces:
             for b0 in range(0, keys.shape[0], blk):
                 kb = keys[b0 : b0 + blk].float()  # [n, d]
-                dots = onednn_linear(kb, qf) if onednn_fp32_ok(kb, qf) else kb @ qf.t()  # [n, h]
+                dots = mm_nt(kb, qf)  # [n, h]
                 dots.relu_()
                 o = pos - start + b0
                 torch.mv(dots, w1, out=out[0, o : o + kb.shape[0]])
@@ -112,7 +112,7 @@ def index_scan(
         for pos, keys in pieces:
             for b0 in range(0, keys.shape[0], blk):
                 kb = keys[b0 : b0 + blk].float()  # [n, d]
-                dots = onednn_linear(qr, kb) if onednn_fp32_ok(qr, kb) else qr @ kb.t()  # [rows*h, n]
+                dots = mm_nt(qr, kb)  # [rows*h, n]
                 dots = dots.view(n_rows, h, kb.shape[0])  # [rows, h, n]
                 dots.relu_()
                 o = pos - start + b0
@@ -283,6 +283,12 @@ def _scratch(workspace: dict | None, name: str, like: torch.Tensor, shape: tuple
     return buf[:n].view(shape)
 
 
+def _rows_via_onednn(q_row: torch.Tensor, kv_row: torch.Tensor) -> bool:
+    """Whether per-row score products q_row [h, d] x kv_row [K, d]^T run through oneDNN (cpu.mm_nt's
+    rule: large enough, contiguous keys, oneDNN the faster fp32 GEMM here)."""
+    return q_row.numel() * kv_row.shape[0] >= ONEDNN_MIN_MACS and onednn_fp32_ok(q_row, kv_row)
+
+
 def gather_rows(
     kv_pool: torch.Tensor, slots: torch.Tensor, workspace: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -316,7 +322,7 @@ def attend_gathered(
     in fp32."""
     n, h, _ = q.shape
     scores = _scratch(workspace, "scores", kv, (n, h, kv.shape[1]))
-    if onednn_fp32_ok(q, kv):
+    if _rows_via_onednn(q[0], kv[0]):
         for c in range(n):  # per row through oneDNN: 1.8x MKL's bmm on AMD CPUs (engine/cpu.py)
             scores[c] = onednn_linear(q[c], kv[c])  # [h, K]
     else:
@@ -385,7 +391,7 @@ def window_attention(
         w_pos = torch.cat([sink, torch.arange(p0 - local + 1, p1 + 1, device=dev)])  # [W]
         kv_w = torch.index_select(kv_pool, 0, pool_slots(w_pos))  # [W, c + r]
         qb = q[r0:r1].reshape(n * h, -1)  # [n*h, c + r]
-        s_w = (onednn_linear(qb, kv_w) if onednn_fp32_ok(qb, kv_w) else qb @ kv_w.t()).float()  # [n*h, W]
+        s_w = mm_nt(qb, kv_w).float()  # [n*h, W]
         s_w = s_w.view(n, h, -1)
         if score_scale != 1.0:
             s_w.mul_(score_scale)
@@ -395,7 +401,7 @@ def window_attention(
         s_w.masked_fill_(hidden[:, None], NEG_INF)
         kv_d, invalid = gather_rows(kv_pool, dyn_slots[r0:r1], workspace)  # [n, kd, c + r]
         s_d = _scratch(workspace, "scores", kv_d, (n, h, kv_d.shape[1]))
-        if onednn_fp32_ok(qb, kv_d[0]):
+        if _rows_via_onednn(q[r0], kv_d[0]):
             for i in range(n):
                 s_d[i] = onednn_linear(q[r0 + i], kv_d[i])  # [h, kd]
         else:
@@ -411,7 +417,7 @@ def window_attention(
         l_sum = p_w.sum(dim=-1, keepdim=True).add_(p_d.sum(dim=-1, keepdim=True))  # [n, h, 1]
         lat_w_t = kv_w[:, :c].t().contiguous()  # [c, W]: the shared latents as a contiguous operand
         pw = p_w.view(n * h, -1).to(dt)
-        o = onednn_linear(pw, lat_w_t) if onednn_fp32_ok(pw, lat_w_t) else pw @ lat_w_t.t()  # [n*h, c]
+        o = mm_nt(pw, lat_w_t)  # [n*h, c]
         o = o.view(n, h, c)
         if dt == torch.float32:
             for i in range(n):
