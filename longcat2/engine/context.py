@@ -58,6 +58,11 @@ from longcat2.engine.kernels import (
 from longcat2.model.attention import MLA, MLAProjection
 
 HI_SCORE_ELEMS = 1 << 22  # coarse page scores per HI call (a reusable buffer, not fresh pages)
+# windowed LSA rows are absorbed, attended and unabsorbed this many at a time: whole-chunk latent queries
+# and outputs (at LongCat-2.0 dims 4,096 rows x 64 heads x 576 fp32 = 600 MB) are fresh pages every call,
+# and their first-touch page faults cost ~15 % of a 16K prefill chunk; 128-row blocks stay small enough
+# for the allocator to reuse
+WINDOW_ROWS = 128
 Selection = list[torch.Tensor | None]  # per segment: selected positions [T, K] (-1 = empty) or None (dense)
 
 
@@ -214,20 +219,22 @@ class StepContext:
             out[rows] = mla.unabsorb(o_lat).to(out.dtype)
         cfg = self.settings.cfg
         for off, t, blocks, dyn in plan.windowed:
-            sl = slice(off, off + t)
-            o_lat = window_attention(
-                mla.absorb(q_nope[sl]),
-                q_rope[sl],
-                kv_pool,
-                self.positions[sl],
-                lambda pos, blocks=blocks: cache.slots(blocks, pos),
-                dyn,
-                cfg.index_init_tokens,
-                cfg.index_local_tokens,
-                mla.softmax_scale,
-                workspace=self.settings.workspace,
-            )  # [T, h, c]
-            out[sl] = mla.unabsorb(o_lat).to(out.dtype)
+            for b0 in range(0, t, WINDOW_ROWS):  # (row blocks: see WINDOW_ROWS)
+                b1 = min(t, b0 + WINDOW_ROWS)
+                sl = slice(off + b0, off + b1)
+                o_lat = window_attention(
+                    mla.absorb(q_nope[sl]),
+                    q_rope[sl],
+                    kv_pool,
+                    self.positions[sl],
+                    lambda pos, blocks=blocks: cache.slots(blocks, pos),
+                    dyn[b0:b1],
+                    cfg.index_init_tokens,
+                    cfg.index_local_tokens,
+                    mla.softmax_scale,
+                    workspace=self.settings.workspace,
+                )  # [B, h, c]
+                out[sl] = mla.unabsorb(o_lat).to(out.dtype)
         for off, t, blocks, start in plan.expanded:
             end = start + t
             lat = cache.read(lat_pool, blocks, 0, end).to(q_nope.dtype)  # [S, c]
@@ -238,7 +245,14 @@ class StepContext:
                 kernel = self._prefill_kernel(mla, lat)
             if kernel == "onednn":
                 o = dense_prefill_onednn(
-                    q_nope[sl], q_rope[sl], lat, rope, mla.kv_b_proj, start, mla.softmax_scale
+                    q_nope[sl],
+                    q_rope[sl],
+                    lat,
+                    rope,
+                    mla.kv_b_proj,
+                    start,
+                    mla.softmax_scale,
+                    workspace=self.settings.workspace,
                 )
             elif kernel == "flash":
                 o = dense_prefill_flash(

@@ -662,6 +662,7 @@ def dense_prefill_onednn(
     scale: float,
     key_block: int = 512,
     query_block: int = 256,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """`dense_prefill_tiled`'s result with both products of every tile as one oneDNN GEMM per head (CPU).
 
@@ -671,16 +672,22 @@ def dense_prefill_onednn(
     reference loop); for each head and query block of `query_block` rows, scores = Q_h K_h^T and P V_h
     are `onednn_linear` calls (on AMD CPUs, where MKL skips its AVX-512 kernels, 2x the fp32 rate of
     `bmm`), with an online softmax in fp32 between them (exp2 on log2-scaled scores). Tiles above the
-    diagonal are skipped, tiles that straddle it trimmed to the keys some row sees and masked. Same result
-    as `dense_prefill` on the expanded K/V, up to summation order."""
+    diagonal are skipped, tiles that straddle it trimmed to the keys some row sees and masked. With
+    `workspace`, the queries, K / V^T blocks and softmax state live in buffers kept there (fresh buffers of
+    hundreds of MB pay first-touch page faults every call). Same result as `dense_prefill` on the
+    expanded K/V, up to summation order."""
     t, h, nope = q_nope.shape
     r = q_rope.shape[-1]
     s = lat.shape[0]
     dt = lat.dtype
     dev = lat.device
-    q = (torch.cat([q_nope.to(dt), q_rope.to(dt)], dim=-1) * (scale * LOG2E)).transpose(0, 1).contiguous()
-    m = torch.full((h, t, 1), NEG_INF, dtype=torch.float32, device=dev)  # running max, log2 units
-    l_sum = torch.zeros(h, t, 1, dtype=torch.float32, device=dev)
+    q = _scratch(workspace, "dense_q", lat, (h, t, nope + r))  # [h, T, qk], log2-scaled
+    q[..., :nope] = q_nope.transpose(0, 1)
+    q[..., nope:] = q_rope.transpose(0, 1)
+    q.mul_(scale * LOG2E)
+    f32 = lat.new_empty(0, dtype=torch.float32)
+    m = _scratch(workspace, "dense_m", f32, (h, t, 1)).fill_(NEG_INF)  # running max, log2 units
+    l_sum = _scratch(workspace, "dense_l", f32, (h, t, 1)).zero_()
     acc: torch.Tensor | None = None  # [h, T, v] fp32
     q_pos = start + torch.arange(t, device=dev)  # [T]
     for b0 in range(0, s, key_block):
@@ -688,11 +695,12 @@ def dense_prefill_onednn(
         n = b1 - b0
         kv = kv_b(lat[b0:b1]).view(n, h, -1)  # [B, h, nope + v]
         if acc is None:
-            acc = torch.zeros(h, t, kv.shape[-1] - nope, dtype=torch.float32, device=dev)
-        k = torch.empty(h, n, nope + r, dtype=dt, device=dev)  # K_h: k_nope | shared rope key
+            acc = _scratch(workspace, "dense_acc", f32, (h, t, kv.shape[-1] - nope)).zero_()
+        k = _scratch(workspace, "dense_k", lat, (h, n, nope + r))  # K_h: k_nope | shared rope key
         k[..., :nope] = kv[..., :nope].transpose(0, 1)
         k[..., nope:] = rope[b0:b1]
-        v_t = kv[..., nope:].permute(1, 2, 0).contiguous()  # [h, v, B]
+        v_t = _scratch(workspace, "dense_vt", lat, (h, kv.shape[-1] - nope, n))  # [h, v, B]
+        v_t.copy_(kv[..., nope:].permute(1, 2, 0))
         first = max(0, b0 - start)  # first query row that sees key b0
         for r0 in range(first - first % query_block, t, query_block):
             r1 = min(t, r0 + query_block)
