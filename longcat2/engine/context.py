@@ -243,19 +243,8 @@ class StepContext:
             kernel = self.settings.prefill_kernel
             if kernel == "auto":
                 kernel = self._prefill_kernel(mla, lat)
-            if kernel == "onednn":
-                o = dense_prefill_onednn(
-                    q_nope[sl],
-                    q_rope[sl],
-                    lat,
-                    rope,
-                    mla.kv_b_proj,
-                    start,
-                    mla.softmax_scale,
-                    workspace=self.settings.workspace,
-                )
-            elif kernel == "flash":
-                o = dense_prefill_flash(
+            if kernel in ("onednn", "flash"):
+                o = (dense_prefill_onednn if kernel == "onednn" else dense_prefill_flash)(
                     q_nope[sl],
                     q_rope[sl],
                     lat,
