@@ -4,12 +4,13 @@ Both arms are the same random `tiny` model (4 MLA sublayers, N-gram, MoE), prefi
 chunks of `--chunk` tokens; the dense arm is that model with the indexers removed (`index_n_heads=0`, all
 other weights identical), so the only difference is the attention:
 
-- dense: causal attention of each chunk over every cached token in the expanded MLA form
-  (`kernels.dense_prefill`: K/V expanded through kv_b_proj, block-causal matmul/softmax/matmul) — cost
-  O(T²·h·(qk+v)).
+- dense: causal attention of each chunk over every cached token in the expanded MLA form (K/V expanded
+  through kv_b_proj per key block, online softmax; `--kernel` picks the engine's dense prefill kernel,
+  context.py) — cost O(T²·h·(qk+v)).
 - LSA: the owner's indexer scores each query against the dynamic region of the cached keys (`index_scan`,
   O(T²·h_I·d_I)), top-k with forced sink/local tokens (`lsa_rows`), then absorbed attention over the
-  index_topk selected latents (`gather_attention`) for both sublayers — O(T·k).
+  index_topk selected latents for both sublayers (`window_attention`: the sink + local window shared per
+  block of rows, the dynamic picks gathered) — O(T·k); rows that see <= index_topk keys attend densely.
 
 Memory stays bounded by the chunk: the largest temporaries are the [rows, S] indexer score block (rows
 chosen so rows·S <= 16M) and the dense arm's [h, rows, S] score tile and expanded K/V; peak RSS of each

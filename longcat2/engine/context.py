@@ -11,8 +11,11 @@ Design choices:
   index_topk keys (or the layer has no LSA), else per-query top-k (queries that still see <= index_topk
   keys get all of them, as in the model's selection). The consumer sublayer reuses the owner's selection
   (CLI); the attention plan derived from a selection is computed once per step and shared.
-- Attention forms: selected keys (sparse rows, and short dense rows) go through one batched gather +
-  absorbed MLA call for the whole step (`kernels.gather_attention`: the model's sparse core on the pool);
+- Attention forms: LSA rows of a prefill segment (at least `window_min_rows` of them, each selection
+  checked to be sink ∪ dynamic ∪ local window) share the sink + window part per block of rows
+  (`kernels.window_attention`); other selected keys (decode rows, short dense rows) go through one batched
+  gather + absorbed MLA call for the whole step (`kernels.gather_attention`: the model's sparse core on
+  the pool);
   on a CPU short dense segments (decode rows of a context <= dense_gather_max) instead attend over their
   sequence's contiguous runs in place (`kernels.run_attention`, `short_kernel="runs"`): a loop over
   segments, but no gathered copy — at batch 8 and 512 keys the gather's copy cost as much as the GEMMs

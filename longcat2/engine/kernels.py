@@ -32,6 +32,12 @@ Design choices:
   oneDNN is not the faster GEMM (its bf16 path runs at its fp32 rate); (3) elsewhere, a tiled online
   softmax with one batched GEMM over the heads per tile. Online softmaxes use exp2 on log2-scaled scores
   (see LOG2E).
+- LSA prefill rows (`window_attention`): a row's selection is its sink, its dynamic picks and its local
+  window, and consecutive rows share almost all of the sink + window part. Per block of 64 rows that part
+  (init + local + 63 keys) is gathered once and attended as one big score GEMM and one P·V GEMM over a
+  transposed copy of its latents, each row's band masked (+6 % FLOPs at LongCat-2.0's 16 + 1,024); only
+  the dynamic picks (~half of index_topk) take the per-row gathered products below. One softmax over both
+  parts. 1.2-1.3x the all-gathered form in fp32 at LongCat-2.0 dims (equal in bf16).
 - Sparse rows gather from the cache's joint [latent | rope] pool: one gather, one score GEMM over c + r.
   On CPU the products of large rows run one row at a time: the scores through oneDNN (fp32, where it
   beats the BLAS), P·V as one `mm` per row, which ran 1.15x (fp32, MKL) and 1.19x (bf16, oneDNN) the
