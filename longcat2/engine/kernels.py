@@ -675,9 +675,9 @@ def dense_prefill_onednn(
     q_nope [T, h, nope], q_rope [T, h, r], lat [S, c], rope [S, r] with S = start + T, kv_b: the layer's
     kv_b_proj → [T, h, v]. Keys are expanded `key_block` at a time into per-head contiguous K [h, B, qk]
     and V^T [h, v, B] (oneDNN's fast kernels want a contiguous weight operand; a strided one takes its
-    reference loop); for each head and query block of `query_block` rows (512: +4-7 % fp32, +8-10 % bf16
-    over 256 at 64 heads, 4K queries after 4K keys; the [512 x 512] fp32 score tile still fits a 1 MB
-    L2), scores = Q_h K_h^T and P V_h are `onednn_linear` calls (on AMD CPUs, where MKL skips its
+    reference loop); for each head and query block of `query_block` rows (512: +4-10 % over 256 in a
+    kernel microbenchmark at 64 heads, 4K queries after 4K keys, equal through the engine; the
+    [512 x 512] fp32 score tile still fits a 1 MB L2), scores = Q_h K_h^T and P V_h are `onednn_linear` calls (on AMD CPUs, where MKL skips its
     AVX-512 kernels, 2x the fp32 rate of `bmm`), with an online softmax in fp32 between them (exp2 on
     log2-scaled scores). Tiles above the
     diagonal are skipped, tiles that straddle it trimmed to the keys some row sees and masked. With
