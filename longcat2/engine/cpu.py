@@ -153,12 +153,15 @@ def onednn_fp32_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def onednn_worth(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """`onednn_fp32_ok`, and the product x [..., in] @ weight [out, in]^T has at least ONEDNN_MIN_MACS
+    multiply-adds: the one rule for routing an inference product to oneDNN (module doc)."""
+    return x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS and onednn_fp32_ok(x, weight)
+
+
 def mm_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w [N, K]^T: through oneDNN where `onednn_fp32_ok` and the product has at least
-    ONEDNN_MIN_MACS multiply-adds (the inference linear layers' rule), else `x @ w.t()`."""
-    if x.shape[0] * w.numel() >= ONEDNN_MIN_MACS and onednn_fp32_ok(x, w):
-        return onednn_linear(x, w)
-    return x @ w.t()
+    """x [M, K] @ w [N, K]^T: through oneDNN where `onednn_worth`, else `x @ w.t()`."""
+    return onednn_linear(x, w) if onednn_worth(x, w) else x @ w.t()
 
 
 class OnednnLinear(nn.Linear):
@@ -171,8 +174,7 @@ class OnednnLinear(nn.Linear):
         if (
             x.is_contiguous()
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-            and x.numel() * w.shape[0] >= ONEDNN_MIN_MACS
-            and onednn_fp32_ok(x, w)
+            and onednn_worth(x, w)
         ):
             return onednn_linear(x, w, self.bias)
         return F.linear(x, w, self.bias)

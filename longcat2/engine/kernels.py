@@ -54,7 +54,7 @@ from collections.abc import Callable
 import torch
 
 from longcat2.devices import cpu_has_bf16_gemm
-from longcat2.engine.cpu import ONEDNN_MIN_MACS, fp32_linear_via_onednn, mm_nt, onednn_fp32_ok, onednn_linear
+from longcat2.engine.cpu import fp32_linear_via_onednn, mm_nt, onednn_linear, onednn_worth
 
 NEG_INF = float("-inf")
 # Online softmaxes here work in log2 units (scores x log2(e), then exp2): on CPU, torch.exp of arguments
@@ -289,10 +289,18 @@ def _scratch(workspace: dict | None, name: str, like: torch.Tensor, shape: tuple
     return buf[:n].view(shape)
 
 
-def _rows_via_onednn(q_row: torch.Tensor, kv_row: torch.Tensor) -> bool:
-    """Whether per-row score products q_row [h, d] x kv_row [K, d]^T run through oneDNN (cpu.mm_nt's
-    rule: large enough, contiguous keys, oneDNN the faster fp32 GEMM here)."""
-    return q_row.numel() * kv_row.shape[0] >= ONEDNN_MIN_MACS and onednn_fp32_ok(q_row, kv_row)
+def _row_scores(q: torch.Tensor, kv: torch.Tensor, workspace: dict | None) -> torch.Tensor:
+    """q [C, h, d] x kv [C, K, d]^T per row → scores [C, h, K] in kv's dtype (a workspace buffer when
+    given): one oneDNN product per row where `cpu.onednn_worth` (1.8x MKL's bmm on AMD CPUs), else one
+    batched product."""
+    n = q.shape[0]
+    scores = _scratch(workspace, "scores", kv, (n, q.shape[1], kv.shape[1]))
+    if onednn_worth(q[0], kv[0]):
+        for c in range(n):
+            scores[c] = onednn_linear(q[c], kv[c])  # [h, K]
+    else:
+        torch.bmm(q, kv.transpose(1, 2), out=scores)
+    return scores
 
 
 def gather_rows(
@@ -327,12 +335,7 @@ def attend_gathered(
     key), c = latent_dim → attended latents [C, h, c] (written to `out` when given); scores and softmax
     in fp32."""
     n, h, _ = q.shape
-    scores = _scratch(workspace, "scores", kv, (n, h, kv.shape[1]))
-    if _rows_via_onednn(q[0], kv[0]):
-        for c in range(n):  # per row through oneDNN: 1.8x MKL's bmm on AMD CPUs (engine/cpu.py)
-            scores[c] = onednn_linear(q[c], kv[c])  # [h, K]
-    else:
-        torch.bmm(q, kv.transpose(1, 2), out=scores)
+    scores = _row_scores(q, kv, workspace)  # [C, h, K]
     if scores.dtype != torch.float32:
         scores = scores.float()
     if scale != 1.0:
@@ -406,13 +409,7 @@ def window_attention(
         )  # [n, W]: outside each row's sink ∪ window
         s_w.masked_fill_(hidden[:, None], NEG_INF)
         kv_d, invalid = gather_rows(kv_pool, dyn_slots[r0:r1], workspace)  # [n, kd, c + r]
-        s_d = _scratch(workspace, "scores", kv_d, (n, h, kv_d.shape[1]))
-        if _rows_via_onednn(q[r0], kv_d[0]):
-            for i in range(n):
-                s_d[i] = onednn_linear(q[r0 + i], kv_d[i])  # [h, kd]
-        else:
-            torch.bmm(q[r0:r1], kv_d.transpose(1, 2), out=s_d)
-        s_d = s_d.float()
+        s_d = _row_scores(q[r0:r1], kv_d, workspace).float()  # [n, h, kd]
         if score_scale != 1.0:
             s_d.mul_(score_scale)
         if invalid is not None:
@@ -677,10 +674,10 @@ def dense_prefill_onednn(
     and V^T [h, v, B] (oneDNN's fast kernels want a contiguous weight operand; a strided one takes its
     reference loop); for each head and query block of `query_block` rows (512: +4-10 % over 256 in a
     kernel microbenchmark at 64 heads, 4K queries after 4K keys, equal through the engine; the
-    [512 x 512] fp32 score tile still fits a 1 MB L2), scores = Q_h K_h^T and P V_h are `onednn_linear` calls (on AMD CPUs, where MKL skips its
-    AVX-512 kernels, 2x the fp32 rate of `bmm`), with an online softmax in fp32 between them (exp2 on
-    log2-scaled scores). Tiles above the
-    diagonal are skipped, tiles that straddle it trimmed to the keys some row sees and masked. With
+    [512 x 512] fp32 score tile still fits a 1 MB L2), scores = Q_h K_h^T and P V_h are `onednn_linear`
+    calls (on AMD CPUs, where MKL skips its AVX-512 kernels, 2x the fp32 rate of `bmm`), with an online
+    softmax in fp32 between them (exp2 on log2-scaled scores). Tiles above the diagonal are skipped,
+    tiles that straddle it trimmed to the keys some row sees and masked. With
     `workspace`, the queries, K / V^T blocks and softmax state live in buffers kept there (fresh buffers of
     hundreds of MB pay first-touch page faults every call). Same result as `dense_prefill` on the
     expanded K/V, up to summation order."""
