@@ -170,7 +170,9 @@ class StepContext:
                 for c0 in range(0, ps.numel(), chunk):
                     pc = ps[c0 : c0 + chunk]
                     lo, hi = init, int(pc[-1]) - local + 1  # dynamic region of the chunk's last query
-                    scores = scan_keys(cache, lid, blocks, qs[c0 : c0 + chunk], ws[c0 : c0 + chunk], lo, hi)
+                    scores = scan_keys(
+                        cache, lid, blocks, qs[c0 : c0 + chunk], ws[c0 : c0 + chunk], lo, hi, st.workspace
+                    )
                     rows.append(lsa_rows(scores, pc, topk, init, local))
             if n_hi:
                 rows.extend(rows_hi)

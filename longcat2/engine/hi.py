@@ -48,14 +48,22 @@ def hi_active(cfg: ModelConfig, q_pos: int) -> bool:
 
 
 def scan_keys(
-    cache: PagedKVCache, lid: int, blocks: SeqBlocks, q: torch.Tensor, w: torch.Tensor, lo: int, hi: int
+    cache: PagedKVCache,
+    lid: int,
+    blocks: SeqBlocks,
+    q: torch.Tensor,
+    w: torch.Tensor,
+    lo: int,
+    hi: int,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """Exact scores [T, hi - lo] of the cached index keys of positions [lo, hi) (fp8 keys dequantised a
-    block at a time; other dtypes read in place)."""
+    block at a time; other dtypes read in place). With `workspace`, the scores may be a view of a buffer
+    kept there (valid until the next call)."""
     pool = cache.index_keys[lid]
     runs = cache.runs(blocks, lo, hi)
     if not cache.index_fp8:
-        return index_scan(q, w, [(a, pool[r : r + m]) for a, r, m in runs], lo, hi)
+        return index_scan(q, w, [(a, pool[r : r + m]) for a, r, m in runs], lo, hi, workspace)
     out = torch.empty(q.shape[0], hi - lo, dtype=torch.float32, device=q.device)
     for a, r, m in runs:
         for b0 in range(0, m, DEQUANT_ROWS):

@@ -8,7 +8,9 @@ Design choices:
   disjoint and always in, so only the *dynamic* region [init, q - local] is scored and a top-(topk - init -
   local) is taken there. One `topk(kd + 1)` both selects and proves there is no tie at the boundary
   (value kd > value kd+1); only rows with a boundary tie take the exact slow path. This is the same set the
-  model's +inf/-inf masking and tie procedure produce, at the cost of one top-k.
+  model's +inf/-inf masking and tie procedure produce, at the cost of one top-k. On CPU the same rule runs
+  as a radix select in C where a compiler is present (`native.select_topk`: 2-4.6x `torch.topk`'s heap
+  on the embedded model's indexer scores at 20K keys, tie rule included, no sort and no masking pass).
 - Indexer scan: keys are read in place from the pool's contiguous runs, in blocks sized to keep the
   [block, T*h] dot-product tile in L2 (scoring a long context in one GEMM would spill a T*h-times larger
   intermediate to memory). Keys are promoted to fp32 per block, so bf16 keys give the fp32 reference
@@ -54,6 +56,7 @@ from collections.abc import Callable
 import torch
 
 from longcat2.devices import cpu_has_bf16_gemm
+from longcat2.engine import native
 from longcat2.engine.cpu import fp32_linear_via_onednn, mm_nt, onednn_linear, onednn_worth
 
 NEG_INF = float("-inf")
@@ -72,6 +75,10 @@ SCAN_ROWS = 256
 EXPAND_ROWS = 256
 # gathered rows' P·V products of at least this many multiply-adds run as one mm per row on CPU (module doc)
 PER_ROW_MIN_MACS = 1 << 21
+# indexer head dims up to which the C scan (native.index_scores) runs instead of GEMM + ReLU/weight/sum
+# passes: 1.6x at the embedded model's 4 x 16 (the passes dominate a 16-deep GEMM), 0.3x at LongCat-2.0's
+# 64 x 128, where oneDNN's GEMM is the faster product
+NATIVE_SCAN_MAX_DIM = 32
 
 
 def dense_rows(q_pos: torch.Tensor, width: int) -> torch.Tensor:
@@ -88,14 +95,33 @@ def index_scan(
     pieces: list[tuple[int, torch.Tensor]],
     start: int,
     end: int,
+    workspace: dict | None = None,
 ) -> torch.Tensor:
     """Exact fp32 indexer scores of keys at positions [start, end).
 
     q [T, h, d] (any float dtype), w [T, h] fp32 (scale folded in), pieces = [(first position, keys [n, d])]
-    covering [start, end) in order (views into the pool). → scores [T, end - start] fp32."""
+    covering [start, end) in order (views into the pool). → scores [T, end - start] fp32 (with
+    `workspace`, a view of a buffer kept there: a fresh one of tens of MB per chunk pays its page faults
+    on every call, 1.7 s of the embedded model's 29K-token prefill)."""
+    t, _, d = q.shape
+    out = _scratch(workspace, "index_scores", q.new_empty(0, dtype=torch.float32), (t, end - start))
+    if d <= NATIVE_SCAN_MAX_DIM and native.index_scores(q, w, pieces, start, end, out) is not None:
+        return out
+    return index_scan_torch(q, w, pieces, start, end, out)
+
+
+def index_scan_torch(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    pieces: list[tuple[int, torch.Tensor]],
+    start: int,
+    end: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """`index_scan` in PyTorch ops, into out [T, end - start] fp32 (the reference for
+    `native.index_scores`, and the path on other devices and for wide indexer heads)."""
     t, h, d = q.shape
     qf = q.float().reshape(t * h, d)  # [T*h, d]
-    out = torch.empty(t, end - start, dtype=torch.float32, device=q.device)
     blk = max(256, SCAN_TILE_ELEMS // (t * h))
     if t == 1:
         w1 = w.reshape(h).float()
@@ -143,6 +169,18 @@ def select_dynamic(scores: torch.Tensor, kd: int) -> torch.Tensor:
     t, r = scores.shape
     if kd <= 0:
         return scores.new_zeros(t, 0, dtype=torch.long)
+    picked = native.select_topk(scores, kd)  # the same rule as a radix select in C, where it applies
+    if picked is not None:
+        return picked
+    return select_dynamic_torch(scores, kd)
+
+
+def select_dynamic_torch(scores: torch.Tensor, kd: int) -> torch.Tensor:
+    """`select_dynamic` in PyTorch ops (the reference for `native.select_topk`, and the path on other
+    devices)."""
+    t, r = scores.shape
+    if kd <= 0:
+        return scores.new_zeros(t, 0, dtype=torch.long)
     vals, idx = scores.topk(min(kd + 1, r), dim=-1)  # [T, kd+1], descending
     idx = idx[:, :kd]
     if r > kd:
@@ -158,19 +196,28 @@ def lsa_rows(scores: torch.Tensor, q_pos: torch.Tensor, topk: int, init: int, lo
     """Selection for queries that see more than `topk` keys.
 
     scores [T, R]: exact scores of key positions init .. init + R - 1 (the dynamic region of the last
-    row; overwritten: non-candidates become -inf); q_pos [T] ascending, every q_pos >= topk. Column j is a
-    candidate of row i iff init + j <= q_pos[i] - local. → positions [T, topk] ascending."""
+    row; the PyTorch path overwrites non-candidates with -inf); q_pos [T] ascending, every q_pos >= topk.
+    Column j is a candidate of row i iff init + j <= q_pos[i] - local. → positions [T, topk] ascending."""
     t, r = scores.shape
     kd = topk - init - local
     limit = q_pos - local - init  # last candidate column per row
+    dyn = native.select_topk(scores, kd, limit) if kd > 0 else None  # C: candidates bounded by `limit`
+    if dyn is None:
+        dyn = _masked_select(scores, limit, kd)
+    dyn = dyn + init
+    sink = torch.arange(init, device=scores.device).expand(t, init)
+    loc = q_pos[:, None] - local + 1 + torch.arange(local, device=scores.device)
+    return torch.cat([sink, dyn, loc], dim=1)
+
+
+def _masked_select(scores: torch.Tensor, limit: torch.Tensor, kd: int) -> torch.Tensor:
+    """Columns > limit[i] of row i become -inf, then `select_dynamic_torch`."""
+    r = scores.shape[1]
     first_masked = int(limit.min()) + 1
     if first_masked < r:  # only the tail columns differ between rows (masked in place)
         cols = torch.arange(first_masked, r, device=scores.device)
         scores[:, first_masked:].masked_fill_(cols[None, :] > limit[:, None], NEG_INF)
-    dyn = select_dynamic(scores, kd) + init
-    sink = torch.arange(init, device=scores.device).expand(t, init)
-    loc = q_pos[:, None] - local + 1 + torch.arange(local, device=scores.device)
-    return torch.cat([sink, dyn, loc], dim=1)
+    return select_dynamic_torch(scores, kd)
 
 
 # ---------------------------------------------------------------------- bf16 two-pass decode scan
@@ -263,6 +310,11 @@ def gather_attention(
     h, c = q_latent.shape[1:]
     dt = kv_pool.dtype
     q = torch.cat([q_latent.to(dt), q_rope.to(dt)], dim=-1)  # [R, h, c + r]
+    if h * k * c < PER_ROW_MIN_MACS:  # small rows on CPU: the C kernel reads the keys in place
+        fused = native.slot_attend(q, kv_pool, slots, c, scale * LOG2E)
+        if fused is not None:
+            o, _, l_sum = fused
+            return o.div_(l_sum[..., None]).to(dt)
     score_scale = scale
     if dt == torch.float32:
         q.mul_(scale)  # scale folded into the queries: no pass over the scores
@@ -408,6 +460,20 @@ def window_attention(
             (w_pos[None, :] <= pos[:, None] - local) & (w_pos[None, :] >= init)
         )  # [n, W]: outside each row's sink ∪ window
         s_w.masked_fill_(hidden[:, None], NEG_INF)
+        lat_w_t = kv_w[:, :c].t().contiguous()  # [c, W]: the shared latents as a contiguous operand
+        fused = None
+        if h * dyn_slots.shape[1] * c < PER_ROW_MIN_MACS:  # small rows: the C kernel, no gathered copy
+            fused = native.slot_attend(q[r0:r1], kv_pool, dyn_slots[r0:r1], c, score_scale)
+        if fused is not None:  # merge two softmax blocks: the shared window's and the dynamic picks'
+            o_d, m_d, l_d = fused  # [n, h, c], [n, h], [n, h]
+            m_w = s_w.amax(dim=-1, keepdim=True)  # [n, h, 1]: finite (a row sees its own position)
+            p_w = s_w.sub_(m_w).exp2_()
+            o_w = mm_nt(p_w.view(n * h, -1).to(dt), lat_w_t).view(n, h, c).float()
+            m = torch.maximum(m_w, m_d[..., None])
+            a_w, a_d = (m_w - m).exp2_(), (m_d[..., None] - m).exp2_()
+            l_sum = p_w.sum(dim=-1, keepdim=True).mul_(a_w).add_(l_d[..., None].mul_(a_d))
+            out[r0:r1] = o_w.mul_(a_w).add_(o_d.mul_(a_d)).div_(l_sum)
+            continue
         kv_d, invalid = gather_rows(kv_pool, dyn_slots[r0:r1], workspace)  # [n, kd, c + r]
         s_d = _row_scores(q[r0:r1], kv_d, workspace).float()  # [n, h, kd]
         if score_scale != 1.0:
@@ -418,11 +484,15 @@ def window_attention(
         p_w = s_w.sub_(m).exp2_()
         p_d = s_d.sub_(m).exp2_()
         l_sum = p_w.sum(dim=-1, keepdim=True).add_(p_d.sum(dim=-1, keepdim=True))  # [n, h, 1]
-        lat_w_t = kv_w[:, :c].t().contiguous()  # [c, W]: the shared latents as a contiguous operand
         pw = p_w.view(n * h, -1).to(dt)
         o = mm_nt(pw, lat_w_t)  # [n*h, c]
         o = o.view(n, h, c)
-        if dt == torch.float32:
+        if h * kv_d.shape[1] * c < PER_ROW_MIN_MACS:  # small rows (no C kernel): one batched product
+            if dt == torch.float32:
+                o.baddbmm_(p_d, kv_d[..., :c])
+            else:
+                o = o.float().add_(torch.bmm(p_d.to(dt), kv_d[..., :c]).float())
+        elif dt == torch.float32:
             for i in range(n):
                 o[i].addmm_(p_d[i], kv_d[i, :, :c])  # [h, c]
         else:

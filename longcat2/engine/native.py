@@ -1,0 +1,659 @@
+"""Optional compiled CPU kernels: C built on first use with the system's C compiler, called through ctypes.
+
+Design choices:
+- Only what PyTorch ops cannot do at the machine's speed goes here: the parts of LSA that are not GEMMs
+  at small head counts, where an op per pass over memory costs more than the arithmetic. Measured on the
+  embedded model's 29K-token prefill (4 heads, 4 x 16 indexer), where they took three quarters of it:
+  - `select_topk`: the kd largest indexer scores of each row, ties at the kd-th value to the larger
+    positions (`kernels.select_dynamic`'s rule). `torch.topk` keeps a heap (O(n log k)) and the result is
+    sorted again. Here: a radix select on the scores' order-preserving integer keys (one pass fills four
+    interleaved 2,048-bin histograms, one branch-free pass keeps the keys at or above the boundary bin,
+    two small passes refine the exact kd-th key), picks written in ascending column order.
+  - `index_scores`: Σ_h w_h ReLU(q_h · k) per row and key. As a GEMM the inner dimension is the head
+    dimension (16), and the ReLU, weight and head-sum passes over a [rows·h, keys] tile cost more than the
+    product; here keys are transposed 256 at a time and each query vector meets 128 keys per register
+    tile, the ReLU and weighting done in registers. Only for head dims <= 32 (at LongCat-2.0's 64 x 128
+    oneDNN's GEMM is the faster product).
+  - `slot_attend`: each row's absorbed attention over its own gathered keys, read in place from the pool
+    (no gathered copy: the copy and two more passes over it were memory-bound), a few keys prefetched
+    ahead, softmax with a polynomial exp2 in registers, P·V in register tiles. It returns the
+    unnormalised block (o, max, sum) so the windowed path merges it with the shared window's block. Only
+    for rows below `kernels.PER_ROW_MIN_MACS` (large rows are GEMMs at the machine's rate).
+- Every kernel here has a pure-PyTorch twin in `kernels`, which is the reference its tests compare
+  against, and the path on every other device, dtype or machine without a compiler. `LONGCAT2_NATIVE=0`
+  turns the compiled path off.
+- No torch headers and no build step at install: one C file compiled in about a second with
+  `-O3 -march=native` into a cache directory (`$LONGCAT2_CACHE_DIR`, else `~/.cache/longcat2`) under a
+  name that hashes the source, the flags, the compiler and the CPU's flags (a cache shared by different
+  CPUs never loads a library built for another). The build writes to a temporary name and renames, so
+  concurrent processes never load a half-written library. A failed build is reported once (a warning)
+  and the PyTorch path is used.
+- ctypes releases the GIL during a call, so every kernel splits its rows over `torch.get_num_threads()`
+  Python threads (at least 16 rows each).
+- Vector code is written with GCC/Clang vector extensions (no intrinsics), so the same source builds
+  for AVX-512, AVX2 or NEON under -march=native.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+/* Order-preserving unsigned key of a float (-0.0 is +0.0, as torch's == treats them). */
+static inline uint32_t fkey(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (u == 0x80000000u) u = 0;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* Rows [t0, t1) of scores (row stride ld): in row t the candidates are columns 0 .. n-1 with
+   n = min(width, limit[t] + 1) (n = width without limit). Writes the kd columns of the kd largest
+   scores, ties at the kd-th value going to the larger columns, ascending, to out[t * kd ...].
+   keys (uint32) and cand (int32): scratch of `width` entries. Returns -1, or the first row it cannot
+   serve (fewer than kd candidates, or the kd-th largest is -inf): the caller takes the reference path. */
+int64_t lc2_select_topk(const float *scores, int64_t t0, int64_t t1, int64_t width, int64_t ld,
+                        const int64_t *limit, int64_t kd, int64_t *out, uint32_t *keys, int32_t *cand) {
+    uint32_t hist4[4][2048]; /* four interleaved histograms: runs of equal bins do not serialise */
+    uint32_t *hist = hist4[0];
+    const uint32_t neg_inf_key = 0x007FFFFFu;
+    for (int64_t t = t0; t < t1; t++) {
+        const float *row = scores + t * ld;
+        int64_t n = width;
+        if (limit && limit[t] + 1 < n) n = limit[t] + 1;
+        if (n < kd || kd <= 0) return t;
+        memset(hist4, 0, sizeof hist4);
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            for (int u = 0; u < 4; u++) {
+                uint32_t k = fkey(row[j + u]);
+                keys[j + u] = k;
+                hist4[u][k >> 21]++;
+            }
+        }
+        for (; j < n; j++) {
+            uint32_t k = fkey(row[j]);
+            keys[j] = k;
+            hist4[0][k >> 21]++;
+        }
+        for (int b = 0; b < 2048; b++) hist[b] += hist4[1][b] + hist4[2][b] + hist4[3][b];
+        int64_t want = kd; /* how many still to take, counting down from the largest */
+        uint32_t b = 2047;
+        for (;; b--) {
+            if (hist[b] >= want) break;
+            want -= hist[b];
+        }
+        const uint32_t lo = b << 21;
+        int64_t m = 0; /* candidates: every key >= the boundary bin's lower edge, ascending columns */
+        for (j = 0; j < n; j++) { /* branch-free: always write, advance when kept; keys compacted in place */
+            uint32_t k = keys[j];
+            cand[m] = (int32_t)j;
+            keys[m] = k;
+            m += k >= lo;
+        }
+        uint32_t prefix = lo, pmask = 0xFFE00000u;
+        const int shifts[2] = {10, 0}, widths[2] = {11, 10};
+        for (int d = 0; d < 2; d++) { /* refine the kd-th key: bits 20..10, then 9..0 */
+            const uint32_t nb = 1u << widths[d], shift = (uint32_t)shifts[d];
+            memset(hist, 0, nb * sizeof(uint32_t));
+            for (int64_t i = 0; i < m; i++) {
+                uint32_t k = keys[i];
+                if ((k & pmask) == prefix) hist[(k >> shift) & (nb - 1)]++;
+            }
+            for (b = nb - 1;; b--) {
+                if (hist[b] >= want) break;
+                want -= hist[b];
+            }
+            prefix |= b << shift;
+            pmask |= (nb - 1) << shift;
+        }
+        const uint32_t kth = prefix; /* the kd-th largest key; `want` of the keys equal to it are taken */
+        if (kth == neg_inf_key) return t;
+        int64_t equal = 0;
+        for (int64_t i = 0; i < m; i++) equal += keys[i] == kth;
+        int64_t skip = equal - want; /* ties: the smallest columns among the equal ones are dropped */
+        int64_t *o = out + t * kd;
+        int64_t w = 0;
+        for (int64_t i = 0; i < m; i++) {
+            uint32_t k = keys[i];
+            if (k > kth) {
+                o[w++] = cand[i];
+            } else if (k == kth) {
+                if (skip > 0) skip--;
+                else o[w++] = cand[i];
+            }
+        }
+    }
+    return -1;
+}
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+#define KB 256 /* keys per transposed block: [d][KB] floats stay in L1 for d <= 32 */
+#define VB 8   /* vectors of 16 keys per register tile (8 accumulators hide the FMA latency) */
+
+static inline v16 vload(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+/* Indexer scores out[t, j] = sum_h w[t, h] * relu(q[t, h, :] . key[j, :]) for rows 0 .. T-1 and keys
+   0 .. n-1 (fp32 accumulation). q [T, h, d] and w [T, h] fp32 contiguous; keys [n, d] with row stride
+   key_ld, fp32 (key_bf16 = 0) or bf16 bit patterns (1); out row stride out_ld. kt: scratch of d * KB
+   floats. Keys are transposed KB at a time so one query vector's dot products with 16 keys are 16-wide
+   FMAs over the head dimension. */
+void lc2_index_scores(const float *q, const float *w, int64_t T, int64_t h, int64_t d, const void *keys,
+                      int64_t key_ld, int key_bf16, int64_t n, float *out, int64_t out_ld, float *kt) {
+    for (int64_t j0 = 0; j0 < n; j0 += KB) {
+        int64_t m = n - j0 < KB ? n - j0 : KB;
+        int64_t mp = (m + 16 * VB - 1) / (16 * VB) * (16 * VB); /* padded to whole register tiles */
+        if (mp > KB) mp = KB;
+        for (int64_t j = 0; j < mp; j++) {
+            for (int64_t e = 0; e < d; e++) {
+                float v = 0.0f;
+                if (j < m) {
+                    if (key_bf16) {
+                        uint32_t u = (uint32_t)((const uint16_t *)keys)[(j0 + j) * key_ld + e] << 16;
+                        memcpy(&v, &u, 4);
+                    } else {
+                        v = ((const float *)keys)[(j0 + j) * key_ld + e];
+                    }
+                }
+                kt[e * KB + j] = v;
+            }
+        }
+        for (int64_t t = 0; t < T; t++) {
+            const float *qt = q + t * h * d;
+            const float *wt = w + t * h;
+            float *o = out + t * out_ld + j0;
+            for (int64_t jc = 0; jc < mp; jc += 16 * VB) {
+                v16 s[VB];
+                for (int i = 0; i < VB; i++) s[i] = (v16){0};
+                for (int64_t hh = 0; hh < h; hh++) {
+                    v16 a[VB];
+                    for (int i = 0; i < VB; i++) a[i] = (v16){0};
+                    const float *qh = qt + hh * d;
+                    for (int64_t e = 0; e < d; e++) {
+                        const float *row = kt + e * KB + jc;
+                        float qv = qh[e];
+                        for (int i = 0; i < VB; i++) a[i] += qv * vload(row + 16 * i);
+                    }
+                    float wv = wt[hh];
+                    for (int i = 0; i < VB; i++) {
+                        vi16 pos = a[i] > 0.0f; /* relu as a mask: all ones where positive */
+                        s[i] += wv * (v16)((vi16)a[i] & pos);
+                    }
+                }
+                int64_t left = m - jc;
+                for (int i = 0; i < VB; i++) {
+                    if (left >= 16) {
+                        vstore(o + jc + 16 * i, s[i]);
+                    } else if (left > 0) {
+                        float tmp[16];
+                        vstore(tmp, s[i]);
+                        memcpy(o + jc + 16 * i, tmp, (size_t)left * 4);
+                    }
+                    left -= 16;
+                }
+            }
+        }
+    }
+}
+
+typedef uint16_t vh16 __attribute__((vector_size(32)));
+
+/* 16 floats of a pool row from element e on (fp32, or bf16 bit patterns widened); `left` < 16: zero tail. */
+static inline v16 row_load(const void *base, int bf16, int64_t e, int64_t left) {
+    if (left >= 16) {
+        if (!bf16) return vload((const float *)base + e);
+        vh16 h;
+        memcpy(&h, (const uint16_t *)base + e, sizeof h);
+        vi16 u = __builtin_convertvector(h, vi16) << 16;
+        return (v16)u;
+    }
+    float tmp[16] = {0};
+    for (int64_t k = 0; k < left; k++) {
+        if (bf16) {
+            uint32_t u = (uint32_t)((const uint16_t *)base)[e + k] << 16;
+            memcpy(&tmp[k], &u, 4);
+        } else {
+            tmp[k] = ((const float *)base)[e + k];
+        }
+    }
+    return vload(tmp);
+}
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline float hsum(v16 v) { /* a tree of halves, not 16 dependent adds */
+    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* 2^x for x <= 0 (-inf and x < -126 give 0): x = k + f, f in [-1/2, 1/2], 2^f by its degree-6 Taylor
+   polynomial (relative error < 2e-7), 2^k through the exponent bits. */
+static inline v16 vexp2(v16 x) {
+    vi16 live = x >= -126.0f;
+    x = (v16)(((vi16)x & live) | ((vi16)((v16){0} - 126.0f) & ~live));
+    v16 xr = x - 0.5f;
+    vi16 k = __builtin_convertvector(xr, vi16); /* truncation toward zero */
+    v16 kf = __builtin_convertvector(k, v16);
+    k -= (vi16)(kf > xr) & 1; /* floor(x - 1/2) */
+    k += 1;                    /* round(x): f in [-1/2, 1/2] */
+    v16 f = x - __builtin_convertvector(k, v16);
+    const float c1 = 0.6931471805599453f, c2 = 0.2402265069591007f, c3 = 0.05550410866482158f,
+                c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f, c6 = 0.00015403530393381608f;
+    v16 poly = 1.0f + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))));
+    vi16 scale = (k + 127) << 23;
+    return (v16)((vi16)(poly * (v16)scale) & live);
+}
+
+/* Attention of each row over its own gathered keys, read in place from the pool (no gathered copy).
+   Row i: s[hh, j] = scale * q[i, hh, :] . pool[slots[i, j], :dim] in log2 units (slot < 0: left out);
+   m[i, hh] = max_j s; l[i, hh] = sum_j 2^(s - m); o[i, hh, :c] = sum_j 2^(s - m) pool[slots[i, j], :c].
+   q [n, h, dim] fp32 contiguous; pool rows of stride ld elements, fp32 or bf16; slots [n, kd];
+   o [n, h, c], m and l [n, h] fp32; ws: scratch of h * kd floats. A row with no valid slot gets m = -inf,
+   l = 0, o = 0. Scores: four heads share each loaded key chunk; P.V: register tiles of 4 heads x 64
+   latent dims over all of the row's keys (re-read from L2 per tile). */
+void lc2_slot_attend(const float *q, int64_t n, int64_t h, int64_t dim, int64_t c, const void *pool,
+                     int64_t ld, int bf16, const int64_t *slots, int64_t kd, float scale, float *o, float *m,
+                     float *l, float *ws) {
+    const size_t esz = bf16 ? 2 : 4;
+    const float ninf = -__builtin_inff();
+    for (int64_t i = 0; i < n; i++) {
+        const float *qi = q + i * h * dim;
+        const int64_t *si = slots + i * kd;
+        for (int64_t j = 0; j < kd; j++) {
+            if (si[j] < 0) {
+                for (int64_t hh = 0; hh < h; hh++) ws[hh * kd + j] = ninf;
+                continue;
+            }
+            const char *key = (const char *)pool + (size_t)si[j] * ld * esz;
+            if (j + 8 < kd && si[j + 8] >= 0) { /* random rows: fetch a few keys ahead */
+                const char *ahead = (const char *)pool + (size_t)si[j + 8] * ld * esz;
+                for (size_t off = 0; off < (size_t)dim * esz; off += 64) __builtin_prefetch(ahead + off);
+            }
+            for (int64_t h0 = 0; h0 < h; h0 += 4) {
+                int64_t hn = h - h0 < 4 ? h - h0 : 4;
+                v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                for (int64_t e = 0; e < dim; e += 16) {
+                    int64_t left = dim - e;
+                    v16 k = row_load(key, bf16, e, left);
+                    const float *qh = qi + h0 * dim + e;
+                    a0 += row_load(qh, 0, 0, left) * k;
+                    if (hn > 1) a1 += row_load(qh + dim, 0, 0, left) * k;
+                    if (hn > 2) a2 += row_load(qh + 2 * dim, 0, 0, left) * k;
+                    if (hn > 3) a3 += row_load(qh + 3 * dim, 0, 0, left) * k;
+                }
+                ws[h0 * kd + j] = scale * hsum(a0);
+                if (hn > 1) ws[(h0 + 1) * kd + j] = scale * hsum(a1);
+                if (hn > 2) ws[(h0 + 2) * kd + j] = scale * hsum(a2);
+                if (hn > 3) ws[(h0 + 3) * kd + j] = scale * hsum(a3);
+            }
+        }
+        for (int64_t hh = 0; hh < h; hh++) { /* softmax numerators in place, their max and sum */
+            float *sh = ws + hh * kd;
+            float mx = ninf;
+            for (int64_t j = 0; j < kd; j++) mx = sh[j] > mx ? sh[j] : mx;
+            m[i * h + hh] = mx;
+            float sum = 0.0f;
+            if (mx == ninf) {
+                for (int64_t j = 0; j < kd; j++) sh[j] = 0.0f;
+            } else {
+                v16 acc = {0};
+                int64_t j = 0;
+                for (; j + 16 <= kd; j += 16) {
+                    v16 p = vexp2(vload(sh + j) - mx);
+                    vstore(sh + j, p);
+                    acc += p;
+                }
+                sum = hsum(acc);
+                if (j < kd) {
+                    float tmp[16];
+                    for (int64_t e = 0; e < 16; e++) tmp[e] = j + e < kd ? sh[j + e] - mx : ninf;
+                    v16 p = vexp2(vload(tmp));
+                    vstore(tmp, p);
+                    for (int64_t e = 0; j + e < kd; e++) {
+                        sh[j + e] = tmp[e];
+                        sum += tmp[e];
+                    }
+                }
+            }
+            l[i * h + hh] = sum;
+        }
+        float *oi = o + i * h * c;
+        for (int64_t h0 = 0; h0 < h; h0 += 4) {
+            int64_t hn = h - h0 < 4 ? h - h0 : 4;
+            for (int64_t c0 = 0; c0 < c; c0 += 64) {
+                v16 acc[4][4];
+                for (int a = 0; a < 4; a++)
+                    for (int b = 0; b < 4; b++) acc[a][b] = (v16){0};
+                for (int64_t j = 0; j < kd; j++) {
+                    if (si[j] < 0) continue;
+                    const char *key = (const char *)pool + (size_t)si[j] * ld * esz;
+                    v16 k[4];
+                    for (int b = 0; b < 4; b++) k[b] = row_load(key, bf16, c0 + 16 * b, c - c0 - 16 * b);
+                    for (int a = 0; a < hn; a++) {
+                        float pv = ws[(h0 + a) * kd + j];
+                        for (int b = 0; b < 4; b++) acc[a][b] += pv * k[b];
+                    }
+                }
+                for (int a = 0; a < hn; a++) {
+                    float *dst = oi + (h0 + a) * c + c0;
+                    for (int b = 0; b < 4; b++) {
+                        int64_t left = c - c0 - 16 * b;
+                        if (left <= 0) break;
+                        float tmp[16];
+                        vstore(tmp, acc[a][b]);
+                        memcpy(dst + 16 * b, tmp, (size_t)(left < 16 ? left : 16) * 4);
+                    }
+                }
+            }
+        }
+    }
+}
+"""
+
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99"]
+_MIN_ROWS_PER_THREAD = 16
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_off = False
+_pool: ThreadPoolExecutor | None = None
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("LONGCAT2_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "longcat2"
+
+
+def _cpu_signature() -> str:
+    """The CPU's feature flags (Linux), else the platform's processor string: -march=native depends on them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
+
+
+def _build() -> ctypes.CDLL | None:
+    if os.environ.get("LONGCAT2_NATIVE", "1") == "0" or os.name != "posix":
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        tag = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), version, _cpu_signature()]).encode())
+        out_dir = _cache_dir() / "native"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lib_path = out_dir / f"lc2_{tag.hexdigest()[:20]}.so"
+        if not lib_path.exists():
+            with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+                src = Path(tmp) / "lc2.c"
+                src.write_text(_SOURCE)
+                tmp_lib = Path(tmp) / "lc2.so"
+                res = subprocess.run(
+                    [cc, *_FLAGS, "-o", str(tmp_lib), str(src)], capture_output=True, text=True, timeout=120
+                )
+                if res.returncode != 0:
+                    raise RuntimeError(f"{cc} failed: {res.stderr.strip()[:500]}")
+                os.replace(tmp_lib, lib_path)  # atomic: concurrent builders never load a partial file
+        lib = ctypes.CDLL(str(lib_path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        warnings.warn(f"longcat2: compiled CPU kernels unavailable, using PyTorch ops ({e})", stacklevel=3)
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.lc2_select_topk.restype = i64
+    lib.lc2_select_topk.argtypes = [p, i64, i64, i64, i64, p, i64, p, p, p]
+    lib.lc2_index_scores.restype = None
+    lib.lc2_index_scores.argtypes = [p, p, i64, i64, i64, p, i64, ctypes.c_int, i64, p, i64, p]
+    lib.lc2_slot_attend.restype = None
+    lib.lc2_slot_attend.argtypes = [
+        p,
+        i64,
+        i64,
+        i64,
+        i64,
+        p,
+        i64,
+        ctypes.c_int,
+        p,
+        i64,
+        ctypes.c_float,
+        p,
+        p,
+        p,
+        p,
+    ]
+    return lib
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Inside the block every kernel here declines, so the PyTorch paths run (tests compare the two)."""
+    global _off
+    before, _off = _off, True
+    try:
+        yield
+    finally:
+        _off = before
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first call; None where they cannot be (no compiler, not POSIX,
+    LONGCAT2_NATIVE=0, a failed build, inside `disabled()`)."""
+    global _lib, _tried
+    if _off:
+        return None
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _lib = _build()
+                _tried = True
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _threads(rows: int) -> int:
+    return max(1, min(torch.get_num_threads(), rows // _MIN_ROWS_PER_THREAD))
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None or _pool._max_workers < n:  # noqa: SLF001 (grow only)
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="longcat2-native")
+        return _pool
+
+
+def select_topk(scores: torch.Tensor, kd: int, limit: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`kernels.select_dynamic` (with `lsa_rows`' candidate limit) in C: scores [T, R] fp32 CPU, unit
+    column stride; limit [T] (optional): row t's candidates are columns 0 .. limit[t]. → columns of the
+    kd selected keys per row [T, kd] ascending, or None where the kernel does not apply (not built, another
+    dtype/device/layout, a row with fewer than kd candidates or whose kd-th score is -inf): the caller
+    takes the PyTorch path."""
+    lib = library()
+    if (
+        lib is None
+        or kd <= 0
+        or scores.dim() != 2
+        or scores.dtype != torch.float32
+        or scores.device.type != "cpu"
+        or scores.stride(1) != 1
+        or scores.shape[1] >= 2**31
+    ):
+        return None
+    t, r = scores.shape
+    out = torch.empty(t, kd, dtype=torch.int64)
+    lim = None
+    if limit is not None:
+        lim = limit.to(device="cpu", dtype=torch.int64).contiguous()
+    n_threads = _threads(t)
+    bounds = [t * i // n_threads for i in range(n_threads + 1)]
+
+    def run(i: int) -> int:
+        keys = torch.empty(r, dtype=torch.int32)  # uint32 keys (bit patterns)
+        cand = torch.empty(r, dtype=torch.int32)
+        return lib.lc2_select_topk(
+            scores.data_ptr(),
+            bounds[i],
+            bounds[i + 1],
+            r,
+            scores.stride(0),
+            lim.data_ptr() if lim is not None else None,
+            kd,
+            out.data_ptr(),
+            keys.data_ptr(),
+            cand.data_ptr(),
+        )
+
+    if n_threads == 1:
+        failed = [run(0)]
+    else:
+        failed = list(_executor(n_threads).map(run, range(n_threads)))
+    if any(f >= 0 for f in failed):
+        return None
+    return out
+
+
+def index_scores(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    pieces: list[tuple[int, torch.Tensor]],
+    start: int,
+    end: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """`kernels.index_scan` in C: q [T, h, d], w [T, h], pieces = [(first position, keys [n, d])] covering
+    [start, end), fp32 or bf16 keys with unit column stride, on CPU; out: an fp32 [T, end - start] buffer
+    with unit column stride (fresh when None). → scores, or None where the kernel does not apply."""
+    lib = library()
+    if lib is None or q.device.type != "cpu" or q.dim() != 3:
+        return None
+    for _, keys in pieces:
+        if (
+            keys.dtype not in (torch.float32, torch.bfloat16)
+            or keys.device.type != "cpu"
+            or keys.stride(-1) != 1
+        ):
+            return None
+    t, h, d = q.shape
+    if out is None:
+        out = torch.empty(t, end - start, dtype=torch.float32)
+    if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape != (t, end - start):
+        return None
+    qf = q.float().contiguous()  # [T, h, d]
+    wf = w.float().reshape(t, h).contiguous()  # [T, h]
+    n_threads = _threads(t)
+    bounds = [t * i // n_threads for i in range(n_threads + 1)]
+
+    def run(i: int) -> None:
+        r0, r1 = bounds[i], bounds[i + 1]
+        kt = torch.empty(d * 256, dtype=torch.float32)  # a transposed block of keys
+        for pos, keys in pieces:
+            if keys.shape[0] == 0 or r1 == r0:
+                continue
+            lib.lc2_index_scores(
+                qf[r0].data_ptr(),
+                wf[r0].data_ptr(),
+                r1 - r0,
+                h,
+                d,
+                keys.data_ptr(),
+                keys.stride(0),
+                int(keys.dtype == torch.bfloat16),
+                keys.shape[0],
+                out[r0, pos - start :].data_ptr(),
+                out.stride(0),
+                kt.data_ptr(),
+            )
+
+    if n_threads == 1:
+        run(0)
+    else:
+        list(_executor(n_threads).map(run, range(n_threads)))
+    return out
+
+
+def slot_attend(
+    q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, latent_dim: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Each row's attention over its own gathered keys, read in place (no gathered copy): q [n, h, D]
+    (latent | rope query), pool [P, >= D] fp32/bf16 (latent | rope keys), slots [n, kd] (-1 = empty),
+    scores = scale · q·k in log2 units. → (o [n, h, latent_dim], m [n, h], l [n, h]) fp32: the
+    unnormalised softmax block (o / l is the attention; m and l merge it with other key blocks). None
+    where the kernel does not apply (not built, not CPU, another dtype or layout)."""
+    lib = library()
+    if (
+        lib is None
+        or q.device.type != "cpu"
+        or pool.device.type != "cpu"
+        or pool.dtype not in (torch.float32, torch.bfloat16)
+        or pool.stride(1) != 1
+        or pool.shape[1] < q.shape[-1]
+    ):
+        return None
+    n, h, dim = q.shape
+    qf = q.float().contiguous()
+    sl = slots.to(torch.int64).contiguous()
+    kd = sl.shape[1]
+    o = torch.empty(n, h, latent_dim, dtype=torch.float32)
+    m = torch.empty(n, h, dtype=torch.float32)
+    l_sum = torch.empty(n, h, dtype=torch.float32)
+    n_threads = _threads(n)
+    bounds = [n * i // n_threads for i in range(n_threads + 1)]
+
+    def run(i: int) -> None:
+        r0, r1 = bounds[i], bounds[i + 1]
+        if r1 == r0:
+            return
+        ws = torch.empty(h * max(kd, 1), dtype=torch.float32)  # one row's scores / probabilities
+        lib.lc2_slot_attend(
+            qf[r0].data_ptr(),
+            r1 - r0,
+            h,
+            dim,
+            latent_dim,
+            pool.data_ptr(),
+            pool.stride(0),
+            int(pool.dtype == torch.bfloat16),
+            sl[r0].data_ptr(),
+            kd,
+            scale,
+            o[r0].data_ptr(),
+            m[r0].data_ptr(),
+            l_sum[r0].data_ptr(),
+            ws.data_ptr(),
+        )
+
+    if n_threads == 1:
+        run(0)
+    else:
+        list(_executor(n_threads).map(run, range(n_threads)))
+    return o, m, l_sum
