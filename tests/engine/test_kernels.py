@@ -93,18 +93,19 @@ def test_bf16_two_pass_scan_selects_exactly_the_fp32_set(seed: int) -> None:
     assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("size", ["small", "large", "small-native"])
+@pytest.mark.parametrize("size", ["small", "large", "small-native", "large-native"])
 @pytest.mark.parametrize("linear", ["blas", "onednn"])
 def test_gather_attention_matches_model_sparse_core(
     linear: str, size: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     """Both fp32 scoring paths (bmm, and oneDNN per row where it is the faster fp32 GEMM: engine/cpu.py),
-    both P·V paths (batched for small rows, one mm per row from PER_ROW_MIN_MACS on CPU), and small rows
-    through the C kernel that reads the keys in place (native.slot_attend, where it is built)."""
-    if size == "small-native" and not native.available():
+    both P·V paths (batched for small rows, one mm per row from PER_ROW_MIN_MACS on CPU), and with the C
+    kernels where they are built: small rows read the keys in place (native.slot_attend), large rows'
+    fp32 P·V is native.pv_rows."""
+    if size.endswith("-native") and not native.available():
         pytest.skip("no compiled kernels here")
     with contextlib.ExitStack() as stack:
-        if size != "small-native":
+        if not size.endswith("-native"):
             stack.enter_context(native.disabled())
         _gather_attention_case(linear, size.removesuffix("-native"), monkeypatch, request)
 
@@ -142,7 +143,8 @@ def _gather_attention_case(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "rows,query_block,size", [(37, 16, "small"), (5, 64, "small"), (6, 4, "large"), (37, 16, "small-native")]
+    "rows,query_block,size",
+    [(37, 16, "small"), (5, 64, "small"), (6, 4, "large"), (37, 16, "small-native"), (6, 4, "large-native")],
 )
 def test_window_attention_equals_gathered_selection(
     dtype: torch.dtype, rows: int, query_block: int, size: str
@@ -150,12 +152,12 @@ def test_window_attention_equals_gathered_selection(
     """Consecutive LSA rows with the shared sink + local-window part: the same result as gathering each
     row's whole selection (sink, dynamic picks, local window), over a shuffled block table (windows cross
     blocks; partial last query block); the dynamic picks' P·V batched (small rows) and one product per row
-    (from PER_ROW_MIN_MACS on), or (small-native) the dynamic picks through the C kernel and merged with
-    the window's softmax block."""
-    if size == "small-native" and not native.available():
+    (from PER_ROW_MIN_MACS on), or with the C kernels: (small-native) the dynamic picks attended in place
+    and merged with the window's softmax block, (large-native) their fp32 P·V as native.pv_rows."""
+    if size.endswith("-native") and not native.available():
         pytest.skip("no compiled kernels here")
     with contextlib.ExitStack() as stack:
-        if size != "small-native":
+        if not size.endswith("-native"):
             stack.enter_context(native.disabled())
         _window_case(dtype, rows, query_block, size.removesuffix("-native"))
 

@@ -172,3 +172,23 @@ def test_slot_attend_equals_the_model_sparse_core(
         l_sum[:4], torch.exp2(s2 - s2.amax(-1, keepdim=True)).sum(-1), rtol=1e-5, atol=1e-5
     )
     assert torch.isinf(m[4]).all() and (l_sum[4] == 0).all() and (o[4] == 0).all()
+
+
+@needs_cc
+@pytest.mark.parametrize("h,k,c,width", [(64, 300, 512, 576), (5, 37, 20, 24), (6, 70, 100, 100)])
+def test_pv_rows_equals_matmul(h: int, k: int, c: int, width: int) -> None:
+    """Whole and partial register tiles (heads not a multiple of 4, columns not of 64), key blocks of 256
+    and a partial one, values a column slice of wider gathered rows; written and accumulated."""
+    g = torch.Generator().manual_seed(h + k)
+    n = 3
+    probs = torch.rand(n, h, k, generator=g)
+    values = torch.randn(n, k, width, generator=g)[..., :c]
+    ref = torch.bmm(probs, values)
+    out = torch.full((n, h, c), float("nan"))
+    assert native.pv_rows(probs, values, out)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    base = torch.randn(n, h, c, generator=g)
+    acc = base.clone()
+    assert native.pv_rows(probs, values, acc, accumulate=True)
+    torch.testing.assert_close(acc, base + ref, rtol=1e-5, atol=1e-4)
+    assert not native.pv_rows(probs.bfloat16(), values.bfloat16(), out)  # fp32 only
