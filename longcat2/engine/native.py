@@ -252,6 +252,24 @@ static inline float hsum(v16 v) { /* a tree of halves, not 16 dependent adds */
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+/* Row (h0 + a) of a [hn x 64-column] register tile into o (rows c floats apart), from column c0 on;
+   columns past c are dropped. */
+static inline void store_tile(float *o, v16 acc[4][4], int64_t hn, int64_t h0, int64_t c, int64_t c0) {
+    for (int a = 0; a < hn; a++) {
+        float *dst = o + (h0 + a) * c + c0;
+        for (int b = 0; b < 4; b++) {
+            int64_t left = c - c0 - 16 * b;
+            if (left >= 16) {
+                vstore(dst + 16 * b, acc[a][b]);
+            } else if (left > 0) {
+                float tmp[16];
+                vstore(tmp, acc[a][b]);
+                memcpy(dst + 16 * b, tmp, (size_t)left * 4);
+            }
+        }
+    }
+}
+
 /* 2^x for x <= 0 (-inf and x < -126 give 0): x = k + f with k = round(x) (the 1.5 * 2^23 trick) and
    f in [-1/2, 1/2], 2^f by its degree-6 Taylor polynomial (relative error < 3e-7), 2^k added to the
    exponent bits. */
@@ -312,19 +330,7 @@ void lc2_pv_rows(const float *p, int64_t n, int64_t h, int64_t kk, int64_t ldp, 
                             }
                         }
                     }
-                    for (int a = 0; a < hn; a++) {
-                        float *dst = oi + (h0 + a) * c + c0;
-                        for (int b = 0; b < 4; b++) {
-                            int64_t left = c - c0 - 16 * b;
-                            if (left >= 16) {
-                                vstore(dst + 16 * b, acc[a][b]);
-                            } else if (left > 0) {
-                                float tmp[16];
-                                vstore(tmp, acc[a][b]);
-                                memcpy(dst + 16 * b, tmp, (size_t)left * 4);
-                            }
-                        }
-                    }
+                    store_tile(oi, acc, hn, h0, c, c0);
                 }
             }
         }
@@ -421,16 +427,7 @@ void lc2_slot_attend(const float *q, int64_t n, int64_t h, int64_t dim, int64_t 
                         for (int b = 0; b < 4; b++) acc[a][b] += pv * k[b];
                     }
                 }
-                for (int a = 0; a < hn; a++) {
-                    float *dst = oi + (h0 + a) * c + c0;
-                    for (int b = 0; b < 4; b++) {
-                        int64_t left = c - c0 - 16 * b;
-                        if (left <= 0) break;
-                        float tmp[16];
-                        vstore(tmp, acc[a][b]);
-                        memcpy(dst + 16 * b, tmp, (size_t)(left < 16 ? left : 16) * 4);
-                    }
-                }
+                store_tile(oi, acc, hn, h0, c, c0);
             }
         }
     }
