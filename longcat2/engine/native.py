@@ -6,9 +6,12 @@ Design choices:
   embedded model's 29K-token prefill (4 heads, 4 x 16 indexer), where they took three quarters of it:
   - `select_topk`: the kd largest indexer scores of each row, ties at the kd-th value to the larger
     positions (`kernels.select_dynamic`'s rule). `torch.topk` keeps a heap (O(n log k)) and the result is
-    sorted again. Here: a radix select on the scores' order-preserving integer keys (one pass fills four
-    interleaved 2,048-bin histograms, one branch-free pass keeps the keys at or above the boundary bin,
-    two small passes refine the exact kd-th key), picks written in ascending column order.
+    sorted again. Here: a threshold guessed from every 16th score (about 1.5 kd keys reach it), one pass
+    that keeps those keys (16 at a time; a block with none costs a compare), and a radix select on the
+    kept scores' order-preserving integer keys (four interleaved 2,048-bin histograms, a branch-free
+    compaction to the boundary bin, two small refining passes), picks written in ascending column order.
+    Exact: when fewer than kd keys reach the guess, the whole row goes through the radix select. 7x
+    `torch.topk` + sort on this model's indexer scores (512 rows x 20K keys: 22 vs 165 ms).
   - `index_scores`: Σ_h w_h ReLU(q_h · k) per row and key. As a GEMM the inner dimension is the head
     dimension (16), and the ReLU, weight and head-sum passes over a [rows·h, keys] tile cost more than the
     product; here keys are transposed 256 at a time and each query vector meets 128 keys per register
@@ -60,6 +63,15 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
+/* 16-lane vectors (GCC/Clang vector extensions); unaligned loads and stores through memcpy. */
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef uint64_t v8u64 __attribute__((vector_size(64)));
+
+static inline v16 vload(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
 /* Order-preserving unsigned key of a float (-0.0 is +0.0, as torch's == treats them). */
 static inline uint32_t fkey(float f) {
     uint32_t u;
@@ -73,88 +85,141 @@ static inline uint32_t fkey(float f) {
    scores, ties at the kd-th value going to the larger columns, ascending, to out[t * kd ...].
    keys (uint32) and cand (int32): scratch of `width` entries. Returns -1, or the first row it cannot
    serve (fewer than kd candidates, or the kd-th largest is -inf): the caller takes the reference path. */
+/* The kd largest of m keys (cand: their columns, ascending), ties at the kd-th key to the larger
+   columns, written to o in ascending column order. keys and cand are reordered (compacted in place).
+   Radix select: four interleaved 2,048-bin histograms of the top 11 bits (runs of equal bins do not
+   serialise), a branch-free compaction to the keys at or above the boundary bin, two small passes that
+   refine the exact kd-th key. Returns 0, or -1 when the kd-th largest is -inf (m >= kd is the caller's). */
+static int radix_select(uint32_t *keys, int32_t *cand, int64_t m, int64_t kd, int64_t *o) {
+    uint32_t hist4[4][2048];
+    uint32_t *hist = hist4[0];
+    memset(hist4, 0, sizeof hist4);
+    int64_t j = 0;
+    for (; j + 4 <= m; j += 4)
+        for (int u = 0; u < 4; u++) hist4[u][keys[j + u] >> 21]++;
+    for (; j < m; j++) hist4[0][keys[j] >> 21]++;
+    for (int b = 0; b < 2048; b++) hist[b] += hist4[1][b] + hist4[2][b] + hist4[3][b];
+    int64_t want = kd; /* how many still to take, counting down from the largest */
+    uint32_t b = 2047;
+    for (;; b--) {
+        if (hist[b] >= want) break;
+        want -= hist[b];
+    }
+    const uint32_t lo = b << 21;
+    int64_t kept = 0;
+    for (j = 0; j < m; j++) { /* branch-free: always write, advance when kept */
+        uint32_t k = keys[j];
+        int32_t col = cand[j];
+        cand[kept] = col;
+        keys[kept] = k;
+        kept += k >= lo;
+    }
+    m = kept;
+    uint32_t prefix = lo, pmask = 0xFFE00000u;
+    const int shifts[2] = {10, 0}, widths[2] = {11, 10};
+    for (int d = 0; d < 2; d++) { /* refine the kd-th key: bits 20..10, then 9..0 */
+        const uint32_t nb = 1u << widths[d], shift = (uint32_t)shifts[d];
+        memset(hist, 0, nb * sizeof(uint32_t));
+        for (int64_t i = 0; i < m; i++) {
+            uint32_t k = keys[i];
+            if ((k & pmask) == prefix) hist[(k >> shift) & (nb - 1)]++;
+        }
+        for (b = nb - 1;; b--) {
+            if (hist[b] >= want) break;
+            want -= hist[b];
+        }
+        prefix |= b << shift;
+        pmask |= (nb - 1) << shift;
+    }
+    const uint32_t kth = prefix; /* the kd-th largest key; `want` of the keys equal to it are taken */
+    if (kth == 0x007FFFFFu) return -1; /* fkey(-inf) */
+    int64_t equal = 0;
+    for (int64_t i = 0; i < m; i++) equal += keys[i] == kth;
+    int64_t skip = equal - want; /* ties: the smallest columns among the equal ones are dropped */
+    int64_t w = 0;
+    for (int64_t i = 0; i < m; i++) {
+        uint32_t k = keys[i];
+        if (k > kth) {
+            o[w++] = cand[i];
+        } else if (k == kth) {
+            if (skip > 0) skip--;
+            else o[w++] = cand[i];
+        }
+    }
+    return 0;
+}
+
+/* Rows [t0, t1) of scores (row stride ld): in row t the candidates are columns 0 .. n-1 with
+   n = min(width, limit[t] + 1) (n = width without limit). Writes the kd columns of the kd largest
+   scores, ties at the kd-th value going to the larger columns, ascending, to out[t * kd ...].
+   keys (uint32) and cand (int32): scratch of `width` entries. Long rows first guess a threshold: the
+   (3/2 kd/16 + 4)-th largest of every 16th score, so that about 1.5 kd keys reach it. One branch-free
+   pass keeps the keys at or above it; if at least kd do, the kd largest are among them (exact, ties
+   included) and only those go through the radix select; else the whole row does. Returns -1, or the
+   first row it cannot serve (fewer than kd candidates, or the kd-th largest is -inf): the caller takes
+   the reference path. */
 int64_t lc2_select_topk(const float *scores, int64_t t0, int64_t t1, int64_t width, int64_t ld,
                         const int64_t *limit, int64_t kd, int64_t *out, uint32_t *keys, int32_t *cand) {
-    uint32_t hist4[4][2048]; /* four interleaved histograms: runs of equal bins do not serialise */
-    uint32_t *hist = hist4[0];
-    const uint32_t neg_inf_key = 0x007FFFFFu;
     for (int64_t t = t0; t < t1; t++) {
         const float *row = scores + t * ld;
         int64_t n = width;
         if (limit && limit[t] + 1 < n) n = limit[t] + 1;
         if (n < kd || kd <= 0) return t;
-        memset(hist4, 0, sizeof hist4);
-        int64_t j = 0;
-        for (; j + 4 <= n; j += 4) {
-            for (int u = 0; u < 4; u++) {
-                uint32_t k = fkey(row[j + u]);
-                keys[j + u] = k;
-                hist4[u][k >> 21]++;
+        int64_t m = 0;
+        const int64_t rank = kd * 3 / 32 + 4;
+        if (n >= 64 * rank) {
+            int64_t ns = 0;
+            for (int64_t j = 0; j < n; j += 16) {
+                keys[ns] = fkey(row[j]);
+                cand[ns] = (int32_t)ns;
+                ns++;
+            }
+            int64_t sample_out[64 * 16];
+            uint32_t tau = 0;
+            if (rank <= 64 * 16 && radix_select(keys, cand, ns, rank, sample_out) == 0) {
+                tau = 0xFFFFFFFFu; /* the smallest of the sample's `rank` largest */
+                for (int64_t i = 0; i < rank; i++) {
+                    uint32_t k = fkey(row[sample_out[i] * 16]);
+                    tau = k < tau ? k : tau;
+                }
+            }
+            if (tau) {
+                int64_t j = 0;
+                for (; j + 16 <= n; j += 16) { /* 16 keys at a time; most blocks hold none >= tau */
+                    vu16 u = (vu16)vload(row + j);
+                    u &= ~(vu16)(u == 0x80000000u);                      /* -0.0 is +0.0 */
+                    vu16 k = u ^ ((vu16)((vi16)u >> 31) | 0x80000000u); /* fkey, 16 lanes */
+                    v8u64 hit = (v8u64)(k >= tau);
+                    if (!((hit[0] | hit[1]) | (hit[2] | hit[3]) | (hit[4] | hit[5]) | (hit[6] | hit[7]))) continue;
+                    for (int e = 0; e < 16; e++) {
+                        cand[m] = (int32_t)(j + e);
+                        keys[m] = k[e];
+                        m += k[e] >= tau;
+                    }
+                }
+                for (; j < n; j++) {
+                    uint32_t k = fkey(row[j]);
+                    cand[m] = (int32_t)j;
+                    keys[m] = k;
+                    m += k >= tau;
+                }
+                if (m < kd) m = 0; /* too few reached the guess: the whole row */
             }
         }
-        for (; j < n; j++) {
-            uint32_t k = fkey(row[j]);
-            keys[j] = k;
-            hist4[0][k >> 21]++;
-        }
-        for (int b = 0; b < 2048; b++) hist[b] += hist4[1][b] + hist4[2][b] + hist4[3][b];
-        int64_t want = kd; /* how many still to take, counting down from the largest */
-        uint32_t b = 2047;
-        for (;; b--) {
-            if (hist[b] >= want) break;
-            want -= hist[b];
-        }
-        const uint32_t lo = b << 21;
-        int64_t m = 0; /* candidates: every key >= the boundary bin's lower edge, ascending columns */
-        for (j = 0; j < n; j++) { /* branch-free: always write, advance when kept; keys compacted in place */
-            uint32_t k = keys[j];
-            cand[m] = (int32_t)j;
-            keys[m] = k;
-            m += k >= lo;
-        }
-        uint32_t prefix = lo, pmask = 0xFFE00000u;
-        const int shifts[2] = {10, 0}, widths[2] = {11, 10};
-        for (int d = 0; d < 2; d++) { /* refine the kd-th key: bits 20..10, then 9..0 */
-            const uint32_t nb = 1u << widths[d], shift = (uint32_t)shifts[d];
-            memset(hist, 0, nb * sizeof(uint32_t));
-            for (int64_t i = 0; i < m; i++) {
-                uint32_t k = keys[i];
-                if ((k & pmask) == prefix) hist[(k >> shift) & (nb - 1)]++;
+        if (m == 0) {
+            for (int64_t j = 0; j < n; j++) {
+                keys[j] = fkey(row[j]);
+                cand[j] = (int32_t)j;
             }
-            for (b = nb - 1;; b--) {
-                if (hist[b] >= want) break;
-                want -= hist[b];
-            }
-            prefix |= b << shift;
-            pmask |= (nb - 1) << shift;
+            m = n;
         }
-        const uint32_t kth = prefix; /* the kd-th largest key; `want` of the keys equal to it are taken */
-        if (kth == neg_inf_key) return t;
-        int64_t equal = 0;
-        for (int64_t i = 0; i < m; i++) equal += keys[i] == kth;
-        int64_t skip = equal - want; /* ties: the smallest columns among the equal ones are dropped */
-        int64_t *o = out + t * kd;
-        int64_t w = 0;
-        for (int64_t i = 0; i < m; i++) {
-            uint32_t k = keys[i];
-            if (k > kth) {
-                o[w++] = cand[i];
-            } else if (k == kth) {
-                if (skip > 0) skip--;
-                else o[w++] = cand[i];
-            }
-        }
+        if (radix_select(keys, cand, m, kd, out + t * kd)) return t;
     }
     return -1;
 }
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
 #define KB 256 /* keys per transposed block: [d][KB] floats stay in L1 for d <= 32 */
 #define VB 8   /* vectors of 16 keys per register tile (8 accumulators hide the FMA latency) */
-
-static inline v16 vload(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
-static inline void vstore(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 
 /* Indexer scores out[t, j] = sum_h w[t, h] * relu(q[t, h, :] . key[j, :]) for rows 0 .. T-1 and keys
    0 .. n-1 (fp32 accumulation). q [T, h, d] and w [T, h] fp32 contiguous; keys [n, d] with row stride
