@@ -9,8 +9,9 @@ Design choices:
   local) is taken there. One `topk(kd + 1)` both selects and proves there is no tie at the boundary
   (value kd > value kd+1); only rows with a boundary tie take the exact slow path. This is the same set the
   model's +inf/-inf masking and tie procedure produce, at the cost of one top-k. On CPU the same rule runs
-  as a radix select in C where a compiler is present (`native.select_topk`: 2-4.6x `torch.topk`'s heap
-  on the embedded model's indexer scores at 20K keys, tie rule included, no sort and no masking pass).
+  as a sampled threshold + radix select in C where a compiler is present (`native.select_topk`: 7x
+  `torch.topk` + sort on the embedded model's indexer scores at 20K keys, tie rule included, no sort and
+  no masking pass).
 - Indexer scan: keys are read in place from the pool's contiguous runs, in blocks sized to keep the
   [block, T*h] dot-product tile in L2 (scoring a long context in one GEMM would spill a T*h-times larger
   intermediate to memory). Keys are promoted to fp32 per block, so bf16 keys give the fp32 reference
