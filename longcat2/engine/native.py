@@ -1,9 +1,10 @@
 """Optional compiled CPU kernels: C built on first use with the system's C compiler, called through ctypes.
 
 Design choices:
-- Only what PyTorch ops cannot do at the machine's speed goes here: the parts of LSA that are not GEMMs
-  at small head counts, where an op per pass over memory costs more than the arithmetic. Measured on the
-  embedded model's 29K-token prefill (4 heads, 4 x 16 indexer), where they took three quarters of it:
+- Only what PyTorch ops cannot do at the machine's speed goes here: the parts of LSA that are not GEMMs,
+  and its small products, where an op per pass over memory costs more than the arithmetic (on the
+  embedded model's 29K-token prefill, 4 heads and a 4 x 16 indexer, they took three quarters of it);
+  and one large product that the BLAS runs slowly on AMD CPUs:
   - `select_topk`: the kd largest indexer scores of each row, ties at the kd-th value to the larger
     positions (`kernels.select_dynamic`'s rule). `torch.topk` keeps a heap (O(n log k)) and the result is
     sorted again. Here: a threshold guessed from every 16th score (about 1.5 kd keys reach it), one pass
@@ -20,7 +21,7 @@ Design choices:
   - `pv_rows`: the fp32 P·V of large gathered rows ([64 heads x ~1-2K keys] x [keys x 512] at
     LongCat-2.0 dims). MKL runs its AVX2 kernels on AMD CPUs (~90 GFLOP/s here) and oneDNN needs the
     values transposed (a copy per row costs what it saves). Blocked over 256 keys, register tiles of 4
-    heads x 64 columns: 140-170 GFLOP/s, 1.5-1.7x `torch.mm` per row.
+    heads x 64 columns: 140-190 GFLOP/s, 1.5-1.7x `torch.mm` per row.
   - `slot_attend`: each row's absorbed attention over its own gathered keys, read in place from the pool
     (no gathered copy: the copy and two more passes over it were memory-bound), a few keys prefetched
     ahead, softmax with a polynomial exp2 in registers, P·V in register tiles. It returns the
@@ -30,13 +31,13 @@ Design choices:
   against, and the path on every other device, dtype or machine without a compiler. `LONGCAT2_NATIVE=0`
   turns the compiled path off.
 - No torch headers and no build step at install: one C file compiled in about a second with
-  `-O3 -march=native` into a cache directory (`$LONGCAT2_CACHE_DIR`, else `~/.cache/longcat2`) under a
-  name that hashes the source, the flags, the compiler and the CPU's flags (a cache shared by different
-  CPUs never loads a library built for another). The build writes to a temporary name and renames, so
+  `-O3 -march=native` into a cache directory (`$LONGCAT2_CACHE_DIR`, else `~/.cache/longcat2`; a temp
+  directory where that is not writable) under a name that hashes the source, the flags, the compiler and
+  the CPU's flags (a cache shared by different CPUs never loads a library built for another). The build writes to a temporary name and renames, so
   concurrent processes never load a half-written library. A failed build is reported once (a warning)
   and the PyTorch path is used.
 - ctypes releases the GIL during a call, so every kernel splits its rows over `torch.get_num_threads()`
-  Python threads (at least 16 rows each).
+  Python threads (at least 16 rows each; one large P·V row each).
 - Vector code is written with GCC/Clang vector extensions (no intrinsics), so the same source builds
   for AVX-512, AVX2 or NEON under -march=native.
 """
@@ -514,6 +515,20 @@ def _cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "longcat2"
 
 
+def _writable_dir() -> Path:
+    """The cache directory's `native/`, or a per-user one under the temp dir where it cannot be written
+    (a read-only home, as some CI sandboxes have)."""
+    for base in (_cache_dir(), Path(tempfile.gettempdir()) / f"longcat2-{os.getuid()}"):
+        out_dir = base / "native"
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if os.access(out_dir, os.W_OK):
+                return out_dir
+        except OSError:
+            continue
+    raise OSError("no writable directory for the compiled kernels")
+
+
 def _cpu_signature() -> str:
     """The CPU's feature flags (Linux), else the platform's processor string: -march=native depends on them."""
     try:
@@ -534,8 +549,7 @@ def _build() -> ctypes.CDLL | None:
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
         tag = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), version, _cpu_signature()]).encode())
-        out_dir = _cache_dir() / "native"
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = _writable_dir()
         lib_path = out_dir / f"lc2_{tag.hexdigest()[:20]}.so"
         if not lib_path.exists():
             with tempfile.TemporaryDirectory(dir=out_dir) as tmp:

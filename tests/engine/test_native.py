@@ -198,3 +198,15 @@ def test_pv_rows_equals_matmul(h: int, k: int, c: int, width: int) -> None:
     assert native.pv_rows(probs, values, acc, accumulate=True)
     torch.testing.assert_close(acc, base + ref, rtol=1e-5, atol=1e-4)
     assert not native.pv_rows(probs.bfloat16(), values.bfloat16(), out)  # fp32 only
+
+
+@needs_cc
+def test_library_builds_in_a_temp_dir_when_the_cache_dir_is_not_writable(tmp_path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the cache directory would be: mkdir fails
+    code = "from longcat2.engine import native; print(native.available())"
+    env = dict(os.environ, LONGCAT2_CACHE_DIR=str(blocked / "cache"), TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True"]
+    assert list((tmp_path / "tmp").glob(f"longcat2-{os.getuid()}/native/lc2_*.so"))
