@@ -171,13 +171,8 @@ def _tie_select(row: torch.Tensor, kd: int) -> torch.Tensor:
 def select_dynamic(scores: torch.Tensor, kd: int) -> torch.Tensor:
     """scores [T, R] (every row has more than kd finite entries; -inf = not a candidate) → columns of
     the kd selected keys per row [T, kd], ascending."""
-    t, r = scores.shape
-    if kd <= 0:
-        return scores.new_zeros(t, 0, dtype=torch.long)
-    picked = native.select_topk(scores, kd)  # the same rule as a radix select in C, where it applies
-    if picked is not None:
-        return picked
-    return select_dynamic_torch(scores, kd)
+    picked = native.select_topk(scores, kd)  # the same rule in C, where it applies (kd > 0, CPU fp32)
+    return picked if picked is not None else select_dynamic_torch(scores, kd)
 
 
 def select_dynamic_torch(scores: torch.Tensor, kd: int) -> torch.Tensor:
@@ -206,7 +201,7 @@ def lsa_rows(scores: torch.Tensor, q_pos: torch.Tensor, topk: int, init: int, lo
     t, r = scores.shape
     kd = topk - init - local
     limit = q_pos - local - init  # last candidate column per row
-    dyn = native.select_topk(scores, kd, limit) if kd > 0 else None  # C: candidates bounded by `limit`
+    dyn = native.select_topk(scores, kd, limit)  # C: candidates bounded by `limit`, no masking pass
     if dyn is None:
         dyn = _masked_select(scores, limit, kd)
     dyn = dyn + init
@@ -451,6 +446,7 @@ def window_attention(
         score_scale = 1.0
     out = q_latent.new_empty(rows, h, c, dtype=dt)
     sink = torch.arange(init, device=dev)
+    small_rows = h * dyn_slots.shape[1] * c < PER_ROW_MIN_MACS  # the dynamic picks' products per row
     for r0 in range(0, rows, query_block):
         r1 = min(rows, r0 + query_block)
         n = r1 - r0
@@ -469,7 +465,7 @@ def window_attention(
         s_w.masked_fill_(hidden[:, None], NEG_INF)
         lat_w_t = kv_w[:, :c].t().contiguous()  # [c, W]: the shared latents as a contiguous operand
         fused = None
-        if h * dyn_slots.shape[1] * c < PER_ROW_MIN_MACS:  # small rows: the C kernel, no gathered copy
+        if small_rows:  # the C kernel, no gathered copy
             fused = native.slot_attend(q[r0:r1], kv_pool, dyn_slots[r0:r1], c, score_scale)
         if fused is not None:  # merge two softmax blocks: the shared window's and the dynamic picks'
             o_d, m_d, l_d = fused  # [n, h, c], [n, h], [n, h]
@@ -494,7 +490,7 @@ def window_attention(
         pw = p_w.view(n * h, -1).to(dt)
         o = mm_nt(pw, lat_w_t)  # [n*h, c]
         o = o.view(n, h, c)
-        if h * kv_d.shape[1] * c < PER_ROW_MIN_MACS:  # small rows (no C kernel): one batched product
+        if small_rows:  # (no C kernel here) one batched product
             if dt == torch.float32:
                 o.baddbmm_(p_d, kv_d[..., :c])
             else:

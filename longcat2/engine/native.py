@@ -54,11 +54,14 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -623,16 +626,24 @@ def available() -> bool:
     return library() is not None
 
 
-def _threads(rows: int) -> int:
-    return max(1, min(torch.get_num_threads(), rows // _MIN_ROWS_PER_THREAD))
-
-
 def _executor(n: int) -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None or _pool._max_workers < n:  # noqa: SLF001 (grow only)
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="longcat2-native")
         return _pool
+
+
+def _over_rows(n: int, run: Callable[[int, int], T], min_rows: int = _MIN_ROWS_PER_THREAD) -> list[T]:
+    """run(r0, r1) over contiguous row ranges covering 0 .. n-1: one per thread of
+    `torch.get_num_threads()`, at least `min_rows` rows each (ctypes releases the GIL). → their results."""
+    if n == 0:
+        return []
+    n_threads = max(1, min(torch.get_num_threads(), n // min_rows))
+    bounds = [n * i // n_threads for i in range(n_threads + 1)]
+    if n_threads == 1:
+        return [run(0, n)]
+    return list(_executor(n_threads).map(run, bounds[:-1], bounds[1:]))
 
 
 def select_topk(scores: torch.Tensor, kd: int, limit: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -657,16 +668,14 @@ def select_topk(scores: torch.Tensor, kd: int, limit: torch.Tensor | None = None
     lim = None
     if limit is not None:
         lim = limit.to(device="cpu", dtype=torch.int64).contiguous()
-    n_threads = _threads(t)
-    bounds = [t * i // n_threads for i in range(n_threads + 1)]
 
-    def run(i: int) -> int:
+    def run(r0: int, r1: int) -> int:
         keys = torch.empty(r, dtype=torch.int32)  # uint32 keys (bit patterns)
         cand = torch.empty(r, dtype=torch.int32)
         return lib.lc2_select_topk(
             scores.data_ptr(),
-            bounds[i],
-            bounds[i + 1],
+            r0,
+            r1,
             r,
             scores.stride(0),
             lim.data_ptr() if lim is not None else None,
@@ -676,11 +685,7 @@ def select_topk(scores: torch.Tensor, kd: int, limit: torch.Tensor | None = None
             cand.data_ptr(),
         )
 
-    if n_threads == 1:
-        failed = [run(0)]
-    else:
-        failed = list(_executor(n_threads).map(run, range(n_threads)))
-    if any(f >= 0 for f in failed):
+    if any(failed >= 0 for failed in _over_rows(t, run)):
         return None
     return out
 
@@ -713,14 +718,11 @@ def index_scores(
         return None
     qf = q.float().contiguous()  # [T, h, d]
     wf = w.float().reshape(t, h).contiguous()  # [T, h]
-    n_threads = _threads(t)
-    bounds = [t * i // n_threads for i in range(n_threads + 1)]
 
-    def run(i: int) -> None:
-        r0, r1 = bounds[i], bounds[i + 1]
+    def run(r0: int, r1: int) -> None:
         kt = torch.empty(d * 256, dtype=torch.float32)  # a transposed block of keys
         for pos, keys in pieces:
-            if keys.shape[0] == 0 or r1 == r0:
+            if keys.shape[0] == 0:
                 continue
             lib.lc2_index_scores(
                 qf[r0].data_ptr(),
@@ -737,10 +739,7 @@ def index_scores(
                 kt.data_ptr(),
             )
 
-    if n_threads == 1:
-        run(0)
-    else:
-        list(_executor(n_threads).map(run, range(n_threads)))
+    _over_rows(t, run)
     return out
 
 
@@ -769,13 +768,8 @@ def slot_attend(
     o = torch.empty(n, h, latent_dim, dtype=torch.float32)
     m = torch.empty(n, h, dtype=torch.float32)
     l_sum = torch.empty(n, h, dtype=torch.float32)
-    n_threads = _threads(n)
-    bounds = [n * i // n_threads for i in range(n_threads + 1)]
 
-    def run(i: int) -> None:
-        r0, r1 = bounds[i], bounds[i + 1]
-        if r1 == r0:
-            return
+    def run(r0: int, r1: int) -> None:
         ws = torch.empty(h * max(kd, 1), dtype=torch.float32)  # one row's scores / probabilities
         lib.lc2_slot_attend(
             qf[r0].data_ptr(),
@@ -795,10 +789,7 @@ def slot_attend(
             ws.data_ptr(),
         )
 
-    if n_threads == 1:
-        run(0)
-    else:
-        list(_executor(n_threads).map(run, range(n_threads)))
+    _over_rows(n, run)
     return o, m, l_sum
 
 
@@ -819,13 +810,8 @@ def pv_rows(probs: torch.Tensor, values: torch.Tensor, out: torch.Tensor, accumu
         return False
     n, h, k = probs.shape
     c = values.shape[2]
-    n_threads = _threads(n * 16)  # rows are large: one per thread is enough
-    bounds = [n * i // n_threads for i in range(n_threads + 1)]
 
-    def run(i: int) -> None:
-        r0, r1 = bounds[i], bounds[i + 1]
-        if r1 == r0:
-            return
+    def run(r0: int, r1: int) -> None:
         lib.lc2_pv_rows(
             probs[r0].data_ptr(),
             r1 - r0,
@@ -840,8 +826,5 @@ def pv_rows(probs: torch.Tensor, values: torch.Tensor, out: torch.Tensor, accumu
             int(accumulate),
         )
 
-    if n_threads == 1:
-        run(0)
-    else:
-        list(_executor(n_threads).map(run, range(n_threads)))
+    _over_rows(n, run, min_rows=1)  # rows are large: one per thread is enough
     return True
