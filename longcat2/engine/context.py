@@ -44,6 +44,7 @@ from longcat2.config import ModelConfig
 from longcat2.engine.cache import PagedKVCache, SeqBlocks
 from longcat2.engine.hi import hi_active, hi_rows, scan_keys
 from longcat2.engine.kernels import (
+    absorb,
     cpu_flash_available,
     dense_decode,
     dense_prefill,
@@ -56,6 +57,7 @@ from longcat2.engine.kernels import (
     lsa_rows,
     onednn_prefill_ok,
     run_attention,
+    unabsorb,
     window_attention,
 )
 from longcat2.model.attention import MLA, MLAProjection
@@ -187,7 +189,7 @@ class StepContext:
         q_nope, q_rope = p.q_nope[0], p.q_rope[0]  # [N, h, nope], [N, h, r]
         if plan.runs and plan.slots is None and not (plan.expanded or plan.long_rows or plan.windowed):
             # common CPU case (short dense decode): every segment attends over its runs in place
-            return mla.unabsorb(self._run_attention(mla, plan.runs, mla.absorb(q_nope), q_rope))[None]
+            return unabsorb(mla, self._run_attention(mla, plan.runs, absorb(mla, q_nope), q_rope))[None]
         if (
             plan.slots is not None
             and plan.rows is None
@@ -195,40 +197,40 @@ class StepContext:
         ):
             # common case (decode, LSA prefill): every row attends over explicit slots
             o_lat = gather_attention(
-                mla.absorb(q_nope),
+                absorb(mla, q_nope),
                 q_rope,
                 kv_pool,
                 plan.slots,
                 mla.softmax_scale,
                 workspace=self.settings.workspace,
             )
-            return mla.unabsorb(o_lat)[None]
+            return unabsorb(mla, o_lat)[None]
         n = self.positions.shape[0]
         out = q_nope.new_empty(n, mla.num_heads * mla.v_dim)
         # latent queries only for the rows that attend in absorbed form (a mixed step's prefill rows go
         # through the expanded kernels: absorbing them too cost 12 % of a batch of 512-token prefills)
         for off, t, start, runs in plan.runs:
             sl = slice(off, off + t)
-            o_lat = self._run_attention(mla, [(0, t, start, runs)], mla.absorb(q_nope[sl]), q_rope[sl])
-            out[sl] = mla.unabsorb(o_lat).to(out.dtype)
+            o_lat = self._run_attention(mla, [(0, t, start, runs)], absorb(mla, q_nope[sl]), q_rope[sl])
+            out[sl] = unabsorb(mla, o_lat).to(out.dtype)
         if plan.slots is not None:
             rows = plan.rows if plan.rows is not None else slice(None)
             o_lat = gather_attention(
-                mla.absorb(q_nope[rows]),
+                absorb(mla, q_nope[rows]),
                 q_rope[rows],
                 kv_pool,
                 plan.slots,
                 mla.softmax_scale,
                 workspace=self.settings.workspace,
             )  # [R, h, c]
-            out[rows] = mla.unabsorb(o_lat).to(out.dtype)
+            out[rows] = unabsorb(mla, o_lat).to(out.dtype)
         cfg = self.settings.cfg
         for off, t, blocks, dyn in plan.windowed:
             for b0 in range(0, t, WINDOW_ROWS):  # (row blocks: see WINDOW_ROWS)
                 b1 = min(t, b0 + WINDOW_ROWS)
                 sl = slice(off + b0, off + b1)
                 o_lat = window_attention(
-                    mla.absorb(q_nope[sl]),
+                    absorb(mla, q_nope[sl]),
                     q_rope[sl],
                     kv_pool,
                     self.positions[sl],
@@ -239,7 +241,7 @@ class StepContext:
                     mla.softmax_scale,
                     workspace=self.settings.workspace,
                 )  # [B, h, c]
-                out[sl] = mla.unabsorb(o_lat).to(out.dtype)
+                out[sl] = unabsorb(mla, o_lat).to(out.dtype)
         for off, t, blocks, start in plan.expanded:
             end = start + t
             lat = cache.read(lat_pool, blocks, 0, end).to(q_nope.dtype)  # [S, c]
@@ -270,11 +272,11 @@ class StepContext:
             out[sl] = o.reshape(t, -1).to(out.dtype)
         if plan.long_rows:
             long_rows = torch.tensor([row for row, _, _ in plan.long_rows], device=q_nope.device)
-            q_latent = mla.absorb(q_nope[long_rows])  # [L, h, c]
+            q_latent = absorb(mla, q_nope[long_rows])  # [L, h, c]
         for i, (row, blocks, vis) in enumerate(plan.long_rows):
             pieces = [(lat_pool[r : r + m], rope_pool[r : r + m]) for _, r, m in cache.runs(blocks, 0, vis)]
             o_lat = dense_decode(q_latent[i], q_rope[row], pieces, mla.softmax_scale)  # [h, c]
-            out[row] = mla.unabsorb(o_lat[None])[0]
+            out[row] = unabsorb(mla, o_lat[None])[0]
         return out[None]
 
     # ------------------------------------------------------------------ helpers

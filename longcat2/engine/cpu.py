@@ -11,13 +11,15 @@ Design choices:
   enters it only for bf16 models on such CPUs (`bf16_matmul_via_fp32() is True`); it is a selectable fast
   path (`LONGCAT2_BF16_MATMUL=native|fp32` overrides the detection), device-neutral code and tested against
   the plain bf16 ops.
+- Linear layers (`route_cpu_linears`): a decode step's products have a few rows, so they are bound by
+  reading the weight; `native.linear` streams it once (fp32 up to 8 rows, bf16 up to 2: 1.1-1.6x oneDNN
+  on LongCat-2.0's 1536x12288 q_b_proj, BENCHMARKS.md).
 - fp32 linear layers: PyTorch's fp32 `linear` calls the BLAS (MKL). On AMD CPUs MKL does not run its
   AVX-512 kernels: on session 12's Zen 4 slice a 1024³ fp32 GEMM ran at 116 GFLOP/s through MKL and 254-265
   through oneDNN (`torch.ops.mkldnn._linear_pointwise`, plain weights), and an 8-row product with
   q_b_proj's 1536×12288 weight took 8.0 vs 2.7 ms. oneDNN costs ~8 µs more per call, so
-  `route_fp32_linears` gives each fp32 `nn.Linear` of an inference model a forward that calls oneDNN
-  only for products of at least `ONEDNN_MIN_MACS` multiply-adds, and only where no gradient is needed
-  (training and DTensor weights keep `F.linear`). The choice is measured once per process
+  `CpuLinear` calls oneDNN for fp32 products of at least `ONEDNN_MIN_MACS` multiply-adds, and only
+  where no gradient is needed (training and DTensor weights keep `F.linear`). The choice is measured once per process
   (`fp32_linear_via_onednn`: oneDNN is used where it runs a 64×1024×1024 product ≥ 1.25x faster);
   `LONGCAT2_FP32_LINEAR=onednn|blas` overrides it. The same values as `F.linear` up to accumulation order
   (tested against it).
@@ -40,6 +42,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from longcat2.devices import cpu_has_bf16_gemm
+from longcat2.engine import native
 
 
 @functools.cache
@@ -164,28 +167,33 @@ def mm_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return onednn_linear(x, w) if onednn_worth(x, w) else x @ w.t()
 
 
-class OnednnLinear(nn.Linear):
-    """An `nn.Linear` whose inference products of at least ONEDNN_MIN_MACS multiply-adds run through oneDNN
-    (fp32, CPU); everything else, and every call that needs a gradient, is `F.linear`. Made by
-    `route_fp32_linears` (a class swap: parameters, state-dict keys and isinstance checks are unchanged)."""
+class CpuLinear(nn.Linear):
+    """An `nn.Linear` for CPU inference (made by `route_cpu_linears`; a class swap: parameters, state-dict
+    keys and isinstance checks are unchanged). Per call, where no gradient is needed: a few rows (decode)
+    stream the weight through `native.linear`; fp32 products of at least ONEDNN_MIN_MACS multiply-adds run
+    through oneDNN where it measured faster; everything else, and every call that needs a gradient, is
+    `F.linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (
-            x.is_contiguous()
-            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-            and onednn_worth(x, w)
-        ):
-            return onednn_linear(x, w, self.bias)
+        if not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
+            if self.bias is None and (y := native.linear(x, w)) is not None:
+                return y
+            if x.is_contiguous() and onednn_worth(x, w):
+                return onednn_linear(x, w, self.bias)
         return F.linear(x, w, self.bias)
 
 
-def route_fp32_linears(model: nn.Module) -> int:
-    """Give every plain fp32 `nn.Linear` of `model` (on CPU) `OnednnLinear`'s forward; → how many."""
+def route_cpu_linears(model: nn.Module) -> int:
+    """Give every plain fp32 / bf16 `nn.Linear` of `model` on CPU `CpuLinear`'s forward; → how many."""
     n = 0
     for m in model.modules():
-        if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu":
-            m.__class__ = OnednnLinear
+        if (
+            type(m) is nn.Linear
+            and m.weight.dtype in (torch.float32, torch.bfloat16)
+            and m.weight.device.type == "cpu"
+        ):
+            m.__class__ = CpuLinear
             n += 1
     return n
 

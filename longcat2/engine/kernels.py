@@ -63,6 +63,7 @@ import torch
 from longcat2.devices import cpu_has_bf16_gemm
 from longcat2.engine import native
 from longcat2.engine.cpu import fp32_linear_via_onednn, mm_nt, onednn_linear, onednn_worth
+from longcat2.model.attention import MLA
 
 NEG_INF = float("-inf")
 # Online softmaxes here work in log2 units (scores x log2(e), then exp2): on CPU, torch.exp of arguments
@@ -286,6 +287,29 @@ def _gather_positions(
     return torch.cat(out)
 
 
+# ---------------------------------------------------------------------- absorbed form: in and out
+def _plain_weight(w: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and w.requires_grad)
+
+
+def absorb(mla: MLA, q_nope: torch.Tensor) -> torch.Tensor:
+    """`MLA.absorb` of q_nope [T, h, nope]; a few (decode) rows on CPU read W_uk in place from kv_b_proj's
+    weight (`native.absorb`: no per-head copies, the weight streamed once)."""
+    w = mla.kv_b_proj.weight
+    if _plain_weight(w) and (out := native.absorb(q_nope, w, mla.nope, mla.v_dim)) is not None:
+        return out
+    return mla.absorb(q_nope)
+
+
+def unabsorb(mla: MLA, o_latent: torch.Tensor) -> torch.Tensor:
+    """`MLA.unabsorb` of attended latents [T, h, c] → [T, h*v]; a few rows on CPU through
+    `native.unabsorb`."""
+    w = mla.kv_b_proj.weight
+    if _plain_weight(w) and (out := native.unabsorb(o_latent, w, mla.nope, mla.v_dim)) is not None:
+        return out
+    return mla.unabsorb(o_latent)
+
+
 # ---------------------------------------------------------------------- attention over explicit slots
 def gather_attention(
     q_latent: torch.Tensor,
@@ -315,6 +339,10 @@ def gather_attention(
         if fused is not None:
             o, _, l_sum = fused
             return o.div_(l_sum[..., None]).to(dt)
+    elif dt == torch.float32:  # large fp32 rows on CPU: register-tiled C, keys read in place (1.3x)
+        o = native.slot_attention(q, kv_pool, slots, c, scale * LOG2E)
+        if o is not None:
+            return o
     score_scale = scale
     if dt == torch.float32:
         q.mul_(scale)  # scale folded into the queries: no pass over the scores

@@ -355,20 +355,109 @@ static inline v16 vexp2(v16 x) {
     return (v16)(((vi16)poly + (k << 23)) & live);
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+/* Keeps four vectors in registers: otherwise GCC folds their loads into each of the 16 FMAs that use them
+   (20 loads per 16 FMAs instead of 8). */
+#define KEEP4(a, b, c, d) __asm__("" : "+v"(a), "+v"(b), "+v"(c), "+v"(d))
+#else
+#define KEEP4(a, b, c, d) ((void)0)
+#endif
+
+/* Scores of large rows read in place: out[i, hh, j] = sum_e q[i, hh, e] * pool[slots[i, j], e], e < D
+   (-inf where the slot is -1), fp32, h a multiple of 16. Each row's queries are transposed to qt [D, h]
+   (in L2), so a register tile is 4 keys x 4 vectors of 16 heads: per element e, 4 broadcasts of the keys'
+   values and 4 loads of qt, 16 FMAs. The next tile's key rows are prefetched a cache line at a time. */
+static void scores_row(const float *qi, int64_t h, int64_t D, const float *pool, int64_t ld,
+                       const int64_t *si, int64_t kk, float *oi, float *qt) {
+    const float ninf = -__builtin_inff();
+    float kt[16 * 64]; /* 16 keys' scores of up to 64 heads, key-major */
+    {
+        for (int64_t hh = 0; hh < h; hh++)
+            for (int64_t e = 0; e < D; e++) qt[e * h + hh] = qi[hh * D + e];
+        for (int64_t g0 = 0; g0 < h; g0 += 64) {
+            const int hv = h - g0 >= 64 ? 4 : (int)((h - g0) / 16);
+            for (int64_t j0 = 0; j0 < kk; j0 += 4) {
+                const float *kp[4], *nx[4];
+                for (int a = 0; a < 4; a++) {
+                    int64_t j = j0 + a, jn = j0 + 4 + a;
+                    kp[a] = pool + (j < kk && si[j] >= 0 ? si[j] : 0) * ld;
+                    nx[a] = pool + (jn < kk && si[jn] >= 0 ? si[jn] : 0) * ld;
+                }
+                v16 acc[4][4];
+                for (int a = 0; a < 4; a++)
+                    for (int b = 0; b < 4; b++) acc[a][b] = (v16){0};
+                if (hv == 4) { /* whole tile: named accumulators, so they stay in registers */
+                    const float *k0 = kp[0], *k1 = kp[1], *k2 = kp[2], *k3 = kp[3];
+                    v16 a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
+                    v16 a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
+                    for (int64_t e0 = 0; e0 < D; e0 += 16) {
+                        for (int a = 0; a < 4; a++) __builtin_prefetch(nx[a] + e0);
+                        const int64_t e1 = e0 + 16 < D ? e0 + 16 : D;
+                        for (int64_t e = e0; e < e1; e++) {
+                            const float *qe = qt + e * h + g0;
+                            v16 q0 = vload(qe), q1 = vload(qe + 16), q2 = vload(qe + 32), q3 = vload(qe + 48);
+                            KEEP4(q0, q1, q2, q3);
+                            float x0 = k0[e], x1 = k1[e], x2 = k2[e], x3 = k3[e];
+                            a00 += x0 * q0, a01 += x0 * q1, a02 += x0 * q2, a03 += x0 * q3;
+                            a10 += x1 * q0, a11 += x1 * q1, a12 += x1 * q2, a13 += x1 * q3;
+                            a20 += x2 * q0, a21 += x2 * q1, a22 += x2 * q2, a23 += x2 * q3;
+                            a30 += x3 * q0, a31 += x3 * q1, a32 += x3 * q2, a33 += x3 * q3;
+                        }
+                    }
+                    acc[0][0] = a00, acc[0][1] = a01, acc[0][2] = a02, acc[0][3] = a03;
+                    acc[1][0] = a10, acc[1][1] = a11, acc[1][2] = a12, acc[1][3] = a13;
+                    acc[2][0] = a20, acc[2][1] = a21, acc[2][2] = a22, acc[2][3] = a23;
+                    acc[3][0] = a30, acc[3][1] = a31, acc[3][2] = a32, acc[3][3] = a33;
+                } else {
+                    for (int64_t e = 0; e < D; e++) {
+                        const float *qe = qt + e * h + g0;
+                        for (int b = 0; b < hv; b++) {
+                            v16 qv = vload(qe + 16 * b);
+                            for (int a = 0; a < 4; a++) acc[a][b] += kp[a][e] * qv;
+                        }
+                    }
+                }
+                for (int a = 0; a < 4; a++) { /* key-major into kt; transposed to out per 16 keys */
+                    const int empty = j0 + a < kk && si[j0 + a] < 0;
+                    for (int b = 0; b < hv; b++)
+                        vstore(kt + ((j0 + a) & 15) * 64 + 16 * b, empty ? (v16){0} + ninf : acc[a][b]);
+                }
+                if (((j0 + 4) & 15) == 0 || j0 + 4 >= kk) {
+                    const int64_t jb = j0 & ~(int64_t)15, jn = kk - jb < 16 ? kk - jb : 16;
+                    for (int64_t hh = 0; hh < 16 * hv; hh++) {
+                        float *dst = oi + (g0 + hh) * kk + jb;
+                        for (int64_t j = 0; j < jn; j++) dst[j] = kt[j * 64 + hh];
+                    }
+                }
+            }
+        }
+    }
+}
+
+void lc2_slot_scores(const float *q, int64_t n, int64_t h, int64_t D, const float *pool, int64_t ld,
+                     const int64_t *slots, int64_t kk, float *out, float *qt) {
+    for (int64_t i = 0; i < n; i++) scores_row(q + i * h * D, h, D, pool, ld, slots + i * kk, kk, out + i * h * kk, qt);
+}
+
 /* P.V of large rows: o[i] (+)= p[i] @ v[i][:, :c] for rows 0 .. n-1, fp32. p [n, h, K] (row stride K,
-   rows ldp apart), v: K keys per row with stride ldv (rows ldvr apart), o [n, h, c] contiguous. Blocked
+   rows ldp apart), v: K keys per row with stride ldv (rows ldvr apart), or with slots [n, K]: row i's key
+   j is v's row slots[i, j] (stride ldv), read in place; o [n, h, c] contiguous. Blocked
    so the data stays near the FMA units: 64 keys at a time (64 x c floats, in L2) serve every 4-head x
    64-column register tile (16 accumulators over 4 loads and 4 broadcasts per key), whose partial sums
    pass through o (L1/L2) between key blocks. */
 void lc2_pv_rows(const float *p, int64_t n, int64_t h, int64_t kk, int64_t ldp, const float *v, int64_t ldv,
-                 int64_t ldvr, int64_t c, float *o, int accumulate) {
+                 int64_t ldvr, int64_t c, float *o, int accumulate, const int64_t *slots) {
     for (int64_t i = 0; i < n; i++) {
         const float *pi = p + i * ldp;
         const float *vi = v + i * ldvr;
+        const int64_t *si = slots ? slots + i * kk : 0; /* rows of v by slot (-1: row 0, its p is 0) */
         float *oi = o + i * h * c;
         if (!accumulate) memset(oi, 0, (size_t)(h * c) * sizeof(float));
         for (int64_t k0 = 0; k0 < kk; k0 += 256) {
             int64_t k1 = k0 + 256 < kk ? k0 + 256 : kk;
+            if (si) /* rows at random places: fetch the block's rows with all misses in flight at once */
+                for (int64_t k = k0; k < k1; k++)
+                    for (int64_t e = 0; e < c; e += 16) __builtin_prefetch(v + (si[k] < 0 ? 0 : si[k]) * ldv + e, 0, 2);
             for (int64_t h0 = 0; h0 < h; h0 += 4) {
                 int64_t hn = h - h0 < 4 ? h - h0 : 4;
                 for (int64_t c0 = 0; c0 < c; c0 += 64) {
@@ -380,7 +469,7 @@ void lc2_pv_rows(const float *p, int64_t n, int64_t h, int64_t kk, int64_t ldp, 
                     if (hn == 4 && c - c0 >= 64) { /* whole tile: constant trip counts, registers only */
                         const float *p0 = pi + h0 * kk, *p1 = p0 + kk, *p2 = p1 + kk, *p3 = p2 + kk;
                         for (int64_t k = k0; k < k1; k++) {
-                            const float *vr = vi + k * ldv + c0;
+                            const float *vr = (si ? v + (si[k] < 0 ? 0 : si[k]) * ldv : vi + k * ldv) + c0;
                             v16 x0 = vload(vr), x1 = vload(vr + 16), x2 = vload(vr + 32), x3 = vload(vr + 48);
                             float q0 = p0[k], q1 = p1[k], q2 = p2[k], q3 = p3[k];
                             acc[0][0] += q0 * x0, acc[0][1] += q0 * x1, acc[0][2] += q0 * x2, acc[0][3] += q0 * x3;
@@ -390,7 +479,7 @@ void lc2_pv_rows(const float *p, int64_t n, int64_t h, int64_t kk, int64_t ldp, 
                         }
                     } else {
                         for (int64_t k = k0; k < k1; k++) {
-                            const float *vr = vi + k * ldv;
+                            const float *vr = si ? v + (si[k] < 0 ? 0 : si[k]) * ldv : vi + k * ldv;
                             v16 x[4];
                             for (int b = 0; b < 4; b++) x[b] = row_load(vr, 0, c0 + 16 * b, c - c0 - 16 * b);
                             for (int a = 0; a < hn; a++) {
@@ -403,6 +492,51 @@ void lc2_pv_rows(const float *p, int64_t n, int64_t h, int64_t kk, int64_t ldp, 
                 }
             }
         }
+    }
+}
+
+/* Softmax of each of h rows of kk log2-unit scores, in place (exp2 of the difference to the row's max,
+   normalised); a row of only -inf becomes zeros. */
+static void softmax2_rows(float *ws, int64_t h, int64_t kk) {
+    const float ninf = -__builtin_inff();
+    for (int64_t hh = 0; hh < h; hh++) {
+        float *sh = ws + hh * kk;
+        float mx = ninf;
+        for (int64_t j = 0; j < kk; j++) mx = sh[j] > mx ? sh[j] : mx;
+        if (mx == ninf) {
+            memset(sh, 0, (size_t)kk * sizeof(float));
+            continue;
+        }
+        v16 acc = {0};
+        int64_t j = 0;
+        for (; j + 16 <= kk; j += 16) {
+            v16 p = vexp2(vload(sh + j) - mx);
+            vstore(sh + j, p);
+            acc += p;
+        }
+        float sum = hsum(acc);
+        for (; j < kk; j++) {
+            float tmp[16] = {0};
+            tmp[0] = sh[j] - mx;
+            v16 p = vexp2(vload(tmp));
+            sh[j] = p[0];
+            sum += p[0];
+        }
+        const float inv = 1.0f / sum;
+        for (j = 0; j < kk; j++) sh[j] *= inv;
+    }
+}
+
+/* Large rows' absorbed attention with the keys read in place, one row at a time so its keys are still in
+   cache for P.V: scores (`scores_row`, q in log2 units), softmax, P.V over the first c columns (`lc2_pv_rows`
+   with slots). o [n, h, c]; ws: h * kk floats, qt: D * h floats (scratch). */
+void lc2_slot_attention(const float *q, int64_t n, int64_t h, int64_t D, int64_t c, const float *pool, int64_t ld,
+                        const int64_t *slots, int64_t kk, float *o, float *ws, float *qt) {
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t *si = slots + i * kk;
+        scores_row(q + i * h * D, h, D, pool, ld, si, kk, ws, qt);
+        softmax2_rows(ws, h, kk);
+        lc2_pv_rows(ws, 1, h, kk, h * kk, pool, ld, 0, c, o + i * h * c, 0, si);
     }
 }
 
@@ -501,6 +635,143 @@ void lc2_slot_attend(const float *q, int64_t n, int64_t h, int64_t dim, int64_t 
         }
     }
 }
+
+/* ---- products of a few rows with a weight (decode): memory-bound, so the weight is streamed once ---- */
+
+/* 16 floats to out[0..count) as fp32, or as bf16 rounded to nearest even (NaN stays a quiet NaN). */
+static inline void put16(void *out, int bf16, int64_t i, v16 v, int64_t count) {
+    if (!bf16) {
+        if (count >= 16) vstore((float *)out + i, v);
+        else { float tmp[16]; vstore(tmp, v); memcpy((float *)out + i, tmp, (size_t)count * 4); }
+        return;
+    }
+    vu16 u;
+    memcpy(&u, &v, sizeof u);
+    vu16 nan = (vu16)((u & 0x7FFFFFFFu) > 0x7F800000u);
+    u = (u & ~nan) | (0x7FC00000u & nan);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    vh16 h = __builtin_convertvector(u, vh16);
+    memcpy((uint16_t *)out + i, &h, (size_t)(count >= 16 ? 16 : count) * 2);
+}
+
+static inline void put1(void *out, int bf16, int64_t i, float f) {
+    v16 v = {f};
+    put16(out, bf16, i, v, 1);
+}
+
+static inline v16 bload(const uint16_t *p) { /* 16 bf16 values widened to fp32 */
+    vh16 h;
+    memcpy(&h, p, sizeof h);
+    vu16 u = __builtin_convertvector(h, vu16) << 16;
+    v16 f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+#define LOAD_0(p) vload(p)
+#define LOAD_1(p) bload(p)
+#define WTYPE_0 float
+#define WTYPE_1 uint16_t
+
+/* "NT": y[m, n] = sum_k x[m, k] W[n, k], n in [n0, n1): register tiles of MR rows x NR weight rows, each
+   weight row read once per MR rows, dot products summed across lanes at the end. */
+#define NT_TILE(MR, NR, WB)                                                                                   \
+    static void nt_##MR##_##NR##_##WB(const float *x, int64_t M, int64_t xs, const void *W, int64_t ws,       \
+                                       int64_t K, void *y, int yb, int64_t ys, int64_t n0, int64_t n1) {     \
+        const int64_t k16 = K & ~(int64_t)15;                                                                \
+        for (int64_t n = n0; n < n1; n += NR) {                                                              \
+            int64_t nr = n1 - n < NR ? n1 - n : NR;                                                          \
+            const WTYPE_##WB *w[NR];                                                                         \
+            for (int j = 0; j < NR; j++) w[j] = (const WTYPE_##WB *)W + (n + (j < nr ? j : 0)) * ws;          \
+            for (int64_t m0 = 0; m0 < M; m0 += MR) {                                                         \
+                int64_t mr = M - m0 < MR ? M - m0 : MR;                                                      \
+                const float *xr[MR];                                                                         \
+                for (int i = 0; i < MR; i++) xr[i] = x + (m0 + (i < mr ? i : 0)) * xs;                       \
+                v16 acc[MR][NR];                                                                             \
+                for (int i = 0; i < MR; i++)                                                                 \
+                    for (int j = 0; j < NR; j++) acc[i][j] = (v16){0};                                       \
+                for (int64_t k = 0; k < k16; k += 16) {                                                      \
+                    v16 wv[NR];                                                                              \
+                    for (int j = 0; j < NR; j++) wv[j] = LOAD_##WB(w[j] + k);                                 \
+                    for (int i = 0; i < MR; i++) {                                                           \
+                        v16 xv = vload(xr[i] + k);                                                           \
+                        for (int j = 0; j < NR; j++) acc[i][j] += xv * wv[j];                                \
+                    }                                                                                        \
+                }                                                                                            \
+                if (k16 < K) { /* a zero-filled tail */                                                      \
+                    v16 wv[NR];                                                                              \
+                    for (int j = 0; j < NR; j++) wv[j] = row_load(w[j], WB, k16, K - k16);                   \
+                    for (int i = 0; i < MR; i++) {                                                           \
+                        v16 xv = row_load(xr[i], 0, k16, K - k16);                                           \
+                        for (int j = 0; j < NR; j++) acc[i][j] += xv * wv[j];                                \
+                    }                                                                                        \
+                }                                                                                            \
+                for (int i = 0; i < mr; i++)                                                                 \
+                    for (int j = 0; j < nr; j++) put1(y, yb, (m0 + i) * ys + n + j, hsum(acc[i][j]));         \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+NT_TILE(1, 8, 0)
+NT_TILE(2, 8, 0)
+NT_TILE(1, 8, 1)
+NT_TILE(2, 8, 1)
+
+/* "KN": y[m, n] = sum_k x[m, k] W[k, n] (W's rows are k): x broadcast, MR rows x NB 16-column vectors. */
+#define KN_TILE(MR, NB, WB)                                                                                   \
+    static void kn_##MR##_##NB##_##WB(const float *x, int64_t M, int64_t xs, const void *W, int64_t ws,       \
+                                       int64_t K, int64_t N, void *y, int yb, int64_t ys) {                 \
+        for (int64_t c0 = 0; c0 < N; c0 += 16 * NB) {                                                        \
+            const int full = N - c0 >= 16 * NB;                                                              \
+            for (int64_t m0 = 0; m0 < M; m0 += MR) {                                                         \
+                int64_t mr = M - m0 < MR ? M - m0 : MR;                                                      \
+                v16 acc[MR][NB];                                                                             \
+                for (int i = 0; i < MR; i++)                                                                 \
+                    for (int b = 0; b < NB; b++) acc[i][b] = (v16){0};                                       \
+                const float *xr[MR];                                                                         \
+                for (int i = 0; i < MR; i++) xr[i] = x + (m0 + (i < mr ? i : 0)) * xs;                       \
+                for (int64_t k = 0; k < K; k++) {                                                            \
+                    const WTYPE_##WB *wk = (const WTYPE_##WB *)W + k * ws + c0;                               \
+                    v16 wv[NB];                                                                              \
+                    if (full)                                                                                \
+                        for (int b = 0; b < NB; b++) wv[b] = LOAD_##WB(wk + 16 * b);                          \
+                    else                                                                                     \
+                        for (int b = 0; b < NB; b++) wv[b] = row_load(wk, WB, 16 * b, N - c0 - 16 * b);      \
+                    for (int i = 0; i < MR; i++) {                                                           \
+                        float xv = xr[i][k];                                                                 \
+                        for (int b = 0; b < NB; b++) acc[i][b] += xv * wv[b];                                \
+                    }                                                                                        \
+                }                                                                                            \
+                for (int i = 0; i < mr; i++)                                                                 \
+                    for (int b = 0; b < NB; b++) {                                                           \
+                        int64_t left = N - c0 - 16 * b;                                                      \
+                        if (left > 0) put16(y, yb, (m0 + i) * ys + c0 + 16 * b, acc[i][b], left);            \
+                    }                                                                                        \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+KN_TILE(1, 8, 0)
+KN_TILE(4, 4, 0)
+KN_TILE(1, 8, 1)
+KN_TILE(4, 4, 1)
+
+/* Heads [h0, h1) of y_h = x_h W_h^T ("NT", W_h [N, K]) or x_h W_h ("KN", W_h [K, N]), output columns
+   [n0, n1) (NT only); x fp32 [M, K] per head (row stride xs, head stride xh), W fp32 or bf16 (row stride
+   ws, head stride wh, in elements), y fp32 or bf16 (row stride ys, head stride yh). */
+void lc2_heads_linear(const float *x, int64_t M, int64_t xs, int64_t xh, const void *W, int wb, int kn,
+                      int64_t ws, int64_t wh, int64_t N, int64_t K, void *y, int yb, int64_t ys, int64_t yh,
+                      int64_t h0, int64_t h1, int64_t n0, int64_t n1) {
+    for (int64_t h = h0; h < h1; h++) {
+        const float *xi = x + h * xh;
+        const void *wi = (const char *)W + (size_t)(h * wh) * (wb ? 2 : 4);
+        void *yi = (char *)y + (size_t)(h * yh) * (yb ? 2 : 4);
+        if (kn) {
+            if (M == 1) { if (wb) kn_1_8_1(xi, M, xs, wi, ws, K, N, yi, yb, ys); else kn_1_8_0(xi, M, xs, wi, ws, K, N, yi, yb, ys); }
+            else { if (wb) kn_4_4_1(xi, M, xs, wi, ws, K, N, yi, yb, ys); else kn_4_4_0(xi, M, xs, wi, ws, K, N, yi, yb, ys); }
+        } else {
+            if (M == 1) { if (wb) nt_1_8_1(xi, M, xs, wi, ws, K, yi, yb, ys, n0, n1); else nt_1_8_0(xi, M, xs, wi, ws, K, yi, yb, ys, n0, n1); }
+            else { if (wb) nt_2_8_1(xi, M, xs, wi, ws, K, yi, yb, ys, n0, n1); else nt_2_8_0(xi, M, xs, wi, ws, K, yi, yb, ys, n0, n1); }
+        }
+    }
+}
 """
 
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99"]
@@ -575,7 +846,14 @@ def _build() -> ctypes.CDLL | None:
     lib.lc2_index_scores.restype = None
     lib.lc2_index_scores.argtypes = [p, p, i64, i64, i64, p, i64, ctypes.c_int, i64, p, i64, p]
     lib.lc2_pv_rows.restype = None
-    lib.lc2_pv_rows.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, p, ctypes.c_int]
+    lib.lc2_pv_rows.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, p, ctypes.c_int, p]
+    lib.lc2_slot_attention.restype = None
+    lib.lc2_slot_attention.argtypes = [p, i64, i64, i64, i64, p, i64, p, i64, p, p, p]
+    lib.lc2_slot_scores.restype = None
+    lib.lc2_slot_scores.argtypes = [p, i64, i64, i64, p, i64, p, i64, p, p]
+    lib.lc2_heads_linear.restype = None
+    lib.lc2_heads_linear.argtypes = [p, i64, i64, i64, p, ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, p]
+    lib.lc2_heads_linear.argtypes += [ctypes.c_int, i64, i64, i64, i64, i64, i64]
     lib.lc2_slot_attend.restype = None
     lib.lc2_slot_attend.argtypes = [
         p,
@@ -793,10 +1071,17 @@ def slot_attend(
     return o, m, l_sum
 
 
-def pv_rows(probs: torch.Tensor, values: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> bool:
+def pv_rows(
+    probs: torch.Tensor,
+    values: torch.Tensor,
+    out: torch.Tensor,
+    accumulate: bool = False,
+    slots: torch.Tensor | None = None,
+) -> bool:
     """out [n, h, c] (+)= probs [n, h, K] @ values [n, K, c] per row, fp32 on CPU (values may be a
-    column slice of a wider gathered tensor; probs rows and out contiguous). False (out untouched) where
-    the kernel does not apply."""
+    column slice of a wider gathered tensor; probs rows and out contiguous). With slots [n, K] (int64,
+    contiguous): values is a pool [P, >= c] and row i's key j is its row slots[i, j], read in place (-1:
+    an empty slot, whose probability must be 0). False (out untouched) where the kernel does not apply."""
     lib = library()
     if (
         lib is None
@@ -804,12 +1089,23 @@ def pv_rows(probs: torch.Tensor, values: torch.Tensor, out: torch.Tensor, accumu
         or probs.dim() != 3
         or probs.stride(2) != 1
         or probs.stride(1) != probs.shape[2]
-        or values.stride(2) != 1
+        or values.stride(-1) != 1
         or not out.is_contiguous()
     ):
         return False
     n, h, k = probs.shape
-    c = values.shape[2]
+    c = out.shape[2]
+    if slots is not None:
+        if (
+            slots.dtype != torch.int64
+            or not slots.is_contiguous()
+            or slots.shape != (n, k)
+            or values.dim() != 2
+        ):
+            return False
+        ldv, ldvr = values.stride(0), 0
+    else:
+        ldv, ldvr = values.stride(1), values.stride(0)
 
     def run(r0: int, r1: int) -> None:
         lib.lc2_pv_rows(
@@ -818,13 +1114,247 @@ def pv_rows(probs: torch.Tensor, values: torch.Tensor, out: torch.Tensor, accumu
             h,
             k,
             probs.stride(0),
-            values[r0].data_ptr(),
-            values.stride(1),
-            values.stride(0),
+            values.data_ptr() if slots is not None else values[r0].data_ptr(),
+            ldv,
+            ldvr,
             c,
             out[r0].data_ptr(),
             int(accumulate),
+            slots[r0].data_ptr() if slots is not None else None,
         )
 
     _over_rows(n, run, min_rows=1)  # rows are large: one per thread is enough
     return True
+
+
+LINEAR_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 2}
+"""Rows up to which `linear`, `absorb` and `unabsorb` stream the weight faster than oneDNN / the BLAS
+(session 15 microbenchmarks: fp32 1.1-1.6x at 1-8 rows; bf16 1.3-1.5x at 1-2 rows, slower beyond, where
+oneDNN's AVX512-BF16 dot products compute twice as fast as the widening loads here)."""
+LINEAR_MIN_WEIGHT = 1 << 18
+"""Weight elements below which `linear` declines: a small product is the Python call's fixed cost (~10
+µs), which the BLAS's is lower than."""
+
+
+def _weight_ok(w: torch.Tensor) -> bool:
+    return (
+        w.dtype in (torch.float32, torch.bfloat16)
+        and w.device.type == "cpu"
+        and type(w) in (torch.nn.Parameter, torch.Tensor)  # (a DTensor shard is not a plain pointer)
+        and w.is_contiguous()
+    )
+
+
+def _heads_linear(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_offset: int,
+    w_row: int,
+    w_head: int,
+    kn: bool,
+    n: int,
+    k: int,
+    y: torch.Tensor,
+) -> None:
+    """y[h] = x[h] @ W_h^T (NT: W_h [n, k]) or x[h] @ W_h (KN: W_h [k, n]) for the heads of x [H, M, k] fp32
+    and y [H, M, n] (unit last strides); W_h starts at element w_offset + h * w_head of w, rows w_row apart.
+    Split over heads, or over output columns when there is one head (NT)."""
+    heads, m = x.shape[0], x.shape[1]
+    wp = w.data_ptr() + w_offset * w.element_size()
+
+    def run(a: int, b: int, by_heads: bool) -> None:
+        h0, h1, n0, n1 = (a, b, 0, n) if by_heads else (0, heads, a, b)
+        lib.lc2_heads_linear(
+            x.data_ptr(),
+            m,
+            x.stride(1),
+            x.stride(0),
+            wp,
+            int(w.dtype == torch.bfloat16),
+            int(kn),
+            w_row,
+            w_head,
+            n,
+            k,
+            y.data_ptr(),
+            int(y.dtype == torch.bfloat16),
+            y.stride(1),
+            y.stride(0),
+            h0,
+            h1,
+            n0,
+            n1,
+        )
+
+    if torch.get_num_threads() == 1:
+        run(0, heads, True)
+    elif heads > 1 or kn:
+        _over_rows(heads, lambda a, b: run(a, b, True), min_rows=8)
+    else:  # one weight: each thread streams at least ~1 MB of it
+        _over_rows(n, lambda a, b: run(a, b, False), min_rows=max(64, (1 << 18) // max(k, 1)))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """x [..., K] @ weight [N, K]^T for at most LINEAR_MAX_ROWS[dtype] rows (decode), fp32 or bf16 (x and
+    weight of one dtype, no bias), the weight streamed once with fp32 accumulation; bf16 results rounded
+    to nearest even, as a bf16 GEMM rounds. → [..., N] in x's dtype, or None where the kernel does not
+    apply (the caller takes F.linear)."""
+    lib = library()
+    if (
+        lib is None
+        or x.dtype != weight.dtype
+        or x.device.type != "cpu"
+        or weight.dim() != 2
+        or not _weight_ok(weight)
+        or x.shape[-1] != weight.shape[1]
+    ):
+        return None
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows == 0 or rows > LINEAR_MAX_ROWS[x.dtype] or weight.numel() < LINEAR_MIN_WEIGHT:
+        return None
+    n, k = weight.shape
+    xf = x.reshape(rows, k).float()  # [M, K] (a copy only for bf16 or strided rows)
+    if xf.stride(-1) != 1:
+        xf = xf.contiguous()
+    y = torch.empty(rows, n, dtype=x.dtype)
+    _heads_linear(lib, xf[None], weight, 0, k, 0, False, n, k, y[None])
+    return y.view(*x.shape[:-1], n)
+
+
+def _kv_b_ok(lib: ctypes.CDLL | None, x: torch.Tensor, kv_b: torch.Tensor) -> bool:
+    return (
+        lib is not None
+        and x.dim() == 3
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and kv_b.dim() == 2
+        and _weight_ok(kv_b)
+        and 0 < x.shape[0] <= LINEAR_MAX_ROWS[kv_b.dtype]
+    )
+
+
+def absorb(q_nope: torch.Tensor, kv_b: torch.Tensor, nope: int, v: int) -> torch.Tensor | None:
+    """MLA's absorbed queries read straight from kv_b_proj's weight (no per-head copies): q_nope [T, h,
+    nope] (a few decode rows), kv_b [h * (nope + v), c] → q_nope · W_uk per head [T, h, c] in the weight's
+    dtype (`MLA.absorb`), or None where the kernel does not apply."""
+    lib = library()
+    if (
+        not _kv_b_ok(lib, q_nope, kv_b)
+        or q_nope.shape[2] != nope
+        or kv_b.shape[0] != q_nope.shape[1] * (nope + v)
+    ):
+        return None
+    t, h, _ = q_nope.shape
+    c = kv_b.shape[1]
+    x = q_nope.to(kv_b.dtype).float()  # [T, h, nope] (the model's GEMM takes the weight's dtype)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty(t, h, c, dtype=kv_b.dtype)
+    _heads_linear(lib, x.transpose(0, 1), kv_b, 0, c, (nope + v) * c, True, c, nope, y.transpose(0, 1))
+    return y
+
+
+def unabsorb(o_latent: torch.Tensor, kv_b: torch.Tensor, nope: int, v: int) -> torch.Tensor | None:
+    """Attended latents [T, h, c] → values [T, h * v] through W_uv, read straight from kv_b_proj's weight
+    [h * (nope + v), c] (`MLA.unabsorb`), in the weight's dtype; None where the kernel does not apply."""
+    lib = library()
+    if not _kv_b_ok(lib, o_latent, kv_b) or o_latent.shape[2] != kv_b.shape[1]:
+        return None
+    t, h, c = o_latent.shape
+    if kv_b.shape[0] != h * (nope + v):
+        return None
+    x = o_latent.to(kv_b.dtype).float()  # [T, h, c] (rounded to the weight's dtype first, as the model)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty(t, h, v, dtype=kv_b.dtype)
+    _heads_linear(lib, x.transpose(0, 1), kv_b, nope * c, c, (nope + v) * c, False, v, c, y.transpose(0, 1))
+    return y.view(t, h * v)
+
+
+def slot_scores(q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> bool:
+    """Scores of large rows with their keys read in place: out [n, h, K] = q [n, h, D] · pool[slots]^T over
+    the first D columns, -inf at empty (-1) slots; fp32 on CPU, h a multiple of 16, slots int64 [n, K]
+    contiguous. False (out untouched) where the kernel does not apply."""
+    lib = library()
+    if (
+        lib is None
+        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, pool, out))
+        or q.dim() != 3
+        or q.shape[1] % 16 != 0
+        or pool.stride(1) != 1
+        or pool.shape[1] < q.shape[2]
+        or slots.dtype != torch.int64
+        or not slots.is_contiguous()
+        or not out.is_contiguous()
+        or out.shape != (q.shape[0], q.shape[1], slots.shape[1])
+    ):
+        return False
+    n, h, d = q.shape
+    qc = q.contiguous()
+
+    def run(r0: int, r1: int) -> None:
+        qt = torch.empty(d * h, dtype=torch.float32)  # one row's queries, transposed
+        lib.lc2_slot_scores(
+            qc[r0].data_ptr(),
+            r1 - r0,
+            h,
+            d,
+            pool.data_ptr(),
+            pool.stride(0),
+            slots[r0].data_ptr(),
+            slots.shape[1],
+            out[r0].data_ptr(),
+            qt.data_ptr(),
+        )
+
+    _over_rows(n, run, min_rows=1)
+    return True
+
+
+def slot_attention(
+    q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, latent_dim: int, scale: float
+) -> torch.Tensor | None:
+    """Large rows' absorbed attention with their keys read in place from the pool (no gathered copy):
+    q [n, h, D] (latent | rope query), pool [P, >= D] (latent | rope keys), slots [n, K] (-1 = empty),
+    scores = scale · q·k in log2 units (softmax by exp2). Per row: the scores (`slot_scores`' register
+    tiles), the softmax, then P·V over the latent columns while the row's keys are still in cache.
+    fp32 on CPU, h a multiple of 16. → attended latents [n, h, latent_dim] fp32, or None where the
+    kernel does not apply."""
+    lib = library()
+    if (
+        lib is None
+        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, pool))
+        or q.dim() != 3
+        or q.shape[1] % 16 != 0
+        or pool.stride(1) != 1
+        or pool.shape[1] < q.shape[2]
+        or latent_dim > q.shape[2]
+    ):
+        return None
+    n, h, d = q.shape
+    kk = slots.shape[1]
+    qs = (q * scale).contiguous()  # [n, h, D] in log2 units
+    sl = slots.to(torch.int64).contiguous()
+    o = torch.empty(n, h, latent_dim, dtype=torch.float32)
+
+    def run(r0: int, r1: int) -> None:
+        ws = torch.empty(h * max(kk, 1), dtype=torch.float32)  # one row's scores / probabilities
+        qt = torch.empty(d * h, dtype=torch.float32)  # one row's queries, transposed
+        lib.lc2_slot_attention(
+            qs[r0].data_ptr(),
+            r1 - r0,
+            h,
+            d,
+            latent_dim,
+            pool.data_ptr(),
+            pool.stride(0),
+            sl[r0].data_ptr(),
+            kk,
+            o[r0].data_ptr(),
+            ws.data_ptr(),
+            qt.data_ptr(),
+        )
+
+    _over_rows(n, run, min_rows=1)
+    return o

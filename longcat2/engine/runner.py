@@ -28,8 +28,7 @@ from longcat2.engine.context import AttentionSettings, Selection, StepContext
 from longcat2.engine.cpu import (
     Bf16MatmulViaFp32,
     bf16_matmul_via_fp32,
-    fp32_linear_via_onednn,
-    route_fp32_linears,
+    route_cpu_linears,
 )
 from longcat2.model.attention import MLA
 
@@ -107,13 +106,9 @@ class ModelRunner:
         # bf16 model on a CPU without a native bf16 GEMM: matmuls as fp32 BLAS calls (see cpu.py)
         bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
         self.bf16_via_fp32 = self.device.type == "cpu" and bf16 and bf16_matmul_via_fp32()
-        # fp32 linear layers through oneDNN where the BLAS is the slower fp32 GEMM (see cpu.py)
-        fp32 = any(p.dtype == torch.float32 for p in model.parameters())
-        self.onednn_linears = (
-            route_fp32_linears(model)
-            if self.device.type == "cpu" and fp32 and fp32_linear_via_onednn()
-            else 0
-        )
+        # decode rows' products streamed by the C kernel, fp32 ones through oneDNN where the BLAS is the
+        # slower fp32 GEMM (see cpu.py)
+        self.cpu_linears = route_cpu_linears(model) if self.device.type == "cpu" else 0
         if index_mode == "auto" and self.bf16_via_fp32:
             # no bf16 GEMM: the two-pass scan's bf16 pass would itself run as fp32 BLAS calls, so its
             # rounding and rescoring only add work (LongCat-2.0 dims at 1M, one layer, the two runs of

@@ -100,8 +100,8 @@ def test_gather_attention_matches_model_sparse_core(
 ) -> None:
     """Both fp32 scoring paths (bmm, and oneDNN per row where it is the faster fp32 GEMM: engine/cpu.py),
     both P·V paths (batched for small rows, one mm per row from PER_ROW_MIN_MACS on CPU), and with the C
-    kernels where they are built: small rows read the keys in place (native.slot_attend), large rows'
-    fp32 P·V is native.pv_rows."""
+    kernels where they are built: small rows read the keys in place (native.slot_attend), large fp32 rows
+    too, in register tiles (native.slot_attention)."""
     if size.endswith("-native") and not native.available():
         pytest.skip("no compiled kernels here")
     with contextlib.ExitStack() as stack:

@@ -210,3 +210,199 @@ def test_library_builds_in_a_temp_dir_when_the_cache_dir_is_not_writable(tmp_pat
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True"]
     assert list((tmp_path / "tmp").glob(f"longcat2-{os.getuid()}/native/lc2_*.so"))
+
+
+def _bf16_close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """bf16 results against an fp32 reference: within one bf16 rounding (accumulation order differs)."""
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=2**-7, atol=1e-3)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_equals_f_linear(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """Rows 1 .. LINEAR_MAX_ROWS, output widths that are not a multiple of the 8-row weight tile, input
+    widths with a tail past the last 16 lanes, 3-D and strided inputs, one and two threads."""
+    monkeypatch.setattr(native, "LINEAR_MAX_ROWS", {torch.float32: 8, torch.bfloat16: 8})
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for rows, n, k in [
+                (1, 1, 16),
+                (1, 100, 37),
+                (2, 33, 256),
+                (3, 300, 200),
+                (5, 17, 15),
+                (8, 1031, 70),
+            ]:
+                w = torch.randn(n, k, generator=g).to(dtype)
+                x = torch.randn(rows, k, generator=g).to(dtype)
+                ref = torch.nn.functional.linear(x.float(), w.float())
+                got = native.linear(x, w)
+                assert got is not None and got.shape == (rows, n), (rows, n, k)
+                if dtype == torch.float32:
+                    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+                else:
+                    _bf16_close(got, ref)
+            x3 = torch.randn(4, 2, 64, generator=g).to(dtype).transpose(0, 1)  # [2, 4, 64], strided
+            w = torch.randn(48, 64, generator=g).to(dtype)
+            got = native.linear(x3, w)
+            assert got is not None and got.shape == (2, 4, 48)
+            ref = torch.nn.functional.linear(x3.float(), w.float())
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            else:
+                _bf16_close(got, ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_cc
+def test_linear_bf16_rounds_to_nearest_even_and_keeps_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each output is x[a] + s * x[b] (two nonzero weights per row), exact in fp32 for these ranges, so the
+    bf16 output must be that sum rounded as `Tensor.to(bfloat16)` rounds it; ties (1 + 2^-8, 1 + 3 * 2^-8)
+    go to even. A NaN input gives NaN outputs."""
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
+    g = torch.Generator().manual_seed(1)
+    k, n = 64, 512
+    x = (1.0 + torch.rand(1, k, generator=g)).to(torch.bfloat16)  # [1, 2)
+    x[0, :2] = 1.0
+    a = torch.randint(0, k, (n,), generator=g)
+    b = (a + 1 + torch.randint(0, k - 1, (n,), generator=g)) % k
+    s = (0.5 + 0.5 * torch.rand(n, generator=g)).to(torch.bfloat16)  # [0.5, 1)
+    a[:2], b[:2] = 0, 1  # x[0] = x[1] = 1: ties
+    s[0], s[1] = 2.0**-8, 3 * 2.0**-8
+    w = torch.zeros(n, k, dtype=torch.bfloat16)
+    w[torch.arange(n), a] = 1.0
+    w[torch.arange(n), b] = s
+    exact = x[0, a].float() + s.float() * x[0, b].float()  # [n]
+    got = native.linear(x, w)
+    assert got is not None
+    assert torch.equal(got[0], exact.to(torch.bfloat16))
+    assert got[0, 0] == 1.0 and got[0, 1] == 1.015625  # the ties, to even
+    x[0, 5] = float("nan")
+    got = native.linear(x, w)
+    assert got is not None and torch.isnan(got[0][(a == 5) | (b == 5)]).all()
+
+
+@needs_cc
+def test_linear_declines_what_it_does_not_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
+    w = torch.randn(32, 16)
+    assert native.linear(torch.randn(native.LINEAR_MAX_ROWS[torch.float32] + 1, 16), w) is None  # prefill
+    assert native.linear(torch.randn(1, 16).double(), w.double()) is None  # dtype
+    assert native.linear(torch.randn(1, 16).to(torch.bfloat16), w) is None  # mixed dtypes
+    assert native.linear(torch.randn(1, 16), w.t().contiguous().t()) is None  # strided weight
+    assert native.linear(torch.randn(1, 8), w[:, :8]) is None  # (a non-contiguous slice)
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 1 << 20)
+    assert native.linear(torch.randn(1, 16), w) is None  # small: the BLAS call is cheaper
+    with native.disabled():
+        monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
+        assert native.linear(torch.randn(1, 16), w) is None
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_absorb_and_unabsorb_equal_the_model(dtype: torch.dtype) -> None:
+    """The engine's absorbed-form products read kv_b_proj's weight in place (`native.absorb` /
+    `native.unabsorb` through `kernels.absorb` / `kernels.unabsorb`) and equal `MLA.absorb` / `unabsorb`."""
+    from longcat2 import ModelConfig
+    from longcat2.engine.kernels import absorb, unabsorb
+    from longcat2.model.attention import MLA
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny")
+    mla = MLA(cfg, has_indexer=False).to(dtype).eval()
+    h, nope, c = mla.num_heads, mla.nope, cfg.kv_lora_rank
+    for t in range(1, native.LINEAR_MAX_ROWS[dtype] + 1):
+        q = torch.randn(t, h, nope).to(dtype)
+        o = torch.randn(t, h, c)  # fp32 attended latents, as the attention kernels return them
+        with torch.no_grad():
+            ref_q, ref_o = mla.absorb(q), mla.unabsorb(o)
+            got_q = native.absorb(q, mla.kv_b_proj.weight, nope, mla.v_dim)
+            got_o = native.unabsorb(o, mla.kv_b_proj.weight, nope, mla.v_dim)
+            assert got_q is not None and got_o is not None
+            assert torch.equal(absorb(mla, q), got_q) and torch.equal(unabsorb(mla, o), got_o)
+        assert got_q.shape == ref_q.shape and got_o.shape == ref_o.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(got_q, ref_q, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got_o, ref_o, rtol=1e-5, atol=1e-5)
+        else:
+            _bf16_close(got_q, ref_q.float())
+            _bf16_close(got_o, ref_o.float())
+    big = native.LINEAR_MAX_ROWS[dtype] + 1  # a prefill's rows: the model's batched GEMMs
+    assert native.absorb(torch.randn(big, h, nope).to(dtype), mla.kv_b_proj.weight, nope, mla.v_dim) is None
+    q = torch.randn(1, h, nope, requires_grad=True)
+    if dtype == torch.float32:  # a call that needs a gradient keeps the model's differentiable path
+        absorb(mla.train(), q).sum().backward()
+        assert q.grad is not None and mla.kv_b_proj.weight.grad is not None
+
+
+@needs_cc
+def test_engine_tokens_equal_with_and_without_the_streamed_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 greedy decode through the engine: every decode product through `native.linear` / `absorb` /
+    `unabsorb` (size floor lifted so the tiny model's layers take it) gives the PyTorch path's tokens."""
+    from longcat2 import LongCatForCausalLM, ModelConfig
+    from longcat2.engine import generate
+
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
+    calls = {"n": 0}
+    plain_linear = native.linear
+
+    def counted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+        out = plain_linear(x, w)
+        calls["n"] += out is not None
+        return out
+
+    monkeypatch.setattr(native, "linear", counted)
+    outs = []
+    for use_native in (True, False):
+        torch.manual_seed(0)
+        model = LongCatForCausalLM(ModelConfig.from_preset("tiny")).eval()
+        prompts = [torch.randint(4, 512, (n,)).tolist() for n in (9, 300)]
+        if use_native:
+            outs.append(generate(model, prompts, max_new_tokens=8, ignore_eos=True))
+        else:
+            with native.disabled():
+                outs.append(generate(model, prompts, max_new_tokens=8, ignore_eos=True))
+    assert calls["n"] > 0
+    assert outs[0] == outs[1]
+
+
+@needs_cc
+@pytest.mark.parametrize("h", [16, 48, 64, 128])
+def test_slot_attention_equals_the_model_sparse_core(h: int) -> None:
+    """Large rows' attention with the keys read in place: head counts that fill 1-4 register vectors and
+    more than one 64-head group, key counts off the 4-key tile and the 16-key transpose block, empty
+    slots; the scores and the P·V over slots on their own too."""
+    from longcat2.engine.kernels import LOG2E
+
+    g = torch.Generator().manual_seed(h)
+    c, rr, p = 64, 8, 500
+    for rows, k in [(1, 1), (3, 37), (2, 300)]:
+        q = torch.randn(rows, h, c + rr, generator=g) * 0.3
+        lat, rope = torch.randn(p, c, generator=g), torch.randn(p, rr, generator=g)
+        pool = torch.cat([lat, rope], dim=-1)
+        slots = torch.randint(0, p, (rows, k), generator=g)
+        if k > 1:
+            slots[0, k // 2 :] = -1
+        ref = sparse_mla_attention(
+            q[None, ..., :c], q[None, ..., c:], lat[None], rope[None], slots[None], 0.7
+        )[0]
+        got = native.slot_attention(q, pool, slots, c, 0.7 * LOG2E)
+        assert got is not None
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        scores = torch.empty(rows, h, k)
+        assert native.slot_scores(q, pool, slots, scores)
+        keys = pool[slots.clamp(min=0)]  # [rows, k, c + r]
+        ref_scores = torch.einsum("nhd,nkd->nhk", q, keys).masked_fill(slots[:, None, :] < 0, float("-inf"))
+        torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.empty(rows, h, c)
+        assert native.pv_rows(probs, pool, out, slots=slots)
+        torch.testing.assert_close(out, probs @ keys[..., :c], rtol=1e-5, atol=1e-5)
+    assert native.slot_attention(torch.randn(1, 12, c + rr), pool, slots[:1], c, 1.0) is None  # h % 16
+    assert native.slot_attention(q.to(torch.bfloat16), pool.to(torch.bfloat16), slots, c, 1.0) is None
