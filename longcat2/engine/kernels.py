@@ -555,7 +555,11 @@ def run_attention(
     (latent | rope key per column) and its latents, covering positions 0 .. start+T-1 in order. Writes
     the attended latents to out [T*h, c]. One [T*h, S] score GEMM per run over both parts, fp32 softmax
     (`attend_gathered`'s arithmetic up to the order of the score sums). A decode step calls this once per
-    sequence and sublayer, so it makes as few torch calls as it can."""
+    sequence and sublayer, so it makes as few torch calls as it can. On CPU both products are
+    `native.rows_by_keys` (the run streamed in place, no per-shape setup: a bf16 oneDNN GEMM builds a
+    new primitive for every new key count, ~0.5 ms, and a decode step's key count is new every step)."""
+    if q.device.type == "cpu" and _run_attention_native(q, pieces, t, start, scale, out):
+        return
     if len(pieces) == 1:  # (the common case; dtype checks in Python cost less than no-op casts)
         scores = torch.mm(q, pieces[0][0])  # [T*h, S]
     else:
@@ -579,6 +583,47 @@ def run_attention(
         else:
             out.addmm_(p, lat)
         o += lat.shape[0]
+
+
+def _run_attention_native(
+    q: torch.Tensor,
+    pieces: list[tuple[torch.Tensor, torch.Tensor]],
+    t: int,
+    start: int,
+    scale: float,
+    out: torch.Tensor,
+) -> bool:
+    """`run_attention` through the C products; False (nothing written) where they do not apply."""
+    if native.library() is None or not out.is_contiguous():
+        return False
+    qf = q.float() if scale == 1.0 else q.float().mul_(scale)  # [T*h, c + r] (a copy for bf16)
+    if not qf.is_contiguous():
+        qf = qf.contiguous()
+    parts = []
+    for keys_t, _ in pieces:  # scores of each run: [T*h, n]
+        part = qf.new_empty(qf.shape[0], keys_t.shape[1])
+        if not native.rows_by_keys(qf, keys_t.t(), part):
+            return False
+        parts.append(part)
+    scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if t > 1:  # query i sees keys <= start + i: mask the diagonal block's future
+        future = torch.ones(t, t, dtype=torch.bool, device=scores.device).triu_(1)  # [T, T]
+        scores.view(t, -1, scores.shape[1])[..., start:].masked_fill_(future[:, None], NEG_INF)
+    probs = torch.softmax(scores, dim=-1)  # [T*h, S] fp32
+    if len(pieces) == 1:
+        return native.rows_by_keys(probs, pieces[0][1], out, transposed=False)
+    acc = torch.zeros(out.shape, dtype=torch.float32)
+    part_out = torch.empty(out.shape, dtype=torch.float32)
+    o = 0
+    for _, lat in pieces:
+        if not native.rows_by_keys(
+            probs[:, o : o + lat.shape[0]].contiguous(), lat, part_out, transposed=False
+        ):
+            return False
+        acc += part_out
+        o += lat.shape[0]
+    out.copy_(acc)
+    return True
 
 
 # ---------------------------------------------------------------------- dense prefill (expanded form)

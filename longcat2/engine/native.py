@@ -76,6 +76,16 @@ typedef uint64_t v8u64 __attribute__((vector_size(64)));
 static inline v16 vload(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 
+#if defined(__x86_64__) || defined(__i386__)
+/* Keep vectors in registers: otherwise GCC folds their loads into every FMA that uses them (the slot
+   scores' tile: 20 loads per 16 FMAs instead of 8). */
+#define KEEP1(a) __asm__("" : "+v"(a))
+#define KEEP4(a, b, c, d) __asm__("" : "+v"(a), "+v"(b), "+v"(c), "+v"(d))
+#else
+#define KEEP1(a) ((void)0)
+#define KEEP4(a, b, c, d) ((void)0)
+#endif
+
 /* Order-preserving unsigned key of a float (-0.0 is +0.0, as torch's == treats them). */
 static inline uint32_t fkey(float f) {
     uint32_t u;
@@ -355,13 +365,6 @@ static inline v16 vexp2(v16 x) {
     return (v16)(((vi16)poly + (k << 23)) & live);
 }
 
-#if defined(__x86_64__) || defined(__i386__)
-/* Keeps four vectors in registers: otherwise GCC folds their loads into each of the 16 FMAs that use them
-   (20 loads per 16 FMAs instead of 8). */
-#define KEEP4(a, b, c, d) __asm__("" : "+v"(a), "+v"(b), "+v"(c), "+v"(d))
-#else
-#define KEEP4(a, b, c, d) ((void)0)
-#endif
 
 /* Scores of large rows read in place: out[i, hh, j] = sum_e q[i, hh, e] * pool[slots[i, j], e], e < D
    (-inf where the slot is -1), fp32, h a multiple of 16. Each row's queries are transposed to qt [D, h]
@@ -692,6 +695,7 @@ static inline v16 bload(const uint16_t *p) { /* 16 bf16 values widened to fp32 *
                 for (int64_t k = 0; k < k16; k += 16) {                                                      \
                     v16 wv[NR];                                                                              \
                     for (int j = 0; j < NR; j++) wv[j] = LOAD_##WB(w[j] + k);                                 \
+                    for (int j = 0; j < NR; j++) KEEP1(wv[j]); /* (loaded once, not per row) */              \
                     for (int i = 0; i < MR; i++) {                                                           \
                         v16 xv = vload(xr[i] + k);                                                           \
                         for (int j = 0; j < NR; j++) acc[i][j] += xv * wv[j];                                \
@@ -1358,3 +1362,29 @@ def slot_attention(
 
     _over_rows(n, run, min_rows=1)
     return o
+
+
+def rows_by_keys(x: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, transposed: bool = True) -> bool:
+    """out [M, N] = x [M, K] @ keys^T with keys [N, K] (transposed=True: attention scores over cached
+    rows), or x @ keys with keys [K, N] (False: probabilities times cached latents); x fp32 contiguous,
+    keys fp32 / bf16 with unit column stride (any row stride: a run of the pool read in place), out fp32
+    or bf16 contiguous. Any M (both products stream the keys once per 2 or 4 rows). False (out
+    untouched) where the kernel does not apply."""
+    lib = library()
+    if (
+        lib is None
+        or x.dtype != torch.float32
+        or keys.dtype not in (torch.float32, torch.bfloat16)
+        or out.dtype not in (torch.float32, torch.bfloat16)
+        or any(t.device.type != "cpu" for t in (x, keys, out))
+        or not x.is_contiguous()
+        or not out.is_contiguous()
+        or keys.dim() != 2
+        or keys.stride(1) != 1
+    ):
+        return False
+    n, k = (keys.shape[0], keys.shape[1]) if transposed else (keys.shape[1], keys.shape[0])
+    if x.shape[1] != k or out.shape != (x.shape[0], n):
+        return False
+    _heads_linear(lib, x[None], keys, 0, keys.stride(0), 0, not transposed, n, k, out[None])
+    return True
