@@ -75,6 +75,8 @@ LOG2E = 1.4426950408889634
 # query-head rows per tile in prefill.
 SCAN_TILE_ELEMS = 1 << 18
 SCAN_ROWS = 256
+# keys per product of a decode row's scan: one shape, so oneDNN reuses its primitive
+DECODE_SCAN_BLOCK = 2048
 # keys per kv_b_proj call when the dense prefill expands latents: the [rows, h*(nope+v)] product stays small
 # enough for the allocator to reuse (at LongCat-2.0 dims 256 rows = 16 MB; fresh blocks of hundreds of MB
 # pay page faults on every call)
@@ -129,12 +131,14 @@ def index_scan_torch(
     t, h, d = q.shape
     qf = q.float().reshape(t * h, d)  # [T*h, d]
     blk = max(256, SCAN_TILE_ELEMS // (t * h))
-    if t == 1:
+    if t == 1:  # (decode) fixed-size blocks: oneDNN builds a primitive per new shape, ~0.5 ms each, and
+        # a piece's length is new every step; the last, partial block takes the BLAS, which builds none
         w1 = w.reshape(h).float()
+        blk = DECODE_SCAN_BLOCK
         for pos, keys in pieces:
             for b0 in range(0, keys.shape[0], blk):
                 kb = keys[b0 : b0 + blk].float()  # [n, d]
-                dots = mm_nt(kb, qf)  # [n, h]
+                dots = mm_nt(kb, qf) if kb.shape[0] == blk else kb @ qf.t()  # [n, h]
                 dots.relu_()
                 o = pos - start + b0
                 torch.mv(dots, w1, out=out[0, o : o + kb.shape[0]])
@@ -537,6 +541,14 @@ def window_attention(
 
 
 # ---------------------------------------------------------------------- attention over runs in place
+def _mask_future(scores: torch.Tensor, t: int, start: int) -> None:
+    """scores [T*h, S] of queries at positions start .. start+T-1: query i sees keys <= start + i, so the
+    diagonal block's future is -inf (nothing to do for one query)."""
+    if t > 1:
+        future = torch.ones(t, t, dtype=torch.bool, device=scores.device).triu_(1)  # [T, T]
+        scores.view(t, -1, scores.shape[1])[..., start:].masked_fill_(future[:, None], NEG_INF)
+
+
 def run_attention(
     q: torch.Tensor,
     pieces: list[tuple[torch.Tensor, torch.Tensor]],
@@ -566,9 +578,7 @@ def run_attention(
         scores = torch.cat([torch.mm(q, k) for k, _ in pieces], dim=1)
     if scale != 1.0:
         scores = (scores if scores.dtype == torch.float32 else scores.float()).mul_(scale)
-    if t > 1:  # query i sees keys <= start + i: mask the diagonal block's future
-        future = torch.ones(t, t, dtype=torch.bool, device=scores.device).triu_(1)  # [T, T]
-        scores.view(t, -1, scores.shape[1])[..., start:].masked_fill_(future[:, None], NEG_INF)
+    _mask_future(scores, t, start)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (fp32 softmax of bf16 scores: one op)
     if probs.dtype != out.dtype:
         probs = probs.to(out.dtype)
@@ -606,9 +616,7 @@ def _run_attention_native(
             return False
         parts.append(part)
     scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    if t > 1:  # query i sees keys <= start + i: mask the diagonal block's future
-        future = torch.ones(t, t, dtype=torch.bool, device=scores.device).triu_(1)  # [T, T]
-        scores.view(t, -1, scores.shape[1])[..., start:].masked_fill_(future[:, None], NEG_INF)
+    _mask_future(scores, t, start)
     probs = torch.softmax(scores, dim=-1)  # [T*h, S] fp32
     if len(pieces) == 1:
         return native.rows_by_keys(probs, pieces[0][1], out, transposed=False)
