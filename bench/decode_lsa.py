@@ -305,6 +305,7 @@ def engine_stepper(
         runner.forward([Segment(seq, torch.tensor([7]), pos[0], "last") for seq in seqs])
         pos[0] += 1
 
+    step.runner = runner  # type: ignore[attr-defined]
     step.weight_bytes = sum(  # type: ignore[attr-defined]
         p.numel() * p.element_size()
         for n, p in model.named_parameters()

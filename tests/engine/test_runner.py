@@ -281,3 +281,33 @@ def test_sparse_decode_calls_every_module_but_the_expanded_kv_projection() -> No
         hook.remove()
     missing = [n for n, c in calls.items() if c == 0 and not n.startswith("model.mtp.")]
     assert missing and all(n.endswith("kv_b_proj") for n in missing)
+
+
+@pytest.mark.parametrize("min_keys, two_pass", [(None, False), (0, True)])
+def test_auto_index_mode_takes_the_two_pass_scan_on_cpu_only_for_long_rows(
+    monkeypatch: pytest.MonkeyPatch, min_keys: int | None, two_pass: bool
+) -> None:
+    """ "auto" with a native bf16 GEMM: a CPU decode row scans exactly below BF16_SCAN_MIN_KEYS_CPU keys
+    (the two-pass scan's rescoring costs more there) and in two passes from it on."""
+    from longcat2.engine import context, cpu
+
+    monkeypatch.setenv("LONGCAT2_BF16_MATMUL", "native")
+    cpu.bf16_matmul_via_fp32.cache_clear()
+    if min_keys is not None:
+        monkeypatch.setattr(context, "BF16_SCAN_MIN_KEYS_CPU", min_keys)
+    calls = []
+    plain = context.index_scan_select_bf16
+    monkeypatch.setattr(context, "index_scan_select_bf16", lambda *a, **k: calls.append(1) or plain(*a, **k))
+    try:
+        model = _model("tiny").to(torch.bfloat16)
+        runner = ModelRunner(model, block_size=32)
+        assert runner.attention.index_mode == "auto"
+        ids = torch.randint(4, 512, (200,)).tolist()
+        seq = runner.new_sequence(ids)
+        _prefill(runner, seq, ids[:190], chunk=95)
+        for i in range(190, 193):
+            runner.forward([Segment(seq, torch.tensor(ids[i : i + 1]), i, "last")])
+        assert bool(calls) is two_pass
+    finally:
+        monkeypatch.undo()
+        cpu.bf16_matmul_via_fp32.cache_clear()
