@@ -83,6 +83,8 @@ DECODE_SCAN_BLOCK = 2048
 EXPAND_ROWS = 256
 # gathered rows' P·V products of at least this many multiply-adds run as one mm per row on CPU (module doc)
 PER_ROW_MIN_MACS = 1 << 21
+# fp32 attention over a sequence's runs through the C products from this many multiply-adds (below: MKL)
+RUN_NATIVE_MIN_MACS = 1 << 20
 # indexer head dims up to which the C scan (native.index_scores) runs instead of GEMM + ReLU/weight/sum
 # passes: 1.6x at the embedded model's 4 x 16 (the passes dominate a 16-deep GEMM), 0.3x at LongCat-2.0's
 # 64 x 128, where oneDNN's GEMM is the faster product
@@ -622,8 +624,13 @@ def _run_attention_native(
     scale: float,
     out: torch.Tensor,
 ) -> bool:
-    """`run_attention` through the C products; False (nothing written) where they do not apply."""
+    """`run_attention` through the C products; False (nothing written) where they do not apply, and for
+    fp32 products below RUN_NATIVE_MIN_MACS (the BLAS's fixed cost is lower; bf16 always: oneDNN's
+    per-shape setup costs more than any of these products)."""
     if native.library() is None or not out.is_contiguous():
+        return False
+    n_keys = sum(keys_t.shape[1] for keys_t, _ in pieces)
+    if q.dtype == torch.float32 and q.shape[0] * n_keys * (q.shape[1] + out.shape[1]) < RUN_NATIVE_MIN_MACS:
         return False
     qf = q.float() if scale == 1.0 else q.float().mul_(scale)  # [T*h, c + r] (a copy for bf16)
     if not qf.is_contiguous():

@@ -4,7 +4,8 @@ Design choices:
 - Only what PyTorch ops cannot do at the machine's speed goes here: the parts of LSA that are not GEMMs,
   and its small products, where an op per pass over memory costs more than the arithmetic (on the
   embedded model's 29K-token prefill, 4 heads and a 4 x 16 indexer, they took three quarters of it);
-  and one large product that the BLAS runs slowly on AMD CPUs:
+  large products that the BLAS runs slowly on AMD CPUs; and a decode step's products of a few rows,
+  which are bound by reading their weights or cached keys:
   - `select_topk`: the kd largest indexer scores of each row, ties at the kd-th value to the larger
     positions (`kernels.select_dynamic`'s rule). `torch.topk` keeps a heap (O(n log k)) and the result is
     sorted again. Here: a threshold guessed from every 16th score (about 1.5 kd keys reach it), one pass
@@ -26,7 +27,21 @@ Design choices:
     (no gathered copy: the copy and two more passes over it were memory-bound), a few keys prefetched
     ahead, softmax with a polynomial exp2 in registers, P·V in register tiles. It returns the
     unnormalised block (o, max, sum) so the windowed path merges it with the shared window's block. Only
-    for rows below `kernels.PER_ROW_MIN_MACS` (large rows are GEMMs at the machine's rate).
+    for rows below `kernels.PER_ROW_MIN_MACS`.
+  - `slot_attention`: large fp32 rows (64 heads x 2,048 picks at LongCat-2.0 dims) the same way, in
+    register tiles: a row's queries transposed to [D, h] so a tile is 4 keys x 64 heads (4 broadcasts, 4
+    loads, 16 FMAs per element; the scores staged key-major and transposed per 16 keys, as 64 scattered
+    rows 8 KB apart thrashed L1), softmax by exp2, then `pv_rows` reading the row's keys by slot while they
+    are still in cache. 1.3x the gather + oneDNN scores + `pv_rows` path, and no gathered copy.
+  - `linear` / `absorb` / `unabsorb` / `rows_by_keys`: products of a few rows (decode: a batch of 1-8
+    tokens, or a sequence's 4 heads) with a weight or a run of cached keys, read once and in place:
+    register tiles of 1-2 rows x 8 weight rows with lane sums at the end ("NT", W [N, K]), or 1-4 rows x
+    64-128 columns with the rows' values broadcast ("KN", W [K, N]), fp32 accumulation, bf16 results
+    rounded to nearest even. MLA's absorbed form reads W_uk and W_uv straight out of `kv_b_proj`'s weight
+    (no per-head copies). At LongCat-2.0's q_b_proj (1536 x 12288) 1.1-1.5x oneDNN (fp32, 1-8 rows) and
+    1.3-1.5x (bf16, 1-2 rows; oneDNN's AVX512-BF16 dot products win from 4 rows). `rows_by_keys` serves
+    `kernels.run_attention`: a oneDNN bf16 GEMM built a new primitive for every new key count (~0.5 ms,
+    and a decode step's key count is new every step).
 - Every kernel here has a pure-PyTorch twin in `kernels`, which is the reference its tests compare
   against, and the path on every other device, dtype or machine without a compiler. `LONGCAT2_NATIVE=0`
   turns the compiled path off.
@@ -39,7 +54,8 @@ Design choices:
 - ctypes releases the GIL during a call, so every kernel splits its rows over `torch.get_num_threads()`
   Python threads (at least 16 rows each; one large P·V row each).
 - Vector code is written with GCC/Clang vector extensions (no intrinsics), so the same source builds
-  for AVX-512, AVX2 or NEON under -march=native.
+  for AVX-512, AVX2 or NEON under -march=native; on x86 an empty asm statement keeps a tile's operands in
+  registers where GCC would fold their loads into every FMA (`KEEP1` / `KEEP4`).
 """
 
 from __future__ import annotations

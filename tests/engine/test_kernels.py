@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from longcat2.devices import cpu_has_bf16_gemm
-from longcat2.engine import native
+from longcat2.engine import kernels, native
 from longcat2.engine.kernels import (
     PER_ROW_MIN_MACS,
     dense_decode,
@@ -192,13 +192,18 @@ def _window_case(dtype: torch.dtype, rows: int, query_block: int, size: str) -> 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t,cuts", [(1, [130]), (5, [64, 100]), (3, [])])
 def test_run_attention_in_place_matches_gathered_causal_rows(
-    t: int, cuts: list[int], dtype: torch.dtype, path: str
+    t: int, cuts: list[int], dtype: torch.dtype, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """T queries at positions start.. over runs of a [P, c + r] pool (read in place, split at the pool
     discontinuity and at `cuts`) equal the gather kernel over each query's visible slots (causal rows);
-    both paths: the C products (native.rows_by_keys) and torch's GEMMs."""
+    both paths: the C products (native.rows_by_keys; here below their fp32 size floor too) and torch's
+    GEMMs."""
     if path == "native" and not native.available():
         pytest.skip("no compiled kernels here")
+    monkeypatch.setattr(kernels, "RUN_NATIVE_MIN_MACS", 0)
+    calls = []
+    plain = native.rows_by_keys
+    monkeypatch.setattr(native, "rows_by_keys", lambda *a, **k: calls.append(1) or plain(*a, **k))
     torch.manual_seed(4)
     h, c, rr, start = 4, 32, 8, 150
     s = start + t
@@ -217,6 +222,7 @@ def test_run_attention_in_place_matches_gathered_causal_rows(
     out = torch.empty(t * h, c, dtype=dtype)
     with contextlib.nullcontext() if path == "native" else native.disabled():
         run_attention(torch.cat([ql, qr], dim=-1).view(t * h, -1), pieces, t, start, 0.3, out)
+    assert bool(calls) is (path == "native")
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out.view(t, h, c).float(), ref, **tol)
 
