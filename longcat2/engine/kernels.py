@@ -304,15 +304,17 @@ def _gather_positions(
 
 
 # ---------------------------------------------------------------------- absorbed form: in and out
-def _plain_weight(w: torch.Tensor) -> bool:
-    return not (torch.is_grad_enabled() and w.requires_grad)
+def _native_kv_b(w: torch.Tensor) -> bool:
+    """Whether the C products may take this kv_b_proj weight: large enough (cheap checks first, so a small
+    model's decode step pays almost nothing for asking) and needing no gradient."""
+    return w.numel() >= native.LINEAR_MIN_WEIGHT and not (torch.is_grad_enabled() and w.requires_grad)
 
 
 def absorb(mla: MLA, q_nope: torch.Tensor) -> torch.Tensor:
     """`MLA.absorb` of q_nope [T, h, nope]; a few (decode) rows on CPU read W_uk in place from kv_b_proj's
     weight (`native.absorb`: no per-head copies, the weight streamed once)."""
     w = mla.kv_b_proj.weight
-    if _plain_weight(w) and (out := native.absorb(q_nope, w, mla.nope, mla.v_dim)) is not None:
+    if _native_kv_b(w) and (out := native.absorb(q_nope, w, mla.nope, mla.v_dim)) is not None:
         return out
     return mla.absorb(q_nope)
 
@@ -321,7 +323,7 @@ def unabsorb(mla: MLA, o_latent: torch.Tensor) -> torch.Tensor:
     """`MLA.unabsorb` of attended latents [T, h, c] → [T, h*v]; a few rows on CPU through
     `native.unabsorb`."""
     w = mla.kv_b_proj.weight
-    if _plain_weight(w) and (out := native.unabsorb(o_latent, w, mla.nope, mla.v_dim)) is not None:
+    if _native_kv_b(w) and (out := native.unabsorb(o_latent, w, mla.nope, mla.v_dim)) is not None:
         return out
     return mla.unabsorb(o_latent)
 
@@ -627,10 +629,11 @@ def _run_attention_native(
     """`run_attention` through the C products; False (nothing written) where they do not apply, and for
     fp32 products below RUN_NATIVE_MIN_MACS (the BLAS's fixed cost is lower; bf16 always: oneDNN's
     per-shape setup costs more than any of these products)."""
+    if q.dtype == torch.float32:
+        n_keys = sum(keys_t.shape[1] for keys_t, _ in pieces)
+        if q.shape[0] * n_keys * (q.shape[1] + out.shape[1]) < RUN_NATIVE_MIN_MACS:
+            return False
     if native.library() is None or not out.is_contiguous():
-        return False
-    n_keys = sum(keys_t.shape[1] for keys_t, _ in pieces)
-    if q.dtype == torch.float32 and q.shape[0] * n_keys * (q.shape[1] + out.shape[1]) < RUN_NATIVE_MIN_MACS:
         return False
     qf = q.float() if scale == 1.0 else q.float().mul_(scale)  # [T*h, c + r] (a copy for bf16)
     if not qf.is_contiguous():

@@ -1151,9 +1151,10 @@ LINEAR_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 2}
 """Rows up to which `linear`, `absorb` and `unabsorb` stream the weight faster than oneDNN / the BLAS
 (session 15 microbenchmarks: fp32 1.1-1.6x at 1-8 rows; bf16 1.3-1.5x at 1-2 rows, slower beyond, where
 oneDNN's AVX512-BF16 dot products compute twice as fast as the widening loads here)."""
-LINEAR_MIN_WEIGHT = 1 << 18
-"""Weight elements below which `linear` declines: a small product is the Python call's fixed cost (~10
-µs), which the BLAS's is lower than."""
+LINEAR_MIN_WEIGHT = 1 << 20
+"""Weight elements below which `linear`, `absorb` and `unabsorb` decline: a small weight stays in cache
+between steps, where the BLAS's lower fixed cost wins (the embedded model's 4096 x 128 LM head: 1.7 % of
+its decode step slower through the C call)."""
 
 
 def _weight_ok(w: torch.Tensor) -> bool:
@@ -1249,6 +1250,7 @@ def _kv_b_ok(lib: ctypes.CDLL | None, x: torch.Tensor, kv_b: torch.Tensor) -> bo
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and kv_b.dim() == 2
+        and kv_b.numel() >= LINEAR_MIN_WEIGHT
         and _weight_ok(kv_b)
         and 0 < x.shape[0] <= LINEAR_MAX_ROWS[kv_b.dtype]
     )

@@ -306,9 +306,12 @@ def test_linear_declines_what_it_does_not_serve(monkeypatch: pytest.MonkeyPatch)
 
 @needs_cc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_absorb_and_unabsorb_equal_the_model(dtype: torch.dtype) -> None:
+def test_absorb_and_unabsorb_equal_the_model(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's absorbed-form products read kv_b_proj's weight in place (`native.absorb` /
-    `native.unabsorb` through `kernels.absorb` / `kernels.unabsorb`) and equal `MLA.absorb` / `unabsorb`."""
+    `native.unabsorb` through `kernels.absorb` / `kernels.unabsorb`) and equal `MLA.absorb` / `unabsorb`
+    (the tiny model's weight, below the size floor, with the floor lifted; at the floor they decline)."""
+    floor = native.LINEAR_MIN_WEIGHT
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
     from longcat2 import ModelConfig
     from longcat2.engine.kernels import absorb, unabsorb
     from longcat2.model.attention import MLA
@@ -333,6 +336,10 @@ def test_absorb_and_unabsorb_equal_the_model(dtype: torch.dtype) -> None:
         else:
             _bf16_close(got_q, ref_q.float())
             _bf16_close(got_o, ref_o.float())
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", floor)
+    assert mla.kv_b_proj.weight.numel() < floor
+    assert native.absorb(q[:1], mla.kv_b_proj.weight, nope, mla.v_dim) is None
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
     big = native.LINEAR_MAX_ROWS[dtype] + 1  # a prefill's rows: the model's batched GEMMs
     assert native.absorb(torch.randn(big, h, nope).to(dtype), mla.kv_b_proj.weight, nope, mla.v_dim) is None
     q = torch.randn(1, h, nope, requires_grad=True)
