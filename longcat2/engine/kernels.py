@@ -304,17 +304,20 @@ def _gather_positions(
 
 
 # ---------------------------------------------------------------------- absorbed form: in and out
-def _native_kv_b(w: torch.Tensor) -> bool:
-    """Whether the C products may take this kv_b_proj weight: large enough (cheap checks first, so a small
-    model's decode step pays almost nothing for asking) and needing no gradient."""
-    return w.numel() >= native.LINEAR_MIN_WEIGHT and not (torch.is_grad_enabled() and w.requires_grad)
+def _native_kv_b(w: torch.Tensor, rows: int) -> bool:
+    """Whether the C products may take this kv_b_proj weight for `rows` rows (`native.linear_worth`:
+    cheap checks first, so a small model's step pays almost nothing for asking) needing no gradient."""
+    return native.linear_worth(rows, w) and not (torch.is_grad_enabled() and w.requires_grad)
 
 
 def absorb(mla: MLA, q_nope: torch.Tensor) -> torch.Tensor:
     """`MLA.absorb` of q_nope [T, h, nope]; a few (decode) rows on CPU read W_uk in place from kv_b_proj's
     weight (`native.absorb`: no per-head copies, the weight streamed once)."""
     w = mla.kv_b_proj.weight
-    if _native_kv_b(w) and (out := native.absorb(q_nope, w, mla.nope, mla.v_dim)) is not None:
+    if (
+        _native_kv_b(w, q_nope.shape[0])
+        and (out := native.absorb(q_nope, w, mla.nope, mla.v_dim)) is not None
+    ):
         return out
     return mla.absorb(q_nope)
 
@@ -323,7 +326,10 @@ def unabsorb(mla: MLA, o_latent: torch.Tensor) -> torch.Tensor:
     """`MLA.unabsorb` of attended latents [T, h, c] → [T, h*v]; a few rows on CPU through
     `native.unabsorb`."""
     w = mla.kv_b_proj.weight
-    if _native_kv_b(w) and (out := native.unabsorb(o_latent, w, mla.nope, mla.v_dim)) is not None:
+    if (
+        _native_kv_b(w, o_latent.shape[0])
+        and (out := native.unabsorb(o_latent, w, mla.nope, mla.v_dim)) is not None
+    ):
         return out
     return mla.unabsorb(o_latent)
 

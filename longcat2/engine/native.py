@@ -1152,9 +1152,22 @@ LINEAR_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 2}
 (session 15 microbenchmarks: fp32 1.1-1.6x at 1-8 rows; bf16 1.3-1.5x at 1-2 rows, slower beyond, where
 oneDNN's AVX512-BF16 dot products compute twice as fast as the widening loads here)."""
 LINEAR_MIN_WEIGHT = 1 << 20
-"""Weight elements below which `linear`, `absorb` and `unabsorb` decline: a small weight stays in cache
-between steps, where the BLAS's lower fixed cost wins (the embedded model's 4096 x 128 LM head: 1.7 % of
-its decode step slower through the C call)."""
+"""Weight elements below which a one-row product declines: a small weight stays in cache between steps,
+where the BLAS's lower fixed cost wins (the embedded model's 4096 x 128 LM head: 1.7 % of its decode step
+slower through the C call)."""
+LINEAR_MIN_WEIGHT_ROWS = 1 << 16
+"""The same floor for fp32 products of 2+ rows: there MKL's small-M GEMM is the slow one (a 256 x 1024
+weight at 8 rows: 41 µs here, 61 through `F.linear`, 51 through oneDNN; the absorbed form of a 4-head
+model at 8 rows: 33 vs 78 µs)."""
+
+
+def linear_worth(rows: int, weight: torch.Tensor) -> bool:
+    """Whether a product of `rows` rows with `weight` goes to the C kernels (cheap: checked before the
+    call; the kernels check the rest)."""
+    if rows < 1 or rows > LINEAR_MAX_ROWS.get(weight.dtype, 0):
+        return False
+    floor = LINEAR_MIN_WEIGHT_ROWS if rows > 1 and weight.dtype == torch.float32 else LINEAR_MIN_WEIGHT
+    return weight.numel() >= floor
 
 
 def _weight_ok(w: torch.Tensor) -> bool:
@@ -1232,7 +1245,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     ):
         return None
     rows = x.numel() // max(x.shape[-1], 1)
-    if rows == 0 or rows > LINEAR_MAX_ROWS[x.dtype] or weight.numel() < LINEAR_MIN_WEIGHT:
+    if not linear_worth(rows, weight):
         return None
     n, k = weight.shape
     xf = x.reshape(rows, k).float()  # [M, K] (a copy only for bf16 or strided rows)
@@ -1250,9 +1263,8 @@ def _kv_b_ok(lib: ctypes.CDLL | None, x: torch.Tensor, kv_b: torch.Tensor) -> bo
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and kv_b.dim() == 2
-        and kv_b.numel() >= LINEAR_MIN_WEIGHT
+        and linear_worth(x.shape[0], kv_b)
         and _weight_ok(kv_b)
-        and 0 < x.shape[0] <= LINEAR_MAX_ROWS[kv_b.dtype]
     )
 
 

@@ -225,6 +225,7 @@ def test_linear_equals_f_linear(monkeypatch: pytest.MonkeyPatch, dtype: torch.dt
     widths with a tail past the last 16 lanes, 3-D and strided inputs, one and two threads."""
     monkeypatch.setattr(native, "LINEAR_MAX_ROWS", {torch.float32: 8, torch.bfloat16: 8})
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT_ROWS", 0)
     g = torch.Generator().manual_seed(0)
     threads = torch.get_num_threads()
     try:
@@ -266,6 +267,7 @@ def test_linear_bf16_rounds_to_nearest_even_and_keeps_nan(monkeypatch: pytest.Mo
     bf16 output must be that sum rounded as `Tensor.to(bfloat16)` rounds it; ties (1 + 2^-8, 1 + 3 * 2^-8)
     go to even. A NaN input gives NaN outputs."""
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT_ROWS", 0)
     g = torch.Generator().manual_seed(1)
     k, n = 64, 512
     x = (1.0 + torch.rand(1, k, generator=g)).to(torch.bfloat16)  # [1, 2)
@@ -291,6 +293,7 @@ def test_linear_bf16_rounds_to_nearest_even_and_keeps_nan(monkeypatch: pytest.Mo
 @needs_cc
 def test_linear_declines_what_it_does_not_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT_ROWS", 0)
     w = torch.randn(32, 16)
     assert native.linear(torch.randn(native.LINEAR_MAX_ROWS[torch.float32] + 1, 16), w) is None  # prefill
     assert native.linear(torch.randn(1, 16).double(), w.double()) is None  # dtype
@@ -301,6 +304,7 @@ def test_linear_declines_what_it_does_not_serve(monkeypatch: pytest.MonkeyPatch)
     assert native.linear(torch.randn(1, 16), w) is None  # small: the BLAS call is cheaper
     with native.disabled():
         monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
+        monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT_ROWS", 0)
         assert native.linear(torch.randn(1, 16), w) is None
 
 
@@ -312,6 +316,7 @@ def test_absorb_and_unabsorb_equal_the_model(dtype: torch.dtype, monkeypatch: py
     (the tiny model's weight, below the size floor, with the floor lifted; at the floor they decline)."""
     floor = native.LINEAR_MIN_WEIGHT
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT_ROWS", 0)
     from longcat2 import ModelConfig
     from longcat2.engine.kernels import absorb, unabsorb
     from longcat2.model.attention import MLA
@@ -340,6 +345,7 @@ def test_absorb_and_unabsorb_equal_the_model(dtype: torch.dtype, monkeypatch: py
     assert mla.kv_b_proj.weight.numel() < floor
     assert native.absorb(q[:1], mla.kv_b_proj.weight, nope, mla.v_dim) is None
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT_ROWS", 0)
     big = native.LINEAR_MAX_ROWS[dtype] + 1  # a prefill's rows: the model's batched GEMMs
     assert native.absorb(torch.randn(big, h, nope).to(dtype), mla.kv_b_proj.weight, nope, mla.v_dim) is None
     q = torch.randn(1, h, nope, requires_grad=True)
@@ -356,6 +362,7 @@ def test_engine_tokens_equal_with_and_without_the_streamed_products(monkeypatch:
     from longcat2.engine import generate
 
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT_ROWS", 0)
     calls = {"n": 0}
     plain_linear = native.linear
 
@@ -413,3 +420,19 @@ def test_slot_attention_equals_the_model_sparse_core(h: int) -> None:
         torch.testing.assert_close(out, probs @ keys[..., :c], rtol=1e-5, atol=1e-5)
     assert native.slot_attention(torch.randn(1, 12, c + rr), pool, slots[:1], c, 1.0) is None  # h % 16
     assert native.slot_attention(q.to(torch.bfloat16), pool.to(torch.bfloat16), slots, c, 1.0) is None
+
+
+def test_linear_worth_rule() -> None:
+    """Which products go to the C kernels: one row only for large (streamed) weights, fp32 from two rows on
+    also for small ones (MKL's small-M GEMM is slow), bf16 only up to LINEAR_MAX_ROWS rows, never more."""
+    big = torch.empty(native.LINEAR_MIN_WEIGHT, 1)
+    small = torch.empty(native.LINEAR_MIN_WEIGHT_ROWS, 1)
+    tiny = torch.empty(native.LINEAR_MIN_WEIGHT_ROWS // 2, 1)
+    assert native.linear_worth(1, big) and not native.linear_worth(1, small)
+    assert native.linear_worth(2, small) and not native.linear_worth(2, tiny)
+    assert not native.linear_worth(native.LINEAR_MAX_ROWS[torch.float32] + 1, big)
+    assert native.linear_worth(2, big.to(torch.bfloat16)) and not native.linear_worth(
+        2, small.to(torch.bfloat16)
+    )
+    assert not native.linear_worth(native.LINEAR_MAX_ROWS[torch.bfloat16] + 1, big.to(torch.bfloat16))
+    assert not native.linear_worth(1, big.double()) and not native.linear_worth(0, big)
