@@ -32,6 +32,7 @@ Design choices:
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from typing import Any
@@ -197,6 +198,28 @@ def route_cpu_linears(model: nn.Module) -> int:
             m.__class__ = CpuLinear
             n += 1
     return n
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed blocks of up to 32 MB for reuse instead of returning them to the OS (mallopt:
+    mmap threshold 32 MB, trim threshold 1 GB); → whether it took. By default glibc serves blocks from
+    128 KB up (up to the size of the last freed one) by fresh mmaps and trims the heap's top, so an
+    engine step's temporary tensors of a few MB (a chunk's score tiles, a batch's gathered keys) are new
+    pages on every call, each page a fault: 27 % of a 4,096-row bf16 LSA prefill chunk at LongCat-2.0
+    dims went to such faults (a 4.5M-element upcast: 16.6 ms). What the process keeps is bounded by its
+    own peak. Once per process; `LONGCAT2_KEEP_FREED=0` leaves glibc's defaults; other C libraries: no-op."""
+    if os.environ.get("LONGCAT2_KEEP_FREED", "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's C library (glibc has it, musl does not)
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def choose_threads(requested: int | None = None) -> int:

@@ -28,6 +28,7 @@ from longcat2.engine.context import AttentionSettings, Selection, StepContext
 from longcat2.engine.cpu import (
     Bf16MatmulViaFp32,
     bf16_matmul_via_fp32,
+    keep_freed_memory,
     route_cpu_linears,
 )
 from longcat2.model.attention import MLA
@@ -109,6 +110,8 @@ class ModelRunner:
         # decode rows' products streamed by the C kernel, fp32 ones through oneDNN where the BLAS is the
         # slower fp32 GEMM (see cpu.py)
         self.cpu_linears = route_cpu_linears(model) if self.device.type == "cpu" else 0
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a step's MB-sized temporaries reuse memory, not fresh pages (see cpu.py)
         if index_mode == "auto" and self.bf16_via_fp32:
             # no bf16 GEMM: the two-pass scan's bf16 pass would itself run as fp32 BLAS calls, so its
             # rounding and rescoring only add work (LongCat-2.0 dims at 1M, one layer, the two runs of

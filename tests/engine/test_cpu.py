@@ -137,3 +137,20 @@ def test_choose_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_threads() == 2
     with pytest.raises(ValueError, match="threads"):
         choose_threads(0)
+
+
+def test_keep_freed_memory(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """glibc takes the mallopt settings (a runner on CPU applies them once); LONGCAT2_KEEP_FREED=0 leaves
+    glibc's defaults; a C library without mallopt is a no-op."""
+    import platform
+
+    from longcat2.engine import cpu
+
+    request.addfinalizer(cpu.keep_freed_memory.cache_clear)
+    cpu.keep_freed_memory.cache_clear()
+    monkeypatch.setenv("LONGCAT2_KEEP_FREED", "0")
+    assert cpu.keep_freed_memory() is False
+    cpu.keep_freed_memory.cache_clear()
+    monkeypatch.delenv("LONGCAT2_KEEP_FREED")
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert cpu.keep_freed_memory() is glibc
