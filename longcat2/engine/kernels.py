@@ -641,7 +641,7 @@ def _run_attention_native(
             return False
     if native.library() is None or not out.is_contiguous():
         return False
-    qf = q.float() if scale == 1.0 else q.float().mul_(scale)  # [T*h, c + r] (a copy for bf16)
+    qf = q.float() if scale == 1.0 else q.float() * scale  # [T*h, c + r] (q itself is never scaled in place)
     if not qf.is_contiguous():
         qf = qf.contiguous()
     parts = []

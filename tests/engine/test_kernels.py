@@ -220,9 +220,12 @@ def test_run_attention_in_place_matches_gathered_causal_rows(
         for a, b in zip(bounds, bounds[1:])
     ]
     out = torch.empty(t * h, c, dtype=dtype)
+    q = torch.cat([ql, qr], dim=-1).view(t * h, -1)
+    q_before = q.clone()
     with contextlib.nullcontext() if path == "native" else native.disabled():
-        run_attention(torch.cat([ql, qr], dim=-1).view(t * h, -1), pieces, t, start, 0.3, out)
+        run_attention(q, pieces, t, start, 0.3, out)
     assert bool(calls) is (path == "native")
+    assert torch.equal(q, q_before)  # (the scale is not applied to the caller's queries in place)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out.view(t, h, c).float(), ref, **tol)
 
