@@ -48,9 +48,10 @@ Design choices:
   through `onednn_linear` at its rate: the latents are its K-strided operand, and a transposed copy
   per row costs as much as the GEMM saves. In fp32 the compiled `native.pv_rows` takes it where built
   (1.5-1.7x the per-row `mm`).
-- Compiled C kernels (`native`) take the non-GEMM parts of LSA on CPU where a compiler is present: the
-  selection (any size), the indexer scan for head dims <= NATIVE_SCAN_MAX_DIM, small rows' attention read
-  in place from the pool. Each keeps its PyTorch twin here (the tests compare them).
+- Compiled C kernels (`native`) take, on CPU where a compiler is present, the non-GEMM parts of LSA (the
+  selection, the indexer scan for head dims <= NATIVE_SCAN_MAX_DIM, sparse rows' attention read in place
+  from the pool) and a decode step's few-row products (`absorb` / `unabsorb`, `run_attention`'s two
+  products). Each keeps its PyTorch path here (the tests compare them).
 """
 
 from __future__ import annotations
@@ -304,34 +305,27 @@ def _gather_positions(
 
 
 # ---------------------------------------------------------------------- absorbed form: in and out
-def _native_kv_b(w: torch.Tensor, rows: int) -> bool:
-    """Whether the C products may take this kv_b_proj weight for `rows` rows (`native.linear_worth`:
-    cheap checks first, so a small model's step pays almost nothing for asking) needing no gradient."""
-    return native.linear_worth(rows, w) and not (torch.is_grad_enabled() and w.requires_grad)
+def _absorbed_form(mla: MLA, x: torch.Tensor, fast: Callable, model_op: Callable) -> torch.Tensor:
+    """fast(x, kv_b_proj's weight, nope, v) where it applies (no gradient needed, the C kernel takes it),
+    else the model's own op."""
+    w = mla.kv_b_proj.weight
+    if not (torch.is_grad_enabled() and w.requires_grad):
+        out = fast(x, w, mla.nope, mla.v_dim)
+        if out is not None:
+            return out
+    return model_op(x)
 
 
 def absorb(mla: MLA, q_nope: torch.Tensor) -> torch.Tensor:
     """`MLA.absorb` of q_nope [T, h, nope]; a few (decode) rows on CPU read W_uk in place from kv_b_proj's
     weight (`native.absorb`: no per-head copies, the weight streamed once)."""
-    w = mla.kv_b_proj.weight
-    if (
-        _native_kv_b(w, q_nope.shape[0])
-        and (out := native.absorb(q_nope, w, mla.nope, mla.v_dim)) is not None
-    ):
-        return out
-    return mla.absorb(q_nope)
+    return _absorbed_form(mla, q_nope, native.absorb, mla.absorb)
 
 
 def unabsorb(mla: MLA, o_latent: torch.Tensor) -> torch.Tensor:
     """`MLA.unabsorb` of attended latents [T, h, c] → [T, h*v]; a few rows on CPU through
     `native.unabsorb`."""
-    w = mla.kv_b_proj.weight
-    if (
-        _native_kv_b(w, o_latent.shape[0])
-        and (out := native.unabsorb(o_latent, w, mla.nope, mla.v_dim)) is not None
-    ):
-        return out
-    return mla.unabsorb(o_latent)
+    return _absorbed_form(mla, o_latent, native.unabsorb, mla.unabsorb)
 
 
 # ---------------------------------------------------------------------- attention over explicit slots

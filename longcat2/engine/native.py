@@ -1230,10 +1230,14 @@ def _heads_linear(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """x [..., K] @ weight [N, K]^T for at most LINEAR_MAX_ROWS[dtype] rows (decode), fp32 or bf16 (x and
-    weight of one dtype, no bias), the weight streamed once with fp32 accumulation; bf16 results rounded
-    to nearest even, as a bf16 GEMM rounds. → [..., N] in x's dtype, or None where the kernel does not
-    apply (the caller takes F.linear)."""
+    """x [..., K] @ weight [N, K]^T for the products `linear_worth` admits (a few decode rows), fp32 or
+    bf16 (x and weight of one dtype, no bias), the weight streamed once with fp32 accumulation; bf16
+    results rounded to nearest even, as a bf16 GEMM rounds. → [..., N] in x's dtype, or None where the
+    kernel does not apply (the caller takes F.linear). The size rule is checked first, so a small layer's
+    call costs almost nothing."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not linear_worth(rows, weight):
+        return None
     lib = library()
     if (
         lib is None
@@ -1243,9 +1247,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         or not _weight_ok(weight)
         or x.shape[-1] != weight.shape[1]
     ):
-        return None
-    rows = x.numel() // max(x.shape[-1], 1)
-    if not linear_worth(rows, weight):
         return None
     n, k = weight.shape
     xf = x.reshape(rows, k).float()  # [M, K] (a copy only for bf16 or strided rows)
@@ -1263,7 +1264,6 @@ def _kv_b_ok(lib: ctypes.CDLL | None, x: torch.Tensor, kv_b: torch.Tensor) -> bo
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and kv_b.dim() == 2
-        and linear_worth(x.shape[0], kv_b)
         and _weight_ok(kv_b)
     )
 
@@ -1271,7 +1271,9 @@ def _kv_b_ok(lib: ctypes.CDLL | None, x: torch.Tensor, kv_b: torch.Tensor) -> bo
 def absorb(q_nope: torch.Tensor, kv_b: torch.Tensor, nope: int, v: int) -> torch.Tensor | None:
     """MLA's absorbed queries read straight from kv_b_proj's weight (no per-head copies): q_nope [T, h,
     nope] (a few decode rows), kv_b [h * (nope + v), c] → q_nope · W_uk per head [T, h, c] in the weight's
-    dtype (`MLA.absorb`), or None where the kernel does not apply."""
+    dtype (`MLA.absorb`), or None where the kernel does not apply (`linear_worth` first, as `linear`)."""
+    if not linear_worth(q_nope.shape[0], kv_b):
+        return None
     lib = library()
     if (
         not _kv_b_ok(lib, q_nope, kv_b)
@@ -1292,6 +1294,8 @@ def absorb(q_nope: torch.Tensor, kv_b: torch.Tensor, nope: int, v: int) -> torch
 def unabsorb(o_latent: torch.Tensor, kv_b: torch.Tensor, nope: int, v: int) -> torch.Tensor | None:
     """Attended latents [T, h, c] → values [T, h * v] through W_uv, read straight from kv_b_proj's weight
     [h * (nope + v), c] (`MLA.unabsorb`), in the weight's dtype; None where the kernel does not apply."""
+    if not linear_worth(o_latent.shape[0], kv_b):
+        return None
     lib = library()
     if not _kv_b_ok(lib, o_latent, kv_b) or o_latent.shape[2] != kv_b.shape[1]:
         return None

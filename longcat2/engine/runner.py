@@ -109,8 +109,9 @@ class ModelRunner:
         self.bf16_via_fp32 = self.device.type == "cpu" and bf16 and bf16_matmul_via_fp32()
         # decode rows' products streamed by the C kernel, fp32 ones through oneDNN where the BLAS is the
         # slower fp32 GEMM (see cpu.py)
-        self.cpu_linears = route_cpu_linears(model) if self.device.type == "cpu" else 0
+        self.cpu_linears = 0
         if self.device.type == "cpu":
+            self.cpu_linears = route_cpu_linears(model)
             keep_freed_memory()  # a step's MB-sized temporaries reuse memory, not fresh pages (see cpu.py)
         if index_mode == "auto" and self.bf16_via_fp32:
             # no bf16 GEMM: the two-pass scan's bf16 pass would itself run as fp32 BLAS calls, so its
