@@ -172,16 +172,19 @@ class CpuLinear(nn.Linear):
     """An `nn.Linear` for CPU inference (made by `route_cpu_linears`; a class swap: parameters, state-dict
     keys and isinstance checks are unchanged). Per call, where no gradient is needed: a few rows (decode)
     stream the weight through `native.linear`; fp32 products of at least ONEDNN_MIN_MACS multiply-adds run
-    through oneDNN where it measured faster; everything else, and every call that needs a gradient, is
-    `F.linear`."""
+    through oneDNN where it measured faster (a row-strided input is copied first: the dense prefill's
+    latents come from the joint [latent | rope] pool, and took MKL's GEMM at half the rate, 1.5 of a 4K
+    prefill's 6.1 s); everything else, and every call that needs a gradient, is `F.linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)):
             if self.bias is None and (y := native.linear(x, w)) is not None:
                 return y
-            if x.is_contiguous() and onednn_worth(x, w):
-                return onednn_linear(x, w, self.bias)
+            if onednn_worth(x, w):  # (a row-strided x, such as latents read from the joint [latent |
+                # rope] pool, is copied: M·K elements against the product's M·K·N; F.linear would take
+                # MKL's fp32 GEMM, half oneDNN's rate here)
+                return onednn_linear(x.contiguous(), w, self.bias)
         return F.linear(x, w, self.bias)
 
 

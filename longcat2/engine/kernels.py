@@ -34,7 +34,10 @@ Design choices:
   by their log-sum-exps; V zero-padded to the QK head size, which the op requires), for fp32 where
   oneDNN is not the faster GEMM (its bf16 path runs at its fp32 rate); (3) elsewhere, a tiled online
   softmax with one batched GEMM over the heads per tile. Online softmaxes use exp2 on log2-scaled scores
-  (see LOG2E).
+  (see LOG2E). In (1) and in the windowed LSA rows below, the softmax between the two GEMMs is one C
+  pass over the scores in place where compiled (`native.softmax_tile` / `softmax_window`): as PyTorch
+  ops it was an upcast, a mask, max, subtract, exp2, sum and a downcast, which in bf16 cost about as
+  much as the GEMMs themselves.
 - LSA prefill rows (`window_attention`): a row's selection is its sink, its dynamic picks and its local
   window, and consecutive rows share almost all of the sink + window part. Per block of 64 rows that part
   (init + local + 63 keys) is gathered once and attended as one big score GEMM and one P·V GEMM over a
@@ -465,6 +468,63 @@ def _pv(probs: torch.Tensor, kv: torch.Tensor, latent_dim: int, out: torch.Tenso
 
 
 # ---------------------------------------------------------------------- LSA prefill rows: shared window
+def _window_block_native(
+    q: torch.Tensor,
+    s_w: torch.Tensor,
+    lat_w_t: torch.Tensor,
+    kv_pool: torch.Tensor,
+    dyn_slots: torch.Tensor,
+    init: int,
+    local: int,
+    score_scale: float,
+    small_rows: bool,
+    out: torch.Tensor,
+    workspace: dict | None,
+) -> bool:
+    """One block of `window_attention` with its softmax passes as one C pass (`native.softmax_window`, in
+    place on the scores in their own dtype: no fp32 copies, no mask tensors): q [n, h, c + r], s_w
+    [n, h, W] window scores (rows at consecutive positions), lat_w_t [c, W] → out [n, h, c]. → False
+    where the C softmax does not apply (nothing written)."""
+    n, h, c = out.shape
+    if small_rows:  # the dynamic picks attended in C (no gathered copy); merged with the window's block
+        if native.library() is None:
+            return False
+        fused = native.slot_attend(q, kv_pool, dyn_slots, c, score_scale)
+        sm = native.softmax_window(s_w, None, None, init, local, score_scale) if fused else None
+        if fused is None or sm is None:
+            return False
+        (o_d, m_d, l_d), (m_w, l_w) = fused, sm
+        o_w = mm_nt(s_w.view(n * h, -1), lat_w_t).view(n, h, c).float()
+        m = torch.maximum(m_w, m_d)  # [n, h]
+        a_w, a_d = (m_w - m).exp2_()[..., None], (m_d - m).exp2_()[..., None]
+        l_sum = l_w[..., None].mul_(a_w).add_(l_d[..., None].mul_(a_d))
+        out.copy_(o_w.mul_(a_w).add_(o_d.mul_(a_d)).div_(l_sum))
+        return True
+    kv_d, invalid = gather_rows(kv_pool, dyn_slots, workspace)  # [n, kd, c + r]
+    s_d = _row_scores(q, kv_d, workspace)  # [n, h, kd]
+    sm = native.softmax_window(s_w, s_d, dyn_slots if invalid is not None else None, init, local, score_scale)
+    if sm is None:
+        return False
+    o = mm_nt(s_w.view(n * h, -1), lat_w_t).view(n, h, c)  # [n, h, c]
+    out.copy_(_add_picks_pv(o, s_d, kv_d[..., :c]).div_(sm[1][..., None]))
+    return True
+
+
+def _add_picks_pv(o: torch.Tensor, p_d: torch.Tensor, lat_d: torch.Tensor) -> torch.Tensor:
+    """o [n, h, c] + the dynamic picks' P·V, one product per row (p_d [n, h, kd], lat_d [n, kd, c]): in
+    fp32 into o (`native.pv_rows` where built), in bf16 accumulated in fp32. → the sum (fp32)."""
+    if o.dtype == torch.float32:
+        if not native.pv_rows(p_d, lat_d, o, accumulate=True):
+            for i in range(o.shape[0]):
+                o[i].addmm_(p_d[i], lat_d[i])  # [h, c]
+        return o
+    o = o.float()
+    p_d = p_d.to(lat_d.dtype)
+    for i in range(o.shape[0]):
+        o[i] += torch.mm(p_d[i], lat_d[i]).float()
+    return o
+
+
 def window_attention(
     q_latent: torch.Tensor,
     q_rope: torch.Tensor,
@@ -510,15 +570,29 @@ def window_attention(
         w_pos = torch.cat([sink, torch.arange(p0 - local + 1, p1 + 1, device=dev)])  # [W]
         kv_w = torch.index_select(kv_pool, 0, pool_slots(w_pos))  # [W, c + r]
         qb = q[r0:r1].reshape(n * h, -1)  # [n*h, c + r]
-        s_w = mm_nt(qb, kv_w).float()  # [n*h, W]
-        s_w = s_w.view(n, h, -1)
+        lat_w_t = kv_w[:, :c].t().contiguous()  # [c, W]: the shared latents as a contiguous operand
+        s_w = mm_nt(qb, kv_w).view(n, h, -1)  # [n, h, W]
+        if p1 - p0 == n - 1 and _window_block_native(
+            q[r0:r1],
+            s_w,
+            lat_w_t,
+            kv_pool,
+            dyn_slots[r0:r1],
+            init,
+            local,
+            score_scale,
+            small_rows,
+            out[r0:r1],
+            workspace,
+        ):  # (the C softmax's band assumes consecutive positions)
+            continue
+        s_w = s_w.float()
         if score_scale != 1.0:
             s_w.mul_(score_scale)
         hidden = (w_pos[None, :] > pos[:, None]) | (
             (w_pos[None, :] <= pos[:, None] - local) & (w_pos[None, :] >= init)
         )  # [n, W]: outside each row's sink ∪ window
         s_w.masked_fill_(hidden[:, None], NEG_INF)
-        lat_w_t = kv_w[:, :c].t().contiguous()  # [c, W]: the shared latents as a contiguous operand
         fused = None
         if small_rows:  # the C kernel, no gathered copy
             fused = native.slot_attend(q[r0:r1], kv_pool, dyn_slots[r0:r1], c, score_scale)
@@ -550,15 +624,8 @@ def window_attention(
                 o.baddbmm_(p_d, kv_d[..., :c])
             else:
                 o = o.float().add_(torch.bmm(p_d.to(dt), kv_d[..., :c]).float())
-        elif dt == torch.float32:
-            if not native.pv_rows(p_d, kv_d[..., :c], o, accumulate=True):
-                for i in range(n):
-                    o[i].addmm_(p_d[i], kv_d[i, :, :c])  # [h, c]
         else:
-            o = o.float()
-            p_d = p_d.to(dt)
-            for i in range(n):
-                o[i] += (p_d[i] @ kv_d[i, :, :c]).float()
+            o = _add_picks_pv(o, p_d, kv_d[..., :c])
         out[r0:r1] = o.div_(l_sum)
     return out
 
@@ -839,6 +906,58 @@ def onednn_prefill_ok(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and cpu_has_bf16_gemm()
 
 
+def _onednn_tile(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v_h: torch.Tensor,
+    v_rows: bool,
+    m: torch.Tensor,
+    l_sum: torch.Tensor,
+    acc: torch.Tensor,
+    corr: torch.Tensor,
+    r0: int,
+    r1: int,
+    b0: int,
+    n: int,
+    start: int,
+    q_pos: torch.Tensor,
+) -> None:
+    """Query rows [r0, r1) of `dense_prefill_onednn` against its current key block (keys b0 .. b0 + n - 1,
+    K [h, n, qk]; V per head as [n, v] rows when `v_rows`, else V^T [v, n]): per head the score GEMM, the
+    online softmax step (`native.softmax_tile` in one pass, else PyTorch ops) and the P·V GEMM."""
+    dt = k.dtype
+    j1 = min(n, start + r1 - b0)  # keys of the block that some row of the query block sees
+    if j1 <= 0:
+        return
+    future = None
+    if b0 + j1 - 1 > start + r0:  # the tile reaches past some row's position: causal mask
+        future = torch.arange(b0, b0 + j1, device=k.device)[None, :] > q_pos[r0:r1, None]  # [R, J]
+    rc = corr[: r1 - r0]
+    for hh in range(q.shape[0]):
+        if v_rows:
+            pv_of = lambda p, hh=hh: torch.mm(p, v_h[hh, :j1])  # noqa: E731  [R, v]
+        else:  # (contiguous for oneDNN)
+            vh = v_h[hh] if j1 == n else v_h[hh, :, :j1].contiguous()
+            pv_of = lambda p, vh=vh: onednn_linear(p, vh)  # noqa: E731
+        sc = onednn_linear(q[hh, r0:r1], k[hh, :j1])  # [R, J]
+        mb, lb, ab = m[hh, r0:r1], l_sum[hh, r0:r1], acc[hh, r0:r1]
+        # the softmax passes as one C pass over the tile, in place (in bf16 ~3x PyTorch's ops)
+        if native.softmax_tile(sc, mb, lb, rc, start + r0 - b0 + 1):
+            native.scale_add(ab, rc, pv_of(sc))
+            continue
+        if sc.dtype != torch.float32:
+            sc = sc.float()
+        if future is not None:
+            sc.masked_fill_(future, NEG_INF)
+        m_new = torch.maximum(mb, sc.amax(dim=-1, keepdim=True))
+        rescale = (mb - m_new).exp2_()
+        probs = sc.sub_(m_new).exp2_()
+        lb.mul_(rescale).add_(probs.sum(dim=-1, keepdim=True))
+        pv = pv_of(probs if dt == torch.float32 else probs.to(dt))  # [R, v]
+        ab.mul_(rescale).add_(pv)
+        mb.copy_(m_new)
+
+
 def dense_prefill_onednn(
     q_nope: torch.Tensor,
     q_rope: torch.Tensor,
@@ -855,13 +974,18 @@ def dense_prefill_onednn(
 
     q_nope [T, h, nope], q_rope [T, h, r], lat [S, c], rope [S, r] with S = start + T, kv_b: the layer's
     kv_b_proj → [T, h, v]. Keys are expanded `key_block` at a time into per-head contiguous K [h, B, qk]
-    and V^T [h, v, B] (oneDNN's fast kernels want a contiguous weight operand; a strided one takes its
-    reference loop); for each head and query block of `query_block` rows (512: +4-10 % over 256 in a
-    kernel microbenchmark at 64 heads, 4K queries after 4K keys, equal through the engine; the
-    [512 x 512] fp32 score tile still fits a 1 MB L2), scores = Q_h K_h^T and P V_h are `onednn_linear`
-    calls (on AMD CPUs, where MKL skips its AVX-512 kernels, 2x the fp32 rate of `bmm`), with an online
-    softmax in fp32 between them (exp2 on log2-scaled scores). Tiles above the diagonal are skipped,
-    tiles that straddle it trimmed to the keys some row sees and masked. With
+    and V (oneDNN's fast kernels want a contiguous weight operand; a strided one takes its reference
+    loop): in fp32 V^T [h, v, B] for `onednn_linear`, in bf16 V [h, B, v] rows, which oneDNN's bf16 matmul
+    takes at its rate (no transposing copy: PyTorch's ran at ~1 GB/s, 8.6 ms per 512-key block). For each
+    head and query block of `query_block` rows (512: +4-10 % over 256 in a kernel microbenchmark at 64
+    heads, 4K queries after 4K keys, equal through the engine; the [512 x 512] fp32 score tile still fits
+    a 1 MB L2), scores = Q_h K_h^T and P V_h are oneDNN GEMMs (on AMD CPUs, where MKL skips its AVX-512
+    kernels, 2x the fp32 rate of `bmm`), with an online softmax step between them (exp2 on log2-scaled
+    scores): where compiled, one C pass over the tile in place (`native.softmax_tile`: the numerators in
+    the scores' own dtype, so no fp32 copy and no mask tensor; bf16 ~3x the PyTorch ops it replaces) and
+    one for the output update (`native.scale_add`); else PyTorch ops in fp32. Tiles above the diagonal are
+    skipped; tiles that straddle it are split in two halves of rows, each trimmed to the keys its rows
+    see (the upper half reads half the keys: -25 % of the diagonal tiles' work) and masked. With
     `workspace`, the queries, K / V^T blocks and softmax state live in buffers kept there (fresh buffers of
     hundreds of MB pay first-touch page faults every call). Same result as `dense_prefill` on the
     expanded K/V, up to summation order."""
@@ -878,6 +1002,8 @@ def dense_prefill_onednn(
     m = _scratch(workspace, "dense_m", f32, (h, t, 1)).fill_(NEG_INF)  # running max, log2 units
     l_sum = _scratch(workspace, "dense_l", f32, (h, t, 1)).zero_()
     acc: torch.Tensor | None = None  # [h, T, v] fp32
+    corr = _scratch(workspace, "dense_corr", f32, (query_block,))  # a tile's rescale per row
+    v_rows = dt == torch.bfloat16
     q_pos = start + torch.arange(t, device=dev)  # [T]
     for b0 in range(0, s, key_block):
         b1 = min(s, b0 + key_block)
@@ -888,32 +1014,25 @@ def dense_prefill_onednn(
         k = _scratch(workspace, "dense_k", lat, (h, n, nope + r))  # K_h: k_nope | shared rope key
         k[..., :nope] = kv[..., :nope].transpose(0, 1)
         k[..., nope:] = rope[b0:b1]
-        v_t = _scratch(workspace, "dense_vt", lat, (h, kv.shape[-1] - nope, n))  # [h, v, B]
-        v_t.copy_(kv[..., nope:].permute(1, 2, 0))
+        if v_rows:  # V_h [B, v]: in bf16 oneDNN's matmul takes it at its rate, no transposing copy
+            v_h = _scratch(workspace, "dense_v", lat, (h, n, kv.shape[-1] - nope))
+            v_h.copy_(kv[..., nope:].transpose(0, 1))
+        else:  # V_h^T [v, B], onednn_linear's weight layout (fp32: torch.mm would be MKL's slow GEMM)
+            v_h = _scratch(workspace, "dense_vt", lat, (h, kv.shape[-1] - nope, n))
+            v_h.copy_(kv[..., nope:].permute(1, 2, 0))
         first = max(0, b0 - start)  # first query row that sees key b0
         for r0 in range(first - first % query_block, t, query_block):
             r1 = min(t, r0 + query_block)
-            j1 = min(n, start + r1 - b0)  # keys of the block that some row of the query block sees
-            future = None
-            if b0 + j1 - 1 > start + r0:  # the tile reaches past some row's position: causal mask
-                future = torch.arange(b0, b0 + j1, device=dev)[None, :] > q_pos[r0:r1, None]  # [R, J]
-            for hh in range(h):
-                vh = v_t[hh] if j1 == n else v_t[hh, :, :j1].contiguous()  # (contiguous for oneDNN)
-                sc = onednn_linear(q[hh, r0:r1], k[hh, :j1])  # [R, J]
-                if sc.dtype != torch.float32:
-                    sc = sc.float()
-                if future is not None:
-                    sc.masked_fill_(future, NEG_INF)
-                mb, lb, ab = m[hh, r0:r1], l_sum[hh, r0:r1], acc[hh, r0:r1]
-                m_new = torch.maximum(mb, sc.amax(dim=-1, keepdim=True))
-                corr = (mb - m_new).exp2_()
-                probs = sc.sub_(m_new).exp2_()
-                lb.mul_(corr).add_(probs.sum(dim=-1, keepdim=True))
-                pv = onednn_linear(probs if dt == torch.float32 else probs.to(dt), vh)  # [R, v]
-                ab.mul_(corr).add_(pv)
-                mb.copy_(m_new)
+            if b0 + n - 1 > start + r0 and r1 - r0 > query_block // 2:  # straddles the diagonal: halves,
+                half = r0 + (r1 - r0) // 2  # so the upper one reads only the keys its rows see
+                parts = [(r0, half), (half, r1)]
+            else:
+                parts = [(r0, r1)]
+            for p0, p1 in parts:
+                _onednn_tile(q, k, v_h, v_rows, m, l_sum, acc, corr, p0, p1, b0, n, start, q_pos)
     assert acc is not None, "dense_prefill_onednn: no keys"
-    return (acc / l_sum).transpose(0, 1).to(dt)
+    # (in place when a copy to dt follows: the result must never be a view of the workspace)
+    return (acc.div_(l_sum) if dt != acc.dtype else acc / l_sum).transpose(0, 1).to(dt)
 
 
 # ---------------------------------------------------------------------- dense decode (long contexts)

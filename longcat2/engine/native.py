@@ -42,6 +42,12 @@ Design choices:
     1.3-1.5x (bf16, 1-2 rows; oneDNN's AVX512-BF16 dot products win from 4 rows). `rows_by_keys` serves
     `kernels.run_attention`: a oneDNN bf16 GEMM built a new primitive for every new key count (~0.5 ms,
     and a decode step's key count is new every step).
+  - `softmax_tile` / `scale_add` / `softmax_window`: the softmax between a prefill tile's two GEMMs
+    (`kernels.dense_prefill_onednn`'s online step; `kernels.window_attention`'s shared window + dynamic
+    picks) as one pass per row over the scores in place, in their own dtype: row max, 2^(s - m) written
+    back (bf16 rounded to nearest even), row sum; the causal limit / sink + band / empty picks are index
+    ranges, not mask tensors. As PyTorch ops these were seven passes and two fp32 copies; in bf16 they
+    cost about as much as the GEMMs. 512 x 512 bf16 tile: 92 vs ~300 µs.
 - Every kernel here has a pure-PyTorch twin in `kernels`, which is the reference its tests compare
   against, and the path on every other device, dtype or machine without a compiler. `LONGCAT2_NATIVE=0`
   turns the compiled path off.
@@ -55,7 +61,9 @@ Design choices:
   Python threads (at least 16 rows each; one large P·V row each).
 - Vector code is written with GCC/Clang vector extensions (no intrinsics), so the same source builds
   for AVX-512, AVX2 or NEON under -march=native; on x86 an empty asm statement keeps a tile's operands in
-  registers where GCC would fold their loads into every FMA (`KEEP1` / `KEEP4`).
+  registers where GCC would fold their loads into every FMA (`KEEP1` / `KEEP4`). One exception, behind
+  `__AVX512BF16__`: softmax numerators are rounded to bf16 by the CPU's conversion instruction (1 instead
+  of ~10 vector ops; 74 → 48 µs per 256K values), elsewhere by the portable `put16`.
 """
 
 from __future__ import annotations
@@ -316,8 +324,9 @@ void lc2_index_scores(const float *q, const float *w, int64_t T, int64_t h, int6
 
 typedef uint16_t vh16 __attribute__((vector_size(32)));
 
-/* 16 floats of a pool row from element e on (fp32, or bf16 bit patterns widened); `left` < 16: zero tail. */
-static inline v16 row_load(const void *base, int bf16, int64_t e, int64_t left) {
+/* 16 floats of a pool row from element e on (fp32, or bf16 bit patterns widened); `left` < 16: the rest
+   are `fill`. */
+static inline v16 row_load_fill(const void *base, int bf16, int64_t e, int64_t left, float fill) {
     if (left >= 16) {
         if (!bf16) return vload((const float *)base + e);
         vh16 h;
@@ -325,7 +334,8 @@ static inline v16 row_load(const void *base, int bf16, int64_t e, int64_t left) 
         vi16 u = __builtin_convertvector(h, vi16) << 16;
         return (v16)u;
     }
-    float tmp[16] = {0};
+    float tmp[16];
+    for (int k = 0; k < 16; k++) tmp[k] = fill;
     for (int64_t k = 0; k < left; k++) {
         if (bf16) {
             uint32_t u = (uint32_t)((const uint16_t *)base)[e + k] << 16;
@@ -335,6 +345,10 @@ static inline v16 row_load(const void *base, int bf16, int64_t e, int64_t left) 
         }
     }
     return vload(tmp);
+}
+
+static inline v16 row_load(const void *base, int bf16, int64_t e, int64_t left) {
+    return row_load_fill(base, bf16, e, left, 0.0f);
 }
 
 typedef float v8 __attribute__((vector_size(32)));
@@ -670,7 +684,8 @@ static inline void put16(void *out, int bf16, int64_t i, v16 v, int64_t count) {
     u = (u & ~nan) | (0x7FC00000u & nan);
     u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     vh16 h = __builtin_convertvector(u, vh16);
-    memcpy((uint16_t *)out + i, &h, (size_t)(count >= 16 ? 16 : count) * 2);
+    if (count >= 16) memcpy((uint16_t *)out + i, &h, sizeof h); /* (a fixed size: no memcpy call) */
+    else memcpy((uint16_t *)out + i, &h, (size_t)count * 2);
 }
 
 static inline void put1(void *out, int bf16, int64_t i, float f) {
@@ -792,6 +807,183 @@ void lc2_heads_linear(const float *x, int64_t M, int64_t xs, int64_t xh, const v
         }
     }
 }
+
+/* ---- softmax passes between two GEMMs (prefill): one pass per row instead of an op per pass ---- */
+
+/* 16 values of a score row from element e on; `left` < 16: the rest are -inf. */
+static inline v16 score_load(const void *row, int bf16, int64_t e, int64_t left) {
+    return row_load_fill(row, bf16, e, left, -__builtin_inff());
+}
+
+static inline v16 vmax(v16 a, v16 b) {
+    vi16 gt = a > b;
+    return (v16)(((vi16)a & gt) | ((vi16)b & ~gt));
+}
+
+/* Largest of row[from, to) (fp32 or bf16: `bf16` a constant where inlined); -inf when empty. */
+static inline __attribute__((always_inline)) float span_max_t(const void *row, int bf16, int64_t from, int64_t to) {
+    v16 m0 = (v16){0} - __builtin_inff(), m1 = m0, m2 = m0, m3 = m0; /* four chains: 1.5x one */
+    int64_t j = from;
+    for (; j + 64 <= to; j += 64) {
+        m0 = vmax(m0, row_load(row, bf16, j, 16));
+        m1 = vmax(m1, row_load(row, bf16, j + 16, 16));
+        m2 = vmax(m2, row_load(row, bf16, j + 32, 16));
+        m3 = vmax(m3, row_load(row, bf16, j + 48, 16));
+    }
+    m0 = vmax(vmax(m0, m1), vmax(m2, m3));
+    for (; j + 16 <= to; j += 16) m0 = vmax(m0, row_load(row, bf16, j, 16));
+    if (j < to) m0 = vmax(m0, score_load(row, bf16, j, to - j));
+    float best = -__builtin_inff();
+    for (int k = 0; k < 16; k++) best = m0[k] > best ? m0[k] : best;
+    return best;
+}
+
+static float span_max(const void *row, int bf16, int64_t from, int64_t to) {
+    return bf16 ? span_max_t(row, 1, from, to) : span_max_t(row, 0, from, to);
+}
+
+#if defined(__AVX512BF16__) && defined(__x86_64__)
+#include <immintrin.h>
+/* 16 probabilities to bf16 with the CPU's conversion (round to nearest even; one instruction instead of
+   `put16`'s ten; it flushes results below bf16's normal range, ~1e-38, to zero). */
+static inline void put16_prob(void *out, int bf16, int64_t i, v16 v, int64_t count) {
+    if (!bf16 || count < 16) {
+        put16(out, bf16, i, v, count);
+        return;
+    }
+    __m512 x;
+    memcpy(&x, &v, sizeof x);
+    __m256bh h = _mm512_cvtneps_pbh(x);
+    memcpy((uint16_t *)out + i, &h, sizeof h);
+}
+#else
+#define put16_prob put16
+#endif
+
+/* row[j] = 2^(scale * row[j] - m) for j in [from, to), in place (bf16 rounded to nearest even); returns
+   the sum of the fp32 values (before rounding). */
+static inline __attribute__((always_inline)) float span_exp2_t(void *row, int bf16, int64_t from, int64_t to,
+                                                               float scale, float m) {
+    v16 acc = {0};
+    int64_t j = from;
+    for (; j + 16 <= to; j += 16) {
+        v16 p = vexp2(row_load(row, bf16, j, 16) * scale - m);
+        acc += p;
+        put16_prob(row, bf16, j, p, 16);
+    }
+    if (j < to) {
+        v16 p = vexp2(score_load(row, bf16, j, to - j) * scale - m);
+        acc += p;
+        put16_prob(row, bf16, j, p, to - j);
+    }
+    return hsum(acc);
+}
+
+static float span_exp2(void *row, int bf16, int64_t from, int64_t to, float scale, float m) {
+    return bf16 ? span_exp2_t(row, 1, from, to, scale, m) : span_exp2_t(row, 0, from, to, scale, m);
+}
+
+static inline void span_zero(void *row, int bf16, int64_t from, int64_t to) {
+    if (to > from) memset((char *)row + from * (bf16 ? 2 : 4), 0, (size_t)(to - from) * (bf16 ? 2 : 4));
+}
+
+static inline float exp2_1(float x) { /* one 2^x, x <= 0 */
+    v16 v = {x};
+    return vexp2(v)[0];
+}
+
+/* One online-softmax step of a dense prefill tile, rows [r0, r1) of s [R, J] (row stride lds, fp32 or
+   bf16, log2-unit scores), in place: row r sees columns [0, min(J, off + r)) (the causal limit); then
+   m_new = max(m[r], row max), p = 2^(s - m_new) (0 past the limit), corr[r] = 2^(m[r] - m_new),
+   l[r] = l[r] corr[r] + sum p, m[r] = m_new (`lc2_scale_add` then folds P.V into the running output). A
+   row that has seen nothing yet keeps m = -inf, l = 0 and gets zeros. */
+void lc2_softmax_tile(void *s, int bf16, int64_t r0, int64_t r1, int64_t J, int64_t lds, int64_t off, float *m,
+                      float *l, float *corr) {
+    const size_t es = bf16 ? 2 : 4;
+    for (int64_t r = r0; r < r1; r++) {
+        void *row = (char *)s + (size_t)(r * lds) * es;
+        int64_t lim = off + r < J ? off + r : J;
+        if (lim < 0) lim = 0;
+        float mo = m[r];
+        float mx = span_max(row, bf16, 0, lim);
+        float mn = mx > mo ? mx : mo;
+        span_zero(row, bf16, lim, J);
+        corr[r] = 1.0f;
+        if (mn == -__builtin_inff()) {
+            span_zero(row, bf16, 0, lim);
+            continue;
+        }
+        float sum = span_exp2(row, bf16, 0, lim, 1.0f, mn);
+        corr[r] = exp2_1(mo - mn);
+        l[r] = l[r] * corr[r] + sum;
+        m[r] = mn;
+    }
+}
+
+/* acc[r] = acc[r] * corr[r] + x[r] for rows [r0, r1): acc fp32 (row stride lda), x fp32 or bf16 (row
+   stride ldx), vc columns. */
+void lc2_scale_add(float *acc, int64_t lda, const float *corr, const void *x, int bf16, int64_t ldx, int64_t r0,
+                   int64_t r1, int64_t vc) {
+    for (int64_t r = r0; r < r1; r++) {
+        float *a = acc + r * lda;
+        const void *xr = (const char *)x + (size_t)(r * ldx) * (bf16 ? 2 : 4);
+        const float c = corr[r];
+        int64_t j = 0;
+        for (; j + 16 <= vc; j += 16) vstore(a + j, vload(a + j) * c + row_load(xr, bf16, j, 16));
+        for (; j < vc; j++) a[j] = a[j] * c + row_load(xr, bf16, j, 1)[0];
+    }
+}
+
+/* Softmax numerators of LSA prefill rows [i0, i1) (windowed path), in place, for h heads each: a row's
+   window scores sw [n, h, W] (row i sees the sink columns [0, init) and its band [init + i, init + i +
+   local)) and its dynamic picks' scores sd [n, h, kd] (NULL: none; slots [n, kd], -1 = empty, left out),
+   one softmax over both: p = 2^(scale s - m) with m the scaled max, 0 where not seen; l[i, hh] = sum p,
+   m_out[i, hh] = m when given. A row with nothing seen: zeros, m = -inf, l = 0. */
+void lc2_softmax_window(void *sw, void *sd, int bf16, int64_t i0, int64_t i1, int64_t h, int64_t W, int64_t kd,
+                        float scale, int64_t init, int64_t local, const int64_t *slots, float *m_out,
+                        float *l_out) {
+    const size_t es = bf16 ? 2 : 4;
+    const float ninf = -__builtin_inff();
+    const uint16_t bninf = 0xFF80u;
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t sink = init < W ? init : W;
+        int64_t b0 = init + i < W ? init + i : W, b1 = init + i + local < W ? init + i + local : W;
+        if (sd != NULL && slots != NULL) { /* empty picks: -inf in place */
+            const int64_t *si = slots + i * kd;
+            for (int64_t j = 0; j < kd; j++) {
+                if (si[j] >= 0) continue;
+                for (int64_t hh = 0; hh < h; hh++) {
+                    char *at = (char *)sd + (size_t)((i * h + hh) * kd + j) * es;
+                    if (bf16) memcpy(at, &bninf, 2); else memcpy(at, &ninf, 4);
+                }
+            }
+        }
+        for (int64_t hh = 0; hh < h; hh++) {
+            void *rw = (char *)sw + (size_t)((i * h + hh) * W) * es;
+            void *rd = sd != NULL ? (char *)sd + (size_t)((i * h + hh) * kd) * es : NULL;
+            float mx = span_max(rw, bf16, 0, sink), t = span_max(rw, bf16, b0, b1);
+            mx = t > mx ? t : mx;
+            if (rd != NULL) {
+                t = span_max(rd, bf16, 0, kd);
+                mx = t > mx ? t : mx;
+            }
+            span_zero(rw, bf16, sink, b0);
+            span_zero(rw, bf16, b1, W);
+            if (mx == ninf) {
+                span_zero(rw, bf16, 0, W);
+                if (rd != NULL) span_zero(rd, bf16, 0, kd);
+                l_out[i * h + hh] = 0.0f;
+                if (m_out != NULL) m_out[i * h + hh] = ninf;
+                continue;
+            }
+            float mn = mx * scale;
+            float sum = span_exp2(rw, bf16, 0, sink, scale, mn) + span_exp2(rw, bf16, b0, b1, scale, mn);
+            if (rd != NULL) sum += span_exp2(rd, bf16, 0, kd, scale, mn);
+            l_out[i * h + hh] = sum;
+            if (m_out != NULL) m_out[i * h + hh] = mn;
+        }
+    }
+}
 """
 
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99"]
@@ -874,6 +1066,13 @@ def _build() -> ctypes.CDLL | None:
     lib.lc2_heads_linear.restype = None
     lib.lc2_heads_linear.argtypes = [p, i64, i64, i64, p, ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, p]
     lib.lc2_heads_linear.argtypes += [ctypes.c_int, i64, i64, i64, i64, i64, i64]
+    lib.lc2_softmax_tile.restype = None
+    lib.lc2_softmax_tile.argtypes = [p, ctypes.c_int, i64, i64, i64, i64, i64, p, p, p]
+    lib.lc2_scale_add.restype = None
+    lib.lc2_scale_add.argtypes = [p, i64, p, p, ctypes.c_int, i64, i64, i64, i64]
+    lib.lc2_softmax_window.restype = None
+    lib.lc2_softmax_window.argtypes = [p, p, ctypes.c_int, i64, i64, i64, i64, i64, ctypes.c_float, i64, i64]
+    lib.lc2_softmax_window.argtypes += [p, p, p]
     lib.lc2_slot_attend.restype = None
     lib.lc2_slot_attend.argtypes = [
         p,
@@ -1089,6 +1288,129 @@ def slot_attend(
 
     _over_rows(n, run)
     return o, m, l_sum
+
+
+def _softmax_ok(lib: ctypes.CDLL | None, *scores: torch.Tensor) -> bool:
+    return lib is not None and all(
+        s.device.type == "cpu" and s.dtype in (torch.float32, torch.bfloat16) and s.is_contiguous()
+        for s in scores
+    )
+
+
+def softmax_tile(
+    scores: torch.Tensor, m: torch.Tensor, l_sum: torch.Tensor, corr: torch.Tensor, offset: int
+) -> bool:
+    """One online-softmax step of a dense prefill tile in place (`kernels.dense_prefill_onednn`): scores
+    [R, J] (fp32 or bf16, log2 units; row r sees columns < offset + r) become the numerators 2^(s - m_new)
+    in their own dtype (0 where not seen); m, l_sum [R, 1] (running max and sum, fp32) are updated and
+    corr [R] (fp32) gets each row's rescale 2^(m - m_new) for `scale_add`. → False where the kernel does
+    not apply (the caller's PyTorch passes run)."""
+    lib = library()
+    if (
+        not _softmax_ok(lib, scores)
+        or scores.dim() != 2
+        or any(t.dtype != torch.float32 or t.stride(0) != 1 for t in (m, l_sum, corr))
+    ):
+        return False
+    rows, width = scores.shape
+    bf16 = int(scores.dtype == torch.bfloat16)
+
+    def run(r0: int, r1: int) -> None:
+        lib.lc2_softmax_tile(
+            scores.data_ptr(),
+            bf16,
+            r0,
+            r1,
+            width,
+            width,
+            offset,
+            m.data_ptr(),
+            l_sum.data_ptr(),
+            corr.data_ptr(),
+        )
+
+    _over_rows(rows, run)
+    return True
+
+
+def scale_add(acc: torch.Tensor, corr: torch.Tensor, x: torch.Tensor) -> bool:
+    """acc = acc * corr[:, None] + x in one pass (the online softmax's output update): acc [R, v] fp32, corr
+    [R] fp32, x [R, v] fp32 or bf16, unit column strides, CPU. → False where the kernel does not apply."""
+    lib = library()
+    if (
+        lib is None
+        or acc.dtype != torch.float32
+        or corr.dtype != torch.float32
+        or x.dtype not in (torch.float32, torch.bfloat16)
+        or acc.stride(1) != 1
+        or x.stride(1) != 1
+        or corr.stride(0) != 1
+        or acc.shape != x.shape
+        or any(t.device.type != "cpu" for t in (acc, corr, x))
+    ):
+        return False
+    rows, cols = acc.shape
+
+    def run(r0: int, r1: int) -> None:
+        lib.lc2_scale_add(
+            acc.data_ptr(),
+            acc.stride(0),
+            corr.data_ptr(),
+            x.data_ptr(),
+            int(x.dtype == torch.bfloat16),
+            x.stride(0),
+            r0,
+            r1,
+            cols,
+        )
+
+    _over_rows(rows, run)
+    return True
+
+
+def softmax_window(
+    s_w: torch.Tensor,
+    s_d: torch.Tensor | None,
+    slots: torch.Tensor | None,
+    init: int,
+    local: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Softmax numerators of a block of windowed LSA rows in place (`kernels.window_attention`): s_w
+    [n, h, W] window scores (row i sees columns [0, init) and [init + i, init + i + local)), s_d
+    [n, h, kd] its dynamic picks' scores or None, slots [n, kd] (-1 = empty, left out) or None; fp32 or
+    bf16 (one dtype), p = 2^(scale·s - m) with m the row's scaled max over both parts. → (m, l) [n, h]
+    fp32 (l = Σ p), or None where the kernel does not apply."""
+    lib = library()
+    parts = (s_w,) if s_d is None else (s_w, s_d)
+    if not _softmax_ok(lib, *parts) or s_w.dim() != 3 or (s_d is not None and s_d.dtype != s_w.dtype):
+        return None
+    n, h, width = s_w.shape
+    kd = 0 if s_d is None else s_d.shape[-1]
+    sl = None if slots is None or s_d is None else slots.to(torch.int64).contiguous()
+    m = torch.empty(n, h, dtype=torch.float32)
+    l_sum = torch.empty(n, h, dtype=torch.float32)
+
+    def run(r0: int, r1: int) -> None:
+        lib.lc2_softmax_window(
+            s_w.data_ptr(),
+            None if s_d is None else s_d.data_ptr(),
+            int(s_w.dtype == torch.bfloat16),
+            r0,
+            r1,
+            h,
+            width,
+            kd,
+            scale,
+            init,
+            local,
+            None if sl is None else sl.data_ptr(),
+            m.data_ptr(),
+            l_sum.data_ptr(),
+        )
+
+    _over_rows(n, run, min_rows=1)
+    return m, l_sum
 
 
 def pv_rows(

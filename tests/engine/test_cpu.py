@@ -105,6 +105,11 @@ def test_onednn_linear_matches_f_linear_and_keeps_gradients(
         y.square().sum().backward()
         assert routed.weight.grad is not None and x.grad is not None
     assert list(routed.state_dict()) == list(plain.state_dict())
+    x = torch.randn(1100, 80)[:, :64]  # row-strided, as latents read from the joint [latent | rope] pool
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        got = routed(x)
+    torch.testing.assert_close(got, plain(x), rtol=1e-5, atol=1e-5)
+    assert any("_linear_pointwise" in e.name for e in prof.events())  # oneDNN, not the BLAS
 
 
 def test_engine_fp32_tokens_do_not_depend_on_the_linear_path(monkeypatch: pytest.MonkeyPatch) -> None:

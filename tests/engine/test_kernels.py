@@ -144,7 +144,16 @@ def _gather_attention_case(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "rows,query_block,size",
-    [(37, 16, "small"), (5, 64, "small"), (6, 4, "large"), (37, 16, "small-native"), (6, 4, "large-native")],
+    [
+        (37, 16, "small"),
+        (5, 64, "small"),
+        (6, 4, "large"),
+        (37, 16, "small-native"),
+        (6, 4, "large-native"),
+        (9, 4, "small-empty"),
+        (9, 4, "small-native-empty"),
+        (6, 4, "large-native-empty"),
+    ],
 )
 def test_window_attention_equals_gathered_selection(
     dtype: torch.dtype, rows: int, query_block: int, size: str
@@ -153,16 +162,19 @@ def test_window_attention_equals_gathered_selection(
     row's whole selection (sink, dynamic picks, local window), over a shuffled block table (windows cross
     blocks; partial last query block); the dynamic picks' P·V batched (small rows) and one product per row
     (from PER_ROW_MIN_MACS on), or with the C kernels: (small-native) the dynamic picks attended in place
-    and merged with the window's softmax block, (large-native) their fp32 P·V as native.pv_rows."""
-    if size.endswith("-native") and not native.available():
+    and merged with the window's softmax block, (large-native) their fp32 P·V as native.pv_rows; with the
+    C kernels the softmax passes are one C pass (`native.softmax_window`). (-empty) some dynamic slots
+    empty (-1), all of them in one row."""
+    native_path = "-native" in size
+    if native_path and not native.available():
         pytest.skip("no compiled kernels here")
     with contextlib.ExitStack() as stack:
-        if not size.endswith("-native"):
+        if not native_path:
             stack.enter_context(native.disabled())
-        _window_case(dtype, rows, query_block, size.removesuffix("-native"))
+        _window_case(dtype, rows, query_block, size.split("-")[0], empty="-empty" in size)
 
 
-def _window_case(dtype: torch.dtype, rows: int, query_block: int, size: str) -> None:
+def _window_case(dtype: torch.dtype, rows: int, query_block: int, size: str, empty: bool = False) -> None:
     torch.manual_seed(4)
     h, c, rr, init, local, kd, p = 4, 32, 8, 4, 24, 20, 300
     if size == "large":
@@ -179,8 +191,12 @@ def _window_case(dtype: torch.dtype, rows: int, query_block: int, size: str) -> 
         sel.append(torch.cat([torch.arange(init), dyn, torch.arange(pos - local + 1, pos + 1)]))
     sel = torch.stack(sel)  # [R, init + kd + local]
     ql, qr = torch.randn(rows, h, c).to(dtype), torch.randn(rows, h, rr).to(dtype)
-    ref = gather_attention(ql, qr, kv_pool, pool_slots(sel), 0.2).float()
-    dyn_slots = pool_slots(sel[:, init : init + kd])
+    slots = pool_slots(sel)
+    if empty:  # empty dynamic picks (-1) are left out of the softmax
+        slots[0, init : init + 3] = -1
+        slots[2, init : init + kd] = -1
+    ref = gather_attention(ql, qr, kv_pool, slots, 0.2).float()
+    dyn_slots = slots[:, init : init + kd]
     got = window_attention(ql, qr, kv_pool, q_pos, pool_slots, dyn_slots, init, local, 0.2, query_block)
     assert got.dtype == dtype and got.shape == (rows, h, c)
     f32 = 1e-5 if size == "small" else 1e-4  # 512-wide latents: longer fp32 sums, other order
@@ -255,7 +271,7 @@ def test_dense_prefill_matches_sdpa(start: int) -> None:
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel", ["tiled", "flash", "onednn"])
+@pytest.mark.parametrize("kernel", ["tiled", "flash", "onednn", "onednn-torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("start,t,key_block,query_block", [(0, 50, 16, 8), (37, 20, 8, 16), (70, 33, 32, 7)])
 def test_dense_prefill_from_latents_matches_plain(
@@ -264,7 +280,10 @@ def test_dense_prefill_from_latents_matches_plain(
     """The latent kernels against the plain expanded path: the tiled one (keys expanded per block, online
     softmax; blocks straddling the diagonal, partial last blocks, query blocks skipped for early keys) and
     the CPU flash one (key blocks before the chunk merged by log-sum-exp, the chunk itself causal), and the
-    per-head oneDNN one (tiles trimmed at the diagonal, query blocks skipped for early keys)."""
+    per-head oneDNN one (tiles trimmed at the diagonal and split in halves there, query blocks skipped for
+    early keys) with its softmax step in C (`native.softmax_tile`, where built) and as PyTorch ops."""
+    if kernel == "onednn" and not native.available():
+        pytest.skip("no compiled kernels here")
     torch.manual_seed(5)
     h, nope, r, dv, c = 3, 12, 4, 8, 16
     s = start + t
@@ -279,15 +298,21 @@ def test_dense_prefill_from_latents_matches_plain(
         got = dense_prefill_tiled(
             q_nope, q_rope, lat, rope, lambda x: x @ w_kv.t(), start, 0.3, key_block, query_block
         )
-    elif kernel == "onednn":
+    elif kernel.startswith("onednn"):
         if not torch.backends.mkldnn.is_available() or (dtype == torch.bfloat16 and not cpu_has_bf16_gemm()):
             pytest.skip("no oneDNN kernel for this dtype on this CPU")
         ws: dict = {}  # reused buffers: the same result on the second call
-        for _ in range(2):
-            got = dense_prefill_onednn(
-                q_nope, q_rope, lat, rope, lambda x: x @ w_kv.t(), start, 0.3, key_block, query_block, ws
+        with native.disabled() if kernel == "onednn-torch" else contextlib.nullcontext():
+            other = dense_prefill_onednn(
+                -q_nope, q_rope, lat, rope, lambda x: x @ w_kv.t(), start, 0.3, key_block, query_block, ws
             )
+            kept = other.clone()
+            for _ in range(2):
+                got = dense_prefill_onednn(
+                    q_nope, q_rope, lat, rope, lambda x: x @ w_kv.t(), start, 0.3, key_block, query_block, ws
+                )
         assert ws
+        assert torch.equal(other, kept)  # a result is never a view of the reused buffers
     else:
         got = dense_prefill_flash(q_nope, q_rope, lat, rope, lambda x: x @ w_kv.t(), start, 0.3, key_block)
     assert got.dtype == dtype and got.shape == (t, h, dv)

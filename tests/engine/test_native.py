@@ -436,3 +436,82 @@ def test_linear_worth_rule() -> None:
     )
     assert not native.linear_worth(native.LINEAR_MAX_ROWS[torch.bfloat16] + 1, big.to(torch.bfloat16))
     assert not native.linear_worth(1, big.double()) and not native.linear_worth(0, big)
+
+
+def _softmax_tile_reference(
+    s: torch.Tensor, m: torch.Tensor, l_sum: torch.Tensor, offset: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The online-softmax step as PyTorch ops (fp32): → probs, m, l, corr."""
+    rows, width = s.shape
+    sc = s.float().clone()
+    seen = torch.arange(width)[None, :] < (offset + torch.arange(rows))[:, None]  # [R, J]
+    sc.masked_fill_(~seen, float("-inf"))
+    m_new = torch.maximum(m, sc.amax(dim=-1, keepdim=True))
+    nothing = torch.isinf(m_new)  # no key seen yet: zeros, state unchanged
+    safe = torch.where(nothing, torch.zeros_like(m_new), m_new)
+    probs = (sc - safe).exp2()
+    corr = torch.where(nothing, torch.ones_like(m), (m - safe).exp2())
+    return probs, torch.where(nothing, m, m_new), l_sum * corr + probs.sum(-1, keepdim=True), corr[:, 0]
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,width,offset", [(37, 53, 10**6), (40, 70, -5), (8, 16, 1)])
+def test_softmax_tile_equals_the_torch_step(dtype: torch.dtype, rows: int, width: int, offset: int) -> None:
+    """One online-softmax step in place: causal limits (rows that see nothing, partial, all), running
+    max from -inf and from earlier blocks, bf16 numerators rounded from the fp32 ones; then `scale_add`."""
+    g = torch.Generator().manual_seed(rows + width)
+    s = (4 * torch.randn(rows, width, generator=g)).to(dtype)
+    m = torch.where(
+        torch.rand(rows, 1, generator=g) < 0.5, -float("inf"), 3 * torch.randn(rows, 1, generator=g)
+    )
+    l_sum = torch.where(torch.isinf(m), 0.0, torch.rand(rows, 1, generator=g) + 1)
+    probs, m_ref, l_ref, corr_ref = _softmax_tile_reference(s, m, l_sum, offset)
+    got, corr = s.clone(), torch.full((rows,), float("nan"))
+    m_got, l_got = m.clone(), l_sum.clone()
+    assert native.softmax_tile(got, m_got, l_got, corr, offset)
+    assert got.dtype == dtype
+    ulp = 2**-8 if dtype == torch.bfloat16 else 1e-5  # (exp2 by polynomial: a bf16 rounding may differ)
+    torch.testing.assert_close(got.float(), probs.to(dtype).float(), rtol=ulp, atol=1e-6)
+    torch.testing.assert_close(m_got, m_ref, rtol=0, atol=0)
+    torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(corr, corr_ref, rtol=1e-6, atol=0)
+    acc, pv = torch.randn(rows, 19, generator=g), torch.randn(rows, 19, generator=g).to(dtype)
+    want = acc * corr[:, None] + pv.float()
+    assert native.scale_add(acc, corr, pv)
+    torch.testing.assert_close(acc, want, rtol=1e-6, atol=1e-6)
+    assert not native.softmax_tile(s.half(), m, l_sum, corr, offset)  # fp32 / bf16 only
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_picks", [True, False])
+def test_softmax_window_equals_masked_softmax(dtype: torch.dtype, with_picks: bool) -> None:
+    """Windowed LSA rows: row i sees the sink [0, init) and its band [init + i, init + i + local) of the
+    window scores (the band clipped at W for the last rows), plus its dynamic picks but the empty ones;
+    one max over both parts, scores scaled; → numerators in place, (m, l) per row and head."""
+    g = torch.Generator().manual_seed(7)
+    n, h, init, local, kd, scale = 6, 5, 3, 9, 21, 0.7
+    width = init + local + n - 3  # the last rows' bands run past W
+    s_w = (4 * torch.randn(n, h, width, generator=g)).to(dtype)
+    s_d = (4 * torch.randn(n, h, kd, generator=g)).to(dtype) if with_picks else None
+    slots = torch.randint(0, 100, (n, kd), generator=g)
+    slots[1, 2:7] = -1
+    j = torch.arange(width)
+    seen_w = (j[None, :] < init) | (
+        (j[None, :] >= init + torch.arange(n)[:, None])
+        & (j[None, :] < init + local + torch.arange(n)[:, None])
+    )
+    parts = [torch.where(seen_w[:, None], s_w.float() * scale, float("-inf"))]
+    if with_picks:
+        parts.append(torch.where((slots >= 0)[:, None], s_d.float() * scale, float("-inf")))
+    full = torch.cat(parts, dim=-1)  # [n, h, W (+ kd)]
+    m_ref = full.amax(dim=-1)
+    p_ref = (full - m_ref[..., None]).exp2()
+    got_w, got_d = s_w.clone(), None if s_d is None else s_d.clone()
+    m, l_sum = native.softmax_window(got_w, got_d, slots if with_picks else None, init, local, scale)
+    torch.testing.assert_close(m, m_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(l_sum, p_ref.sum(-1), rtol=1e-5, atol=1e-5)
+    got = got_w if got_d is None else torch.cat([got_w, got_d], dim=-1)
+    ulp = 2**-8 if dtype == torch.bfloat16 else 1e-5  # (exp2 by polynomial: a bf16 rounding may differ)
+    torch.testing.assert_close(got.float(), p_ref.to(dtype).float(), rtol=ulp, atol=1e-6)
