@@ -79,6 +79,8 @@ LOG2E = 1.4426950408889634
 # query-head rows per tile in prefill.
 SCAN_TILE_ELEMS = 1 << 18
 SCAN_ROWS = 256
+# keys widened to fp32 at once by the prefill scan (8 MB at d = 128), reused by every row chunk
+SCAN_WIDEN_KEYS = 16384
 # keys per product of a decode row's scan: one shape, so oneDNN reuses its primitive
 DECODE_SCAN_BLOCK = 2048
 # keys per kv_b_proj call when the dense prefill expands latents: the [rows, h*(nope+v)] product stays small
@@ -160,21 +162,26 @@ def index_scan_torch(
                 torch.mv(dots, w1, out=out[0, o : o + kb.shape[0]])
         return out
     # several queries (prefill): tiles of [rows*h, blk] dot products, rows*h <= SCAN_ROWS so the tile stays
-    # in L2; keys are re-read per row chunk (they are d-wide, the tile is rows*h-wide)
+    # in L2; keys are re-read per row chunk (they are d-wide, the tile is rows*h-wide), widened once per
+    # SCAN_WIDEN_KEYS (not once per row chunk and block: 16 GB of copies per 4,096-row chunk at 64K)
     rc = max(1, SCAN_ROWS // h)
     blk = max(256, SCAN_TILE_ELEMS // (min(t, rc) * h))
-    for r0 in range(0, t, rc):
-        n_rows = min(rc, t - r0)
-        qr = qf[r0 * h : (r0 + n_rows) * h]  # [rows*h, d]
-        wr = w[r0 : r0 + n_rows].float()[:, :, None]  # [rows, h, 1]
-        for pos, keys in pieces:
-            for b0 in range(0, keys.shape[0], blk):
-                kb = widened(keys, b0, blk)  # [n, d]
-                dots = mm_nt(qr, kb)  # [rows*h, n]
-                dots = dots.view(n_rows, h, kb.shape[0])  # [rows, h, n]
-                dots.relu_()
-                o = pos - start + b0
-                out[r0 : r0 + n_rows, o : o + kb.shape[0]] = dots.mul_(wr).sum(1)
+    wide = max(1, SCAN_WIDEN_KEYS // blk) * blk
+    wf = w.float()
+    for pos, keys in pieces:
+        for s0 in range(0, keys.shape[0], wide):
+            kw = widened(keys, s0, wide)  # [<= wide, d] fp32
+            for r0 in range(0, t, rc):
+                n_rows = min(rc, t - r0)
+                qr = qf[r0 * h : (r0 + n_rows) * h]  # [rows*h, d]
+                wr = wf[r0 : r0 + n_rows]  # [rows, h]
+                for b0 in range(0, kw.shape[0], blk):
+                    kb = kw[b0 : b0 + blk]  # [n, d]
+                    dots = mm_nt(qr, kb).view(n_rows, h, kb.shape[0])  # [rows, h, n]
+                    o = pos - start + s0 + b0
+                    dst = out[r0 : r0 + n_rows, o : o + kb.shape[0]]  # [rows, n]
+                    if not native.relu_wsum(dots, wr, dst):  # (C: one pass over the tile)
+                        dst.copy_(dots.relu_().mul_(wr[:, :, None]).sum(1))
     return out
 
 

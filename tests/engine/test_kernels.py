@@ -76,6 +76,28 @@ def test_index_scan_matches_model_scores() -> None:
     torch.testing.assert_close(got1, ref[:1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_scan_tiles_match_model_scores(
+    monkeypatch: pytest.MonkeyPatch, native_on: bool, dtype: torch.dtype
+) -> None:
+    """The prefill scan's tiles (`index_scan_torch`, the path for wide indexer heads): keys widened
+    SCAN_WIDEN_KEYS at a time (lowered here so a run spans several), dot products as GEMM tiles, the
+    ReLU / weight / head sum as one C pass (`native.relu_wsum`) or as PyTorch ops; several runs, a
+    one-key run and partial blocks; fp32 scores of bf16 values."""
+    if native_on and not native.available():
+        pytest.skip("no compiled kernels here")
+    monkeypatch.setattr(kernels, "SCAN_WIDEN_KEYS", 512)
+    torch.manual_seed(2)
+    t, h, d, s = 40, 8, 64, 3000
+    q, w, k = torch.randn(t, h, d).to(dtype), torch.randn(t, h), torch.randn(s, d).to(dtype)
+    ref = index_scores(q[None].float(), w[None], k[None].float())[0]
+    pieces = [(100, k[100:1400]), (1400, k[1400:1401]), (1401, k[1401:])]
+    with contextlib.nullcontext() if native_on else native.disabled():
+        got = kernels.index_scan_torch(q, w, pieces, 100, s, torch.empty(t, s - 100))
+    torch.testing.assert_close(got, ref[:, 100:], rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bf16_two_pass_scan_selects_exactly_the_fp32_set(seed: int) -> None:
     """bf16 GEMM scan + certified bounds + exact rescoring = the fp32 scan's selection (ties included)."""
