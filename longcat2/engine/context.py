@@ -53,6 +53,7 @@ from longcat2.engine.kernels import (
     dense_prefill_tiled,
     dense_rows,
     gather_attention,
+    index_scan_bf16_rows,
     index_scan_select_bf16,
     lsa_rows,
     onednn_prefill_ok,
@@ -63,6 +64,7 @@ from longcat2.engine.kernels import (
 from longcat2.model.attention import MLA, MLAProjection
 
 BF16_SCAN_MIN_KEYS_CPU = 1 << 17  # (`_use_bf16`: the two scans break even near 128K keys here)
+BF16_PREFILL_SCAN_MIN_KEYS = 8192  # (`_use_bf16_prefill`)
 HI_SCORE_ELEMS = 1 << 22  # coarse page scores per HI call (a reusable buffer, not fresh pages)
 # windowed LSA rows are absorbed, attended and unabsorbed this many at a time: whole-chunk latent queries
 # and outputs (at LongCat-2.0 dims 4,096 rows x 64 heads x 576 fp32 = 600 MB) are fresh pages every call,
@@ -171,11 +173,17 @@ class StepContext:
             elif ps.numel():
                 chunk = max(1, st.score_budget // max(1, int(ps[-1])))
                 for c0 in range(0, ps.numel(), chunk):
-                    pc = ps[c0 : c0 + chunk]
+                    pc, qc, wc = ps[c0 : c0 + chunk], qs[c0 : c0 + chunk], ws[c0 : c0 + chunk]
                     lo, hi = init, int(pc[-1]) - local + 1  # dynamic region of the chunk's last query
-                    scores = scan_keys(
-                        cache, lid, blocks, qs[c0 : c0 + chunk], ws[c0 : c0 + chunk], lo, hi, st.workspace
-                    )
+                    scores = None
+                    if not cache.index_fp8 and self._use_bf16_prefill(q, pool, hi - lo):
+                        # bf16 GEMM scan + exact rescoring of the keys that can be selected
+                        scores = index_scan_bf16_rows(
+                            qc, wc, pool, cache.runs(blocks, lo, hi), pc, init, local,
+                            topk - init - local, cache.index_key_max_norm[lid], st.workspace,
+                        )  # fmt: skip
+                    if scores is None:
+                        scores = scan_keys(cache, lid, blocks, qc, wc, lo, hi, st.workspace)
                     rows.append(lsa_rows(scores, pc, topk, init, local))
             if n_hi:
                 rows.extend(rows_hi)
@@ -351,6 +359,16 @@ class StepContext:
                 "index_mode='bf16' needs a bf16 model (bf16 indexer queries) and bf16 index keys"
             )
         return ok
+
+    def _use_bf16_prefill(self, q: torch.Tensor, pool: torch.Tensor, n_keys: int) -> bool:
+        """Whether prefill rows whose dynamic region has n_keys keys take the certified two-pass scan
+        (`index_scan_bf16_rows`): bf16 queries and keys, index_mode "bf16", or "auto" from
+        BF16_PREFILL_SCAN_MIN_KEYS keys on (many rows: the GEMMs are compute-bound, and bf16 runs them at
+        ~2x the fp32 rate here)."""
+        mode = self.settings.index_mode
+        if mode == "exact" or (mode == "auto" and n_keys < BF16_PREFILL_SCAN_MIN_KEYS):
+            return False
+        return q.dtype == torch.bfloat16 and pool.dtype == torch.bfloat16
 
     def _plan(self, sel: Selection | None) -> _Plan:
         """How each segment attends (shared by every sublayer that sees the same selection)."""

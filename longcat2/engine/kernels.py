@@ -22,7 +22,11 @@ Design choices:
   and the cache's running max key norm, every approximate score is within a certified δ of the exact
   one. Keys within 2δ of the kd-th best approximate score are the only ones that can be selected; they
   (a few % of the context) are rescored exactly in fp32 and selected with the exact rule. Result: the same
-  indices as the fp32 scan, at bf16 GEMM speed plus a small rescoring set.
+  indices as the fp32 scan, at bf16 GEMM speed plus a small rescoring set. Prefill rows use the same
+  certificate per row (`index_scan_bf16_rows`): the approximate [rows, keys] scores from bf16 GEMM
+  tiles, each row's kd-th best by the C top-k, the keys within 2δ_t of it rescored exactly in place, and
+  `lsa_rows` then selects on those scores what it would on the exact ones. There the GEMMs are
+  compute-bound and bf16 runs them at ~2x fp32.
 - Dense decode over a long context (models without LSA, and the dense baseline of the benchmarks) runs the
   absorbed form over the contiguous runs with an online softmax in blocks, so no [h, S] tensor and no copy
   of the latents are made.
@@ -134,18 +138,23 @@ def index_scan_torch(
     end: int,
     out: torch.Tensor,
     workspace: dict | None = None,
+    bf16_dots: bool = False,
+    err: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`index_scan` in PyTorch ops, into out [T, end - start] fp32 (the reference for
     `native.index_scores`, and the path on other devices and for wide indexer heads). Low-precision keys
     are widened block by block into one buffer (kept in `workspace` when given: a fresh one per block
-    paid its page faults every time, 6.5 of a 44 ms bf16 decode step at batch 8)."""
+    paid its page faults every time, 6.5 of a 44 ms bf16 decode step at batch 8). `bf16_dots` (bf16 q and
+    keys, several queries): the dot products as bf16 GEMMs with bf16-rounded outputs instead, i.e. the
+    approximate scores of the certified two-pass scan (`index_scan_bf16_rows`), with err (out's shape)
+    receiving Σ_h |w_h| |dot_h| per row and key when given."""
     t, h, d = q.shape
-    qf = q.float().reshape(t * h, d)  # [T*h, d]
+    qf = (q if bf16_dots else q.float()).reshape(t * h, d)  # [T*h, d]
     blk = max(256, SCAN_TILE_ELEMS // (t * h))
 
     def widened(keys: torch.Tensor, b0: int, n_max: int) -> torch.Tensor:  # keys[b0 : b0 + n_max] in fp32
         kb = keys[b0 : b0 + n_max]
-        if kb.dtype == torch.float32:
+        if kb.dtype == torch.float32 or bf16_dots:
             return kb
         return _scratch(workspace, "scan_keys", qf, (n_max, d))[: kb.shape[0]].copy_(kb)
 
@@ -180,8 +189,11 @@ def index_scan_torch(
                     dots = mm_nt(qr, kb).view(n_rows, h, kb.shape[0])  # [rows, h, n]
                     o = pos - start + s0 + b0
                     dst = out[r0 : r0 + n_rows, o : o + kb.shape[0]]  # [rows, n]
-                    if not native.relu_wsum(dots, wr, dst):  # (C: one pass over the tile)
-                        dst.copy_(dots.relu_().mul_(wr[:, :, None]).sum(1))
+                    e_dst = None if err is None else err[r0 : r0 + n_rows, o : o + kb.shape[0]]
+                    if not native.relu_wsum(dots, wr, dst, e_dst):  # (C: one pass over the tile)
+                        if e_dst is not None:
+                            e_dst.copy_((dots.float().abs() * wr.abs()[:, :, None]).sum(1))
+                        dst.copy_(dots.float().relu_().mul_(wr[:, :, None]).sum(1))
     return out
 
 
@@ -256,10 +268,69 @@ def bf16_scan_bound(q: torch.Tensor, w: torch.Tensor, key_max_norm: float) -> fl
     """δ with |approx - exact| <= δ for every key of L2 norm <= key_max_norm (see index_scan_select_bf16):
     per head |bf16(r) - r| <= 2^-9 |r| <= 2^-9 ||q_h|| ||k||, plus fp32 accumulation-order terms
     (d + h)·2^-23 of the same magnitude; 2x margin on all of it."""
-    h, d = q.shape
-    qn = q.float().norm(dim=-1)  # [h]
-    mass = float((w.reshape(h).float().abs() * qn).sum()) * key_max_norm  # >= Σ_h |w_h| |q_h·k|
+    h, _ = q.shape
+    return float(bf16_scan_bounds(q[None], w.reshape(1, h), key_max_norm)[0])
+
+
+def bf16_scan_bounds(q: torch.Tensor, w: torch.Tensor, key_max_norm: float) -> torch.Tensor:
+    """`bf16_scan_bound` of each of T queries: q [T, h, d], w [T, h] → δ [T] fp32."""
+    _, h, d = q.shape
+    mass = (w.float().abs() * q.float().norm(dim=-1)).sum(-1) * key_max_norm  # >= Σ_h |w_h| |q_h·k|
     return (BF16_ROUND + (d + h) * 2.0**-22) * mass
+
+
+def index_scan_bf16_rows(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    pool: torch.Tensor,
+    runs: list[tuple[int, int, int]],
+    q_pos: torch.Tensor,
+    init: int,
+    local: int,
+    kd: int,
+    key_max_norm: float,
+    workspace: dict | None = None,
+) -> torch.Tensor | None:
+    """Prefill rows' scores for `lsa_rows` by the certified two-pass scan: the same selection as the exact
+    fp32 scan, with its GEMMs in bf16.
+
+    q [T, h, d] bf16, w [T, h] fp32, pool [P, d] bf16 index keys, runs [(first position, pool row, count)]
+    covering positions [init, q_pos[-1] - local + 1) in order (the dynamic region of the last row), q_pos
+    [T] ascending, key_max_norm >= every key's L2 norm. Pass 1 (bf16 GEMM tiles, one C pass per tile):
+    approximate scores a = Σ_h w_h ReLU(bf16(q_h·k)) and e = Σ_h |w_h| |bf16(q_h·k)| per row and key.
+    With |bf16(r) - r| <= 2^-9 |r| and fp32 accumulation-order terms bounded through key_max_norm, the
+    exact score x satisfies |a - x| <= ε = 2^-9 (1 + 2^-8) e + τ_t (2x margin on τ; per key, so ~10x
+    tighter than `bf16_scan_bound`'s Cauchy-Schwarz bound). S = each row's kd best a among its
+    candidates (C top-k), L = min over S of (a - ε). A key with a + ε < L has x < L <= the exact score of
+    each of the kd keys in S, so it cannot be selected; every other candidate (S included) is rescored
+    exactly (fp32 of bf16 values) in place. The keys left approximate hold a < L, below those kd exact
+    scores as well, so `lsa_rows` on the result selects what it selects on the exact scores, ties
+    included. → scores [T, R] fp32 (a workspace view when given), or None where the C kernels do not
+    serve (the caller scans exactly)."""
+    if native.library() is None or q.device.type != "cpu":  # (the C top-k picks the thresholds)
+        return None
+    t, h, d = q.shape
+    end = int(q_pos[-1]) - local + 1
+    f32 = q.new_empty(0, dtype=torch.float32)
+    scores = _scratch(workspace, "index_scores", f32, (t, end - init))
+    err = _scratch(workspace, "index_err", f32, (t, end - init))
+    pieces = [(a, pool[r : r + m]) for a, r, m in runs]
+    index_scan_torch(q, w, pieces, init, end, scores, workspace, bf16_dots=True, err=err)
+    limit = q_pos - local - init  # last candidate column per row
+    picked = native.select_topk(scores, kd, limit)
+    if picked is None:
+        return None
+    tau = (d + h) * 2.0**-22 * (w.float().abs() * q.float().norm(dim=-1)).sum(-1) * key_max_norm + 1e-30
+    err.mul_(BF16_ROUND / 2 * (1 + 2.0**-8)).add_(tau[:, None])  # ε [T, R]
+    low = (scores.gather(1, picked) - err.gather(1, picked)).amin(dim=1)  # L [T]
+    cand = err.add_(scores).ge_(low[:, None])  # [T, R] (reuses ε's buffer): a + ε >= L
+    qf, wf = q.float(), w.float()
+    pool_row = torch.cat([torch.arange(r, r + m, device=pool.device) for _, r, m in runs])  # [R] per column
+    for i, lim in enumerate(limit.tolist()):
+        cols = cand[i, : lim + 1].nonzero().squeeze(-1)  # [M] the only keys this row can select
+        keys = pool[pool_row[cols]].float()  # [M, d]
+        scores[i, cols] = torch.relu(keys @ qf[i].t()) @ wf[i]  # exact, as the fp32 scan computes
+    return scores
 
 
 def index_scan_select_bf16(

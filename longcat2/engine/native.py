@@ -935,36 +935,54 @@ void lc2_scale_add(float *acc, int64_t lda, const float *corr, const void *x, in
 }
 
 /* Indexer scores from a tile of dot products, rows [r0, r1): out[r, j] = sum_hh w[r, hh] max(0, dots[r, hh, j])
-   for j < n; dots [rows, h, n] fp32 contiguous, w [rows, h], out rows ldo apart. One pass over the tile
-   (as PyTorch ops: ReLU, weight and a strided head sum, three). */
-void lc2_relu_wsum(const float *dots, int64_t r0, int64_t r1, int64_t h, int64_t n, const float *w, float *out,
-                   int64_t ldo) {
+   for j < n; dots [rows, h, n] fp32 or bf16 (`bf16` a constant where inlined) contiguous, w [rows, h], out
+   rows ldo apart. One pass over the tile (as PyTorch ops: ReLU, weight and a strided head sum, three).
+   err (optional, rows ldo apart too): sum_hh |w[r, hh]| |dots[r, hh, j]| (the two-pass scan's error bound). */
+static inline __attribute__((always_inline)) void relu_wsum_t(const void *dots, int bf16, int64_t r0, int64_t r1,
+                                                              int64_t h, int64_t n, const float *w, float *out,
+                                                              float *err, int64_t ldo) {
     const v16 zero = {0};
+    const vi16 absmask = (vi16){0} + 0x7FFFFFFF;
+    const size_t es = bf16 ? 2 : 4;
     for (int64_t r = r0; r < r1; r++) {
-        const float *dr = dots + r * h * n, *wr = w + r * h;
+        const char *dr = (const char *)dots + (size_t)(r * h * n) * es;
+        const float *wr = w + r * h;
         float *o = out + r * ldo;
         int64_t j = 0;
-        for (; j + 64 <= n; j += 64) {
-            v16 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
-            for (int64_t hh = 0; hh < h; hh++) {
-                const float *d = dr + hh * n + j;
-                const float wh = wr[hh];
-                a0 += vmax(vload(d), zero) * wh;
-                a1 += vmax(vload(d + 16), zero) * wh;
-                a2 += vmax(vload(d + 32), zero) * wh;
-                a3 += vmax(vload(d + 48), zero) * wh;
+        if (err == NULL) {
+            for (; j + 64 <= n; j += 64) {
+                v16 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+                for (int64_t hh = 0; hh < h; hh++) {
+                    const void *d = dr + (size_t)(hh * n) * es;
+                    const float wh = wr[hh];
+                    a0 += vmax(row_load(d, bf16, j, 16), zero) * wh;
+                    a1 += vmax(row_load(d, bf16, j + 16, 16), zero) * wh;
+                    a2 += vmax(row_load(d, bf16, j + 32, 16), zero) * wh;
+                    a3 += vmax(row_load(d, bf16, j + 48, 16), zero) * wh;
+                }
+                vstore(o + j, a0);
+                vstore(o + j + 16, a1);
+                vstore(o + j + 32, a2);
+                vstore(o + j + 48, a3);
             }
-            vstore(o + j, a0);
-            vstore(o + j + 16, a1);
-            vstore(o + j + 32, a2);
-            vstore(o + j + 48, a3);
         }
         for (; j < n; j += 16) {
-            v16 a = zero;
-            for (int64_t hh = 0; hh < h; hh++) a += vmax(row_load(dr + hh * n, 0, j, n - j), zero) * wr[hh];
+            v16 a = zero, e = zero;
+            for (int64_t hh = 0; hh < h; hh++) {
+                v16 d = row_load(dr + (size_t)(hh * n) * es, bf16, j, n - j);
+                a += vmax(d, zero) * wr[hh];
+                e += (v16)((vi16)d & absmask) * __builtin_fabsf(wr[hh]);
+            }
             put16(o, 0, j, a, n - j);
+            if (err != NULL) put16(err + r * ldo, 0, j, e, n - j);
         }
     }
+}
+
+void lc2_relu_wsum(const void *dots, int bf16, int64_t r0, int64_t r1, int64_t h, int64_t n, const float *w,
+                   float *out, float *err, int64_t ldo) {
+    if (bf16) relu_wsum_t(dots, 1, r0, r1, h, n, w, out, err, ldo);
+    else relu_wsum_t(dots, 0, r0, r1, h, n, w, out, err, ldo);
 }
 
 /* Softmax numerators of LSA prefill rows [i0, i1) (windowed path), in place, for h heads each: a row's
@@ -1102,7 +1120,7 @@ def _build() -> ctypes.CDLL | None:
     lib.lc2_softmax_tile.restype = None
     lib.lc2_softmax_tile.argtypes = [p, ctypes.c_int, i64, i64, i64, i64, i64, p, p, p]
     lib.lc2_relu_wsum.restype = None
-    lib.lc2_relu_wsum.argtypes = [p, i64, i64, i64, i64, p, p, i64]
+    lib.lc2_relu_wsum.argtypes = [p, ctypes.c_int, i64, i64, i64, i64, p, p, p, i64]
     lib.lc2_scale_add.restype = None
     lib.lc2_scale_add.argtypes = [p, i64, p, p, ctypes.c_int, i64, i64, i64, i64]
     lib.lc2_softmax_window.restype = None
@@ -1403,27 +1421,39 @@ def scale_add(acc: torch.Tensor, corr: torch.Tensor, x: torch.Tensor) -> bool:
     return True
 
 
-def relu_wsum(dots: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
+def relu_wsum(
+    dots: torch.Tensor, w: torch.Tensor, out: torch.Tensor, err: torch.Tensor | None = None
+) -> bool:
     """Indexer scores from a tile of dot products in one pass (`kernels.index_scan_torch`'s prefill tiles):
-    out[r, j] = Σ_h w[r, h] · ReLU(dots[r, h, j]); dots [rows, h, n] fp32 contiguous, w [rows, h] fp32,
-    out [rows, n] fp32 with unit column stride (a view into the scan's score buffer). → False where the
-    kernel does not apply."""
+    out[r, j] = Σ_h w[r, h] · ReLU(dots[r, h, j]); dots [rows, h, n] fp32 or bf16 contiguous, w [rows, h]
+    fp32, out [rows, n] fp32 with unit column stride (a view into the scan's score buffer); err (optional,
+    out's shape and strides): Σ_h |w[r, h]| · |dots[r, h, j]|. → False where the kernel does not apply."""
     lib = library()
     if (
         lib is None
         or dots.dim() != 3
-        or any(x.dtype != torch.float32 or x.device.type != "cpu" for x in (dots, w, out))
+        or dots.dtype not in (torch.float32, torch.bfloat16)
+        or any(x.dtype != torch.float32 for x in (w, out))
+        or any(x.device.type != "cpu" for x in (dots, w, out))
         or not dots.is_contiguous()
         or w.shape != dots.shape[:2]
         or out.shape != (dots.shape[0], dots.shape[2])
         or out.stride(1) != 1
+        or (
+            err is not None
+            and (err.dtype != torch.float32 or err.stride() != out.stride() or err.shape != out.shape)
+        )
     ):
         return False
     rows, h, n = dots.shape
     wc = w.contiguous()
 
     def run(r0: int, r1: int) -> None:
-        lib.lc2_relu_wsum(dots.data_ptr(), r0, r1, h, n, wc.data_ptr(), out.data_ptr(), out.stride(0))
+        bf16 = int(dots.dtype == torch.bfloat16)
+        lib.lc2_relu_wsum(
+            dots.data_ptr(), bf16, r0, r1, h, n, wc.data_ptr(), out.data_ptr(),
+            None if err is None else err.data_ptr(), out.stride(0),
+        )  # fmt: skip
 
     _over_rows(rows, run, min_rows=1)
     return True

@@ -77,9 +77,11 @@ class ModelRunner:
         dense_gather_max: int = 4096,
         short_kernel: str | None = None,
     ) -> None:
-        """index_mode: "exact" (fp32 scan) | "bf16" (bf16 GEMM scan + exact rescoring, decode rows with
-        bf16 queries and keys) | "auto" (bf16 when the indexer runs in bf16 on a device with a native bf16 GEMM,
-        else exact: on CPUs where bf16 matmuls run as fp32 calls the bf16 pass saves nothing). index_dtype: the
+        """index_mode: "exact" (fp32 scan) | "bf16" (bf16 GEMM scan + exact rescoring, decode and prefill
+        rows with bf16 queries and keys; the same selection as "exact") | "auto" (bf16 when the indexer runs
+        in bf16 on a device with a native bf16 GEMM, on CPU from context.BF16_SCAN_MIN_KEYS_CPU keys for
+        a decode row and context.BF16_PREFILL_SCAN_MIN_KEYS for prefill rows; else exact: on CPUs where
+        bf16 matmuls run as fp32 calls the bf16 pass saves nothing). index_dtype: the
         index-key cache ("bf16", "fp8" = e4m3 + fp32 scale per token, a torch dtype, None = cache_dtype);
         index_rotate: Hadamard-rotate index keys and queries (None: with fp8 keys). The HI page summaries
         exist when the model config turns HI on (`lsa_hi`). short_kernel: how short dense segments attend

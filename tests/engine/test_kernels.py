@@ -99,6 +99,40 @@ def test_prefill_scan_tiles_match_model_scores(
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bf16_prefill_scan_selects_exactly_the_fp32_set(seed: int) -> None:
+    """Prefill rows through the certified two-pass scan (bf16 GEMM tiles, exact rescoring near each row's
+    threshold): `lsa_rows` selects the same positions as on the exact fp32 scores, with the keys in
+    shuffled pool blocks (several runs) and duplicated keys (exact ties at the boundary)."""
+    if not native.available():
+        pytest.skip("no compiled kernels here")
+    g = torch.Generator().manual_seed(seed)
+    t, h, d, init, local, kd, s, block = 24, 4, 32, 4, 16, 40, 900, 64
+    topk = init + kd + local
+    q_pos = torch.arange(s - t, s)
+    end = s - 1 - local + 1
+    keys = torch.randn(s, d, generator=g)
+    keys[300:340] = keys[500:540]  # equal scores
+    keys = keys.bfloat16()
+    table = torch.randperm(-(-s // block), generator=g)  # position block → pool block
+    pool = torch.zeros(len(table) * block, d, dtype=torch.bfloat16)
+    for b, pb in enumerate(table.tolist()):
+        pool[pb * block : pb * block + min(block, s - b * block)] = keys[b * block : (b + 1) * block]
+    runs = []
+    for a in range(init, end):  # one run per position block, clipped to [init, end)
+        if a == init or a % block == 0:
+            m = min(end, (a // block + 1) * block) - a
+            runs.append((a, int(table[a // block]) * block + a % block, m))
+    q = torch.randn(t, h, d, generator=g).bfloat16()
+    w = torch.randn(t, h, generator=g)
+    exact = index_scan(q, w, [(a, pool[r : r + m]) for a, r, m in runs], init, end)
+    want = lsa_rows(exact.clone(), q_pos, topk, init, local)
+    norm = float(keys.float().norm(dim=-1).max())
+    got = kernels.index_scan_bf16_rows(q, w, pool, runs, q_pos, init, local, kd, norm)
+    assert got is not None
+    assert torch.equal(lsa_rows(got, q_pos, topk, init, local), want)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bf16_two_pass_scan_selects_exactly_the_fp32_set(seed: int) -> None:
     """bf16 GEMM scan + certified bounds + exact rescoring = the fp32 scan's selection (ties included)."""
     g = torch.Generator().manual_seed(seed)

@@ -311,3 +311,30 @@ def test_auto_index_mode_takes_the_two_pass_scan_on_cpu_only_for_long_rows(
     finally:
         monkeypatch.undo()
         cpu.bf16_matmul_via_fp32.cache_clear()
+
+
+def test_prefill_two_pass_scan_gives_the_exact_scans_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 prefill rows through the certified two-pass scan (`index_scan_bf16_rows`; its floor lowered so
+    the tiny model's rows take it) select what the exact fp32 scan selects: bit-equal logits."""
+    from longcat2.engine import context, cpu, native
+
+    if not native.available():
+        pytest.skip("no compiled kernels here")
+    monkeypatch.setenv("LONGCAT2_BF16_MATMUL", "native")
+    cpu.bf16_matmul_via_fp32.cache_clear()
+    monkeypatch.setattr(context, "BF16_PREFILL_SCAN_MIN_KEYS", 0)
+    calls = []
+    plain = context.index_scan_bf16_rows
+    monkeypatch.setattr(context, "index_scan_bf16_rows", lambda *a, **k: calls.append(1) or plain(*a, **k))
+    try:
+        model = _model("tiny").to(torch.bfloat16)
+        ids = torch.randint(4, 512, (300,)).tolist()
+        logits = {}
+        for mode in ("exact", "auto"):
+            runner = ModelRunner(model, block_size=32, index_mode=mode)
+            logits[mode] = _prefill(runner, runner.new_sequence(ids), ids, chunk=100)
+            assert bool(calls) is (mode == "auto")
+        assert torch.equal(logits["auto"], logits["exact"])
+    finally:
+        monkeypatch.undo()
+        cpu.bf16_matmul_via_fp32.cache_clear()
