@@ -64,7 +64,10 @@ from longcat2.engine.kernels import (
 from longcat2.model.attention import MLA, MLAProjection
 
 BF16_SCAN_MIN_KEYS_CPU = 1 << 17  # (`_use_bf16`: the two scans break even near 128K keys here)
-BF16_PREFILL_SCAN_MIN_KEYS = 8192  # (`_use_bf16_prefill`)
+# (`_use_bf16_prefill`) last 4,096-row bf16 chunk's scan at LongCat-2.0 dims, exact → two-pass CPU s:
+# 1.58 → 1.38 at 12K context, 2.75 → 2.07 at 20K, 5.19 → 4.24 at 36K (BENCHMARKS.md, session 16)
+BF16_PREFILL_SCAN_MIN_KEYS = 8192
+BF16_PREFILL_SCAN_MIN_ROWS = 16
 HI_SCORE_ELEMS = 1 << 22  # coarse page scores per HI call (a reusable buffer, not fresh pages)
 # windowed LSA rows are absorbed, attended and unabsorbed this many at a time: whole-chunk latent queries
 # and outputs (at LongCat-2.0 dims 4,096 rows x 64 heads x 576 fp32 = 600 MB) are fresh pages every call,
@@ -176,7 +179,7 @@ class StepContext:
                     pc, qc, wc = ps[c0 : c0 + chunk], qs[c0 : c0 + chunk], ws[c0 : c0 + chunk]
                     lo, hi = init, int(pc[-1]) - local + 1  # dynamic region of the chunk's last query
                     scores = None
-                    if not cache.index_fp8 and self._use_bf16_prefill(q, pool, hi - lo):
+                    if not cache.index_fp8 and self._use_bf16_prefill(q, pool, hi - lo, pc.numel()):
                         # bf16 GEMM scan + exact rescoring of the keys that can be selected
                         scores = index_scan_bf16_rows(
                             qc, wc, pool, cache.runs(blocks, lo, hi), pc, init, local,
@@ -360,13 +363,15 @@ class StepContext:
             )
         return ok
 
-    def _use_bf16_prefill(self, q: torch.Tensor, pool: torch.Tensor, n_keys: int) -> bool:
-        """Whether prefill rows whose dynamic region has n_keys keys take the certified two-pass scan
-        (`index_scan_bf16_rows`): bf16 queries and keys, index_mode "bf16", or "auto" from
-        BF16_PREFILL_SCAN_MIN_KEYS keys on (many rows: the GEMMs are compute-bound, and bf16 runs them at
-        ~2x the fp32 rate here)."""
+    def _use_bf16_prefill(self, q: torch.Tensor, pool: torch.Tensor, n_keys: int, n_rows: int) -> bool:
+        """Whether n_rows prefill rows whose dynamic region has n_keys keys take the certified two-pass
+        scan (`index_scan_bf16_rows`): bf16 queries and keys, index_mode "bf16", or "auto" from
+        BF16_PREFILL_SCAN_MIN_KEYS keys and BF16_PREFILL_SCAN_MIN_ROWS rows on (many rows: the GEMMs are
+        compute-bound, and bf16 runs them at ~2x the fp32 rate here; a decode row takes `_use_bf16`)."""
         mode = self.settings.index_mode
-        if mode == "exact" or (mode == "auto" and n_keys < BF16_PREFILL_SCAN_MIN_KEYS):
+        if mode == "exact" or (
+            mode == "auto" and (n_keys < BF16_PREFILL_SCAN_MIN_KEYS or n_rows < BF16_PREFILL_SCAN_MIN_ROWS)
+        ):
             return False
         return q.dtype == torch.bfloat16 and pool.dtype == torch.bfloat16
 

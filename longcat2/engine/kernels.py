@@ -158,7 +158,9 @@ def index_scan_torch(
             return kb
         return _scratch(workspace, "scan_keys", qf, (n_max, d))[: kb.shape[0]].copy_(kb)
 
-    if t == 1:  # (decode) fixed-size blocks: oneDNN builds a primitive per new shape, ~0.5 ms each, and
+    if (
+        t == 1 and not bf16_dots
+    ):  # (decode) fixed-size blocks: oneDNN builds a primitive per new shape, ~0.5 ms each, and
         # a piece's length is new every step; the last, partial block takes the BLAS, which builds none
         w1 = w.reshape(h).float()
         blk = DECODE_SCAN_BLOCK
@@ -323,9 +325,15 @@ def index_scan_bf16_rows(
     tau = (d + h) * 2.0**-22 * (w.float().abs() * q.float().norm(dim=-1)).sum(-1) * key_max_norm + 1e-30
     err.mul_(BF16_ROUND / 2 * (1 + 2.0**-8)).add_(tau[:, None])  # ε [T, R]
     low = (scores.gather(1, picked) - err.gather(1, picked)).amin(dim=1)  # L [T]
-    cand = err.add_(scores).ge_(low[:, None])  # [T, R] (reuses ε's buffer): a + ε >= L
-    qf, wf = q.float(), w.float()
+    cand = torch.ge(  # [T, R]: a + ε >= L
+        err.add_(scores),
+        low[:, None],
+        out=_scratch(workspace, "index_cand", err.new_empty(0, dtype=torch.bool), err.shape),
+    )
     pool_row = torch.cat([torch.arange(r, r + m, device=pool.device) for _, r, m in runs])  # [R] per column
+    if native.rescore(q, w, pool, pool_row, cand, limit, scores):  # (C: no per-row ops)
+        return scores
+    qf, wf = q.float(), w.float()
     for i, lim in enumerate(limit.tolist()):
         cols = cand[i, : lim + 1].nonzero().squeeze(-1)  # [M] the only keys this row can select
         keys = pool[pool_row[cols]].float()  # [M, d]

@@ -985,6 +985,63 @@ void lc2_relu_wsum(const void *dots, int bf16, int64_t r0, int64_t r1, int64_t h
     else relu_wsum_t(dots, 0, r0, r1, h, n, w, out, err, ldo);
 }
 
+/* Exact indexer scores of marked keys (the two-pass scan's second pass), rows [t0, t1): for j <= limit[t]
+   with cand[t, j], scores[t, j] = sum_hh w[t, hh] max(0, q[t, hh] . pool[pool_row[j]]) in fp32. qt [T, d, hp]:
+   each row's queries transposed, heads zero-padded to hp (a multiple of 16); w [T, hp] likewise; pool rows
+   ldp elements apart, fp32 or bf16. A key's d values are broadcast against the row's [d, hp] queries (hp / 16
+   vectors of FMAs per value, one lane sum per key). */
+void lc2_rescore(const float *qt, const float *w, int64_t hp, int64_t d, const void *pool, int bf16, int64_t ldp,
+                 const int64_t *pool_row, const uint8_t *cand, int64_t R, const int64_t *limit, float *scores,
+                 int64_t t0, int64_t t1) {
+    const int64_t nv = hp / 16;
+    const v16 zero = {0};
+    const size_t es = bf16 ? 2 : 4;
+    for (int64_t t = t0; t < t1; t++) {
+        const float *qr = qt + t * d * hp;
+        const uint8_t *ct = cand + t * R;
+        float *st = scores + t * R;
+        const int64_t last = limit[t] < R - 1 ? limit[t] : R - 1;
+        int64_t j = 0;
+        while (j <= last) {
+            int64_t js[4], nk = 0; /* up to 4 marked keys: 4 x (up to 4) independent FMA chains */
+            for (; j <= last && nk < 4; j++)
+                if (ct[j]) js[nk++] = j;
+            if (nk == 0) break;
+            const char *kp[4];
+            for (int k = 0; k < 4; k++) kp[k] = (const char *)pool + (size_t)(pool_row[js[k < nk ? k : 0]] * ldp) * es;
+            float tot[4] = {0, 0, 0, 0};
+            for (int64_t v0 = 0; v0 < nv; v0 += 4) { /* up to 64 heads per pass */
+                const int64_t nb = nv - v0 < 4 ? nv - v0 : 4;
+                v16 acc[4][4];
+                for (int k = 0; k < 4; k++)
+                    for (int b = 0; b < 4; b++) acc[k][b] = zero;
+                for (int64_t e = 0; e < d; e++) {
+                    float kv[4];
+                    for (int k = 0; k < 4; k++) {
+                        if (bf16) {
+                            uint32_t u = (uint32_t)((const uint16_t *)kp[k])[e] << 16;
+                            memcpy(&kv[k], &u, 4);
+                        } else {
+                            kv[k] = ((const float *)kp[k])[e];
+                        }
+                    }
+                    const float *qe = qr + e * hp + v0 * 16;
+                    for (int b = 0; b < nb; b++) {
+                        const v16 qv = vload(qe + 16 * b);
+                        for (int k = 0; k < 4; k++) acc[k][b] += kv[k] * qv;
+                    }
+                }
+                for (int k = 0; k < 4; k++) {
+                    v16 sum = zero;
+                    for (int b = 0; b < nb; b++) sum += vmax(acc[k][b], zero) * vload(w + t * hp + (v0 + b) * 16);
+                    tot[k] += hsum(sum);
+                }
+            }
+            for (int k = 0; k < nk; k++) st[js[k]] = tot[k];
+        }
+    }
+}
+
 /* Softmax numerators of LSA prefill rows [i0, i1) (windowed path), in place, for h heads each: a row's
    window scores sw [n, h, W] (row i sees the sink columns [0, init) and its band [init + i, init + i +
    local)) and its dynamic picks' scores sd [n, h, kd] (NULL: none; slots [n, kd], -1 = empty, left out),
@@ -1121,6 +1178,8 @@ def _build() -> ctypes.CDLL | None:
     lib.lc2_softmax_tile.argtypes = [p, ctypes.c_int, i64, i64, i64, i64, i64, p, p, p]
     lib.lc2_relu_wsum.restype = None
     lib.lc2_relu_wsum.argtypes = [p, ctypes.c_int, i64, i64, i64, i64, p, p, p, i64]
+    lib.lc2_rescore.restype = None
+    lib.lc2_rescore.argtypes = [p, p, i64, i64, p, ctypes.c_int, i64, p, p, i64, p, p, i64, i64]
     lib.lc2_scale_add.restype = None
     lib.lc2_scale_add.argtypes = [p, i64, p, p, ctypes.c_int, i64, i64, i64, i64]
     lib.lc2_softmax_window.restype = None
@@ -1456,6 +1515,52 @@ def relu_wsum(
         )  # fmt: skip
 
     _over_rows(rows, run, min_rows=1)
+    return True
+
+
+def rescore(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    pool: torch.Tensor,
+    pool_row: torch.Tensor,
+    cand: torch.Tensor,
+    limit: torch.Tensor,
+    scores: torch.Tensor,
+) -> bool:
+    """Exact indexer scores of the marked keys in place (`kernels.index_scan_bf16_rows`' second pass):
+    scores[t, j] = Σ_h w[t, h] · ReLU(q[t, h] · pool[pool_row[j]]) in fp32 for j <= limit[t] with
+    cand[t, j]; q [T, h, d], w [T, h], pool [P, d] fp32 / bf16 (unit column stride), pool_row [R],
+    cand [T, R] bool, limit [T], scores [T, R] fp32 contiguous. → False where the kernel does not apply."""
+    lib = library()
+    if (
+        lib is None
+        or pool.dtype not in (torch.float32, torch.bfloat16)
+        or pool.stride(1) != 1
+        or scores.dtype != torch.float32
+        or not scores.is_contiguous()
+        or cand.dtype != torch.bool
+        or cand.shape != scores.shape
+        or any(x.device.type != "cpu" for x in (q, w, pool, pool_row, cand, limit, scores))
+    ):
+        return False
+    t, h, d = q.shape
+    hp = -(-h // 16) * 16
+    qt = torch.zeros(t, d, hp, dtype=torch.float32)
+    qt[..., :h] = q.float().transpose(1, 2)
+    wp = torch.zeros(t, hp, dtype=torch.float32)
+    wp[:, :h] = w.float()
+    rows = pool_row.to(torch.int64).contiguous()
+    lim = limit.to(torch.int64).contiguous()
+    cc = cand.contiguous()
+
+    def run(t0: int, t1: int) -> None:
+        lib.lc2_rescore(
+            qt.data_ptr(), wp.data_ptr(), hp, d, pool.data_ptr(), int(pool.dtype == torch.bfloat16),
+            pool.stride(0), rows.data_ptr(), cc.data_ptr(), scores.shape[1], lim.data_ptr(),
+            scores.data_ptr(), t0, t1,
+        )  # fmt: skip
+
+    _over_rows(t, run, min_rows=1)
     return True
 
 

@@ -130,6 +130,8 @@ def test_bf16_prefill_scan_selects_exactly_the_fp32_set(seed: int) -> None:
     got = kernels.index_scan_bf16_rows(q, w, pool, runs, q_pos, init, local, kd, norm)
     assert got is not None
     assert torch.equal(lsa_rows(got, q_pos, topk, init, local), want)
+    one = kernels.index_scan_bf16_rows(q[-1:], w[-1:], pool, runs, q_pos[-1:], init, local, kd, norm)
+    assert torch.equal(lsa_rows(one, q_pos[-1:], topk, init, local), want[-1:])  # a one-row chunk
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

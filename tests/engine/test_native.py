@@ -515,3 +515,32 @@ def test_softmax_window_equals_masked_softmax(dtype: torch.dtype, with_picks: bo
     got = got_w if got_d is None else torch.cat([got_w, got_d], dim=-1)
     ulp = 2**-8 if dtype == torch.bfloat16 else 1e-5  # (exp2 by polynomial: a bf16 rounding may differ)
     torch.testing.assert_close(got.float(), p_ref.to(dtype).float(), rtol=ulp, atol=1e-6)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_wsum_and_rescore_equal_torch(dtype: torch.dtype) -> None:
+    """The prefill scan's tile pass (scores and the two-pass scan's Σ|w||dot| bound, into a strided view;
+    a tail that is not a multiple of 16) and the exact rescoring of marked keys (heads not a multiple of
+    16, marks past a row's limit left alone)."""
+    g = torch.Generator().manual_seed(3)
+    rows, h, n, d = 5, 20, 150, 24
+    dots = torch.randn(rows, h, n, generator=g).to(dtype)
+    w = torch.randn(rows, h, generator=g)
+    out, err = torch.zeros(rows, n + 7)[:, :n], torch.zeros(rows, n + 7)[:, :n]
+    assert native.relu_wsum(dots, w, out, err)
+    torch.testing.assert_close(out, (dots.float().relu() * w[:, :, None]).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(err, (dots.float().abs() * w.abs()[:, :, None]).sum(1), rtol=1e-5, atol=1e-5)
+    q = torch.randn(rows, h, d, generator=g).to(dtype)
+    pool = torch.randn(300, d + 8, generator=g).to(dtype)[:, :d]
+    pool_row = torch.randperm(300, generator=g)[:n]
+    cand = torch.rand(rows, n, generator=g) < 0.3
+    limit = torch.tensor([n - 1, 40, 0, 149, 100])
+    scores = torch.full((rows, n), -7.0)
+    assert native.rescore(q, w, pool, pool_row, cand, limit, scores)
+    exact = (torch.relu(torch.einsum("thd,nd->thn", q.float(), pool[pool_row].float())) * w[:, :, None]).sum(
+        1
+    )
+    hit = cand & (torch.arange(n)[None, :] <= limit[:, None])
+    torch.testing.assert_close(scores[hit], exact[hit], rtol=1e-5, atol=1e-5)
+    assert (scores[~hit] == -7.0).all()
