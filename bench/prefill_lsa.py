@@ -126,7 +126,7 @@ def _warm_up(runner, cfg, chunk: int) -> None:
     runner.free(seq)
 
 
-def run_tail(length: int, chunk: int, preset: str, repeats: int) -> dict:
+def run_tail(length: int, chunk: int, preset: str, repeats: int, dtype: str, index_mode: str) -> dict:
     """The last prompt chunk of a `length`-token LSA prefill: the cache for positions < length - chunk is
     filled with synthetic latents/keys (prefilling them for real takes hours at 1M: the indexer is
     O(T^2)), then one real chunk runs. Shows per-chunk time and memory at that context."""
@@ -135,11 +135,11 @@ def run_tail(length: int, chunk: int, preset: str, repeats: int) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = make_config(preset)
-    model = LongCatForCausalLM(cfg).eval()
+    cfg = make_config(preset, dtype)
+    model = LongCatForCausalLM(cfg).eval().to(getattr(torch, dtype))
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, cfg.vocab_size, (length,), generator=g)
-    runner = ModelRunner(model, block_size=4096, num_blocks=-(-length // 4096) + 1)
+    runner = ModelRunner(model, block_size=4096, num_blocks=-(-length // 4096) + 1, index_mode=index_mode)
     _warm_up(runner, cfg, chunk)
     seq = runner.new_sequence(ids.tolist())
     start = length - chunk
@@ -149,6 +149,9 @@ def run_tail(length: int, chunk: int, preset: str, repeats: int) -> dict:
         for i in range(0, start, 1 << 16):
             n = min(1 << 16, start - i)
             t[i : i + n] = torch.randn(n, t.shape[1], generator=g)
+    for lid, keys in runner.cache.index_keys.items():  # (the two-pass scan's bound needs the true max norm)
+        norm = float(keys.float().norm(dim=-1).max())
+        runner.cache.index_key_max_norm[lid] = max(runner.cache.index_key_max_norm[lid], norm)
     seq.blocks.num_tokens = start
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
@@ -200,7 +203,9 @@ class AttentionClock:
             setattr(StepContext, name, orig)
 
 
-def run_single(arm: str, length: int, chunk: int, preset: str, dtype: str, kernel: str) -> dict:
+def run_single(
+    arm: str, length: int, chunk: int, preset: str, dtype: str, kernel: str, index_mode: str
+) -> dict:
     from longcat2.engine.runner import ModelRunner, Segment
     from longcat2.model.longcat import LongCatForCausalLM
 
@@ -214,7 +219,7 @@ def run_single(arm: str, length: int, chunk: int, preset: str, dtype: str, kerne
         model = dense
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, cfg.vocab_size, (length,), generator=g)
-    runner = ModelRunner(model, block_size=4096, num_blocks=-(-length // 4096) + 1)
+    runner = ModelRunner(model, block_size=4096, num_blocks=-(-length // 4096) + 1, index_mode=index_mode)
     runner.attention.prefill_kernel = kernel
     _warm_up(runner, cfg, chunk)
     seq = runner.new_sequence(ids.tolist())
@@ -260,21 +265,27 @@ def main() -> None:
         default="",
         help="also time the last chunk of an LSA prefill at these contexts (synthetic cache before it)",
     )
+    ap.add_argument(
+        "--index-mode",
+        default="auto",
+        choices=["auto", "exact", "bf16"],
+        help="the engine's index_mode (LSA arm; exact vs auto compares the two-pass bf16 scan)",
+    )
     ap.add_argument("--single", nargs=2, metavar=("ARM", "LENGTH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.single:
         arm, n = args.single[0], int(args.single[1])
         res = (
-            run_tail(n, args.chunk, args.preset, args.repeats)
+            run_tail(n, args.chunk, args.preset, args.repeats, args.dtype, args.index_mode)
             if arm == "tail"
-            else run_single(arm, n, args.chunk, args.preset, args.dtype, args.kernel)
+            else run_single(arm, n, args.chunk, args.preset, args.dtype, args.kernel, args.index_mode)
         )
         print(json.dumps(res))
         return
     print(f"# {' '.join(sys.argv)}")
     print(
         f"# torch {torch.__version__}, 1 thread, preset {args.preset}, {args.dtype}, {args.kernel} dense "
-        f"prefill kernel, chunk {args.chunk}; each run in a fresh "
+        f"prefill kernel, index_mode {args.index_mode}, chunk {args.chunk}; each run in a fresh "
         f"process after a warm-up chunk; median [min–max] of {args.repeats} interleaved runs per arm; "
         f"{load_average()}"
     )
@@ -288,7 +299,8 @@ def main() -> None:
 
     def single(arm: str, n: int, *extra: str) -> dict:
         cmd = [sys.executable, __file__, "--single", arm, str(n), "--chunk", str(args.chunk)]
-        cmd += ["--preset", args.preset, "--dtype", args.dtype, "--kernel", args.kernel, *extra]
+        cmd += ["--preset", args.preset, "--dtype", args.dtype, "--kernel", args.kernel]
+        cmd += ["--index-mode", args.index_mode, *extra]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             raise SystemExit(f"{arm} at {n}: exit {out.returncode}\n{out.stderr[-2000:]}")
