@@ -158,9 +158,8 @@ def index_scan_torch(
             return kb
         return _scratch(workspace, "scan_keys", qf, (n_max, d))[: kb.shape[0]].copy_(kb)
 
-    if (
-        t == 1 and not bf16_dots
-    ):  # (decode) fixed-size blocks: oneDNN builds a primitive per new shape, ~0.5 ms each, and
+    decode_row = t == 1 and not bf16_dots
+    if decode_row:  # fixed-size blocks: oneDNN builds a primitive per new shape, ~0.5 ms each, and
         # a piece's length is new every step; the last, partial block takes the BLAS, which builds none
         w1 = w.reshape(h).float()
         blk = DECODE_SCAN_BLOCK
@@ -307,7 +306,8 @@ def index_scan_bf16_rows(
     each of the kd keys in S, so it cannot be selected; every other candidate (S included) is rescored
     exactly (fp32 of bf16 values) in place. The keys left approximate hold a < L, below those kd exact
     scores as well, so `lsa_rows` on the result selects what it selects on the exact scores, ties
-    included. → scores [T, R] fp32 (a workspace view when given), or None where the C kernels do not
+    included (the rescored values are fp32 sums of the same products as the fp32 scan's, in another
+    order, as any two fp32 scans differ). → scores [T, R] fp32 (a workspace view when given), or None where the C kernels do not
     serve (the caller scans exactly)."""
     if native.library() is None or q.device.type != "cpu":  # (the C top-k picks the thresholds)
         return None
