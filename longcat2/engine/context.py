@@ -179,7 +179,7 @@ class StepContext:
                     pc, qc, wc = ps[c0 : c0 + chunk], qs[c0 : c0 + chunk], ws[c0 : c0 + chunk]
                     lo, hi = init, int(pc[-1]) - local + 1  # dynamic region of the chunk's last query
                     scores = None
-                    if not cache.index_fp8 and self._use_bf16_prefill(q, pool, hi - lo, pc.numel()):
+                    if self._use_bf16_prefill(q, pool, hi - lo, pc.numel()):  # (fp8 keys: not bf16)
                         # bf16 GEMM scan + exact rescoring of the keys that can be selected
                         scores = index_scan_bf16_rows(
                             qc, wc, pool, cache.runs(blocks, lo, hi), pc, init, local,

@@ -23,10 +23,10 @@ Design choices:
   one. Keys within 2δ of the kd-th best approximate score are the only ones that can be selected; they
   (a few % of the context) are rescored exactly in fp32 and selected with the exact rule. Result: the same
   indices as the fp32 scan, at bf16 GEMM speed plus a small rescoring set. Prefill rows use the same
-  certificate per row (`index_scan_bf16_rows`): the approximate [rows, keys] scores from bf16 GEMM
-  tiles, each row's kd-th best by the C top-k, the keys within 2δ_t of it rescored exactly in place, and
-  `lsa_rows` then selects on those scores what it would on the exact ones. There the GEMMs are
-  compute-bound and bf16 runs them at ~2x fp32.
+  certificate with a per-key bound (`index_scan_bf16_rows`): approximate [rows, keys] scores and their
+  error bounds from bf16 GEMM tiles, each row's kd best by the C top-k, every key whose interval reaches
+  the lowest of theirs rescored exactly in place, and `lsa_rows` then selects on those scores what it
+  would on the exact ones. There the GEMMs are compute-bound and bf16 runs them at ~2x fp32.
 - Dense decode over a long context (models without LSA, and the dense baseline of the benchmarks) runs the
   absorbed form over the contiguous runs with an online softmax in blocks, so no [h, S] tensor and no copy
   of the latents are made.
@@ -265,19 +265,23 @@ def _masked_select(scores: torch.Tensor, limit: torch.Tensor, kd: int) -> torch.
 BF16_ROUND = 2.0**-8  # 2x the bf16 round-to-nearest bound 2^-9 (margin)
 
 
+def _scan_mass(q: torch.Tensor, w: torch.Tensor, key_max_norm: float) -> torch.Tensor:
+    """Σ_h |w_h| ||q_h|| · key_max_norm >= Σ_h |w_h| |q_h·k| for every key: q [..., h, d], w [..., h] → [...]."""
+    return (w.float().abs() * q.float().norm(dim=-1)).sum(-1) * key_max_norm
+
+
+def _accumulation_bound(d: int, h: int) -> float:
+    """Relative bound of fp32 accumulation-order terms over d products and h heads, 2x margin."""
+    return (d + h) * 2.0**-22
+
+
 def bf16_scan_bound(q: torch.Tensor, w: torch.Tensor, key_max_norm: float) -> float:
     """δ with |approx - exact| <= δ for every key of L2 norm <= key_max_norm (see index_scan_select_bf16):
     per head |bf16(r) - r| <= 2^-9 |r| <= 2^-9 ||q_h|| ||k||, plus fp32 accumulation-order terms
     (d + h)·2^-23 of the same magnitude; 2x margin on all of it."""
-    h, _ = q.shape
-    return float(bf16_scan_bounds(q[None], w.reshape(1, h), key_max_norm)[0])
-
-
-def bf16_scan_bounds(q: torch.Tensor, w: torch.Tensor, key_max_norm: float) -> torch.Tensor:
-    """`bf16_scan_bound` of each of T queries: q [T, h, d], w [T, h] → δ [T] fp32."""
-    _, h, d = q.shape
-    mass = (w.float().abs() * q.float().norm(dim=-1)).sum(-1) * key_max_norm  # >= Σ_h |w_h| |q_h·k|
-    return (BF16_ROUND + (d + h) * 2.0**-22) * mass
+    h, d = q.shape
+    mass = float(_scan_mass(q, w.reshape(h), key_max_norm))
+    return (BF16_ROUND + _accumulation_bound(d, h)) * mass
 
 
 def index_scan_bf16_rows(
@@ -307,8 +311,8 @@ def index_scan_bf16_rows(
     exactly (fp32 of bf16 values) in place. The keys left approximate hold a < L, below those kd exact
     scores as well, so `lsa_rows` on the result selects what it selects on the exact scores, ties
     included (the rescored values are fp32 sums of the same products as the fp32 scan's, in another
-    order, as any two fp32 scans differ). → scores [T, R] fp32 (a workspace view when given), or None where the C kernels do not
-    serve (the caller scans exactly)."""
+    order, as any two fp32 scans differ). → scores [T, R] fp32 (a workspace view when given), or None
+    where the C kernels do not serve (the caller scans exactly)."""
     if native.library() is None or q.device.type != "cpu":  # (the C top-k picks the thresholds)
         return None
     t, h, d = q.shape
@@ -322,7 +326,7 @@ def index_scan_bf16_rows(
     picked = native.select_topk(scores, kd, limit)
     if picked is None:
         return None
-    tau = (d + h) * 2.0**-22 * (w.float().abs() * q.float().norm(dim=-1)).sum(-1) * key_max_norm + 1e-30
+    tau = _accumulation_bound(d, h) * _scan_mass(q, w, key_max_norm) + 1e-30  # [T]
     err.mul_(BF16_ROUND / 2 * (1 + 2.0**-8)).add_(tau[:, None])  # ε [T, R]
     low = (scores.gather(1, picked) - err.gather(1, picked)).amin(dim=1)  # L [T]
     cand = torch.ge(  # [T, R]: a + ε >= L
@@ -331,14 +335,8 @@ def index_scan_bf16_rows(
         out=_scratch(workspace, "index_cand", err.new_empty(0, dtype=torch.bool), err.shape),
     )
     pool_row = torch.cat([torch.arange(r, r + m, device=pool.device) for _, r, m in runs])  # [R] per column
-    if native.rescore(q, w, pool, pool_row, cand, limit, scores):  # (C: no per-row ops)
-        return scores
-    qf, wf = q.float(), w.float()
-    for i, lim in enumerate(limit.tolist()):
-        cols = cand[i, : lim + 1].nonzero().squeeze(-1)  # [M] the only keys this row can select
-        keys = pool[pool_row[cols]].float()  # [M, d]
-        scores[i, cols] = torch.relu(keys @ qf[i].t()) @ wf[i]  # exact, as the fp32 scan computes
-    return scores
+    # the marked keys' exact scores (fp32 of bf16 values, as the fp32 scan computes them), in place
+    return scores if native.rescore(q, w, pool, pool_row, cand, limit, scores) else None
 
 
 def index_scan_select_bf16(
@@ -581,10 +579,7 @@ def _window_block_native(
             return False
         (o_d, m_d, l_d), (m_w, l_w) = fused, sm
         o_w = mm_nt(s_w.view(n * h, -1), lat_w_t).view(n, h, c).float()
-        m = torch.maximum(m_w, m_d)  # [n, h]
-        a_w, a_d = (m_w - m).exp2_()[..., None], (m_d - m).exp2_()[..., None]
-        l_sum = l_w[..., None].mul_(a_w).add_(l_d[..., None].mul_(a_d))
-        out.copy_(o_w.mul_(a_w).add_(o_d.mul_(a_d)).div_(l_sum))
+        out.copy_(_merge_blocks(o_w, m_w, l_w, o_d, m_d, l_d))
         return True
     kv_d, invalid = gather_rows(kv_pool, dyn_slots, workspace)  # [n, kd, c + r]
     s_d = _row_scores(q, kv_d, workspace)  # [n, h, kd]
@@ -594,6 +589,23 @@ def _window_block_native(
     o = mm_nt(s_w.view(n * h, -1), lat_w_t).view(n, h, c)  # [n, h, c]
     out.copy_(_add_picks_pv(o, s_d, kv_d[..., :c]).div_(sm[1][..., None]))
     return True
+
+
+def _merge_blocks(
+    o_w: torch.Tensor,
+    m_w: torch.Tensor,
+    l_w: torch.Tensor,
+    o_d: torch.Tensor,
+    m_d: torch.Tensor,
+    l_d: torch.Tensor,
+) -> torch.Tensor:
+    """Attention from two unnormalised softmax blocks (the shared window's and the dynamic picks'): o
+    [n, h, c] fp32, m (log2 units) and l [n, h] each → [n, h, c]. The window block's m is finite (a row
+    sees its own position)."""
+    m = torch.maximum(m_w, m_d)  # [n, h]
+    a_w, a_d = (m_w - m).exp2_()[..., None], (m_d - m).exp2_()[..., None]
+    l_sum = l_w[..., None].mul(a_w).add_(l_d[..., None].mul(a_d))
+    return o_w.mul_(a_w).add_(o_d.mul_(a_d)).div_(l_sum)
 
 
 def _add_picks_pv(o: torch.Tensor, p_d: torch.Tensor, lat_d: torch.Tensor) -> torch.Tensor:
@@ -684,13 +696,10 @@ def window_attention(
             fused = native.slot_attend(q[r0:r1], kv_pool, dyn_slots[r0:r1], c, score_scale)
         if fused is not None:  # merge two softmax blocks: the shared window's and the dynamic picks'
             o_d, m_d, l_d = fused  # [n, h, c], [n, h], [n, h]
-            m_w = s_w.amax(dim=-1, keepdim=True)  # [n, h, 1]: finite (a row sees its own position)
+            m_w = s_w.amax(dim=-1, keepdim=True)  # [n, h, 1]
             p_w = s_w.sub_(m_w).exp2_()
             o_w = mm_nt(p_w.view(n * h, -1).to(dt), lat_w_t).view(n, h, c).float()
-            m = torch.maximum(m_w, m_d[..., None])
-            a_w, a_d = (m_w - m).exp2_(), (m_d[..., None] - m).exp2_()
-            l_sum = p_w.sum(dim=-1, keepdim=True).mul_(a_w).add_(l_d[..., None].mul_(a_d))
-            out[r0:r1] = o_w.mul_(a_w).add_(o_d.mul_(a_d)).div_(l_sum)
+            out[r0:r1] = _merge_blocks(o_w, m_w[..., 0], p_w.sum(dim=-1), o_d, m_d, l_d)
             continue
         kv_d, invalid = gather_rows(kv_pool, dyn_slots[r0:r1], workspace)  # [n, kd, c + r]
         s_d = _row_scores(q[r0:r1], kv_d, workspace).float()  # [n, h, kd]

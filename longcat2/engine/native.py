@@ -100,6 +100,15 @@ typedef uint64_t v8u64 __attribute__((vector_size(64)));
 static inline v16 vload(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void vstore(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 
+/* Element i of an fp32 row, or of a bf16 row (bit pattern widened). */
+static inline float elem_load(const void *base, int bf16, int64_t i) {
+    if (!bf16) return ((const float *)base)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)base)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 #if defined(__x86_64__) || defined(__i386__)
 /* Keep vectors in registers: otherwise GCC folds their loads into every FMA that uses them (the slot
    scores' tile: 20 loads per 16 FMAs instead of 8). */
@@ -272,16 +281,7 @@ void lc2_index_scores(const float *q, const float *w, int64_t T, int64_t h, int6
         if (mp > KB) mp = KB;
         for (int64_t j = 0; j < mp; j++) {
             for (int64_t e = 0; e < d; e++) {
-                float v = 0.0f;
-                if (j < m) {
-                    if (key_bf16) {
-                        uint32_t u = (uint32_t)((const uint16_t *)keys)[(j0 + j) * key_ld + e] << 16;
-                        memcpy(&v, &u, 4);
-                    } else {
-                        v = ((const float *)keys)[(j0 + j) * key_ld + e];
-                    }
-                }
-                kt[e * KB + j] = v;
+                kt[e * KB + j] = j < m ? elem_load(keys, key_bf16, (j0 + j) * key_ld + e) : 0.0f;
             }
         }
         for (int64_t t = 0; t < T; t++) {
@@ -336,14 +336,7 @@ static inline v16 row_load_fill(const void *base, int bf16, int64_t e, int64_t l
     }
     float tmp[16];
     for (int k = 0; k < 16; k++) tmp[k] = fill;
-    for (int64_t k = 0; k < left; k++) {
-        if (bf16) {
-            uint32_t u = (uint32_t)((const uint16_t *)base)[e + k] << 16;
-            memcpy(&tmp[k], &u, 4);
-        } else {
-            tmp[k] = ((const float *)base)[e + k];
-        }
-    }
+    for (int64_t k = 0; k < left; k++) tmp[k] = elem_load(base, bf16, e + k);
     return vload(tmp);
 }
 
@@ -930,7 +923,7 @@ void lc2_scale_add(float *acc, int64_t lda, const float *corr, const void *x, in
         const float c = corr[r];
         int64_t j = 0;
         for (; j + 16 <= vc; j += 16) vstore(a + j, vload(a + j) * c + row_load(xr, bf16, j, 16));
-        for (; j < vc; j++) a[j] = a[j] * c + row_load(xr, bf16, j, 1)[0];
+        for (; j < vc; j++) a[j] = a[j] * c + elem_load(xr, bf16, j);
     }
 }
 
@@ -1017,14 +1010,7 @@ void lc2_rescore(const float *qt, const float *w, int64_t hp, int64_t d, const v
                     for (int b = 0; b < 4; b++) acc[k][b] = zero;
                 for (int64_t e = 0; e < d; e++) {
                     float kv[4];
-                    for (int k = 0; k < 4; k++) {
-                        if (bf16) {
-                            uint32_t u = (uint32_t)((const uint16_t *)kp[k])[e] << 16;
-                            memcpy(&kv[k], &u, 4);
-                        } else {
-                            kv[k] = ((const float *)kp[k])[e];
-                        }
-                    }
+                    for (int k = 0; k < 4; k++) kv[k] = elem_load(kp[k], bf16, e);
                     const float *qe = qr + e * hp + v0 * 16;
                     for (int b = 0; b < nb; b++) {
                         const v16 qv = vload(qe + 16 * b);
