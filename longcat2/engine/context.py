@@ -17,7 +17,8 @@ Design choices:
   gather + absorbed MLA call for the whole step (`kernels.gather_attention`: the model's sparse core on
   the pool);
   on a CPU short dense segments (decode rows of a context <= dense_gather_max) instead attend over their
-  sequence's contiguous runs in place (`kernels.run_attention`, `short_kernel="runs"`): a loop over
+  sequence's contiguous runs in place (`kernels.run_attention_segments`, `short_kernel="runs"`): one C
+  call for all segments where the compiled kernels exist (each key read once), else a loop over
   segments, but no gathered copy — at batch 8 and 512 keys the gather's copy cost as much as the GEMMs
   (the fp32 batch-8 gap of issue 21); on accelerators one batched gather beats a per-segment loop;
   dense segments with many queries (prefill without LSA, or the rows of an LSA segment at positions
@@ -57,7 +58,7 @@ from longcat2.engine.kernels import (
     index_scan_select_bf16,
     lsa_rows,
     onednn_prefill_ok,
-    run_attention,
+    run_attention_segments,
     unabsorb,
     window_attention,
 )
@@ -300,19 +301,16 @@ class StepContext:
         q_rope: torch.Tensor,
     ) -> torch.Tensor:
         """Segments at row offsets of q_latent [N, h, c] / q_rope [N, h, r], each over its cached keys in
-        place (`kernels.run_attention`) → [N, h, c]. Per-sublayer work (the query concat, the pool's
-        transposed view, the output) happens once, not per segment: a decode step runs this per sequence."""
+        place (`kernels.run_attention_segments`) → [N, h, c]. Per-sublayer work (the query concat, the
+        scale, the output) happens once, not per segment: a decode step has a segment per sequence."""
         cache, lid = self.settings.cache, self.settings.layer_ids[mla]
         n, h, c = q_latent.shape
         q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1).view(n * h, -1)  # [N*h, c + r]
-        keys_t, lat = cache.kv[lid].t(), cache.latent[lid]  # [c + r, P], [P, c]
+        kv = cache.kv[lid]  # [P, c + r]: latent | rope key per row
         # the softmax scale folded into the queries once per sublayer, not once per sequence
-        q = (q.float() * mla.softmax_scale).to(lat.dtype)
+        q = (q.float() * mla.softmax_scale).to(kv.dtype)
         out = q.new_empty(n * h, c)
-        for off, t, start, runs in segs:
-            rows = slice(off * h, (off + t) * h)
-            pieces = [(keys_t[:, r : r + m], lat[r : r + m]) for r, m in runs]
-            run_attention(q[rows], pieces, t, start, 1.0, out[rows])
+        run_attention_segments(q, kv, segs, out)
         return out.view(n, h, c)
 
     def _hi(

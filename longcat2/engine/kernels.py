@@ -780,6 +780,29 @@ def run_attention(
         o += lat.shape[0]
 
 
+def run_attention_segments(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    segs: list[tuple[int, int, int, list[tuple[int, int]]]],
+    out: torch.Tensor,
+) -> None:
+    """`run_attention` for every sequence of a step: q [N*h, c + r] with the softmax scale folded in, kv
+    [P, c + r] the sublayer's pool (latent | rope key per row), segs = [(row offset, T, start, runs)]: a
+    sequence's T queries are rows off*h .. (off+T)*h - 1, runs = [(first pool row, count)] its cached keys
+    in position order. Writes out [N*h, c]. On CPU one `native.run_attend_pool` call for all of them (each
+    key read once, sequences split over the threads, no per-sequence Python); elsewhere, or where it does
+    not apply, `run_attention` per sequence."""
+    c = out.shape[1]
+    if q.device.type == "cpu" and native.run_attend_pool(q.float() * LOG2E, kv, segs, out):
+        return
+    h = q.shape[0] // sum(t for _, t, _, _ in segs)
+    keys_t, lat = kv.t(), kv[:, :c]  # [c + r, P], [P, c]
+    for off, t, start, runs in segs:
+        rows = slice(off * h, (off + t) * h)
+        pieces = [(keys_t[:, r : r + m], lat[r : r + m]) for r, m in runs]
+        run_attention(q[rows], pieces, t, start, 1.0, out[rows])
+
+
 def _run_attention_native(
     q: torch.Tensor,
     pieces: list[tuple[torch.Tensor, torch.Tensor]],
@@ -788,9 +811,19 @@ def _run_attention_native(
     scale: float,
     out: torch.Tensor,
 ) -> bool:
-    """`run_attention` through the C products; False (nothing written) where they do not apply, and for
-    fp32 products below RUN_NATIVE_MIN_MACS (the BLAS's fixed cost is lower; bf16 always: oneDNN's
-    per-shape setup costs more than any of these products)."""
+    """`run_attention` through the C kernels; False (nothing written) where they do not apply. Where the
+    latents are the keys' first c columns (the pool's layout), `native.run_attend` reads each key once for
+    scores, softmax and P·V (1.2-2.3x the two products below on a 4-head decode row). Otherwise two
+    `native.rows_by_keys` products around a torch softmax, except fp32 products below RUN_NATIVE_MIN_MACS
+    (the BLAS's fixed cost is lower; bf16 always: oneDNN's per-shape setup costs more than any of these
+    products)."""
+    if native.library() is not None and all(
+        lat.data_ptr() == keys_t.data_ptr() and lat.stride() == (keys_t.stride(1), 1)
+        for keys_t, lat in pieces
+    ):
+        qf = q.float() * (scale * LOG2E)  # [T*h, c + r]
+        if native.run_attend(qf, [keys_t.t() for keys_t, _ in pieces], q.shape[0] // t, start, out):
+            return True
     if q.dtype == torch.float32:
         n_keys = sum(keys_t.shape[1] for keys_t, _ in pieces)
         if q.shape[0] * n_keys * (q.shape[1] + out.shape[1]) < RUN_NATIVE_MIN_MACS:

@@ -42,6 +42,13 @@ Design choices:
     1.3-1.5x (bf16, 1-2 rows; oneDNN's AVX512-BF16 dot products win from 4 rows). `rows_by_keys` serves
     `kernels.run_attention`: a oneDNN bf16 GEMM built a new primitive for every new key count (~0.5 ms,
     and a decode step's key count is new every step).
+  - `run_attend` / `run_attend_pool`: a decode step's absorbed attention over each sequence's cached runs
+    (`kernels.run_attention`), with each key read from memory once: tiles of 32 keys, scores in register
+    tiles of 4 rows x 4 keys, an online softmax in log2 units, then P·V while the tile is in L1 (the next
+    tile prefetched meanwhile). Before, two `rows_by_keys` products read every key twice around a torch
+    softmax, with ~10 torch calls per sequence and sublayer; `run_attend_pool` serves all of a step's
+    sequences in one call, split over the threads. On the vs-vLLM model's 4 heads x 600 keys: 44 vs 67 µs
+    per sequence and sublayer (bf16), and the bf16 decode step at batch 8 8.6 → 5.8 ms (BENCHMARKS.md).
   - `softmax_tile` / `scale_add` / `softmax_window`: the softmax between a prefill tile's two GEMMs
     (`kernels.dense_prefill_onednn`'s online step; `kernels.window_attention`'s shared window + dynamic
     picks) as one pass per row over the scores in place, in their own dtype: row max, 2^(s - m) written
@@ -63,7 +70,9 @@ Design choices:
   for AVX-512, AVX2 or NEON under -march=native; on x86 an empty asm statement keeps a tile's operands in
   registers where GCC would fold their loads into every FMA (`KEEP1` / `KEEP4`). One exception, behind
   `__AVX512BF16__`: softmax numerators are rounded to bf16 by the CPU's conversion instruction (1 instead
-  of ~10 vector ops; 74 → 48 µs per 256K values), elsewhere by the portable `put16`.
+  of ~10 vector ops; 74 → 48 µs per 256K values), elsewhere by the portable `put16`. bf16 values are
+  widened by a two-source shuffle with zeros (`bload`): GCC 12 compiles `__builtin_convertvector` to 32-bit
+  lanes as five instructions where one does (1.15-1.45x on the bf16 products that widen keys or weights).
 """
 
 from __future__ import annotations
@@ -324,16 +333,25 @@ void lc2_index_scores(const float *q, const float *w, int64_t T, int64_t h, int6
 
 typedef uint16_t vh16 __attribute__((vector_size(32)));
 
+typedef uint16_t vh32 __attribute__((vector_size(64)));
+
+/* 16 bf16 values widened to fp32: each value becomes the high half of a 32-bit lane, the low half zero, by
+   one two-source shuffle (GCC 12 turns a `__builtin_convertvector` to 32-bit lanes into two half-width
+   widenings, an insert and a shift: 5 instructions instead of 1 on AVX-512). */
+static inline v16 bload(const uint16_t *p) {
+    vh16 h, z = {0};
+    memcpy(&h, p, sizeof h);
+    vh32 w = __builtin_shufflevector(z, h, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25,
+                                     10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    v16 f;
+    memcpy(&f, &w, sizeof f);
+    return f;
+}
+
 /* 16 floats of a pool row from element e on (fp32, or bf16 bit patterns widened); `left` < 16: the rest
    are `fill`. */
 static inline v16 row_load_fill(const void *base, int bf16, int64_t e, int64_t left, float fill) {
-    if (left >= 16) {
-        if (!bf16) return vload((const float *)base + e);
-        vh16 h;
-        memcpy(&h, (const uint16_t *)base + e, sizeof h);
-        vi16 u = __builtin_convertvector(h, vi16) << 16;
-        return (v16)u;
-    }
+    if (left >= 16) return bf16 ? bload((const uint16_t *)base + e) : vload((const float *)base + e);
     float tmp[16];
     for (int k = 0; k < 16; k++) tmp[k] = fill;
     for (int64_t k = 0; k < left; k++) tmp[k] = elem_load(base, bf16, e + k);
@@ -686,14 +704,6 @@ static inline void put1(void *out, int bf16, int64_t i, float f) {
     put16(out, bf16, i, v, 1);
 }
 
-static inline v16 bload(const uint16_t *p) { /* 16 bf16 values widened to fp32 */
-    vh16 h;
-    memcpy(&h, p, sizeof h);
-    vu16 u = __builtin_convertvector(h, vu16) << 16;
-    v16 f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 #define LOAD_0(p) vload(p)
 #define LOAD_1(p) bload(p)
 #define WTYPE_0 float
@@ -798,6 +808,183 @@ void lc2_heads_linear(const float *x, int64_t M, int64_t xs, int64_t xh, const v
             if (M == 1) { if (wb) nt_1_8_1(xi, M, xs, wi, ws, K, yi, yb, ys, n0, n1); else nt_1_8_0(xi, M, xs, wi, ws, K, yi, yb, ys, n0, n1); }
             else { if (wb) nt_2_8_1(xi, M, xs, wi, ws, K, yi, yb, ys, n0, n1); else nt_2_8_0(xi, M, xs, wi, ws, K, yi, yb, ys, n0, n1); }
         }
+    }
+}
+
+/* ---- a decode step's absorbed attention over a sequence's cached runs, read once ---- */
+
+#define RUN_KT 32
+#define RUN_LOAD(p, e) (BF ? bload((const uint16_t *)(p) + (e)) : vload((const float *)(p) + (e)))
+
+/* Scores of rows [a0, a0 + hn) (hn <= 4) against keys [0, kt) of a tile (rows ld elements apart):
+   s[a, j] = q[a] . key[j] over D16 (a multiple of 16) columns, plus the tail up to D. */
+static inline __attribute__((always_inline)) void run_scores_t(const float *const *qr, int64_t hn, const char *tile,
+                                                              int64_t kt, int64_t ld, int64_t D, float *s,
+                                                              const char *ahead, const int BF) {
+    const size_t esz = BF ? 2 : 4;
+    const int64_t D16 = D & ~(int64_t)15;
+    for (int64_t j = 0; j < kt; j += 4) {
+        const int64_t jn = kt - j < 4 ? kt - j : 4;
+        const char *key[4];
+        for (int b = 0; b < 4; b++) key[b] = tile + (size_t)((j + (b < jn ? b : 0)) * ld) * esz;
+        if (ahead) /* the next tile's keys, while these are scored */
+            for (int b = 0; b < 4; b++)
+                for (size_t off = 0; off < (size_t)D * esz; off += 64)
+                    __builtin_prefetch(ahead + ((j + b) * ld) * esz + off);
+        v16 t[4][4];
+        for (int a = 0; a < 4; a++)
+            for (int b = 0; b < 4; b++) t[a][b] = (v16){0};
+        for (int64_t e = 0; e < D16; e += 16) {
+            v16 kv[4];
+            for (int b = 0; b < 4; b++) kv[b] = RUN_LOAD(key[b], e);
+            KEEP4(kv[0], kv[1], kv[2], kv[3]);
+            for (int a = 0; a < 4; a++) {
+                v16 qv = vload(qr[a] + e);
+                KEEP1(qv); /* (loaded once for the 4 keys, not folded into each FMA) */
+                for (int b = 0; b < 4; b++) t[a][b] += qv * kv[b];
+            }
+        }
+        if (D16 < D) {
+            for (int b = 0; b < 4; b++) {
+                v16 kv = row_load(key[b], BF, D16, D - D16);
+                for (int a = 0; a < 4; a++) t[a][b] += row_load(qr[a], 0, D16, D - D16) * kv;
+            }
+        }
+        for (int a = 0; a < hn; a++)
+            for (int b = 0; b < jn; b++) s[a * RUN_KT + j + b] = hsum(t[a][b]);
+    }
+}
+
+/* acc[a, c0 .. c0+64) += sum_j p[a, j] key[j, c0 .. c0+64) for rows a < hn (acc rows c apart). */
+static inline __attribute__((always_inline)) void run_pv_t(float *acc, int64_t hn, int64_t c, const char *tile,
+                                                          int64_t kt, int64_t ld, const float *s, const int BF) {
+    const size_t esz = BF ? 2 : 4;
+    for (int64_t c0 = 0; c0 < c; c0 += 64) {
+        v16 o[4][4];
+        if (c - c0 >= 64) {
+            for (int a = 0; a < 4; a++)
+                for (int b = 0; b < 4; b++) o[a][b] = a < hn ? vload(acc + a * c + c0 + 16 * b) : (v16){0};
+            for (int64_t j = 0; j < kt; j++) {
+                const char *key = tile + (size_t)(j * ld) * esz;
+                v16 kv[4];
+                for (int b = 0; b < 4; b++) kv[b] = RUN_LOAD(key, c0 + 16 * b);
+                for (int a = 0; a < 4; a++) {
+                    const float pv = a < hn ? s[a * RUN_KT + j] : 0.0f;
+                    for (int b = 0; b < 4; b++) o[a][b] += pv * kv[b];
+                }
+            }
+        } else {
+            for (int a = 0; a < 4; a++)
+                for (int b = 0; b < 4; b++)
+                    o[a][b] = a < hn ? row_load(acc + a * c, 0, c0 + 16 * b, c - c0 - 16 * b) : (v16){0};
+            for (int64_t j = 0; j < kt; j++) {
+                const char *key = tile + (size_t)(j * ld) * esz;
+                v16 kv[4];
+                for (int b = 0; b < 4; b++) kv[b] = row_load(key, BF, c0 + 16 * b, c - c0 - 16 * b);
+                for (int a = 0; a < 4; a++) {
+                    const float pv = a < hn ? s[a * RUN_KT + j] : 0.0f;
+                    for (int b = 0; b < 4; b++) o[a][b] += pv * kv[b];
+                }
+            }
+        }
+        store_tile(acc, o, hn, 0, c, c0);
+    }
+}
+
+/* Rows [r0, r1) of the absorbed attention of `kernels.run_attention`: row r = i h + j (query i, head j) sees
+   the sequence's positions < start + i + 1. q [R, D] fp32, scaled by the softmax scale in log2 units; np runs
+   of cached keys, run p at ptrs[p] with lens[p] rows ld elements apart (fp32 or bf16; the latent is the first
+   c columns), positions consecutive from 0 across the runs. out [R, c] fp32 or bf16 (row stride c). The keys
+   are read from memory once for all rows, a tile of RUN_KT at a time: scores in register tiles of 4 rows x
+   4 keys, an online softmax (running max and sum per row; the accumulated output rescaled when the max
+   grows), then P.V of the tile while its keys are in L1, into fp32 accumulators. ws: (r1 - r0) * (c +
+   RUN_KT + 2) floats of scratch. */
+void lc2_run_attend(const float *q, int64_t D, int64_t c, int64_t h, int64_t start, const int64_t *ptrs,
+                    const int64_t *lens, int64_t np, int64_t ld, int bf16, void *out, int ob, float *ws,
+                    int64_t r0, int64_t r1) {
+    const size_t esz = bf16 ? 2 : 4;
+    const float ninf = -__builtin_inff();
+    const int64_t R = r1 - r0;
+    float *acc = ws;           /* [R, c] */
+    float *s = acc + R * c;    /* [R, RUN_KT] */
+    float *m = s + R * RUN_KT; /* [R] */
+    float *l = m + R;          /* [R] */
+    memset(acc, 0, (size_t)(R * c) * 4);
+    for (int64_t a = 0; a < R; a++) { m[a] = ninf; l[a] = 0.0f; }
+    const int64_t seen = start + (r1 - 1) / h + 1; /* the positions the last row sees */
+    int64_t pos0 = 0;
+    for (int64_t p = 0; p < np && pos0 < seen; pos0 += lens[p], p++) {
+        const char *run = (const char *)(intptr_t)ptrs[p];
+        for (int64_t j0 = 0; j0 < lens[p] && pos0 + j0 < seen; j0 += RUN_KT) {
+            const int64_t kt = lens[p] - j0 < RUN_KT ? lens[p] - j0 : RUN_KT;
+            const char *tile = run + (size_t)(j0 * ld) * esz;
+            for (int64_t a0 = 0; a0 < R; a0 += 4) {
+                const int64_t hn = R - a0 < 4 ? R - a0 : 4;
+                const float *qr[4];
+                for (int a = 0; a < 4; a++) qr[a] = q + (r0 + a0 + (a < hn ? a : 0)) * D;
+                /* (the next tile of this run, prefetched by the first row group, whole tiles only) */
+                const char *ahead = a0 == 0 && j0 + 2 * RUN_KT <= lens[p] ? tile + (size_t)(RUN_KT * ld) * esz : 0;
+                if (bf16) run_scores_t(qr, hn, tile, kt, ld, D, s + a0 * RUN_KT, ahead, 1);
+                else run_scores_t(qr, hn, tile, kt, ld, D, s + a0 * RUN_KT, ahead, 0);
+            }
+            for (int64_t a = 0; a < R; a++) { /* online softmax over the tile's visible keys */
+                float *sa = s + a * RUN_KT;
+                int64_t vis = start + (r0 + a) / h + 1 - (pos0 + j0);
+                vis = vis < 0 ? 0 : (vis > kt ? kt : vis);
+                float mt = ninf;
+                for (int64_t j = 0; j < vis; j++) mt = sa[j] > mt ? sa[j] : mt;
+                const float mn = mt > m[a] ? mt : m[a];
+                if (mn == ninf) { /* nothing visible yet */
+                    for (int64_t j = 0; j < kt; j++) sa[j] = 0.0f;
+                    continue;
+                }
+                v16 sum = {0};
+                for (int64_t j = 0; j < kt; j += 16) {
+                    float tmp[16];
+                    for (int e = 0; e < 16; e++) tmp[e] = j + e < vis ? sa[j + e] - mn : ninf;
+                    v16 pv = vexp2(vload(tmp));
+                    vstore(tmp, pv);
+                    memcpy(sa + j, tmp, (size_t)(kt - j < 16 ? kt - j : 16) * 4);
+                    sum += pv;
+                }
+                const float corr = m[a] == ninf ? 0.0f : vexp2((v16){m[a] - mn})[0];
+                l[a] = l[a] * corr + hsum(sum);
+                m[a] = mn;
+                if (corr != 1.0f) {
+                    float *ar = acc + a * c;
+                    int64_t e = 0;
+                    for (; e + 16 <= c; e += 16) vstore(ar + e, vload(ar + e) * corr);
+                    for (; e < c; e++) ar[e] *= corr;
+                }
+            }
+            for (int64_t a0 = 0; a0 < R; a0 += 4) { /* P.V of the tile: 4 rows x 64 columns */
+                const int64_t hn = R - a0 < 4 ? R - a0 : 4;
+                if (bf16) run_pv_t(acc + a0 * c, hn, c, tile, kt, ld, s + a0 * RUN_KT, 1);
+                else run_pv_t(acc + a0 * c, hn, c, tile, kt, ld, s + a0 * RUN_KT, 0);
+            }
+        }
+    }
+    for (int64_t a = 0; a < R; a++) {
+        const float inv = l[a] > 0.0f ? 1.0f / l[a] : 0.0f;
+        const float *ar = acc + a * c;
+        for (int64_t e = 0; e < c; e += 16) {
+            const int64_t left = c - e;
+            put16(out, ob, (r0 + a) * c + e, row_load(ar, 0, e, left) * inv, left < 16 ? left : 16);
+        }
+    }
+}
+
+/* Segments [s0, s1) of a decode step's rows, each a sequence's queries over its own runs: segment g has
+   t[g] queries (rows row0[g] h .. (row0[g] + t[g]) h - 1 of q and out) at positions start[g] ..., and runs
+   run0[g] .. run0[g + 1] - 1 of (ptrs, lens). ws: scratch for the largest segment's rows. */
+void lc2_run_attend_segs(const float *q, int64_t D, int64_t c, int64_t h, const int64_t *row0, const int64_t *t,
+                         const int64_t *start, const int64_t *run0, const int64_t *ptrs, const int64_t *lens,
+                         int64_t ld, int bf16, void *out, int ob, float *ws, int64_t s0, int64_t s1) {
+    const size_t osz = ob ? 2 : 4;
+    for (int64_t g = s0; g < s1; g++) {
+        const int64_t r = row0[g] * h;
+        lc2_run_attend(q + r * D, D, c, h, start[g], ptrs + run0[g], lens + run0[g], run0[g + 1] - run0[g], ld,
+                       bf16, (char *)out + (size_t)(r * c) * osz, ob, ws, 0, t[g] * h);
     }
 }
 
@@ -1189,6 +1376,27 @@ def _build() -> ctypes.CDLL | None:
         p,
         p,
     ]
+    lib.lc2_run_attend.restype = None
+    lib.lc2_run_attend.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, ctypes.c_int, p, ctypes.c_int, p]
+    lib.lc2_run_attend.argtypes += [i64, i64]
+    lib.lc2_run_attend_segs.restype = None
+    lib.lc2_run_attend_segs.argtypes = [
+        p,
+        i64,
+        i64,
+        i64,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        i64,
+        ctypes.c_int,
+        p,
+        ctypes.c_int,
+    ]
+    lib.lc2_run_attend_segs.argtypes += [p, i64, i64]
     return lib
 
 
@@ -1900,6 +2108,128 @@ def slot_attention(
 
     _over_rows(n, run, min_rows=1)
     return o
+
+
+RUN_ATTEND_KT = 32  # keys per tile of lc2_run_attend (RUN_KT in the C source)
+
+
+def run_attend(q: torch.Tensor, runs: list[torch.Tensor], h: int, start: int, out: torch.Tensor) -> bool:
+    """`kernels.run_attention`'s absorbed attention with each cached key read once: q [R, D] fp32 contiguous,
+    R = T*h rows (query i, head j at row i*h + j), the softmax scale and log2 e folded in; runs: the
+    sequence's cached runs in position order, each [n, D] pool rows (one row stride, unit column stride,
+    fp32 or bf16), covering positions 0 .. start+T-1; query i sees positions <= start + i. The latent is
+    the first c columns of each key; out [R, c] contiguous fp32 or bf16. False (out untouched) where the
+    kernel does not apply."""
+    lib = library()
+    if (
+        lib is None
+        or not runs
+        or q.dtype != torch.float32
+        or not q.is_contiguous()
+        or not out.is_contiguous()
+    ):
+        return False
+    k0 = runs[0]
+    ld, d = k0.stride(0), q.shape[1]
+    if (
+        out.dtype not in (torch.float32, torch.bfloat16)
+        or k0.dtype not in (torch.float32, torch.bfloat16)
+        or any(r.dtype != k0.dtype or r.stride() != (ld, 1) or r.shape[1] != d for r in runs)
+        or any(t.device.type != "cpu" for t in (q, out, k0))
+        or out.shape[0] != q.shape[0]
+        or out.shape[1] > d
+        or q.shape[0] % h
+        or sum(r.shape[0] for r in runs) < start + q.shape[0] // h
+    ):
+        return False
+    n_rows, c = out.shape
+    ptrs = (ctypes.c_int64 * len(runs))(*(r.data_ptr() for r in runs))
+    lens = (ctypes.c_int64 * len(runs))(*(r.shape[0] for r in runs))
+    per_row = c + RUN_ATTEND_KT + 2
+    ws = torch.empty(n_rows * per_row, dtype=torch.float32)
+    bf16_keys, bf16_out = int(k0.dtype == torch.bfloat16), int(out.dtype == torch.bfloat16)
+
+    def run(r0: int, r1: int) -> None:
+        lib.lc2_run_attend(
+            q.data_ptr(),
+            d,
+            c,
+            h,
+            start,
+            ptrs,
+            lens,
+            len(runs),
+            ld,
+            bf16_keys,
+            out.data_ptr(),
+            bf16_out,
+            ws.data_ptr() + r0 * per_row * 4,
+            r0,
+            r1,
+        )
+
+    _over_rows(n_rows, run)
+    return True
+
+
+def run_attend_pool(
+    q: torch.Tensor,
+    pool: torch.Tensor,
+    segs: list[tuple[int, int, int, list[tuple[int, int]]]],
+    out: torch.Tensor,
+) -> bool:
+    """`run_attend` for every sequence of a decode step in one call: segs = [(row offset, T, start, runs)]
+    as `StepContext` plans them (the sequence's queries are rows off*h .. (off+T)*h - 1 of q [N*h, D] and
+    out [N*h, c]; runs = [(first pool row, count)] in position order, covering positions 0 .. start+T-1);
+    pool [P, D] the sublayer's cache (fp32 or bf16, unit column stride), the latent its first c columns.
+    Sequences are split over the threads. False (out untouched) where the kernel does not apply."""
+    lib = library()
+    if (
+        lib is None
+        or not segs
+        or q.dtype != torch.float32
+        or pool.dtype not in (torch.float32, torch.bfloat16)
+        or out.dtype not in (torch.float32, torch.bfloat16)
+        or not (q.is_contiguous() and out.is_contiguous() and pool.stride(1) == 1)
+        or any(x.device.type != "cpu" for x in (q, pool, out))
+        or q.shape[1] != pool.shape[1]
+        or out.shape[1] > pool.shape[1]
+    ):
+        return False
+    n_rows, c = out.shape
+    n_q = sum(t for _, t, _, _ in segs)
+    h = n_rows // n_q
+    if h * n_q != n_rows or q.shape[0] != n_rows:
+        return False
+    esz, ld, base = pool.element_size(), pool.stride(0), pool.data_ptr()
+    ptrs, lens, run0 = [], [], [0]
+    for _, t, start, runs in segs:
+        if sum(m for _, m in runs) < start + t or any(r < 0 or r + m > pool.shape[0] for r, m in runs):
+            return False
+        ptrs += [base + r * ld * esz for r, _ in runs]
+        lens += [m for _, m in runs]
+        run0.append(len(ptrs))
+    n = len(segs)
+
+    def arr(xs: list[int]) -> ctypes.Array:
+        return (ctypes.c_int64 * len(xs))(*xs)
+
+    row0, ts, starts = arr([s[0] for s in segs]), arr([s[1] for s in segs]), arr([s[2] for s in segs])
+    run0_a, ptrs_a, lens_a = arr(run0), arr(ptrs), arr(lens)
+    per_row = c + RUN_ATTEND_KT + 2
+    max_rows = max(t for _, t, _, _ in segs) * h
+    n_threads = max(1, min(torch.get_num_threads(), n))
+    ws = torch.empty(n_threads * max_rows * per_row, dtype=torch.float32)
+    args = (q.shape[1], c, h, row0, ts, starts, run0_a, ptrs_a, lens_a, ld, int(esz == 2), out.data_ptr())
+
+    slot = {n * i // n_threads: i for i in range(n_threads)}  # `_over_rows`' range starts → own scratch
+
+    def run(s0: int, s1: int) -> None:
+        ws_ptr = ws.data_ptr() + slot[s0] * max_rows * per_row * 4
+        lib.lc2_run_attend_segs(q.data_ptr(), *args, int(out.dtype == torch.bfloat16), ws_ptr, s0, s1)
+
+    _over_rows(n, run, min_rows=1)
+    return True
 
 
 def rows_by_keys(x: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, transposed: bool = True) -> bool:

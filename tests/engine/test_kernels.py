@@ -22,6 +22,7 @@ from longcat2.engine.kernels import (
     index_scan_select_bf16,
     lsa_rows,
     run_attention,
+    run_attention_segments,
     select_dynamic,
     window_attention,
 )
@@ -262,22 +263,24 @@ def _window_case(dtype: torch.dtype, rows: int, query_block: int, size: str, emp
     torch.testing.assert_close(got.float(), ref, **tol)
 
 
-@pytest.mark.parametrize("path", ["native", "torch"])
+@pytest.mark.parametrize("path", ["fused", "products", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t,cuts", [(1, [130]), (5, [64, 100]), (3, [])])
+@pytest.mark.parametrize("t,cuts", [(1, [130]), (5, [64, 100]), (3, []), (2, [40, 41, 120])])
 def test_run_attention_in_place_matches_gathered_causal_rows(
     t: int, cuts: list[int], dtype: torch.dtype, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """T queries at positions start.. over runs of a [P, c + r] pool (read in place, split at the pool
-    discontinuity and at `cuts`) equal the gather kernel over each query's visible slots (causal rows);
-    both paths: the C products (native.rows_by_keys; here below their fp32 size floor too) and torch's
-    GEMMs."""
-    if path == "native" and not native.available():
+    discontinuity and at `cuts`, a one-key run among them) equal the gather kernel over each query's
+    visible slots (causal rows); three paths: the C kernel that reads each key once (native.run_attend:
+    latents that are the keys' first c columns, as in the pool), the two C products around a torch softmax
+    (native.rows_by_keys: latents elsewhere; here below their fp32 size floor too), and torch's GEMMs."""
+    if path != "torch" and not native.available():
         pytest.skip("no compiled kernels here")
     monkeypatch.setattr(kernels, "RUN_NATIVE_MIN_MACS", 0)
-    calls = []
-    plain = native.rows_by_keys
-    monkeypatch.setattr(native, "rows_by_keys", lambda *a, **k: calls.append(1) or plain(*a, **k))
+    calls: list[str] = []
+    for name in ("rows_by_keys", "run_attend"):
+        plain = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _f=plain, _n=name, **k: calls.append(_n) or _f(*a, **k))
     torch.manual_seed(4)
     h, c, rr, start = 4, 32, 8, 150
     s = start + t
@@ -289,19 +292,57 @@ def test_run_attention_in_place_matches_gathered_causal_rows(
     ql, qr = torch.randn(t, h, c).to(dtype), torch.randn(t, h, rr).to(dtype)
     ref = gather_attention(ql.float(), qr.float(), pool.float(), slots, 0.3)
     bounds = sorted({0, half, *cuts, s})
+    latents = pool[:, :c].clone() if path == "products" else pool[:, :c]
     pieces = [
-        (pool.t()[:, rows[a] : rows[a] + b - a], pool[rows[a] : rows[a] + b - a, :c])
+        (pool.t()[:, rows[a] : rows[a] + b - a], latents[rows[a] : rows[a] + b - a])
         for a, b in zip(bounds, bounds[1:])
     ]
     out = torch.empty(t * h, c, dtype=dtype)
     q = torch.cat([ql, qr], dim=-1).view(t * h, -1)
     q_before = q.clone()
-    with contextlib.nullcontext() if path == "native" else native.disabled():
+    with contextlib.nullcontext() if path != "torch" else native.disabled():
         run_attention(q, pieces, t, start, 0.3, out)
-    assert bool(calls) is (path == "native")
+    assert set(calls) == {"fused": {"run_attend"}, "products": {"rows_by_keys"}, "torch": set()}[path]
     assert torch.equal(q, q_before)  # (the scale is not applied to the caller's queries in place)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out.view(t, h, c).float(), ref, **tol)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_run_attention_segments_in_one_call_match_per_sequence(
+    dtype: torch.dtype, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's sequences (decode rows, a 3-query chunk, runs split across the pool, a one-key sequence)
+    through one native call equal `run_attention` per sequence through torch; with 2 threads the sequences
+    are split between them, each with its own scratch."""
+    if not native.available():
+        pytest.skip("no compiled kernels here")
+    calls = []
+    plain = native.run_attend_pool
+    monkeypatch.setattr(native, "run_attend_pool", lambda *a, **k: calls.append(1) or plain(*a, **k))
+    torch.manual_seed(5)
+    h, c, rr = 4, 32, 8
+    pool = torch.randn(600, c + rr).to(dtype)
+    segs = [  # (row offset, T, start, runs): positions 0 .. start+T-1
+        (0, 1, 9, [(10, 10)]),
+        (1, 3, 40, [(100, 20), (300, 23)]),
+        (4, 1, 0, [(500, 1)]),
+        (5, 1, 70, [(200, 30), (30, 41)]),
+    ]
+    q = (torch.randn(6 * h, c + rr) * 0.5).to(dtype)
+    out, ref = torch.empty(6 * h, c, dtype=dtype), torch.empty(6 * h, c, dtype=dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_attention_segments(q, pool, segs, out)
+    finally:
+        torch.set_num_threads(before)
+    assert calls
+    with native.disabled():
+        run_attention_segments(q, pool, segs, ref)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
 
 
 def test_dense_decode_online_softmax_matches_full_softmax() -> None:

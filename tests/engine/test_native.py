@@ -544,3 +544,36 @@ def test_relu_wsum_and_rescore_equal_torch(dtype: torch.dtype) -> None:
     hit = cand & (torch.arange(n)[None, :] <= limit[:, None])
     torch.testing.assert_close(scores[hit], exact[hit], rtol=1e-5, atol=1e-5)
     assert (scores[~hit] == -7.0).all()
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_run_attend_equals_causal_softmax_attention_and_declines_bad_plans(dtype: torch.dtype) -> None:
+    """`run_attend` (scores in log2 units) against a float64 causal softmax over the pool rows of two runs:
+    3 queries x 3 heads (rows not a multiple of the 4-row tile), 75 keys (three key tiles, the last one
+    partial and partly in the future), head dims with tails (D = 81, c = 72). `run_attend_pool` gives the
+    same rows; plans whose runs miss positions or leave the pool are declined with out untouched."""
+    if not native.available():
+        pytest.skip("no compiled kernels here")
+    g = torch.Generator().manual_seed(11)
+    t, h, c, d, start = 3, 3, 72, 81, 72
+    pool = torch.randn(200, d, generator=g).to(dtype)
+    runs = [(5, 40), (100, start + t - 40)]
+    keys = torch.cat([pool[r : r + m] for r, m in runs]).double()  # [S, D] in position order
+    q = torch.randn(t * h, d, generator=g) * 0.3  # [T*h, D], log2 units
+    s = q.double() @ keys.t()  # [T*h, S]
+    future = torch.arange(keys.shape[0])[None, :] > (start + torch.arange(t * h) // h)[:, None]
+    p = torch.softmax(s.masked_fill(future, float("-inf")) * torch.log(torch.tensor(2.0)).double(), dim=-1)
+    ref = p @ keys[:, :c]  # [T*h, c]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    out = torch.empty(t * h, c, dtype=dtype)
+    assert native.run_attend(q, [pool[r : r + m] for r, m in runs], h, start, out)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    out2 = torch.empty(t * h, c, dtype=dtype)
+    assert native.run_attend_pool(q, pool, [(0, t, start, runs)], out2)
+    assert torch.equal(out, out2)
+    sentinel = torch.full((t * h, c), 7.0, dtype=dtype)
+    for bad in ([(5, 40), (100, 30)], [(5, 40), (190, 35)]):  # a position missing; past the pool's end
+        assert not native.run_attend_pool(q, pool, [(0, t, start, bad)], sentinel)
+    assert not native.run_attend(q, [pool[5:45], pool[100:130]], h, start, sentinel)
+    assert bool((sentinel == 7.0).all())
