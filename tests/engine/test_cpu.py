@@ -159,3 +159,33 @@ def test_keep_freed_memory(monkeypatch: pytest.MonkeyPatch, request: pytest.Fixt
     monkeypatch.delenv("LONGCAT2_KEEP_FREED")
     glibc = platform.libc_ver()[0] == "glibc"
     assert cpu.keep_freed_memory() is glibc
+
+
+def test_cpu_experts_same_values_and_still_trainable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`route_cpu_linears` gives a MoE's `Experts` `CpuExperts` (state-dict keys unchanged). Without a
+    gradient it runs `native.experts` where that applies, with `Experts`' values; a call that needs a
+    gradient takes the grouped GEMM, so training through the routed module still works."""
+    from types import SimpleNamespace
+
+    from longcat2.engine import cpu, native
+    from longcat2.model.moe import Experts
+
+    torch.manual_seed(0)
+    cfg = SimpleNamespace(n_routed_experts=4, hidden_size=32, expert_ffn_hidden_size=16)
+    plain, routed = Experts(cfg), Experts(cfg)
+    for w in plain.parameters():
+        torch.nn.init.normal_(w, std=0.2)
+    routed.load_state_dict(plain.state_dict())
+    cpu.route_cpu_linears(routed)
+    assert type(routed) is cpu.CpuExperts and list(routed.state_dict()) == list(plain.state_dict())
+    calls = []
+    real = native.experts
+    monkeypatch.setattr(native, "experts", lambda *a: calls.append(1) or real(*a))
+    counts = torch.tensor([2, 0, 3, 1])
+    x = torch.randn(6, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(routed(x, counts), plain(x, counts), rtol=1e-5, atol=1e-5)
+    assert bool(calls) is native.available()
+    calls.clear()
+    routed(x, counts).square().sum().backward()
+    assert not calls and routed.gate_proj.grad is not None and routed.down_proj.grad is not None

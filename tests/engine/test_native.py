@@ -357,7 +357,8 @@ def test_absorb_and_unabsorb_equal_the_model(dtype: torch.dtype, monkeypatch: py
 @needs_cc
 def test_engine_tokens_equal_with_and_without_the_streamed_products(monkeypatch: pytest.MonkeyPatch) -> None:
     """fp32 greedy decode through the engine: every decode product through `native.linear` / `absorb` /
-    `unabsorb` (size floor lifted so the tiny model's layers take it) gives the PyTorch path's tokens."""
+    `unabsorb` (size floor lifted so the tiny model's layers take it) and the MoE's experts through
+    `native.experts` give the PyTorch path's tokens."""
     from longcat2 import LongCatForCausalLM, ModelConfig
     from longcat2.engine import generate
 
@@ -372,6 +373,14 @@ def test_engine_tokens_equal_with_and_without_the_streamed_products(monkeypatch:
         return out
 
     monkeypatch.setattr(native, "linear", counted)
+    plain_experts = native.experts
+
+    def counted_experts(*args: torch.Tensor) -> torch.Tensor | None:
+        out = plain_experts(*args)
+        calls["experts"] = calls.get("experts", 0) + (out is not None)
+        return out
+
+    monkeypatch.setattr(native, "experts", counted_experts)
     outs = []
     for use_native in (True, False):
         torch.manual_seed(0)
@@ -382,7 +391,7 @@ def test_engine_tokens_equal_with_and_without_the_streamed_products(monkeypatch:
         else:
             with native.disabled():
                 outs.append(generate(model, prompts, max_new_tokens=8, ignore_eos=True))
-    assert calls["n"] > 0
+    assert calls["n"] > 0 and calls["experts"] > 0
     assert outs[0] == outs[1]
 
 
@@ -577,3 +586,43 @@ def test_run_attend_equals_causal_softmax_attention_and_declines_bad_plans(dtype
         assert not native.run_attend_pool(q, pool, [(0, t, start, bad)], sentinel)
     assert not native.run_attend(q, [pool[5:45], pool[100:130]], h, start, sentinel)
     assert bool((sentinel == 7.0).all())
+
+
+@needs_cc
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_equal_the_grouped_gemm_module(dtype: torch.dtype, threads: int) -> None:
+    """`native.experts` against `Experts.forward` (the grouped GEMM): experts with 0, 1, 2, 3 and the most
+    rows it serves, an expert width with a tail (I = 40), the experts split over 1 or 2 threads; fp32 to
+    rounding, bf16 within a bf16 step (the same roundings, sums in another order). An expert with more
+    rows than EXPERTS_MAX_ROWS, or weights of another dtype, are declined (None)."""
+    from types import SimpleNamespace
+
+    from longcat2.model.moe import Experts
+
+    if not native.available():
+        pytest.skip("no compiled kernels here")
+    torch.manual_seed(3)
+    most = native.EXPERTS_MAX_ROWS[dtype]
+    module = Experts(SimpleNamespace(n_routed_experts=6, hidden_size=64, expert_ffn_hidden_size=40))
+    with torch.no_grad():
+        for w in (module.gate_proj, module.up_proj, module.down_proj):
+            w.copy_(torch.randn(w.shape) * 0.2)
+    module = module.to(dtype).eval()
+    counts = [0, 1, 2, 3, most, 1]
+    x = torch.randn(sum(counts), 64).to(dtype)
+    weights = (module.gate_proj, module.up_proj, module.down_proj)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = native.experts(x, counts, *weights)
+            ref = module(x, torch.tensor(counts))
+    finally:
+        torch.set_num_threads(before)
+    assert got is not None and got.dtype == dtype and got.shape == ref.shape
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), ref.float(), **tol)
+    too_many = [0, 1, 2, 3, most + 1, 1]
+    assert native.experts(torch.randn(sum(too_many), 64).to(dtype), too_many, *weights) is None
+    assert native.experts(x.double(), counts, *(w.double() for w in weights)) is None
