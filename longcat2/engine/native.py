@@ -1923,9 +1923,11 @@ LINEAR_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 2}
 (session 15 microbenchmarks: fp32 1.1-1.6x at 1-8 rows; bf16 1.3-1.5x at 1-2 rows, slower beyond, where
 oneDNN's AVX512-BF16 dot products compute twice as fast as the widening loads here)."""
 LINEAR_MIN_WEIGHT = 1 << 20
-"""Weight elements below which a one-row product declines: a small weight stays in cache between steps,
-where the BLAS's lower fixed cost wins (the embedded model's 4096 x 128 LM head: 1.7 % of its decode step
-slower through the C call)."""
+"""Weight elements below which a one-row fp32 product declines: a small weight stays in cache between
+steps, where the BLAS's lower fixed cost wins (the embedded model's 4096 x 128 LM head: 1.7 % of its decode
+step slower through the C call). bf16 products have no floor: a bf16 oneDNN call costs 13-60 µs before it
+computes (1-2 rows x 128-4096 x 256: C 12-58 µs, `F.linear` 13-61 µs; the absorbed form's bf16 `bmm`
+at 4 heads x 128 x 512: ~59 µs per call)."""
 LINEAR_MIN_WEIGHT_ROWS = 1 << 16
 """The same floor for fp32 products of 2+ rows: there MKL's small-M GEMM is the slow one (a 256 x 1024
 weight at 8 rows: 41 µs here, 61 through `F.linear`, 51 through oneDNN; the absorbed form of a 4-head
@@ -1937,8 +1939,9 @@ def linear_worth(rows: int, weight: torch.Tensor) -> bool:
     call; the kernels check the rest)."""
     if rows < 1 or rows > LINEAR_MAX_ROWS.get(weight.dtype, 0):
         return False
-    floor = LINEAR_MIN_WEIGHT_ROWS if rows > 1 and weight.dtype == torch.float32 else LINEAR_MIN_WEIGHT
-    return weight.numel() >= floor
+    if weight.dtype == torch.bfloat16:  # (oneDNN's bf16 call costs more than this at every size)
+        return True
+    return weight.numel() >= (LINEAR_MIN_WEIGHT_ROWS if rows > 1 else LINEAR_MIN_WEIGHT)
 
 
 def _weight_ok(w: torch.Tensor) -> bool:

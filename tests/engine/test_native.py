@@ -313,7 +313,8 @@ def test_linear_declines_what_it_does_not_serve(monkeypatch: pytest.MonkeyPatch)
 def test_absorb_and_unabsorb_equal_the_model(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's absorbed-form products read kv_b_proj's weight in place (`native.absorb` /
     `native.unabsorb` through `kernels.absorb` / `kernels.unabsorb`) and equal `MLA.absorb` / `unabsorb`
-    (the tiny model's weight, below the size floor, with the floor lifted; at the floor they decline)."""
+    (the tiny model's weight, below the fp32 size floor, with the floor lifted; at the floor fp32 declines,
+    bf16 has none)."""
     floor = native.LINEAR_MIN_WEIGHT
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT_ROWS", 0)
@@ -343,7 +344,8 @@ def test_absorb_and_unabsorb_equal_the_model(dtype: torch.dtype, monkeypatch: py
             _bf16_close(got_o, ref_o.float())
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", floor)
     assert mla.kv_b_proj.weight.numel() < floor
-    assert native.absorb(q[:1], mla.kv_b_proj.weight, nope, mla.v_dim) is None
+    declined = native.absorb(q[:1], mla.kv_b_proj.weight, nope, mla.v_dim) is None
+    assert declined is (dtype == torch.float32)  # (bf16 has no floor)
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT_ROWS", 0)
     big = native.LINEAR_MAX_ROWS[dtype] + 1  # a prefill's rows: the model's batched GEMMs
@@ -432,17 +434,16 @@ def test_slot_attention_equals_the_model_sparse_core(h: int) -> None:
 
 
 def test_linear_worth_rule() -> None:
-    """Which products go to the C kernels: one row only for large (streamed) weights, fp32 from two rows on
-    also for small ones (MKL's small-M GEMM is slow), bf16 only up to LINEAR_MAX_ROWS rows, never more."""
+    """Which products go to the C kernels: fp32 one row only for large (streamed) weights, from two rows on
+    also for small ones (MKL's small-M GEMM is slow); bf16 up to LINEAR_MAX_ROWS rows at every size (a
+    oneDNN bf16 call's fixed cost is the larger), never more."""
     big = torch.empty(native.LINEAR_MIN_WEIGHT, 1)
     small = torch.empty(native.LINEAR_MIN_WEIGHT_ROWS, 1)
     tiny = torch.empty(native.LINEAR_MIN_WEIGHT_ROWS // 2, 1)
     assert native.linear_worth(1, big) and not native.linear_worth(1, small)
     assert native.linear_worth(2, small) and not native.linear_worth(2, tiny)
     assert not native.linear_worth(native.LINEAR_MAX_ROWS[torch.float32] + 1, big)
-    assert native.linear_worth(2, big.to(torch.bfloat16)) and not native.linear_worth(
-        2, small.to(torch.bfloat16)
-    )
+    assert native.linear_worth(2, big.to(torch.bfloat16)) and native.linear_worth(1, tiny.to(torch.bfloat16))
     assert not native.linear_worth(native.LINEAR_MAX_ROWS[torch.bfloat16] + 1, big.to(torch.bfloat16))
     assert not native.linear_worth(1, big.double()) and not native.linear_worth(0, big)
 
