@@ -351,7 +351,10 @@ static inline v16 bload(const uint16_t *p) {
 /* 16 floats of a pool row from element e on (fp32, or bf16 bit patterns widened); `left` < 16: the rest
    are `fill`. */
 static inline v16 row_load_fill(const void *base, int bf16, int64_t e, int64_t left, float fill) {
-    if (left >= 16) return bf16 ? bload((const uint16_t *)base + e) : vload((const float *)base + e);
+    if (left >= 16) { /* (branches, not a select: GCC would load both ways and blend) */
+        if (!bf16) return vload((const float *)base + e);
+        return bload((const uint16_t *)base + e);
+    }
     float tmp[16];
     for (int k = 0; k < 16; k++) tmp[k] = fill;
     for (int64_t k = 0; k < left; k++) tmp[k] = elem_load(base, bf16, e + k);
