@@ -366,6 +366,7 @@ static inline v16 row_load(const void *base, int bf16, int64_t e, int64_t left) 
 }
 
 typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 
 static inline float hsum(v16 v) { /* a tree of halves, not 16 dependent adds */
@@ -881,6 +882,34 @@ void lc2_experts(const float *x, int64_t H, int64_t I, const int64_t *offs, cons
 
 /* ---- a decode step's absorbed attention over a sequence's cached runs, read once ---- */
 
+/* The 16 lane sums of v[0..15] as one vector (lane i: the sum of v[i]): a tree of two-source shuffles,
+   15 adds and 30 shuffles instead of 16 separate reductions. */
+static inline v16 hsum16(const v16 *v) {
+    v16 u[8], w[4], x[2];
+    for (int k = 0; k < 8; k++)
+        u[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(v[2 * k], v[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int k = 0; k < 4; k++)
+        w[k] = __builtin_shufflevector(u[2 * k], u[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(u[2 * k], u[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int k = 0; k < 2; k++)
+        x[k] = __builtin_shufflevector(w[2 * k], w[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(w[2 * k], w[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(x[0], x[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(x[0], x[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+static const vi16 run_lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+static inline v16 run_sel(vi16 m, v16 a, v16 b) { return (v16)(((vi16)a & m) | ((vi16)b & ~m)); }
+static inline v16 run_max(v16 a, v16 b) { return run_sel(a > b, a, b); }
+static inline float run_hmax(v16 v) {
+    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v8 m8 = (v8)(((vi8)a & (a > b)) | ((vi8)b & ~(a > b)));
+    float r = m8[0];
+    for (int i = 1; i < 8; i++) r = m8[i] > r ? m8[i] : r;
+    return r;
+}
+
 #define RUN_KT 32
 #define RUN_LOAD(p, e) (BF ? bload((const uint16_t *)(p) + (e)) : vload((const float *)(p) + (e)))
 
@@ -918,8 +947,9 @@ static inline __attribute__((always_inline)) void run_scores_t(const float *cons
                 for (int a = 0; a < 4; a++) t[a][b] += row_load(qr[a], 0, D16, D - D16) * kv;
             }
         }
-        for (int a = 0; a < hn; a++)
-            for (int b = 0; b < jn; b++) s[a * RUN_KT + j + b] = hsum(t[a][b]);
+        float sums[16];
+        vstore(sums, hsum16(&t[0][0]));
+        for (int a = 0; a < hn; a++) memcpy(s + a * RUN_KT + j, sums + 4 * a, (size_t)jn * 4);
     }
 }
 
@@ -980,6 +1010,7 @@ void lc2_run_attend(const float *q, int64_t D, int64_t c, int64_t h, int64_t sta
     memset(acc, 0, (size_t)(R * c) * 4);
     for (int64_t a = 0; a < R; a++) { m[a] = ninf; l[a] = 0.0f; }
     const int64_t seen = start + (r1 - 1) / h + 1; /* the positions the last row sees */
+    const v16 neg = (v16){0} + ninf;
     int64_t pos0 = 0;
     for (int64_t p = 0; p < np && pos0 < seen; pos0 += lens[p], p++) {
         const char *run = (const char *)(intptr_t)ptrs[p];
@@ -995,28 +1026,24 @@ void lc2_run_attend(const float *q, int64_t D, int64_t c, int64_t h, int64_t sta
                 if (bf16) run_scores_t(qr, hn, tile, kt, ld, D, s + a0 * RUN_KT, ahead, 1);
                 else run_scores_t(qr, hn, tile, kt, ld, D, s + a0 * RUN_KT, ahead, 0);
             }
-            for (int64_t a = 0; a < R; a++) { /* online softmax over the tile's visible keys */
+            for (int64_t a = 0; a < R; a++) { /* online softmax over the tile's visible keys, 2 vectors */
                 float *sa = s + a * RUN_KT;
                 int64_t vis = start + (r0 + a) / h + 1 - (pos0 + j0);
                 vis = vis < 0 ? 0 : (vis > kt ? kt : vis);
-                float mt = ninf;
-                for (int64_t j = 0; j < vis; j++) mt = sa[j] > mt ? sa[j] : mt;
+                const vi16 live0 = run_lane < (int)vis, live1 = run_lane + 16 < (int)vis;
+                const v16 s0 = run_sel(live0, vload(sa), neg), s1 = run_sel(live1, vload(sa + 16), neg);
+                const float mt = run_hmax(run_max(s0, s1));
                 const float mn = mt > m[a] ? mt : m[a];
                 if (mn == ninf) { /* nothing visible yet */
-                    for (int64_t j = 0; j < kt; j++) sa[j] = 0.0f;
+                    vstore(sa, (v16){0});
+                    vstore(sa + 16, (v16){0});
                     continue;
                 }
-                v16 sum = {0};
-                for (int64_t j = 0; j < kt; j += 16) {
-                    float tmp[16];
-                    for (int e = 0; e < 16; e++) tmp[e] = j + e < vis ? sa[j + e] - mn : ninf;
-                    v16 pv = vexp2(vload(tmp));
-                    vstore(tmp, pv);
-                    memcpy(sa + j, tmp, (size_t)(kt - j < 16 ? kt - j : 16) * 4);
-                    sum += pv;
-                }
+                const v16 p0 = vexp2(s0 - mn), p1 = vexp2(s1 - mn); /* (-inf: 0) */
+                vstore(sa, p0);
+                vstore(sa + 16, p1);
                 const float corr = m[a] == ninf ? 0.0f : vexp2((v16){m[a] - mn})[0];
-                l[a] = l[a] * corr + hsum(sum);
+                l[a] = l[a] * corr + hsum(p0 + p1);
                 m[a] = mn;
                 if (corr != 1.0f) {
                     float *ar = acc + a * c;
