@@ -813,7 +813,8 @@ def _run_attention_native(
 ) -> bool:
     """`run_attention` through the C kernels; False (nothing written) where they do not apply. Where the
     latents are the keys' first c columns (the pool's layout), `native.run_attend` reads each key once for
-    scores, softmax and P·V (1.2-2.3x the two products below on a 4-head decode row). Otherwise two
+    scores, softmax and P·V (bf16 1.4-1.5x the two products below, fp32 1.2x on a 4-head decode row).
+    Otherwise two
     `native.rows_by_keys` products around a torch softmax, except fp32 products below RUN_NATIVE_MIN_MACS
     (the BLAS's fixed cost is lower; bf16 always: oneDNN's per-shape setup costs more than any of these
     products)."""

@@ -47,8 +47,9 @@ Design choices:
     tiles of 4 rows x 4 keys, an online softmax in log2 units, then P·V while the tile is in L1 (the next
     tile prefetched meanwhile). Before, two `rows_by_keys` products read every key twice around a torch
     softmax, with ~10 torch calls per sequence and sublayer; `run_attend_pool` serves all of a step's
-    sequences in one call, split over the threads. On the vs-vLLM model's 4 heads x 600 keys: 44 vs 67 µs
-    per sequence and sublayer (bf16), and the bf16 decode step at batch 8 8.6 → 5.8 ms (BENCHMARKS.md).
+    sequences in one call, split over the threads. Against the two products, 600 keys, warm cache: bf16
+    1.4-1.5x at 4-64 rows, fp32 1.2x at 4-8 rows and 0.95-1.0x at 16-64 (a cold cache favours reading each
+    key once); the vs-vLLM model's bf16 decode step at batch 8: 7.8 → 5.8 ms (BENCHMARKS.md).
   - `softmax_tile` / `scale_add` / `softmax_window`: the softmax between a prefill tile's two GEMMs
     (`kernels.dense_prefill_onednn`'s online step; `kernels.window_attention`'s shared window + dynamic
     picks) as one pass per row over the scores in place, in their own dtype: row max, 2^(s - m) written
