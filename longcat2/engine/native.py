@@ -1958,9 +1958,13 @@ def pv_rows(
 
 
 LINEAR_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 2}
-"""Rows up to which `linear`, `absorb` and `unabsorb` stream the weight faster than oneDNN / the BLAS
-(session 15 microbenchmarks: fp32 1.1-1.6x at 1-8 rows; bf16 1.3-1.5x at 1-2 rows, slower beyond, where
-oneDNN's AVX512-BF16 dot products compute twice as fast as the widening loads here)."""
+"""Rows up to which `linear` streams the weight faster than oneDNN / the BLAS (session 15 microbenchmarks:
+fp32 1.1-1.6x at 1-8 rows; bf16 1.3-1.5x at 1-2 rows, slower beyond, where oneDNN's AVX512-BF16 dot
+products compute twice as fast as the widening loads here)."""
+ABSORB_MAX_ROWS = {torch.float32: 64, torch.bfloat16: 2}
+"""The same for `absorb` / `unabsorb`: the alternative is a batched GEMM per head, which fp32 runs through
+MKL's `bmm` (its AVX2 kernels on AMD CPUs). 64 heads x 128 x 512, cold weights: C / `torch.matmul` 1.55 /
+1.73 ms at 8 rows, 2.10 / 3.74 at 32, 3.33 / 6.39 at 64 (absorb; unabsorb alike); bf16 as `linear`."""
 LINEAR_MIN_WEIGHT = 1 << 20
 """Weight elements below which a one-row fp32 product declines: a small weight stays in cache between
 steps, where the BLAS's lower fixed cost wins (the embedded model's 4096 x 128 LM head: 1.7 % of its decode
@@ -1973,10 +1977,11 @@ weight at 8 rows: 41 µs here, 61 through `F.linear`, 51 through oneDNN; the abs
 model at 8 rows: 33 vs 78 µs)."""
 
 
-def linear_worth(rows: int, weight: torch.Tensor) -> bool:
+def linear_worth(rows: int, weight: torch.Tensor, max_rows: dict | None = None) -> bool:
     """Whether a product of `rows` rows with `weight` goes to the C kernels (cheap: checked before the
-    call; the kernels check the rest)."""
-    if rows < 1 or rows > LINEAR_MAX_ROWS.get(weight.dtype, 0):
+    call; the kernels check the rest); `max_rows`: LINEAR_MAX_ROWS, or ABSORB_MAX_ROWS for the absorbed
+    form."""
+    if rows < 1 or rows > (max_rows or LINEAR_MAX_ROWS).get(weight.dtype, 0):
         return False
     if weight.dtype == torch.bfloat16:  # (oneDNN's bf16 call costs more than this at every size)
         return True
@@ -2085,7 +2090,7 @@ def absorb(q_nope: torch.Tensor, kv_b: torch.Tensor, nope: int, v: int) -> torch
     """MLA's absorbed queries read straight from kv_b_proj's weight (no per-head copies): q_nope [T, h,
     nope] (a few decode rows), kv_b [h * (nope + v), c] → q_nope · W_uk per head [T, h, c] in the weight's
     dtype (`MLA.absorb`), or None where the kernel does not apply (`linear_worth` first, as `linear`)."""
-    if not linear_worth(q_nope.shape[0], kv_b):
+    if not linear_worth(q_nope.shape[0], kv_b, ABSORB_MAX_ROWS):
         return None
     lib = library()
     if (
@@ -2107,7 +2112,7 @@ def absorb(q_nope: torch.Tensor, kv_b: torch.Tensor, nope: int, v: int) -> torch
 def unabsorb(o_latent: torch.Tensor, kv_b: torch.Tensor, nope: int, v: int) -> torch.Tensor | None:
     """Attended latents [T, h, c] → values [T, h * v] through W_uv, read straight from kv_b_proj's weight
     [h * (nope + v), c] (`MLA.unabsorb`), in the weight's dtype; None where the kernel does not apply."""
-    if not linear_worth(o_latent.shape[0], kv_b):
+    if not linear_worth(o_latent.shape[0], kv_b, ABSORB_MAX_ROWS):
         return None
     lib = library()
     if not _kv_b_ok(lib, o_latent, kv_b) or o_latent.shape[2] != kv_b.shape[1]:

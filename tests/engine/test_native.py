@@ -326,7 +326,7 @@ def test_absorb_and_unabsorb_equal_the_model(dtype: torch.dtype, monkeypatch: py
     cfg = ModelConfig.from_preset("tiny")
     mla = MLA(cfg, has_indexer=False).to(dtype).eval()
     h, nope, c = mla.num_heads, mla.nope, cfg.kv_lora_rank
-    for t in range(1, native.LINEAR_MAX_ROWS[dtype] + 1):
+    for t in range(1, native.ABSORB_MAX_ROWS[dtype] + 1):
         q = torch.randn(t, h, nope).to(dtype)
         o = torch.randn(t, h, c)  # fp32 attended latents, as the attention kernels return them
         with torch.no_grad():
@@ -348,7 +348,7 @@ def test_absorb_and_unabsorb_equal_the_model(dtype: torch.dtype, monkeypatch: py
     assert declined is (dtype == torch.float32)  # (bf16 has no floor)
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT_ROWS", 0)
-    big = native.LINEAR_MAX_ROWS[dtype] + 1  # a prefill's rows: the model's batched GEMMs
+    big = native.ABSORB_MAX_ROWS[dtype] + 1  # a prefill's rows: the model's batched GEMMs
     assert native.absorb(torch.randn(big, h, nope).to(dtype), mla.kv_b_proj.weight, nope, mla.v_dim) is None
     q = torch.randn(1, h, nope, requires_grad=True)
     if dtype == torch.float32:  # a call that needs a gradient keeps the model's differentiable path
