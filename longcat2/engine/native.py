@@ -50,6 +50,10 @@ Design choices:
     sequences in one call, split over the threads. Against the two products, 600 keys, warm cache: bf16
     1.4-1.5x at 4-64 rows, fp32 1.2x at 4-8 rows and 0.95-1.0x at 16-64 (a cold cache favours reading each
     key once); the vs-vLLM model's bf16 decode step at batch 8: 7.8 → 5.8 ms (BENCHMARKS.md).
+  - `experts`: a MoE's routed experts for the few rows each gets in a decode step (`cpu.CpuExperts`): every
+    expert's gate and up products, the silu gating and the down product in one call, on the NT tiles
+    above (bf16 intermediates rounded where the module rounds them). On CPU `torch._grouped_mm` costs
+    ~100 µs per call at such sizes, three per MoE: 2-8x on the vs-vLLM model's experts.
   - `softmax_tile` / `scale_add` / `softmax_window`: the softmax between a prefill tile's two GEMMs
     (`kernels.dense_prefill_onednn`'s online step; `kernels.window_attention`'s shared window + dynamic
     picks) as one pass per row over the scores in place, in their own dtype: row max, 2^(s - m) written
