@@ -72,8 +72,9 @@ Design choices:
 - ctypes releases the GIL during a call, so every kernel splits its rows over `torch.get_num_threads()`
   Python threads (at least 16 rows each; one large P·V row each).
 - Vector code is written with GCC/Clang vector extensions (no intrinsics), so the same source builds
-  for AVX-512, AVX2 or NEON under -march=native; on x86 an empty asm statement keeps a tile's operands in
-  registers where GCC would fold their loads into every FMA (`KEEP1` / `KEEP4`). One exception, behind
+  for AVX-512, AVX2 or NEON under -march=native (each x86 level's build is tested); with AVX-512 an
+  empty asm statement keeps a tile's operands in registers where GCC would fold their loads into every
+  FMA (`KEEP1` / `KEEP4`). One exception, behind
   `__AVX512BF16__`: softmax numerators are rounded to bf16 by the CPU's conversion instruction (1 instead
   of ~10 vector ops; 74 → 48 µs per 256K values), elsewhere by the portable `put16`. bf16 values are
   widened by a two-source shuffle with zeros (`bload`): GCC 12 compiles `__builtin_convertvector` to 32-bit
@@ -123,9 +124,11 @@ static inline float elem_load(const void *base, int bf16, int64_t i) {
     return f;
 }
 
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__AVX512F__)
 /* Keep vectors in registers: otherwise GCC folds their loads into every FMA that uses them (the slot
-   scores' tile: 20 loads per 16 FMAs instead of 8). */
+   scores' tile: 20 loads per 16 FMAs instead of 8). Only where a 16-float vector fits one register: on
+   AVX2 it is two, and the constraint cannot be met (the build failed there, leaving only the PyTorch
+   path). */
 #define KEEP1(a) __asm__("" : "+v"(a))
 #define KEEP4(a, b, c, d) __asm__("" : "+v"(a), "+v"(b), "+v"(c), "+v"(d))
 #else
@@ -1367,7 +1370,7 @@ void lc2_softmax_window(void *sw, void *sd, int bf16, int64_t i0, int64_t i1, in
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99"]
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99", "-Wno-psabi"]
 _MIN_ROWS_PER_THREAD = 16
 
 _lock = threading.Lock()

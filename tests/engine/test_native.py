@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -627,3 +628,25 @@ def test_experts_equal_the_grouped_gemm_module(dtype: torch.dtype, threads: int)
     too_many = [0, 1, 2, 3, most + 1, 1]
     assert native.experts(torch.randn(sum(too_many), 64).to(dtype), too_many, *weights) is None
     assert native.experts(x.double(), counts, *(w.double() for w in weights)) is None
+
+
+@needs_cc
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "x86-64-v4"])
+def test_source_builds_for_each_x86_level(tmp_path, march: str) -> None:
+    """The C source compiles for baseline x86-64, AVX2 (v3) and AVX-512 (v4), not only for this machine's
+    -march=native. Register hints that only an AVX-512 register can satisfy once broke the AVX2 build:
+    AVX2 CPUs then ran the PyTorch path only."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    src = tmp_path / "lc2.c"
+    src.write_text(native._SOURCE)
+    flags = [f for f in native._FLAGS if f != "-march=native"]
+    res = subprocess.run(
+        [cc, *flags, f"-march={march}", "-o", str(tmp_path / "lc2.so"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if res.returncode != 0 and "march" in res.stderr and march in res.stderr and "bad value" in res.stderr:
+        pytest.skip(f"{cc} does not know -march={march}")
+    assert res.returncode == 0, res.stderr[-2000:]
