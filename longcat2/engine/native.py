@@ -61,8 +61,11 @@ Design choices:
     ranges, not mask tensors. As PyTorch ops these were seven passes and two fp32 copies; in bf16 they
     cost about as much as the GEMMs. 512 x 512 bf16 tile: 92 vs ~300 µs.
 - Every kernel here has a pure-PyTorch twin in `kernels`, which is the reference its tests compare
-  against, and the path on every other device, dtype or machine without a compiler. `LONGCAT2_NATIVE=0`
-  turns the compiled path off.
+  against, and the path on every other device, dtype or machine without a compiler. By default the
+  kernels are used only on x86 CPUs with AVX-512 (`tuned_for_this_cpu`): their register tiles are sized
+  for 32 512-bit registers, and built for AVX2 they spill and run slower than the PyTorch ops.
+  `LONGCAT2_NATIVE=1` uses them on any CPU (the source builds for every x86 level and is tested there),
+  `LONGCAT2_NATIVE=0` never.
 - No torch headers and no build step at install: one C file compiled in about a second with
   `-O3 -march=native` into a cache directory (`$LONGCAT2_CACHE_DIR`, else `~/.cache/longcat2`; a temp
   directory where that is not writable) under a name that hashes the source, the flags, the compiler and
@@ -1410,8 +1413,22 @@ def _cpu_signature() -> str:
     return platform.processor() + platform.machine()
 
 
+def tuned_for_this_cpu() -> bool:
+    """Whether these kernels are tuned for this CPU: x86 with AVX-512, where a 16-float vector is one
+    register. Their register tiles hold 16-24 such vectors; with AVX2 each is two registers, the tiles
+    spill, and the kernels ran slower than the PyTorch ops (the embedded model's 29K prefill built for
+    AVX2 on this box: 50.3 CPU s against 18.5 without the kernels and 7.9 with the AVX-512 build)."""
+    return platform.machine().lower() in (
+        "x86_64",
+        "amd64",
+    ) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def _build() -> ctypes.CDLL | None:
-    if os.environ.get("LONGCAT2_NATIVE", "1") == "0" or os.name != "posix":
+    mode = os.environ.get("LONGCAT2_NATIVE", "auto")
+    if mode not in ("0", "1", "auto"):
+        raise ValueError(f"LONGCAT2_NATIVE: '0', '1' or 'auto', got {mode!r}")
+    if mode == "0" or os.name != "posix" or (mode == "auto" and not tuned_for_this_cpu()):
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
@@ -1517,8 +1534,9 @@ def disabled() -> Iterator[None]:
 
 
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first call; None where they cannot be (no compiler, not POSIX,
-    LONGCAT2_NATIVE=0, a failed build, inside `disabled()`)."""
+    """The compiled kernels, built on first call; None where they cannot be or should not be (no compiler,
+    not POSIX, a CPU they are not tuned for unless LONGCAT2_NATIVE=1, LONGCAT2_NATIVE=0, a failed build,
+    inside `disabled()`)."""
     global _lib, _tried
     if _off:
         return None

@@ -18,6 +18,10 @@ from longcat2.model.lsa import force_and_mask, index_scores, select_topk, sparse
 needs_cc = pytest.mark.skipif(
     os.name != "posix" or not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler here"
 )
+needs_native = pytest.mark.skipif(
+    not native.available(),
+    reason="compiled kernels not used here (no compiler, or a CPU they are not tuned for: tuned_for_this_cpu)",
+)
 
 
 def _scores(kind: str, t: int, r: int, g: torch.Generator) -> torch.Tensor:
@@ -41,7 +45,7 @@ def _scores(kind: str, t: int, r: int, g: torch.Generator) -> torch.Tensor:
     return s
 
 
-@needs_cc
+@needs_native
 @pytest.mark.parametrize("kind", ["random", "ties", "signed_zeros", "narrow", "masked", "periodic"])
 def test_select_topk_equals_the_torch_rule(kind: str) -> None:
     """Short rows (radix select of the whole row) and long ones (n >= 64 x the sample rank: a threshold
@@ -56,7 +60,7 @@ def test_select_topk_equals_the_torch_rule(kind: str) -> None:
         assert torch.equal(got, select_dynamic_torch(scores.clone(), kd)), (kind, t, r, kd)
 
 
-@needs_cc
+@needs_native
 def test_select_topk_rows_split_over_threads() -> None:
     g = torch.Generator().manual_seed(7)
     scores = torch.randint(0, 50, (200, 3000), generator=g).float()
@@ -69,7 +73,7 @@ def test_select_topk_rows_split_over_threads() -> None:
     assert got is not None and torch.equal(got, select_dynamic_torch(scores.clone(), 100))
 
 
-@needs_cc
+@needs_native
 @pytest.mark.parametrize("kind", ["random", "ties", "signed_zeros"])
 def test_lsa_rows_both_paths_equal_the_model(kind: str) -> None:
     """The C path (candidates bounded per row, no masking) and the PyTorch path (masked, then top-k) give
@@ -89,7 +93,7 @@ def test_lsa_rows_both_paths_equal_the_model(kind: str) -> None:
     assert torch.equal(lsa_rows(dynamic.clone(), q_pos, topk, init, local), ref)
 
 
-@needs_cc
+@needs_native
 def test_select_topk_declines_what_it_does_not_serve() -> None:
     """Every case outside the kernel's contract returns None, so the caller takes the PyTorch path."""
     scores = torch.randn(4, 100)
@@ -109,7 +113,7 @@ def test_library_builds_into_the_cache_dir_and_can_be_turned_off(tmp_path) -> No
         "from longcat2.engine import native; import torch;"
         "print(native.available(), native.select_topk(torch.randn(3, 50), 5) is not None)"
     )
-    env = dict(os.environ, LONGCAT2_CACHE_DIR=str(tmp_path))
+    env = dict(os.environ, LONGCAT2_CACHE_DIR=str(tmp_path), LONGCAT2_NATIVE="1")  # (any CPU)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"]
     built = list((tmp_path / "native").glob("lc2_*.so"))
@@ -120,9 +124,15 @@ def test_library_builds_into_the_cache_dir_and_can_be_turned_off(tmp_path) -> No
     env["LONGCAT2_NATIVE"] = "0"
     off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert off.stdout.split() == ["False", "False"]
+    env["LONGCAT2_NATIVE"] = "auto"  # the default: on where the kernels are tuned for the CPU
+    auto = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert auto.stdout.split() == [str(native.tuned_for_this_cpu())] * 2
+    env["LONGCAT2_NATIVE"] = "yes"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "LONGCAT2_NATIVE" in bad.stderr
 
 
-@needs_cc
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t,h,d", [(1, 4, 16), (37, 4, 16), (5, 3, 24), (40, 2, 8)])
 def test_index_scores_equal_the_torch_scan_and_the_model(dtype: torch.dtype, t: int, h: int, d: int) -> None:
@@ -147,7 +157,7 @@ def test_index_scores_equal_the_torch_scan_and_the_model(dtype: torch.dtype, t: 
     torch.testing.assert_close(out, got, rtol=0, atol=0)
 
 
-@needs_cc
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("h,c,rr,k", [(4, 32, 8, 50), (3, 40, 6, 37), (6, 128, 16, 17)])
 def test_slot_attend_equals_the_model_sparse_core(
@@ -181,7 +191,7 @@ def test_slot_attend_equals_the_model_sparse_core(
     assert torch.isinf(m[4]).all() and (l_sum[4] == 0).all() and (o[4] == 0).all()
 
 
-@needs_cc
+@needs_native
 @pytest.mark.parametrize("h,k,c,width", [(64, 300, 512, 576), (5, 37, 20, 24), (6, 70, 100, 100)])
 def test_pv_rows_equals_matmul(h: int, k: int, c: int, width: int) -> None:
     """Whole and partial register tiles (heads not a multiple of 4, columns not of 64), key blocks of 256
@@ -207,6 +217,7 @@ def test_library_builds_in_a_temp_dir_when_the_cache_dir_is_not_writable(tmp_pat
     blocked.write_text("")  # a file where the cache directory would be: mkdir fails
     code = "from longcat2.engine import native; print(native.available())"
     env = dict(os.environ, LONGCAT2_CACHE_DIR=str(blocked / "cache"), TMPDIR=str(tmp_path / "tmp"))
+    env["LONGCAT2_NATIVE"] = "1"  # (any CPU)
     (tmp_path / "tmp").mkdir()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True"]
@@ -219,7 +230,7 @@ def _bf16_close(got: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(got.float(), ref, rtol=2**-7, atol=1e-3)
 
 
-@needs_cc
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_equals_f_linear(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
     """Rows 1 .. LINEAR_MAX_ROWS, output widths that are not a multiple of the 8-row weight tile, input
@@ -262,7 +273,7 @@ def test_linear_equals_f_linear(monkeypatch: pytest.MonkeyPatch, dtype: torch.dt
         torch.set_num_threads(threads)
 
 
-@needs_cc
+@needs_native
 def test_linear_bf16_rounds_to_nearest_even_and_keeps_nan(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each output is x[a] + s * x[b] (two nonzero weights per row), exact in fp32 for these ranges, so the
     bf16 output must be that sum rounded as `Tensor.to(bfloat16)` rounds it; ties (1 + 2^-8, 1 + 3 * 2^-8)
@@ -291,7 +302,7 @@ def test_linear_bf16_rounds_to_nearest_even_and_keeps_nan(monkeypatch: pytest.Mo
     assert got is not None and torch.isnan(got[0][(a == 5) | (b == 5)]).all()
 
 
-@needs_cc
+@needs_native
 def test_linear_declines_what_it_does_not_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT", 0)
     monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT_ROWS", 0)
@@ -309,7 +320,7 @@ def test_linear_declines_what_it_does_not_serve(monkeypatch: pytest.MonkeyPatch)
         assert native.linear(torch.randn(1, 16), w) is None
 
 
-@needs_cc
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_absorb_and_unabsorb_equal_the_model(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's absorbed-form products read kv_b_proj's weight in place (`native.absorb` /
@@ -357,7 +368,7 @@ def test_absorb_and_unabsorb_equal_the_model(dtype: torch.dtype, monkeypatch: py
         assert q.grad is not None and mla.kv_b_proj.weight.grad is not None
 
 
-@needs_cc
+@needs_native
 def test_engine_tokens_equal_with_and_without_the_streamed_products(monkeypatch: pytest.MonkeyPatch) -> None:
     """fp32 greedy decode through the engine: every decode product through `native.linear` / `absorb` /
     `unabsorb` (size floor lifted so the tiny model's layers take it) and the MoE's experts through
@@ -398,7 +409,7 @@ def test_engine_tokens_equal_with_and_without_the_streamed_products(monkeypatch:
     assert outs[0] == outs[1]
 
 
-@needs_cc
+@needs_native
 @pytest.mark.parametrize("h", [16, 48, 64, 128])
 def test_slot_attention_equals_the_model_sparse_core(h: int) -> None:
     """Large rows' attention with the keys read in place: head counts that fill 1-4 register vectors and
@@ -465,7 +476,7 @@ def _softmax_tile_reference(
     return probs, torch.where(nothing, m, m_new), l_sum * corr + probs.sum(-1, keepdim=True), corr[:, 0]
 
 
-@needs_cc
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,width,offset", [(37, 53, 10**6), (40, 70, -5), (8, 16, 1)])
 def test_softmax_tile_equals_the_torch_step(dtype: torch.dtype, rows: int, width: int, offset: int) -> None:
@@ -494,7 +505,7 @@ def test_softmax_tile_equals_the_torch_step(dtype: torch.dtype, rows: int, width
     assert not native.softmax_tile(s.half(), m, l_sum, corr, offset)  # fp32 / bf16 only
 
 
-@needs_cc
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_picks", [True, False])
 def test_softmax_window_equals_masked_softmax(dtype: torch.dtype, with_picks: bool) -> None:
@@ -528,7 +539,7 @@ def test_softmax_window_equals_masked_softmax(dtype: torch.dtype, with_picks: bo
     torch.testing.assert_close(got.float(), p_ref.to(dtype).float(), rtol=ulp, atol=1e-6)
 
 
-@needs_cc
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_relu_wsum_and_rescore_equal_torch(dtype: torch.dtype) -> None:
     """The prefill scan's tile pass (scores and the two-pass scan's Σ|w||dot| bound, into a strided view;
@@ -557,7 +568,7 @@ def test_relu_wsum_and_rescore_equal_torch(dtype: torch.dtype) -> None:
     assert (scores[~hit] == -7.0).all()
 
 
-@needs_cc
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_run_attend_equals_causal_softmax_attention_and_declines_bad_plans(dtype: torch.dtype) -> None:
     """`run_attend` (scores in log2 units) against a float64 causal softmax over the pool rows of two runs:
@@ -590,7 +601,7 @@ def test_run_attend_equals_causal_softmax_attention_and_declines_bad_plans(dtype
     assert bool((sentinel == 7.0).all())
 
 
-@needs_cc
+@needs_native
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_experts_equal_the_grouped_gemm_module(dtype: torch.dtype, threads: int) -> None:
