@@ -2096,7 +2096,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     if xf.stride(-1) != 1:
         xf = xf.contiguous()
     y = torch.empty(rows, n, dtype=x.dtype)
-    _heads_linear(lib, xf[None], weight, 0, k, 0, False, n, k, y[None])
+    if torch.get_num_threads() == 1:  # (a decode step's common call, without `_heads_linear`'s views)
+        bf16 = int(weight.dtype == torch.bfloat16)
+        lib.lc2_heads_linear(
+            xf.data_ptr(), rows, xf.stride(0), 0, weight.data_ptr(), bf16, 0, k, 0, n, k,
+            y.data_ptr(), bf16, n, 0, 0, 1, 0, n,
+        )  # fmt: skip
+    else:
+        _heads_linear(lib, xf[None], weight, 0, k, 0, False, n, k, y[None])
     return y.view(*x.shape[:-1], n)
 
 
