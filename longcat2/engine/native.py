@@ -387,6 +387,16 @@ static inline float hsum(v16 v) { /* a tree of halves, not 16 dependent adds */
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+static inline v16 vsel(vi16 m, v16 a, v16 b) { return (v16)(((vi16)a & m) | ((vi16)b & ~m)); }
+static inline v16 vmax(v16 a, v16 b) { return vsel(a > b, a, b); }
+static inline float hmax(v16 v) { /* the largest lane: halves, then 8 compares */
+    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v8 m8 = (v8)(((vi8)a & (a > b)) | ((vi8)b & ~(a > b)));
+    float r = m8[0];
+    for (int k = 1; k < 8; k++) r = m8[k] > r ? m8[k] : r;
+    return r;
+}
+
 /* Row (h0 + a) of a [hn x 64-column] register tile into o (rows c floats apart), from column c0 on;
    columns past c are dropped. */
 static inline void store_tile(float *o, v16 acc[4][4], int64_t hn, int64_t h0, int64_t c, int64_t c0) {
@@ -911,16 +921,6 @@ static inline v16 hsum16(const v16 *v) {
 }
 
 static const vi16 run_lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-static inline v16 run_sel(vi16 m, v16 a, v16 b) { return (v16)(((vi16)a & m) | ((vi16)b & ~m)); }
-static inline v16 run_max(v16 a, v16 b) { return run_sel(a > b, a, b); }
-static inline float run_hmax(v16 v) {
-    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    v8 m8 = (v8)(((vi8)a & (a > b)) | ((vi8)b & ~(a > b)));
-    float r = m8[0];
-    for (int i = 1; i < 8; i++) r = m8[i] > r ? m8[i] : r;
-    return r;
-}
-
 #define RUN_KT 32
 #define RUN_LOAD(p, e) (BF ? bload((const uint16_t *)(p) + (e)) : vload((const float *)(p) + (e)))
 
@@ -1042,8 +1042,8 @@ void lc2_run_attend(const float *q, int64_t D, int64_t c, int64_t h, int64_t sta
                 int64_t vis = start + (r0 + a) / h + 1 - (pos0 + j0);
                 vis = vis < 0 ? 0 : (vis > kt ? kt : vis);
                 const vi16 live0 = run_lane < (int)vis, live1 = run_lane + 16 < (int)vis;
-                const v16 s0 = run_sel(live0, vload(sa), neg), s1 = run_sel(live1, vload(sa + 16), neg);
-                const float mt = run_hmax(run_max(s0, s1));
+                const v16 s0 = vsel(live0, vload(sa), neg), s1 = vsel(live1, vload(sa + 16), neg);
+                const float mt = hmax(vmax(s0, s1));
                 const float mn = mt > m[a] ? mt : m[a];
                 if (mn == ninf) { /* nothing visible yet */
                     vstore(sa, (v16){0});
@@ -1101,11 +1101,6 @@ static inline v16 score_load(const void *row, int bf16, int64_t e, int64_t left)
     return row_load_fill(row, bf16, e, left, -__builtin_inff());
 }
 
-static inline v16 vmax(v16 a, v16 b) {
-    vi16 gt = a > b;
-    return (v16)(((vi16)a & gt) | ((vi16)b & ~gt));
-}
-
 /* Largest of row[from, to) (fp32 or bf16: `bf16` a constant where inlined); -inf when empty. */
 static inline __attribute__((always_inline)) float span_max_t(const void *row, int bf16, int64_t from, int64_t to) {
     v16 m0 = (v16){0} - __builtin_inff(), m1 = m0, m2 = m0, m3 = m0; /* four chains: 1.5x one */
@@ -1119,9 +1114,7 @@ static inline __attribute__((always_inline)) float span_max_t(const void *row, i
     m0 = vmax(vmax(m0, m1), vmax(m2, m3));
     for (; j + 16 <= to; j += 16) m0 = vmax(m0, row_load(row, bf16, j, 16));
     if (j < to) m0 = vmax(m0, score_load(row, bf16, j, to - j));
-    float best = -__builtin_inff();
-    for (int k = 0; k < 16; k++) best = m0[k] > best ? m0[k] : best;
-    return best;
+    return hmax(m0);
 }
 
 static float span_max(const void *row, int bf16, int64_t from, int64_t to) {
