@@ -93,8 +93,6 @@ DECODE_SCAN_BLOCK = 2048
 EXPAND_ROWS = 256
 # gathered rows' P·V products of at least this many multiply-adds run as one mm per row on CPU (module doc)
 PER_ROW_MIN_MACS = 1 << 21
-# fp32 attention over a sequence's runs through the C products from this many multiply-adds (below: MKL)
-RUN_NATIVE_MIN_MACS = 1 << 20
 # indexer head dims up to which the C scan (native.index_scores) runs instead of GEMM + ReLU/weight/sum
 # passes: 1.6x at the embedded model's 4 x 16 (the passes dominate a 16-deep GEMM), 0.3x at LongCat-2.0's
 # 64 x 128, where oneDNN's GEMM is the faster product
@@ -751,12 +749,9 @@ def run_attention(
     call); pieces = [(keys_t [c + r, n], latent [n, c])]: one run of the pool, transposed
     (latent | rope key per column) and its latents, covering positions 0 .. start+T-1 in order. Writes
     the attended latents to out [T*h, c]. One [T*h, S] score GEMM per run over both parts, fp32 softmax
-    (`attend_gathered`'s arithmetic up to the order of the score sums). A decode step calls this once per
-    sequence and sublayer, so it makes as few torch calls as it can. On CPU both products are
-    `native.rows_by_keys` (the run streamed in place, no per-shape setup: a bf16 oneDNN GEMM builds a
-    new primitive for every new key count, ~0.5 ms, and a decode step's key count is new every step)."""
-    if q.device.type == "cpu" and _run_attention_native(q, pieces, t, start, scale, out):
-        return
+    (`attend_gathered`'s arithmetic up to the order of the score sums). This is the PyTorch path, one
+    call per sequence and sublayer, so it makes as few torch calls as it can; on CPU with the compiled
+    kernels `run_attention_segments` serves every sequence of a step in one C call instead."""
     if len(pieces) == 1:  # (the common case; dtype checks in Python cost less than no-op casts)
         scores = torch.mm(q, pieces[0][0])  # [T*h, S]
     else:
@@ -790,8 +785,9 @@ def run_attention_segments(
     [P, c + r] the sublayer's pool (latent | rope key per row), segs = [(row offset, T, start, runs)]: a
     sequence's T queries are rows off*h .. (off+T)*h - 1, runs = [(first pool row, count)] its cached keys
     in position order. Writes out [N*h, c]. On CPU one `native.run_attend_pool` call for all of them (each
-    key read once, sequences split over the threads, no per-sequence Python); elsewhere, or where it does
-    not apply, `run_attention` per sequence."""
+    key read once, sequences split over the threads, no per-sequence Python; bf16 1.4-1.5x the two C
+    products it replaced, fp32 1.2x on a 4-head decode row); elsewhere, or where it does not apply,
+    `run_attention` per sequence."""
     c = out.shape[1]
     if q.device.type == "cpu" and native.run_attend_pool(q.float() * LOG2E, kv, segs, out):
         return
@@ -801,62 +797,6 @@ def run_attention_segments(
         rows = slice(off * h, (off + t) * h)
         pieces = [(keys_t[:, r : r + m], lat[r : r + m]) for r, m in runs]
         run_attention(q[rows], pieces, t, start, 1.0, out[rows])
-
-
-def _run_attention_native(
-    q: torch.Tensor,
-    pieces: list[tuple[torch.Tensor, torch.Tensor]],
-    t: int,
-    start: int,
-    scale: float,
-    out: torch.Tensor,
-) -> bool:
-    """`run_attention` through the C kernels; False (nothing written) where they do not apply. Where the
-    latents are the keys' first c columns (the pool's layout), `native.run_attend` reads each key once for
-    scores, softmax and P·V (bf16 1.4-1.5x the two products below, fp32 1.2x on a 4-head decode row).
-    Otherwise two
-    `native.rows_by_keys` products around a torch softmax, except fp32 products below RUN_NATIVE_MIN_MACS
-    (the BLAS's fixed cost is lower; bf16 always: oneDNN's per-shape setup costs more than any of these
-    products)."""
-    if native.library() is not None and all(
-        lat.data_ptr() == keys_t.data_ptr() and lat.stride() == (keys_t.stride(1), 1)
-        for keys_t, lat in pieces
-    ):
-        qf = q.float() * (scale * LOG2E)  # [T*h, c + r]
-        if native.run_attend(qf, [keys_t.t() for keys_t, _ in pieces], q.shape[0] // t, start, out):
-            return True
-    if q.dtype == torch.float32:
-        n_keys = sum(keys_t.shape[1] for keys_t, _ in pieces)
-        if q.shape[0] * n_keys * (q.shape[1] + out.shape[1]) < RUN_NATIVE_MIN_MACS:
-            return False
-    if native.library() is None or not out.is_contiguous():
-        return False
-    qf = q.float() if scale == 1.0 else q.float() * scale  # [T*h, c + r] (q itself is never scaled in place)
-    if not qf.is_contiguous():
-        qf = qf.contiguous()
-    parts = []
-    for keys_t, _ in pieces:  # scores of each run: [T*h, n]
-        part = qf.new_empty(qf.shape[0], keys_t.shape[1])
-        if not native.rows_by_keys(qf, keys_t.t(), part):
-            return False
-        parts.append(part)
-    scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    _mask_future(scores, t, start)
-    probs = torch.softmax(scores, dim=-1)  # [T*h, S] fp32
-    if len(pieces) == 1:
-        return native.rows_by_keys(probs, pieces[0][1], out, transposed=False)
-    acc = torch.zeros(out.shape, dtype=torch.float32)
-    part_out = torch.empty(out.shape, dtype=torch.float32)
-    o = 0
-    for _, lat in pieces:
-        if not native.rows_by_keys(
-            probs[:, o : o + lat.shape[0]].contiguous(), lat, part_out, transposed=False
-        ):
-            return False
-        acc += part_out
-        o += lat.shape[0]
-    out.copy_(acc)
-    return True
 
 
 # ---------------------------------------------------------------------- dense prefill (expanded form)

@@ -33,21 +33,20 @@ Design choices:
     loads, 16 FMAs per element; the scores staged key-major and transposed per 16 keys, as 64 scattered
     rows 8 KB apart thrashed L1), softmax by exp2, then `pv_rows` reading the row's keys by slot while they
     are still in cache. 1.3x the gather + oneDNN scores + `pv_rows` path, and no gathered copy.
-  - `linear` / `absorb` / `unabsorb` / `rows_by_keys`: products of a few rows (decode: a batch of 1-8
-    tokens, or a sequence's 4 heads) with a weight or a run of cached keys, read once and in place:
+  - `linear` / `absorb` / `unabsorb`: products of a few rows (decode: a batch of 1-8 tokens) with a weight,
+    read once and in place:
     register tiles of 1-2 rows x 8 weight rows with lane sums at the end ("NT", W [N, K]), or 1-4 rows x
     64-128 columns with the rows' values broadcast ("KN", W [K, N]), fp32 accumulation, bf16 results
     rounded to nearest even. MLA's absorbed form reads W_uk and W_uv straight out of `kv_b_proj`'s weight
     (no per-head copies). At LongCat-2.0's q_b_proj (1536 x 12288) 1.1-1.5x oneDNN (fp32, 1-8 rows) and
-    1.3-1.5x (bf16, 1-2 rows; oneDNN's AVX512-BF16 dot products win from 4 rows). `rows_by_keys` serves
-    `kernels.run_attention`: a oneDNN bf16 GEMM built a new primitive for every new key count (~0.5 ms,
-    and a decode step's key count is new every step).
-  - `run_attend` / `run_attend_pool`: a decode step's absorbed attention over each sequence's cached runs
-    (`kernels.run_attention`), with each key read from memory once: tiles of 32 keys, scores in register
-    tiles of 4 rows x 4 keys, an online softmax in log2 units, then P·V while the tile is in L1 (the next
-    tile prefetched meanwhile). Before, two `rows_by_keys` products read every key twice around a torch
-    softmax, with ~10 torch calls per sequence and sublayer; `run_attend_pool` serves all of a step's
-    sequences in one call, split over the threads. Against the two products, 600 keys, warm cache: bf16
+    1.3-1.5x (bf16, 1-2 rows; oneDNN's AVX512-BF16 dot products win from 4 rows).
+  - `run_attend_pool`: a decode step's absorbed attention over each sequence's cached runs
+    (`kernels.run_attention_segments`), every sequence in one call, split over the threads, each key read
+    from memory once: tiles of 32 keys, scores in register tiles of 4 rows x 4 keys, an online softmax in
+    log2 units, then P·V while the tile is in L1 (the next tile prefetched meanwhile). It replaced two C
+    products of these tiles per sequence and sublayer (`rows_by_keys`, which read every key twice around a
+    torch softmax with ~10 torch calls; a oneDNN bf16 GEMM builds a new primitive for every new key
+    count, ~0.5 ms, and a decode step's key count is new every step). Against the two products, 600 keys, warm cache: bf16
     1.4-1.5x at 4-64 rows, fp32 1.2x at 4-8 rows and 0.95-1.0x at 16-64 (a cold cache favours reading each
     key once); the vs-vLLM model's bf16 decode step at batch 8: 7.8 → 5.8 ms (BENCHMARKS.md).
   - `experts`: a MoE's routed experts for the few rows each gets in a decode step (`cpu.CpuExperts`): every
@@ -431,6 +430,11 @@ static inline v16 vexp2(v16 x) {
     return (v16)(((vi16)poly + (k << 23)) & live);
 }
 
+static inline float exp2_1(float x) { /* one 2^x, x <= 0 (-inf: 0) */
+    v16 v = {x};
+    return vexp2(v)[0];
+}
+
 
 /* Scores of large rows read in place: out[i, hh, j] = sum_e q[i, hh, e] * pool[slots[i, j], e], e < D
    (-inf where the slot is -1), fp32, h a multiple of 16. Each row's queries are transposed to qt [D, h]
@@ -734,14 +738,12 @@ static inline void put1(void *out, int bf16, int64_t i, float f) {
 #define WTYPE_0 float
 #define WTYPE_1 uint16_t
 
-/* "NT": y[m, n] = sum_k x[m, k] W[n, k], n in [n0, n1): register tiles of MR rows x NR weight rows, each
-   weight row read once per MR rows, dot products summed across lanes at the end. */
-
-
-
 /* bf16 weight rows are prefetched this many elements (512 bytes) ahead: their tiles read half-lines per
    row and step, and without it the stream ran at 16-22 GB/s against fp32's 37 (20-26 with it). */
 #define NT_BF16_PREFETCH 256
+
+/* "NT": y[m, n] = sum_k x[m, k] W[n, k], n in [n0, n1): register tiles of MR rows x NR weight rows, each
+   weight row read once per MR rows, dot products summed across lanes at the end. */
 #define NT_TILE(MR, NR, WB)                                                                                   \
     static void nt_##MR##_##NR##_##WB(const float *x, int64_t M, int64_t xs, const void *W, int64_t ws,       \
                                        int64_t K, void *y, int yb, int64_t ys, int64_t n0, int64_t n1) {     \
@@ -824,6 +826,14 @@ KN_TILE(4, 4, 0)
 KN_TILE(1, 8, 1)
 KN_TILE(4, 4, 1)
 
+/* y[:, n0 .. n1) = x W^T for M rows (NT: register tiles of 1 or 2 rows x 8 weight rows), W fp32 or bf16
+   (row stride ws). */
+static void nt_rows(const float *x, int64_t M, int64_t xs, const void *W, int wb, int64_t ws, int64_t K, void *y,
+                    int yb, int64_t ys, int64_t n0, int64_t n1) {
+    if (M == 1) { if (wb) nt_1_8_1(x, M, xs, W, ws, K, y, yb, ys, n0, n1); else nt_1_8_0(x, M, xs, W, ws, K, y, yb, ys, n0, n1); }
+    else { if (wb) nt_2_8_1(x, M, xs, W, ws, K, y, yb, ys, n0, n1); else nt_2_8_0(x, M, xs, W, ws, K, y, yb, ys, n0, n1); }
+}
+
 /* Heads [h0, h1) of y_h = x_h W_h^T ("NT", W_h [N, K]) or x_h W_h ("KN", W_h [K, N]), output columns
    [n0, n1) (NT only); x fp32 [M, K] per head (row stride xs, head stride xh), W fp32 or bf16 (row stride
    ws, head stride wh, in elements), y fp32 or bf16 (row stride ys, head stride yh). */
@@ -838,8 +848,7 @@ void lc2_heads_linear(const float *x, int64_t M, int64_t xs, int64_t xh, const v
             if (M == 1) { if (wb) kn_1_8_1(xi, M, xs, wi, ws, K, N, yi, yb, ys); else kn_1_8_0(xi, M, xs, wi, ws, K, N, yi, yb, ys); }
             else { if (wb) kn_4_4_1(xi, M, xs, wi, ws, K, N, yi, yb, ys); else kn_4_4_0(xi, M, xs, wi, ws, K, N, yi, yb, ys); }
         } else {
-            if (M == 1) { if (wb) nt_1_8_1(xi, M, xs, wi, ws, K, yi, yb, ys, n0, n1); else nt_1_8_0(xi, M, xs, wi, ws, K, yi, yb, ys, n0, n1); }
-            else { if (wb) nt_2_8_1(xi, M, xs, wi, ws, K, yi, yb, ys, n0, n1); else nt_2_8_0(xi, M, xs, wi, ws, K, yi, yb, ys, n0, n1); }
+            nt_rows(xi, M, xs, wi, wb, ws, K, yi, yb, ys, n0, n1);
         }
     }
 }
@@ -866,13 +875,6 @@ static inline v16 vsilu(v16 v) {
     return v * num / (1.0f + e);
 }
 
-/* y = x W^T for M rows (NT, register tiles of 1-2 rows x 8 weight rows), W fp32 or bf16. */
-static void nt_rows(const float *x, int64_t M, int64_t xs, const void *W, int wb, int64_t K, void *y, int yb,
-                    int64_t ys, int64_t N) {
-    if (M == 1) { if (wb) nt_1_8_1(x, M, xs, W, K, K, y, yb, ys, 0, N); else nt_1_8_0(x, M, xs, W, K, K, y, yb, ys, 0, N); }
-    else { if (wb) nt_2_8_1(x, M, xs, W, K, K, y, yb, ys, 0, N); else nt_2_8_0(x, M, xs, W, K, K, y, yb, ys, 0, N); }
-}
-
 /* Experts [e0, e1) of a MoE (`Experts.forward`) for rows sorted by expert, expert e's rows offs[e] ..
    offs[e + 1] - 1 of x [M, H] (fp32): y = (silu(x Wg^T) * (x Wu^T)) Wd^T with Wg, Wu [E, I, H] and Wd
    [E, H, I], fp32 or bf16 (wb), y [M, H] in the weights' dtype. With bf16 weights the intermediates are
@@ -886,8 +888,8 @@ void lc2_experts(const float *x, int64_t H, int64_t I, const int64_t *offs, cons
         if (m <= 0) continue;
         const float *xe = x + offs[e] * H;
         float *g = ws, *u = ws + m * I;
-        nt_rows(xe, m, H, (const char *)wg + (size_t)(e * I * H) * wsz, wb, H, g, 0, I, I);
-        nt_rows(xe, m, H, (const char *)wu + (size_t)(e * I * H) * wsz, wb, H, u, 0, I, I);
+        nt_rows(xe, m, H, (const char *)wg + (size_t)(e * I * H) * wsz, wb, H, H, g, 0, I, 0, I);
+        nt_rows(xe, m, H, (const char *)wu + (size_t)(e * I * H) * wsz, wb, H, H, u, 0, I, 0, I);
         for (int64_t i = 0; i < m * I; i += 16) {
             const int64_t left = m * I - i;
             v16 gv = row_load(g, 0, i, left), uv = row_load(u, 0, i, left);
@@ -896,8 +898,8 @@ void lc2_experts(const float *x, int64_t H, int64_t I, const int64_t *offs, cons
             else a = vsilu(gv) * uv;
             put16(g, 0, i, a, left < 16 ? left : 16);
         }
-        nt_rows(g, m, I, (const char *)wd + (size_t)(e * H * I) * wsz, wb, I, (char *)y + (size_t)(offs[e] * H) * wsz,
-                wb, H, H);
+        nt_rows(g, m, I, (const char *)wd + (size_t)(e * H * I) * wsz, wb, I, I, (char *)y + (size_t)(offs[e] * H) * wsz,
+                wb, H, 0, H);
     }
 }
 
@@ -1053,7 +1055,7 @@ void lc2_run_attend(const float *q, int64_t D, int64_t c, int64_t h, int64_t sta
                 const v16 p0 = vexp2(s0 - mn), p1 = vexp2(s1 - mn); /* (-inf: 0) */
                 vstore(sa, p0);
                 vstore(sa + 16, p1);
-                const float corr = m[a] == ninf ? 0.0f : vexp2((v16){m[a] - mn})[0];
+                const float corr = exp2_1(m[a] - mn); /* (m = -inf: 0) */
                 l[a] = l[a] * corr + hsum(p0 + p1);
                 m[a] = mn;
                 if (corr != 1.0f) {
@@ -1164,11 +1166,6 @@ static float span_exp2(void *row, int bf16, int64_t from, int64_t to, float scal
 
 static inline void span_zero(void *row, int bf16, int64_t from, int64_t to) {
     if (to > from) memset((char *)row + from * (bf16 ? 2 : 4), 0, (size_t)(to - from) * (bf16 ? 2 : 4));
-}
-
-static inline float exp2_1(float x) { /* one 2^x, x <= 0 */
-    v16 v = {x};
-    return vexp2(v)[0];
 }
 
 /* One online-softmax step of a dense prefill tile, rows [r0, r1) of s [R, J] (row stride lds, fp32 or
@@ -1411,10 +1408,8 @@ def tuned_for_this_cpu() -> bool:
     register. Their register tiles hold 16-24 such vectors; with AVX2 each is two registers, the tiles
     spill, and the kernels ran slower than the PyTorch ops (the embedded model's 29K prefill built for
     AVX2 on this box: 50.3 CPU s against 18.5 without the kernels and 7.9 with the AVX-512 build)."""
-    return platform.machine().lower() in (
-        "x86_64",
-        "amd64",
-    ) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return x86 and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _build() -> ctypes.CDLL | None:
@@ -1489,9 +1484,6 @@ def _build() -> ctypes.CDLL | None:
         p,
         p,
     ]
-    lib.lc2_run_attend.restype = None
-    lib.lc2_run_attend.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, ctypes.c_int, p, ctypes.c_int, p]
-    lib.lc2_run_attend.argtypes += [i64, i64]
     lib.lc2_experts.restype = None
     lib.lc2_experts.argtypes = [p, i64, i64, p, p, p, p, ctypes.c_int, p, p, i64, i64]
     lib.lc2_run_attend_segs.restype = None
@@ -2311,74 +2303,18 @@ def experts(
 RUN_ATTEND_KT = 32  # keys per tile of lc2_run_attend (RUN_KT in the C source)
 
 
-def run_attend(q: torch.Tensor, runs: list[torch.Tensor], h: int, start: int, out: torch.Tensor) -> bool:
-    """`kernels.run_attention`'s absorbed attention with each cached key read once: q [R, D] fp32 contiguous,
-    R = T*h rows (query i, head j at row i*h + j), the softmax scale and log2 e folded in; runs: the
-    sequence's cached runs in position order, each [n, D] pool rows (one row stride, unit column stride,
-    fp32 or bf16), covering positions 0 .. start+T-1; query i sees positions <= start + i. The latent is
-    the first c columns of each key; out [R, c] contiguous fp32 or bf16. False (out untouched) where the
-    kernel does not apply."""
-    lib = library()
-    if (
-        lib is None
-        or not runs
-        or q.dtype != torch.float32
-        or not q.is_contiguous()
-        or not out.is_contiguous()
-    ):
-        return False
-    k0 = runs[0]
-    ld, d = k0.stride(0), q.shape[1]
-    if (
-        out.dtype not in (torch.float32, torch.bfloat16)
-        or k0.dtype not in (torch.float32, torch.bfloat16)
-        or any(r.dtype != k0.dtype or r.stride() != (ld, 1) or r.shape[1] != d for r in runs)
-        or any(t.device.type != "cpu" for t in (q, out, k0))
-        or out.shape[0] != q.shape[0]
-        or out.shape[1] > d
-        or q.shape[0] % h
-        or sum(r.shape[0] for r in runs) < start + q.shape[0] // h
-    ):
-        return False
-    n_rows, c = out.shape
-    ptrs = (ctypes.c_int64 * len(runs))(*(r.data_ptr() for r in runs))
-    lens = (ctypes.c_int64 * len(runs))(*(r.shape[0] for r in runs))
-    per_row = c + RUN_ATTEND_KT + 2
-    ws = torch.empty(n_rows * per_row, dtype=torch.float32)
-    bf16_keys, bf16_out = int(k0.dtype == torch.bfloat16), int(out.dtype == torch.bfloat16)
-
-    def run(r0: int, r1: int) -> None:
-        lib.lc2_run_attend(
-            q.data_ptr(),
-            d,
-            c,
-            h,
-            start,
-            ptrs,
-            lens,
-            len(runs),
-            ld,
-            bf16_keys,
-            out.data_ptr(),
-            bf16_out,
-            ws.data_ptr() + r0 * per_row * 4,
-            r0,
-            r1,
-        )
-
-    _over_rows(n_rows, run)
-    return True
-
-
 def run_attend_pool(
     q: torch.Tensor,
     pool: torch.Tensor,
     segs: list[tuple[int, int, int, list[tuple[int, int]]]],
     out: torch.Tensor,
 ) -> bool:
-    """`run_attend` for every sequence of a decode step in one call: segs = [(row offset, T, start, runs)]
-    as `StepContext` plans them (the sequence's queries are rows off*h .. (off+T)*h - 1 of q [N*h, D] and
-    out [N*h, c]; runs = [(first pool row, count)] in position order, covering positions 0 .. start+T-1);
+    """`kernels.run_attention`'s absorbed attention for every sequence of a decode step in one call, each
+    cached key read once (`lc2_run_attend`): q [N*h, D] fp32 contiguous with the softmax scale and log2 e
+    folded in (query i of a sequence, head j at its row i*h + j; query i sees positions <= start + i);
+    segs = [(row offset, T, start, runs)] as `StepContext` plans them (the sequence's queries are rows
+    off*h .. (off+T)*h - 1 of q and out [N*h, c]; runs = [(first pool row, count)] in position order,
+    covering positions 0 .. start+T-1);
     pool [P, D] the sublayer's cache (fp32 or bf16, unit column stride), the latent its first c columns.
     Sequences are split over the threads. False (out untouched) where the kernel does not apply."""
     lib = library()
@@ -2427,30 +2363,4 @@ def run_attend_pool(
         lib.lc2_run_attend_segs(q.data_ptr(), *args, int(out.dtype == torch.bfloat16), ws_ptr, s0, s1)
 
     _over_rows(n, run, min_rows=1)
-    return True
-
-
-def rows_by_keys(x: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, transposed: bool = True) -> bool:
-    """out [M, N] = x [M, K] @ keys^T with keys [N, K] (transposed=True: attention scores over cached
-    rows), or x @ keys with keys [K, N] (False: probabilities times cached latents); x fp32 contiguous,
-    keys fp32 / bf16 with unit column stride (any row stride: a run of the pool read in place), out fp32
-    or bf16 contiguous. Any M (both products stream the keys once per 2 or 4 rows). False (out
-    untouched) where the kernel does not apply."""
-    lib = library()
-    if (
-        lib is None
-        or x.dtype != torch.float32
-        or keys.dtype not in (torch.float32, torch.bfloat16)
-        or out.dtype not in (torch.float32, torch.bfloat16)
-        or any(t.device.type != "cpu" for t in (x, keys, out))
-        or not x.is_contiguous()
-        or not out.is_contiguous()
-        or keys.dim() != 2
-        or keys.stride(1) != 1
-    ):
-        return False
-    n, k = (keys.shape[0], keys.shape[1]) if transposed else (keys.shape[1], keys.shape[0])
-    if x.shape[1] != k or out.shape != (x.shape[0], n):
-        return False
-    _heads_linear(lib, x[None], keys, 0, keys.stride(0), 0, not transposed, n, k, out[None])
     return True

@@ -263,7 +263,7 @@ def _window_case(dtype: torch.dtype, rows: int, query_block: int, size: str, emp
     torch.testing.assert_close(got.float(), ref, **tol)
 
 
-@pytest.mark.parametrize("path", ["fused", "products", "torch"])
+@pytest.mark.parametrize("path", ["fused", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t,cuts", [(1, [130]), (5, [64, 100]), (3, []), (2, [40, 41, 120])])
 def test_run_attention_in_place_matches_gathered_causal_rows(
@@ -271,16 +271,13 @@ def test_run_attention_in_place_matches_gathered_causal_rows(
 ) -> None:
     """T queries at positions start.. over runs of a [P, c + r] pool (read in place, split at the pool
     discontinuity and at `cuts`, a one-key run among them) equal the gather kernel over each query's
-    visible slots (causal rows); three paths: the C kernel that reads each key once (native.run_attend:
-    latents that are the keys' first c columns, as in the pool), the two C products around a torch softmax
-    (native.rows_by_keys: latents elsewhere; here below their fp32 size floor too), and torch's GEMMs."""
-    if path != "torch" and not native.available():
+    visible slots (causal rows); two paths: the C kernel that reads each key once
+    (`run_attention_segments` → native.run_attend_pool) and torch's GEMMs (`run_attention`)."""
+    if path == "fused" and not native.available():
         pytest.skip("no compiled kernels here")
-    monkeypatch.setattr(kernels, "RUN_NATIVE_MIN_MACS", 0)
-    calls: list[str] = []
-    for name in ("rows_by_keys", "run_attend"):
-        plain = getattr(native, name)
-        monkeypatch.setattr(native, name, lambda *a, _f=plain, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    calls = []
+    plain = native.run_attend_pool
+    monkeypatch.setattr(native, "run_attend_pool", lambda *a, **k: calls.append(1) or plain(*a, **k))
     torch.manual_seed(4)
     h, c, rr, start = 4, 32, 8, 150
     s = start + t
@@ -292,17 +289,16 @@ def test_run_attention_in_place_matches_gathered_causal_rows(
     ql, qr = torch.randn(t, h, c).to(dtype), torch.randn(t, h, rr).to(dtype)
     ref = gather_attention(ql.float(), qr.float(), pool.float(), slots, 0.3)
     bounds = sorted({0, half, *cuts, s})
-    latents = pool[:, :c].clone() if path == "products" else pool[:, :c]
-    pieces = [
-        (pool.t()[:, rows[a] : rows[a] + b - a], latents[rows[a] : rows[a] + b - a])
-        for a, b in zip(bounds, bounds[1:])
-    ]
+    runs = [(int(rows[a]), b - a) for a, b in zip(bounds, bounds[1:])]  # (first pool row, count)
     out = torch.empty(t * h, c, dtype=dtype)
     q = torch.cat([ql, qr], dim=-1).view(t * h, -1)
     q_before = q.clone()
-    with contextlib.nullcontext() if path != "torch" else native.disabled():
+    if path == "fused":
+        run_attention_segments((q.float() * 0.3).to(dtype), pool, [(0, t, start, runs)], out)
+    else:
+        pieces = [(pool.t()[:, r : r + m], pool[r : r + m, :c]) for r, m in runs]
         run_attention(q, pieces, t, start, 0.3, out)
-    assert set(calls) == {"fused": {"run_attend"}, "products": {"rows_by_keys"}, "torch": set()}[path]
+    assert bool(calls) is (path == "fused")
     assert torch.equal(q, q_before)  # (the scale is not applied to the caller's queries in place)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out.view(t, h, c).float(), ref, **tol)

@@ -570,11 +570,11 @@ def test_relu_wsum_and_rescore_equal_torch(dtype: torch.dtype) -> None:
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_run_attend_equals_causal_softmax_attention_and_declines_bad_plans(dtype: torch.dtype) -> None:
-    """`run_attend` (scores in log2 units) against a float64 causal softmax over the pool rows of two runs:
-    3 queries x 3 heads (rows not a multiple of the 4-row tile), 75 keys (three key tiles, the last one
-    partial and partly in the future), head dims with tails (D = 81, c = 72). `run_attend_pool` gives the
-    same rows; plans whose runs miss positions or leave the pool are declined with out untouched."""
+def test_run_attend_pool_equals_causal_softmax_attention_and_declines_bad_plans(dtype: torch.dtype) -> None:
+    """`run_attend_pool` (scores in log2 units) against a float64 causal softmax over the pool rows of two
+    runs: 3 queries x 3 heads (rows not a multiple of the 4-row tile), 75 keys (three key tiles, the last
+    one partial and partly in the future), head dims with tails (D = 81, c = 72). Plans whose runs miss
+    positions or leave the pool are declined with out untouched."""
     if not native.available():
         pytest.skip("no compiled kernels here")
     g = torch.Generator().manual_seed(11)
@@ -589,15 +589,11 @@ def test_run_attend_equals_causal_softmax_attention_and_declines_bad_plans(dtype
     ref = p @ keys[:, :c]  # [T*h, c]
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     out = torch.empty(t * h, c, dtype=dtype)
-    assert native.run_attend(q, [pool[r : r + m] for r, m in runs], h, start, out)
+    assert native.run_attend_pool(q, pool, [(0, t, start, runs)], out)
     torch.testing.assert_close(out.double(), ref, **tol)
-    out2 = torch.empty(t * h, c, dtype=dtype)
-    assert native.run_attend_pool(q, pool, [(0, t, start, runs)], out2)
-    assert torch.equal(out, out2)
     sentinel = torch.full((t * h, c), 7.0, dtype=dtype)
     for bad in ([(5, 40), (100, 30)], [(5, 40), (190, 35)]):  # a position missing; past the pool's end
         assert not native.run_attend_pool(q, pool, [(0, t, start, bad)], sentinel)
-    assert not native.run_attend(q, [pool[5:45], pool[100:130]], h, start, sentinel)
     assert bool((sentinel == 7.0).all())
 
 
