@@ -56,9 +56,9 @@ Design choices:
   per row costs as much as the GEMM saves. In fp32 the compiled `native.pv_rows` takes it where built
   (1.5-1.7x the per-row `mm`).
 - Compiled C kernels (`native`) take, on CPU where a compiler is present, the non-GEMM parts of LSA (the
-  selection, the indexer scan for head dims <= NATIVE_SCAN_MAX_DIM, sparse rows' attention read in place
-  from the pool) and a decode step's few-row products (`absorb` / `unabsorb`, `run_attention`'s two
-  products). Each keeps its PyTorch path here (the tests compare them).
+  selection, the indexer scan for narrow heads and for a decode step's few rows, sparse rows' attention
+  read in place from the pool) and a decode step's few-row products (`absorb` / `unabsorb`, the attention
+  over cached runs). Each keeps its PyTorch path here (the tests compare them).
 """
 
 from __future__ import annotations
@@ -93,10 +93,6 @@ DECODE_SCAN_BLOCK = 2048
 EXPAND_ROWS = 256
 # gathered rows' P·V products of at least this many multiply-adds run as one mm per row on CPU (module doc)
 PER_ROW_MIN_MACS = 1 << 21
-# indexer head dims up to which the C scan (native.index_scores) runs instead of GEMM + ReLU/weight/sum
-# passes: 1.6x at the embedded model's 4 x 16 (the passes dominate a 16-deep GEMM), 0.3x at LongCat-2.0's
-# 64 x 128, where oneDNN's GEMM is the faster product
-NATIVE_SCAN_MAX_DIM = 32
 
 
 def dense_rows(q_pos: torch.Tensor, width: int) -> torch.Tensor:
@@ -123,7 +119,11 @@ def index_scan(
     on every call, 1.7 s of the embedded model's 29K-token prefill)."""
     t, _, d = q.shape
     out = _scratch(workspace, "index_scores", q.new_empty(0, dtype=torch.float32), (t, end - start))
-    if d <= NATIVE_SCAN_MAX_DIM and native.index_scores(q, w, pieces, start, end, out) is not None:
+    # C: narrow heads (1.6x GEMM + ReLU/weight/sum passes at the embedded model's 4 x 16), or a decode
+    # step's rows (1.5x oneDNN at 32 x 128, cold keys); wide heads at prefill take oneDNN's GEMM
+    if (d <= native.SCAN_MAX_DIM or t <= native.WIDE_SCAN_MAX_ROWS) and native.index_scores(
+        q, w, pieces, start, end, out
+    ) is not None:
         return out
     return index_scan_torch(q, w, pieces, start, end, out, workspace)
 

@@ -17,8 +17,10 @@ Design choices:
   - `index_scores`: Σ_h w_h ReLU(q_h · k) per row and key. As a GEMM the inner dimension is the head
     dimension (16), and the ReLU, weight and head-sum passes over a [rows·h, keys] tile cost more than the
     product; here keys are transposed 256 at a time and each query vector meets 128 keys per register
-    tile, the ReLU and weighting done in registers. Only for head dims <= 32 (at LongCat-2.0's 64 x 128
-    oneDNN's GEMM is the faster product).
+    tile, the ReLU and weighting done in registers. For head dims <= 32 any number of rows; wider heads
+    (LongCat-2.0's 64 x 128) only for a decode step's few rows, with the heads in the vector lanes (a
+    register tile of 8 keys x 32 heads or 4 x 64, the row's queries transposed in L1): 1.5x oneDNN's
+    [keys x 128] x [128 x 32] GEMM on cold keys. For prefill rows the GEMM is the faster product.
   - `pv_rows`: the fp32 P·V of large gathered rows ([64 heads x ~1-2K keys] x [keys x 512] at
     LongCat-2.0 dims). MKL runs its AVX2 kernels on AMD CPUs (~90 GFLOP/s here) and oneDNN needs the
     values transposed (a copy per row costs what it saves). Blocked over 256 keys, register tiles of 4
@@ -29,10 +31,12 @@ Design choices:
     unnormalised block (o, max, sum) so the windowed path merges it with the shared window's block. Only
     for rows below `kernels.PER_ROW_MIN_MACS`.
   - `slot_attention`: large fp32 rows (64 heads x 2,048 picks at LongCat-2.0 dims) the same way, in
-    register tiles: a row's queries transposed to [D, h] so a tile is 4 keys x 64 heads (4 broadcasts, 4
-    loads, 16 FMAs per element; the scores staged key-major and transposed per 16 keys, as 64 scattered
-    rows 8 KB apart thrashed L1), softmax by exp2, then `pv_rows` reading the row's keys by slot while they
-    are still in cache. 1.3x the gather + oneDNN scores + `pv_rows` path, and no gathered copy.
+    register tiles and one block of 64 keys at a time: a row's queries transposed to [D, h] so a score tile
+    is 4 keys x 64 heads (4 broadcasts, 4 loads, 16 FMAs per element), the block's scores kept key-major,
+    an online softmax by exp2 over vectors of 16 heads, then P·V while the block's keys are in cache, one
+    64-column strip of them (in L1) serving every 4-head tile. Each key comes from memory once. The
+    first version (1.3x the gather + oneDNN scores + `pv_rows` path) scored the whole row, then re-read
+    its keys from L3 for P·V at ~110 GFLOP/s; this one is 1.3-1.4x that (8 rows of 2,048 random picks).
   - `linear` / `absorb` / `unabsorb`: products of a few rows (decode: a batch of 1-8 tokens) with a weight,
     read once and in place:
     register tiles of 1-2 rows x 8 weight rows with lane sums at the end ("NT", W [N, K]), or 1-4 rows x
@@ -388,6 +392,70 @@ static inline float hsum(v16 v) { /* a tree of halves, not 16 dependent adds */
 
 static inline v16 vsel(vi16 m, v16 a, v16 b) { return (v16)(((vi16)a & m) | ((vi16)b & ~m)); }
 static inline v16 vmax(v16 a, v16 b) { return vsel(a > b, a, b); }
+
+/* One register tile of `lc2_index_scores_wide`: kt keys x hv vectors of 16 heads (kt * hv <= 16
+   accumulators), keys kb [kt, d] with row stride kld; o[a] = sum_h w_h relu(q_h . k_a) for a < m. */
+static inline __attribute__((always_inline)) void wide_scan_tile(const float *qt, const float *w, const int hv,
+                                                                 const int kt, const float *kb, int64_t kld,
+                                                                 int64_t d, float *o, int64_t m) {
+    v16 acc[16][4];
+    for (int a = 0; a < kt; a++)
+        for (int b = 0; b < hv; b++) acc[a][b] = (v16){0};
+    for (int64_t e = 0; e < d; e++) {
+        v16 qv[4];
+        for (int b = 0; b < hv; b++) qv[b] = vload(qt + e * 16 * hv + 16 * b);
+        for (int a = 0; a < kt; a++) {
+            const float kv = kb[a * kld + e];
+            for (int b = 0; b < hv; b++) acc[a][b] += kv * qv[b];
+        }
+    }
+    for (int a = 0; a < m; a++) {
+        v16 s = {0};
+        for (int b = 0; b < hv; b++) s += vmax(acc[a][b], (v16){0}) * vload(w + 16 * b);
+        o[a] = hsum(s);
+    }
+}
+
+/* `lc2_index_scores` for wide heads and a few rows (a decode step: one query row against every cached
+   key, at LongCat-2.0's 64 heads x 128 dims): h a multiple of 16 up to 64, heads in the vector lanes. A
+   row's queries are transposed to qt [d, h] (in L1), and a register tile of 16 / (h / 16) keys x h heads
+   takes one broadcast key value per dim and key; fp32 keys are read in place, bf16 ones widened a tile at
+   a time into kw. As a GEMM this is [keys, d] x [d, h] with h small, which oneDNN ran at ~100 GFLOP/s
+   here, with a ReLU / weight / head-sum pass after it. qt: T * d * h floats, kw: 16 * d floats. */
+#define WIDE_AHEAD 8 /* tiles of keys fetched ahead */
+void lc2_index_scores_wide(const float *q, const float *w, int64_t T, int64_t h, int64_t d, const void *keys,
+                           int64_t key_ld, int key_bf16, int64_t n, float *out, int64_t out_ld, float *qt,
+                           float *kw) {
+    const int hv = (int)(h / 16), kt = hv == 1 ? 16 : hv == 2 ? 8 : hv == 3 ? 5 : 4;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t hh = 0; hh < h; hh++)
+            for (int64_t e = 0; e < d; e++) qt[(t * d + e) * h + hh] = q[(t * h + hh) * d + e];
+    for (int64_t j0 = 0; j0 < n; j0 += kt) {
+        const int64_t m = n - j0 < kt ? n - j0 : kt;
+        const float *kb = (const float *)keys + j0 * key_ld;
+        int64_t kld = key_ld;
+        const int64_t esz = key_bf16 ? 2 : 4;
+        for (int64_t a = j0 + WIDE_AHEAD * kt; a < j0 + (WIDE_AHEAD + 1) * kt && a < n; a++)
+            for (int64_t off = 0; off < d * esz; off += 64) __builtin_prefetch((const char *)keys + a * key_ld * esz + off);
+        if (key_bf16 || m < kt) { /* widened (bf16) or zero-padded (a partial tile) into kw */
+            for (int64_t a = 0; a < kt; a++)
+                for (int64_t e = 0; e < d; e += 16)
+                    vstore(kw + a * d + e, a < m ? row_load(keys, key_bf16, (j0 + a) * key_ld + e, d - e)
+                                                 : (v16){0});
+            kb = kw, kld = d;
+        }
+        for (int64_t t = 0; t < T; t++) {
+            const float *qr = qt + t * d * h, *wr = w + t * h;
+            float *o = out + t * out_ld + j0;
+            switch (hv) {
+            case 1: wide_scan_tile(qr, wr, 1, 16, kb, kld, d, o, m); break;
+            case 2: wide_scan_tile(qr, wr, 2, 8, kb, kld, d, o, m); break;
+            case 3: wide_scan_tile(qr, wr, 3, 5, kb, kld, d, o, m); break;
+            default: wide_scan_tile(qr, wr, 4, 4, kb, kld, d, o, m); break;
+            }
+        }
+    }
+}
 static inline float hmax(v16 v) { /* the largest lane: halves, then 8 compares */
     v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
     v8 m8 = (v8)(((vi8)a & (a > b)) | ((vi8)b & ~(a > b)));
@@ -436,113 +504,35 @@ static inline float exp2_1(float x) { /* one 2^x, x <= 0 (-inf: 0) */
 }
 
 
-/* Scores of large rows read in place: out[i, hh, j] = sum_e q[i, hh, e] * pool[slots[i, j], e], e < D
-   (-inf where the slot is -1), fp32, h a multiple of 16. Each row's queries are transposed to qt [D, h]
-   (in L2), so a register tile is 4 keys x 4 vectors of 16 heads: per element e, 4 broadcasts of the keys'
-   values and 4 loads of qt, 16 FMAs. The next tile's key rows are prefetched a cache line at a time. */
-static void scores_row(const float *qi, int64_t h, int64_t D, const float *pool, int64_t ld,
-                       const int64_t *si, int64_t kk, float *oi, float *qt) {
-    const float ninf = -__builtin_inff();
-    float kt[16 * 64]; /* 16 keys' scores of up to 64 heads, key-major */
-    {
-        for (int64_t hh = 0; hh < h; hh++)
-            for (int64_t e = 0; e < D; e++) qt[e * h + hh] = qi[hh * D + e];
-        for (int64_t g0 = 0; g0 < h; g0 += 64) {
-            const int hv = h - g0 >= 64 ? 4 : (int)((h - g0) / 16);
-            for (int64_t j0 = 0; j0 < kk; j0 += 4) {
-                const float *kp[4], *nx[4];
-                for (int a = 0; a < 4; a++) {
-                    int64_t j = j0 + a, jn = j0 + 4 + a;
-                    kp[a] = pool + (j < kk && si[j] >= 0 ? si[j] : 0) * ld;
-                    nx[a] = pool + (jn < kk && si[jn] >= 0 ? si[jn] : 0) * ld;
-                }
-                v16 acc[4][4];
-                for (int a = 0; a < 4; a++)
-                    for (int b = 0; b < 4; b++) acc[a][b] = (v16){0};
-                if (hv == 4) { /* whole tile: named accumulators, so they stay in registers */
-                    const float *k0 = kp[0], *k1 = kp[1], *k2 = kp[2], *k3 = kp[3];
-                    v16 a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
-                    v16 a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
-                    for (int64_t e0 = 0; e0 < D; e0 += 16) {
-                        for (int a = 0; a < 4; a++) __builtin_prefetch(nx[a] + e0);
-                        const int64_t e1 = e0 + 16 < D ? e0 + 16 : D;
-                        for (int64_t e = e0; e < e1; e++) {
-                            const float *qe = qt + e * h + g0;
-                            v16 q0 = vload(qe), q1 = vload(qe + 16), q2 = vload(qe + 32), q3 = vload(qe + 48);
-                            KEEP4(q0, q1, q2, q3);
-                            float x0 = k0[e], x1 = k1[e], x2 = k2[e], x3 = k3[e];
-                            a00 += x0 * q0, a01 += x0 * q1, a02 += x0 * q2, a03 += x0 * q3;
-                            a10 += x1 * q0, a11 += x1 * q1, a12 += x1 * q2, a13 += x1 * q3;
-                            a20 += x2 * q0, a21 += x2 * q1, a22 += x2 * q2, a23 += x2 * q3;
-                            a30 += x3 * q0, a31 += x3 * q1, a32 += x3 * q2, a33 += x3 * q3;
-                        }
-                    }
-                    acc[0][0] = a00, acc[0][1] = a01, acc[0][2] = a02, acc[0][3] = a03;
-                    acc[1][0] = a10, acc[1][1] = a11, acc[1][2] = a12, acc[1][3] = a13;
-                    acc[2][0] = a20, acc[2][1] = a21, acc[2][2] = a22, acc[2][3] = a23;
-                    acc[3][0] = a30, acc[3][1] = a31, acc[3][2] = a32, acc[3][3] = a33;
-                } else {
-                    for (int64_t e = 0; e < D; e++) {
-                        const float *qe = qt + e * h + g0;
-                        for (int b = 0; b < hv; b++) {
-                            v16 qv = vload(qe + 16 * b);
-                            for (int a = 0; a < 4; a++) acc[a][b] += kp[a][e] * qv;
-                        }
-                    }
-                }
-                for (int a = 0; a < 4; a++) { /* key-major into kt; transposed to out per 16 keys */
-                    const int empty = j0 + a < kk && si[j0 + a] < 0;
-                    for (int b = 0; b < hv; b++)
-                        vstore(kt + ((j0 + a) & 15) * 64 + 16 * b, empty ? (v16){0} + ninf : acc[a][b]);
-                }
-                if (((j0 + 4) & 15) == 0 || j0 + 4 >= kk) {
-                    const int64_t jb = j0 & ~(int64_t)15, jn = kk - jb < 16 ? kk - jb : 16;
-                    for (int64_t hh = 0; hh < 16 * hv; hh++) {
-                        float *dst = oi + (g0 + hh) * kk + jb;
-                        for (int64_t j = 0; j < jn; j++) dst[j] = kt[j * 64 + hh];
-                    }
-                }
-            }
-        }
-    }
-}
-
-void lc2_slot_scores(const float *q, int64_t n, int64_t h, int64_t D, const float *pool, int64_t ld,
-                     const int64_t *slots, int64_t kk, float *out, float *qt) {
-    for (int64_t i = 0; i < n; i++) scores_row(q + i * h * D, h, D, pool, ld, slots + i * kk, kk, out + i * h * kk, qt);
-}
-
 /* P.V of large rows: o[i] (+)= p[i] @ v[i][:, :c] for rows 0 .. n-1, fp32. p [n, h, K] (row stride K,
-   rows ldp apart), v: K keys per row with stride ldv (rows ldvr apart), or with slots [n, K]: row i's key
-   j is v's row slots[i, j] (stride ldv), read in place; o [n, h, c] contiguous. Blocked
-   so the data stays near the FMA units: 64 keys at a time (64 x c floats, in L2) serve every 4-head x
-   64-column register tile (16 accumulators over 4 loads and 4 broadcasts per key), whose partial sums
-   pass through o (L1/L2) between key blocks. */
+   rows ldp apart), v: K keys per row with stride ldv (rows ldvr apart); o [n, h, c] contiguous. Blocked so
+   the values stay near the FMA units: a block of PV_KEYS keys, and within it one 64-column strip at a time
+   (PV_KEYS x 64 floats, in L1) serves every 4-head x 64-column register tile (16 accumulators over 4 loads
+   and 4 broadcasts per key), whose partial sums pass through o between blocks. */
+#define PV_KEYS 64
 void lc2_pv_rows(const float *p, int64_t n, int64_t h, int64_t kk, int64_t ldp, const float *v, int64_t ldv,
-                 int64_t ldvr, int64_t c, float *o, int accumulate, const int64_t *slots) {
+                 int64_t ldvr, int64_t c, float *o, int accumulate) {
     for (int64_t i = 0; i < n; i++) {
         const float *pi = p + i * ldp;
         const float *vi = v + i * ldvr;
-        const int64_t *si = slots ? slots + i * kk : 0; /* rows of v by slot (-1: row 0, its p is 0) */
         float *oi = o + i * h * c;
         if (!accumulate) memset(oi, 0, (size_t)(h * c) * sizeof(float));
-        for (int64_t k0 = 0; k0 < kk; k0 += 256) {
-            int64_t k1 = k0 + 256 < kk ? k0 + 256 : kk;
-            if (si) /* rows at random places: fetch the block's rows with all misses in flight at once */
-                for (int64_t k = k0; k < k1; k++)
-                    for (int64_t e = 0; e < c; e += 16) __builtin_prefetch(v + (si[k] < 0 ? 0 : si[k]) * ldv + e, 0, 2);
-            for (int64_t h0 = 0; h0 < h; h0 += 4) {
-                int64_t hn = h - h0 < 4 ? h - h0 : 4;
-                for (int64_t c0 = 0; c0 < c; c0 += 64) {
+        for (int64_t k0 = 0; k0 < kk; k0 += PV_KEYS) {
+            const int64_t nk = kk - k0 < PV_KEYS ? kk - k0 : PV_KEYS;
+            const float *vb = vi + k0 * ldv;
+            for (int64_t c0 = 0; c0 < c; c0 += 64) {
+                for (int64_t h0 = 0; h0 < h; h0 += 4) {
+                    int64_t hn = h - h0 < 4 ? h - h0 : 4;
                     v16 acc[4][4];
                     for (int a = 0; a < 4; a++)
                         for (int b = 0; b < 4; b++)
                             acc[a][b] = a < hn ? row_load(oi + (h0 + a) * c, 0, c0 + 16 * b, c - c0 - 16 * b)
                                                : (v16){0};
+                    const float *p0 = pi + h0 * kk + k0;
                     if (hn == 4 && c - c0 >= 64) { /* whole tile: constant trip counts, registers only */
-                        const float *p0 = pi + h0 * kk, *p1 = p0 + kk, *p2 = p1 + kk, *p3 = p2 + kk;
-                        for (int64_t k = k0; k < k1; k++) {
-                            const float *vr = (si ? v + (si[k] < 0 ? 0 : si[k]) * ldv : vi + k * ldv) + c0;
+                        const float *p1 = p0 + kk, *p2 = p1 + kk, *p3 = p2 + kk;
+                        for (int64_t k = 0; k < nk; k++) {
+                            const float *vr = vb + k * ldv + c0;
                             v16 x0 = vload(vr), x1 = vload(vr + 16), x2 = vload(vr + 32), x3 = vload(vr + 48);
                             float q0 = p0[k], q1 = p1[k], q2 = p2[k], q3 = p3[k];
                             acc[0][0] += q0 * x0, acc[0][1] += q0 * x1, acc[0][2] += q0 * x2, acc[0][3] += q0 * x3;
@@ -551,12 +541,11 @@ void lc2_pv_rows(const float *p, int64_t n, int64_t h, int64_t kk, int64_t ldp, 
                             acc[3][0] += q3 * x0, acc[3][1] += q3 * x1, acc[3][2] += q3 * x2, acc[3][3] += q3 * x3;
                         }
                     } else {
-                        for (int64_t k = k0; k < k1; k++) {
-                            const float *vr = si ? v + (si[k] < 0 ? 0 : si[k]) * ldv : vi + k * ldv;
+                        for (int64_t k = 0; k < nk; k++) {
                             v16 x[4];
-                            for (int b = 0; b < 4; b++) x[b] = row_load(vr, 0, c0 + 16 * b, c - c0 - 16 * b);
+                            for (int b = 0; b < 4; b++) x[b] = row_load(vb + k * ldv, 0, c0 + 16 * b, c - c0 - 16 * b);
                             for (int a = 0; a < hn; a++) {
-                                float pv = pi[(h0 + a) * kk + k];
+                                float pv = p0[a * kk + k];
                                 for (int b = 0; b < 4; b++) acc[a][b] += pv * x[b];
                             }
                         }
@@ -568,48 +557,131 @@ void lc2_pv_rows(const float *p, int64_t n, int64_t h, int64_t kk, int64_t ldp, 
     }
 }
 
-/* Softmax of each of h rows of kk log2-unit scores, in place (exp2 of the difference to the row's max,
-   normalised); a row of only -inf becomes zeros. */
-static void softmax2_rows(float *ws, int64_t h, int64_t kk) {
-    const float ninf = -__builtin_inff();
-    for (int64_t hh = 0; hh < h; hh++) {
-        float *sh = ws + hh * kk;
-        float mx = ninf;
-        for (int64_t j = 0; j < kk; j++) mx = sh[j] > mx ? sh[j] : mx;
-        if (mx == ninf) {
-            memset(sh, 0, (size_t)kk * sizeof(float));
-            continue;
-        }
-        v16 acc = {0};
-        int64_t j = 0;
-        for (; j + 16 <= kk; j += 16) {
-            v16 p = vexp2(vload(sh + j) - mx);
-            vstore(sh + j, p);
-            acc += p;
-        }
-        float sum = hsum(acc);
-        for (; j < kk; j++) {
-            float tmp[16] = {0};
-            tmp[0] = sh[j] - mx;
-            v16 p = vexp2(vload(tmp));
-            sh[j] = p[0];
-            sum += p[0];
-        }
-        const float inv = 1.0f / sum;
-        for (j = 0; j < kk; j++) sh[j] *= inv;
-    }
-}
-
-/* Large rows' absorbed attention with the keys read in place, one row at a time so its keys are still in
-   cache for P.V: scores (`scores_row`, q in log2 units), softmax, P.V over the first c columns (`lc2_pv_rows`
-   with slots). o [n, h, c]; ws: h * kk floats, qt: D * h floats (scratch). */
+/* Large rows' absorbed attention with the keys read in place (64 heads x 2,048 picks at LongCat-2.0 dims),
+   one block of SA_KEYS keys at a time, so each key comes from memory once:
+   - the block's scores in register tiles of 4 keys x 64 heads over the row's queries transposed to
+     qt [D, h] (per element: 4 loads of qt, 4 broadcast key values, 16 FMAs), stored key-major sc [keys, h];
+     the next tile's key rows are prefetched a cache line per 16 elements;
+   - an online softmax in log2 units over whole vectors of 16 heads (running max m and sum l, the block's
+     correction alpha);
+   - P.V from cache: 4-head x 64-column register tiles whose accumulators start from o x alpha, one
+     64-column strip of the block's values (in L1) serving every head group.
+   o [n, h, c] = softmax(q k^T) v[:, :c] (a row with no valid slot: zeros); ws: (SA_KEYS + 3) * h floats,
+   qt: D * h floats (scratch). 1.07x the same steps done for the whole row in turn (P.V re-reading the
+   keys from L3), 8 rows of 64 heads x 2,048 random picks. */
+#define SA_KEYS 64
 void lc2_slot_attention(const float *q, int64_t n, int64_t h, int64_t D, int64_t c, const float *pool, int64_t ld,
-                        const int64_t *slots, int64_t kk, float *o, float *ws, float *qt) {
+                         const int64_t *slots, int64_t kk, float *o, float *ws, float *qt) {
+    const float ninf = -__builtin_inff();
+    float *sc = ws, *m = ws + SA_KEYS * h, *l = m + h, *alpha = l + h;
     for (int64_t i = 0; i < n; i++) {
+        const float *qi = q + i * h * D;
         const int64_t *si = slots + i * kk;
-        scores_row(q + i * h * D, h, D, pool, ld, si, kk, ws, qt);
-        softmax2_rows(ws, h, kk);
-        lc2_pv_rows(ws, 1, h, kk, h * kk, pool, ld, 0, c, o + i * h * c, 0, si);
+        float *oi = o + i * h * c;
+        for (int64_t hh = 0; hh < h; hh++)
+            for (int64_t e = 0; e < D; e++) qt[e * h + hh] = qi[hh * D + e];
+        memset(oi, 0, (size_t)(h * c) * sizeof(float));
+        for (int64_t hh = 0; hh < h; hh++) m[hh] = ninf, l[hh] = 0.0f;
+        for (int64_t j0 = 0; j0 < kk; j0 += SA_KEYS) {
+            const int64_t j1 = j0 + SA_KEYS < kk ? j0 + SA_KEYS : kk, nb = j1 - j0;
+            for (int64_t g0 = 0; g0 < h; g0 += 64) { /* the block's scores, key-major: sc [nb, h] */
+                const int hv = h - g0 >= 64 ? 4 : (int)((h - g0) / 16);
+                for (int64_t jt = j0; jt < j1; jt += 4) {
+                    const float *kp[4], *nx[4];
+                    for (int a = 0; a < 4; a++) {
+                        int64_t j = jt + a, jn = jt + 4 + a;
+                        kp[a] = pool + (j < j1 && si[j] >= 0 ? si[j] : 0) * ld;
+                        nx[a] = pool + (jn < kk && si[jn] >= 0 ? si[jn] : 0) * ld;
+                    }
+                    v16 acc[4][4];
+                    for (int a = 0; a < 4; a++)
+                        for (int b = 0; b < 4; b++) acc[a][b] = (v16){0};
+                    if (hv == 4) {
+                        const float *k0 = kp[0], *k1 = kp[1], *k2 = kp[2], *k3 = kp[3];
+                        v16 a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
+                        v16 a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
+                        for (int64_t e0 = 0; e0 < D; e0 += 16) {
+                            for (int a = 0; a < 4; a++) __builtin_prefetch(nx[a] + e0);
+                            const int64_t e1 = e0 + 16 < D ? e0 + 16 : D;
+                            for (int64_t e = e0; e < e1; e++) {
+                                const float *qe = qt + e * h + g0;
+                                v16 q0 = vload(qe), q1 = vload(qe + 16), q2 = vload(qe + 32), q3 = vload(qe + 48);
+                                KEEP4(q0, q1, q2, q3);
+                                float x0 = k0[e], x1 = k1[e], x2 = k2[e], x3 = k3[e];
+                                a00 += x0 * q0, a01 += x0 * q1, a02 += x0 * q2, a03 += x0 * q3;
+                                a10 += x1 * q0, a11 += x1 * q1, a12 += x1 * q2, a13 += x1 * q3;
+                                a20 += x2 * q0, a21 += x2 * q1, a22 += x2 * q2, a23 += x2 * q3;
+                                a30 += x3 * q0, a31 += x3 * q1, a32 += x3 * q2, a33 += x3 * q3;
+                            }
+                        }
+                        acc[0][0] = a00, acc[0][1] = a01, acc[0][2] = a02, acc[0][3] = a03;
+                        acc[1][0] = a10, acc[1][1] = a11, acc[1][2] = a12, acc[1][3] = a13;
+                        acc[2][0] = a20, acc[2][1] = a21, acc[2][2] = a22, acc[2][3] = a23;
+                        acc[3][0] = a30, acc[3][1] = a31, acc[3][2] = a32, acc[3][3] = a33;
+                    } else {
+                        for (int64_t e = 0; e < D; e++) {
+                            const float *qe = qt + e * h + g0;
+                            for (int b = 0; b < hv; b++) {
+                                v16 qv = vload(qe + 16 * b);
+                                for (int a = 0; a < 4; a++) acc[a][b] += kp[a][e] * qv;
+                            }
+                        }
+                    }
+                    for (int a = 0; a < 4 && jt + a < j1; a++)
+                        for (int b = 0; b < hv; b++)
+                            vstore(sc + (jt + a - j0) * h + g0 + 16 * b, si[jt + a] < 0 ? (v16){0} + ninf : acc[a][b]);
+                }
+            }
+            for (int64_t hb = 0; hb < h; hb += 16) { /* online softmax, 16 heads a vector */
+                v16 m_old = vload(m + hb), mx = m_old, sum = {0};
+                for (int64_t k = 0; k < nb; k++) mx = vmax(mx, vload(sc + k * h + hb));
+                for (int64_t k = 0; k < nb; k++) {
+                    v16 p = vexp2(vload(sc + k * h + hb) - mx); /* (-inf - -inf: NaN, which vexp2 makes 0) */
+                    vstore(sc + k * h + hb, p);
+                    sum += p;
+                }
+                v16 al = vexp2(m_old - mx);
+                vstore(alpha + hb, al);
+                vstore(l + hb, vload(l + hb) * al + sum);
+                vstore(m + hb, mx);
+            }
+            for (int64_t c0 = 0; c0 < c; c0 += 64) { /* P.V, the block's keys now in L2 */
+                for (int64_t h0 = 0; h0 < h; h0 += 4) {
+                    v16 acc[4][4];
+                    for (int a = 0; a < 4; a++)
+                        for (int b = 0; b < 4; b++)
+                            acc[a][b] = row_load(oi + (h0 + a) * c, 0, c0 + 16 * b, c - c0 - 16 * b) * alpha[h0 + a];
+                    const float *ps = sc + h0;
+                    if (c - c0 >= 64) {
+                        for (int64_t k = 0; k < nb; k++) {
+                            const int64_t sl = si[j0 + k];
+                            const float *vr = pool + (sl < 0 ? 0 : sl) * ld + c0;
+                            v16 x0 = vload(vr), x1 = vload(vr + 16), x2 = vload(vr + 32), x3 = vload(vr + 48);
+                            const float *pk = ps + k * h;
+                            float q0 = pk[0], q1 = pk[1], q2 = pk[2], q3 = pk[3];
+                            acc[0][0] += q0 * x0, acc[0][1] += q0 * x1, acc[0][2] += q0 * x2, acc[0][3] += q0 * x3;
+                            acc[1][0] += q1 * x0, acc[1][1] += q1 * x1, acc[1][2] += q1 * x2, acc[1][3] += q1 * x3;
+                            acc[2][0] += q2 * x0, acc[2][1] += q2 * x1, acc[2][2] += q2 * x2, acc[2][3] += q2 * x3;
+                            acc[3][0] += q3 * x0, acc[3][1] += q3 * x1, acc[3][2] += q3 * x2, acc[3][3] += q3 * x3;
+                        }
+                    } else {
+                        for (int64_t k = 0; k < nb; k++) {
+                            const int64_t sl = si[j0 + k];
+                            const float *vr = pool + (sl < 0 ? 0 : sl) * ld;
+                            v16 x[4];
+                            for (int b = 0; b < 4; b++) x[b] = row_load(vr, 0, c0 + 16 * b, c - c0 - 16 * b);
+                            for (int a = 0; a < 4; a++)
+                                for (int b = 0; b < 4; b++) acc[a][b] += ps[k * h + a] * x[b];
+                        }
+                    }
+                    store_tile(oi, acc, 4, h0, c, c0);
+                }
+            }
+        }
+        for (int64_t hh = 0; hh < h; hh++) { /* normalised; a row with no valid key stays zero */
+            const float inv = l[hh] > 0.0f ? 1.0f / l[hh] : 0.0f;
+            for (int64_t e = 0; e < c; e++) oi[hh * c + e] *= inv;
+        }
     }
 }
 
@@ -1446,12 +1518,12 @@ def _build() -> ctypes.CDLL | None:
     lib.lc2_select_topk.argtypes = [p, i64, i64, i64, i64, p, i64, p, p, p]
     lib.lc2_index_scores.restype = None
     lib.lc2_index_scores.argtypes = [p, p, i64, i64, i64, p, i64, ctypes.c_int, i64, p, i64, p]
+    lib.lc2_index_scores_wide.restype = None
+    lib.lc2_index_scores_wide.argtypes = [p, p, i64, i64, i64, p, i64, ctypes.c_int, i64, p, i64, p, p]
     lib.lc2_pv_rows.restype = None
-    lib.lc2_pv_rows.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, p, ctypes.c_int, p]
+    lib.lc2_pv_rows.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, p, ctypes.c_int]
     lib.lc2_slot_attention.restype = None
     lib.lc2_slot_attention.argtypes = [p, i64, i64, i64, i64, p, i64, p, i64, p, p, p]
-    lib.lc2_slot_scores.restype = None
-    lib.lc2_slot_scores.argtypes = [p, i64, i64, i64, p, i64, p, i64, p, p]
     lib.lc2_heads_linear.restype = None
     lib.lc2_heads_linear.argtypes = [p, i64, i64, i64, p, ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, p]
     lib.lc2_heads_linear.argtypes += [ctypes.c_int, i64, i64, i64, i64, i64, i64]
@@ -1601,6 +1673,15 @@ def select_topk(scores: torch.Tensor, kd: int, limit: torch.Tensor | None = None
     return out
 
 
+SCAN_MAX_DIM = 32
+"""Head dims up to which `index_scores` runs any number of rows (keys transposed into L1 blocks, each
+query vector meets 128 keys per register tile); beyond, the wide-head kernel for a few rows."""
+WIDE_SCAN_MAX_ROWS = 4
+"""Rows up to which the wide-head scan (each row re-reads the keys) runs; more take a GEMM."""
+WIDE_SCAN_MIN_KEYS = 2048
+"""Keys per thread at least, when the wide-head scan splits a few rows' keys over the threads."""
+
+
 def index_scores(
     q: torch.Tensor,
     w: torch.Tensor,
@@ -1611,9 +1692,15 @@ def index_scores(
 ) -> torch.Tensor | None:
     """`kernels.index_scan` in C: q [T, h, d], w [T, h], pieces = [(first position, keys [n, d])] covering
     [start, end), fp32 or bf16 keys with unit column stride, on CPU; out: an fp32 [T, end - start] buffer
-    with unit column stride (fresh when None). → scores, or None where the kernel does not apply."""
+    with unit column stride (fresh when None). Narrow heads (d <= SCAN_MAX_DIM) any number of rows; wide
+    ones (h a multiple of 16 up to 64) up to WIDE_SCAN_MAX_ROWS rows, each re-reading the keys (beyond,
+    a GEMM reads them once for all rows). → scores, or None where the kernel does not apply."""
     lib = library()
     if lib is None or q.device.type != "cpu" or q.dim() != 3:
+        return None
+    t, h, d = q.shape
+    wide = d > SCAN_MAX_DIM
+    if wide and (h % 16 != 0 or h > 64 or t > WIDE_SCAN_MAX_ROWS):
         return None
     for _, keys in pieces:
         if (
@@ -1622,7 +1709,6 @@ def index_scores(
             or keys.stride(-1) != 1
         ):
             return None
-    t, h, d = q.shape
     if out is None:
         out = torch.empty(t, end - start, dtype=torch.float32)
     if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape != (t, end - start):
@@ -1630,12 +1716,16 @@ def index_scores(
     qf = q.float().contiguous()  # [T, h, d]
     wf = w.float().reshape(t, h).contiguous()  # [T, h]
 
-    def run(r0: int, r1: int) -> None:
-        kt = torch.empty(d * 256, dtype=torch.float32)  # a transposed block of keys
-        for pos, keys in pieces:
+    def run(r0: int, r1: int, parts: list[tuple[int, torch.Tensor]]) -> None:
+        if wide:  # scratch: the rows' queries transposed ([d, h] each), a widened / padded tile of keys
+            kernel, scratch = lib.lc2_index_scores_wide, ((r1 - r0) * d * h, 16 * d + 16)
+        else:  # a transposed block of keys
+            kernel, scratch = lib.lc2_index_scores, (d * 256,)
+        bufs = [torch.empty(n, dtype=torch.float32) for n in scratch]
+        for pos, keys in parts:
             if keys.shape[0] == 0:
                 continue
-            lib.lc2_index_scores(
+            kernel(
                 qf[r0].data_ptr(),
                 wf[r0].data_ptr(),
                 r1 - r0,
@@ -1647,11 +1737,33 @@ def index_scores(
                 keys.shape[0],
                 out[r0, pos - start :].data_ptr(),
                 out.stride(0),
-                kt.data_ptr(),
+                *(b.data_ptr() for b in bufs),
             )
 
-    _over_rows(t, run)
+    n_threads = min(torch.get_num_threads(), (end - start) // WIDE_SCAN_MIN_KEYS)
+    if wide and n_threads > 1:  # a decode row: its keys split over the threads
+        groups = _split_keys(pieces, n_threads)
+        list(_executor(len(groups)).map(lambda g: run(0, t, g), groups))
+    else:
+        _over_rows(t, lambda r0, r1: run(r0, r1, pieces))
     return out
+
+
+def _split_keys(pieces: list[tuple[int, torch.Tensor]], parts: int) -> list[list[tuple[int, torch.Tensor]]]:
+    """Runs of keys [(first position, keys)] cut into `parts` groups of about equal key counts."""
+    per = -(-sum(k.shape[0] for _, k in pieces) // parts)
+    groups: list[list[tuple[int, torch.Tensor]]] = [[]]
+    room = per
+    for pos, keys in pieces:
+        o = 0
+        while o < keys.shape[0]:
+            if room == 0:
+                groups.append([])
+                room = per
+            m = min(room, keys.shape[0] - o)
+            groups[-1].append((pos + o, keys[o : o + m]))
+            o, room = o + m, room - m
+    return groups
 
 
 def slot_attend(
@@ -1911,17 +2023,10 @@ def softmax_window(
     return m, l_sum
 
 
-def pv_rows(
-    probs: torch.Tensor,
-    values: torch.Tensor,
-    out: torch.Tensor,
-    accumulate: bool = False,
-    slots: torch.Tensor | None = None,
-) -> bool:
+def pv_rows(probs: torch.Tensor, values: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> bool:
     """out [n, h, c] (+)= probs [n, h, K] @ values [n, K, c] per row, fp32 on CPU (values may be a
-    column slice of a wider gathered tensor; probs rows and out contiguous). With slots [n, K] (int64,
-    contiguous): values is a pool [P, >= c] and row i's key j is its row slots[i, j], read in place (-1:
-    an empty slot, whose probability must be 0). False (out untouched) where the kernel does not apply."""
+    column slice of a wider gathered tensor; probs rows and out contiguous). False (out untouched) where
+    the kernel does not apply."""
     lib = library()
     if (
         lib is None
@@ -1935,17 +2040,6 @@ def pv_rows(
         return False
     n, h, k = probs.shape
     c = out.shape[2]
-    if slots is not None:
-        if (
-            slots.dtype != torch.int64
-            or not slots.is_contiguous()
-            or slots.shape != (n, k)
-            or values.dim() != 2
-        ):
-            return False
-        ldv, ldvr = values.stride(0), 0
-    else:
-        ldv, ldvr = values.stride(1), values.stride(0)
 
     def run(r0: int, r1: int) -> None:
         lib.lc2_pv_rows(
@@ -1954,13 +2048,12 @@ def pv_rows(
             h,
             k,
             probs.stride(0),
-            values.data_ptr() if slots is not None else values[r0].data_ptr(),
-            ldv,
-            ldvr,
+            values[r0].data_ptr(),
+            values.stride(1),
+            values.stride(0),
             c,
             out[r0].data_ptr(),
             int(accumulate),
-            slots[r0].data_ptr() if slots is not None else None,
         )
 
     _over_rows(n, run, min_rows=1)  # rows are large: one per thread is enough
@@ -2145,44 +2238,7 @@ def unabsorb(o_latent: torch.Tensor, kv_b: torch.Tensor, nope: int, v: int) -> t
     return y.view(t, h * v)
 
 
-def slot_scores(q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> bool:
-    """Scores of large rows with their keys read in place: out [n, h, K] = q [n, h, D] · pool[slots]^T over
-    the first D columns, -inf at empty (-1) slots; fp32 on CPU, h a multiple of 16, slots int64 [n, K]
-    contiguous. False (out untouched) where the kernel does not apply."""
-    lib = library()
-    if (
-        lib is None
-        or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (q, pool, out))
-        or q.dim() != 3
-        or q.shape[1] % 16 != 0
-        or pool.stride(1) != 1
-        or pool.shape[1] < q.shape[2]
-        or slots.dtype != torch.int64
-        or not slots.is_contiguous()
-        or not out.is_contiguous()
-        or out.shape != (q.shape[0], q.shape[1], slots.shape[1])
-    ):
-        return False
-    n, h, d = q.shape
-    qc = q.contiguous()
-
-    def run(r0: int, r1: int) -> None:
-        qt = torch.empty(d * h, dtype=torch.float32)  # one row's queries, transposed
-        lib.lc2_slot_scores(
-            qc[r0].data_ptr(),
-            r1 - r0,
-            h,
-            d,
-            pool.data_ptr(),
-            pool.stride(0),
-            slots[r0].data_ptr(),
-            slots.shape[1],
-            out[r0].data_ptr(),
-            qt.data_ptr(),
-        )
-
-    _over_rows(n, run, min_rows=1)
-    return True
+SLOT_ATTENTION_KEYS = 64  # SA_KEYS in the C source: keys per block of `slot_attention`
 
 
 def slot_attention(
@@ -2190,9 +2246,9 @@ def slot_attention(
 ) -> torch.Tensor | None:
     """Large rows' absorbed attention with their keys read in place from the pool (no gathered copy):
     q [n, h, D] (latent | rope query), pool [P, >= D] (latent | rope keys), slots [n, K] (-1 = empty),
-    scores = scale · q·k in log2 units (softmax by exp2). Per row: the scores (`slot_scores`' register
-    tiles), the softmax, then P·V over the latent columns while the row's keys are still in cache.
-    fp32 on CPU, h a multiple of 16. → attended latents [n, h, latent_dim] fp32, or None where the
+    scores = scale · q·k in log2 units (softmax by exp2). Per row and block of SLOT_ATTENTION_KEYS keys:
+    the scores in register tiles, an online softmax, then P·V over the latent columns while the block's
+    keys are in cache. fp32 on CPU, h a multiple of 16. → attended latents [n, h, latent_dim] fp32, or None where the
     kernel does not apply."""
     lib = library()
     if (
@@ -2212,7 +2268,7 @@ def slot_attention(
     o = torch.empty(n, h, latent_dim, dtype=torch.float32)
 
     def run(r0: int, r1: int) -> None:
-        ws = torch.empty(h * max(kk, 1), dtype=torch.float32)  # one row's scores / probabilities
+        ws = torch.empty(h * (SLOT_ATTENTION_KEYS + 3), dtype=torch.float32)  # a block's scores, m, l, alpha
         qt = torch.empty(d * h, dtype=torch.float32)  # one row's queries, transposed
         lib.lc2_slot_attention(
             qs[r0].data_ptr(),
