@@ -475,8 +475,8 @@ def main() -> None:
                 print(
                     f"| {fmt_len(n)} | {spread(r['dense'], 1e3)} | {spread(r['lsa'], 1e3)} | "
                     f"{ratio_spread(r['dense'], r['lsa'], 1)} | {args.engine_batch / td:.0f} | {args.engine_batch / tl:.0f} | "
-                    f"{bound * 1e3:.2f} | {tl / bound:.1f}x | {wbytes / 2**20:.0f} | {full * 1e3:.2f} | "
-                    f"{tl / full:.1f}x |",
+                    f"{bound * 1e3:.2f} | {tl / bound:.2f}x | {wbytes / 2**20:.0f} | {full * 1e3:.2f} | "
+                    f"{tl / full:.2f}x |",
                     flush=True,
                 )
         print(f"# {load_average()} at the end")

@@ -566,24 +566,27 @@ void lc2_pv_rows(const float *p, int64_t n, int64_t h, int64_t kk, int64_t ldp, 
      correction alpha);
    - P.V from cache: 4-head x 64-column register tiles whose accumulators start from o x alpha, one
      64-column strip of the block's values (in L1) serving every head group.
-   o [n, h, c] = softmax(q k^T) v[:, :c] (a row with no valid slot: zeros); ws: (SA_KEYS + 3) * h floats,
+   Scores are scale * q . k (log2 units; the scale applied as qt is written); each block's max per head is
+   kept as its scores are stored. o [n, h, c] = softmax(scores) v[:, :c] (a row with no valid slot:
+   zeros); ws: (SA_KEYS + 3) * h floats,
    qt: D * h floats (scratch). 1.07x the same steps done for the whole row in turn (P.V re-reading the
    keys from L3), 8 rows of 64 heads x 2,048 random picks. */
 #define SA_KEYS 64
 void lc2_slot_attention(const float *q, int64_t n, int64_t h, int64_t D, int64_t c, const float *pool, int64_t ld,
-                         const int64_t *slots, int64_t kk, float *o, float *ws, float *qt) {
+                         const int64_t *slots, int64_t kk, float scale, float *o, float *ws, float *qt) {
     const float ninf = -__builtin_inff();
-    float *sc = ws, *m = ws + SA_KEYS * h, *l = m + h, *alpha = l + h;
+    float *sc = ws, *m = ws + SA_KEYS * h, *l = m + h, *alpha = l + h; /* alpha: the block's max first */
     for (int64_t i = 0; i < n; i++) {
         const float *qi = q + i * h * D;
         const int64_t *si = slots + i * kk;
         float *oi = o + i * h * c;
-        for (int64_t hh = 0; hh < h; hh++)
-            for (int64_t e = 0; e < D; e++) qt[e * h + hh] = qi[hh * D + e];
+        for (int64_t e = 0; e < D; e++) /* (writes in order; the h rows read stay in L1) */
+            for (int64_t hh = 0; hh < h; hh++) qt[e * h + hh] = scale * qi[hh * D + e];
         memset(oi, 0, (size_t)(h * c) * sizeof(float));
         for (int64_t hh = 0; hh < h; hh++) m[hh] = ninf, l[hh] = 0.0f;
         for (int64_t j0 = 0; j0 < kk; j0 += SA_KEYS) {
             const int64_t j1 = j0 + SA_KEYS < kk ? j0 + SA_KEYS : kk, nb = j1 - j0;
+            for (int64_t hh = 0; hh < h; hh++) alpha[hh] = ninf;
             for (int64_t g0 = 0; g0 < h; g0 += 64) { /* the block's scores, key-major: sc [nb, h] */
                 const int hv = h - g0 >= 64 ? 4 : (int)((h - g0) / 16);
                 for (int64_t jt = j0; jt < j1; jt += 4) {
@@ -628,13 +631,15 @@ void lc2_slot_attention(const float *q, int64_t n, int64_t h, int64_t D, int64_t
                         }
                     }
                     for (int a = 0; a < 4 && jt + a < j1; a++)
-                        for (int b = 0; b < hv; b++)
-                            vstore(sc + (jt + a - j0) * h + g0 + 16 * b, si[jt + a] < 0 ? (v16){0} + ninf : acc[a][b]);
+                        for (int b = 0; b < hv; b++) {
+                            const v16 v = si[jt + a] < 0 ? (v16){0} + ninf : acc[a][b];
+                            vstore(sc + (jt + a - j0) * h + g0 + 16 * b, v);
+                            vstore(alpha + g0 + 16 * b, vmax(vload(alpha + g0 + 16 * b), v));
+                        }
                 }
             }
             for (int64_t hb = 0; hb < h; hb += 16) { /* online softmax, 16 heads a vector */
-                v16 m_old = vload(m + hb), mx = m_old, sum = {0};
-                for (int64_t k = 0; k < nb; k++) mx = vmax(mx, vload(sc + k * h + hb));
+                v16 m_old = vload(m + hb), mx = vmax(m_old, vload(alpha + hb)), sum = {0};
                 for (int64_t k = 0; k < nb; k++) {
                     v16 p = vexp2(vload(sc + k * h + hb) - mx); /* (-inf - -inf: NaN, which vexp2 makes 0) */
                     vstore(sc + k * h + hb, p);
@@ -1523,7 +1528,7 @@ def _build() -> ctypes.CDLL | None:
     lib.lc2_pv_rows.restype = None
     lib.lc2_pv_rows.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, p, ctypes.c_int]
     lib.lc2_slot_attention.restype = None
-    lib.lc2_slot_attention.argtypes = [p, i64, i64, i64, i64, p, i64, p, i64, p, p, p]
+    lib.lc2_slot_attention.argtypes = [p, i64, i64, i64, i64, p, i64, p, i64, ctypes.c_float, p, p, p]
     lib.lc2_heads_linear.restype = None
     lib.lc2_heads_linear.argtypes = [p, i64, i64, i64, p, ctypes.c_int, ctypes.c_int, i64, i64, i64, i64, p]
     lib.lc2_heads_linear.argtypes += [ctypes.c_int, i64, i64, i64, i64, i64, i64]
@@ -2263,7 +2268,7 @@ def slot_attention(
         return None
     n, h, d = q.shape
     kk = slots.shape[1]
-    qs = (q * scale).contiguous()  # [n, h, D] in log2 units
+    qc = q.contiguous()  # [n, h, D] (scaled to log2 units in C)
     sl = slots.to(torch.int64).contiguous()
     o = torch.empty(n, h, latent_dim, dtype=torch.float32)
 
@@ -2271,7 +2276,7 @@ def slot_attention(
         ws = torch.empty(h * (SLOT_ATTENTION_KEYS + 3), dtype=torch.float32)  # a block's scores, m, l, alpha
         qt = torch.empty(d * h, dtype=torch.float32)  # one row's queries, transposed
         lib.lc2_slot_attention(
-            qs[r0].data_ptr(),
+            qc[r0].data_ptr(),
             r1 - r0,
             h,
             d,
@@ -2280,6 +2285,7 @@ def slot_attention(
             pool.stride(0),
             sl[r0].data_ptr(),
             kk,
+            scale,
             o[r0].data_ptr(),
             ws.data_ptr(),
             qt.data_ptr(),
