@@ -204,7 +204,7 @@ def test_slot_attend_equals_the_model_sparse_core(
 @needs_native
 @pytest.mark.parametrize("h,k,c,width", [(64, 300, 512, 576), (5, 37, 20, 24), (6, 70, 100, 100)])
 def test_pv_rows_equals_matmul(h: int, k: int, c: int, width: int) -> None:
-    """Whole and partial register tiles (heads not a multiple of 4, columns not of 64), key blocks of 64
+    """Whole and partial register tiles (heads not a multiple of 4, columns not of 64), key blocks of 256
     and a partial one, values a column slice of wider gathered rows; written and accumulated."""
     g = torch.Generator().manual_seed(h + k)
     n = 3
