@@ -404,6 +404,7 @@ static inline __attribute__((always_inline)) void wide_scan_tile(const float *qt
     for (int64_t e = 0; e < d; e++) {
         v16 qv[4];
         for (int b = 0; b < hv; b++) qv[b] = vload(qt + e * 16 * hv + 16 * b);
+        for (int b = 0; b < hv; b++) KEEP1(qv[b]); /* (loaded once for the kt keys, not folded into each FMA) */
         for (int a = 0; a < kt; a++) {
             const float kv = kb[a * kld + e];
             for (int b = 0; b < hv; b++) acc[a][b] += kv * qv[b];
