@@ -1375,7 +1375,8 @@ void lc2_rescore(const float *qt, const float *w, int64_t hp, int64_t d, const v
                     for (int k = 0; k < 4; k++) kv[k] = elem_load(kp[k], bf16, e);
                     const float *qe = qr + e * hp + v0 * 16;
                     for (int b = 0; b < nb; b++) {
-                        const v16 qv = vload(qe + 16 * b);
+                        v16 qv = vload(qe + 16 * b);
+                        KEEP1(qv); /* (loaded once for the 4 keys) */
                         for (int k = 0; k < 4; k++) acc[k][b] += kv[k] * qv;
                     }
                 }
