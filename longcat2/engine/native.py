@@ -393,6 +393,14 @@ static inline float hsum(v16 v) { /* a tree of halves, not 16 dependent adds */
 static inline v16 vsel(vi16 m, v16 a, v16 b) { return (v16)(((vi16)a & m) | ((vi16)b & ~m)); }
 static inline v16 vmax(v16 a, v16 b) { return vsel(a > b, a, b); }
 
+static inline float hmax(v16 v) { /* the largest lane: halves, then 8 compares */
+    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v8 m8 = (v8)(((vi8)a & (a > b)) | ((vi8)b & ~(a > b)));
+    float r = m8[0];
+    for (int k = 1; k < 8; k++) r = m8[k] > r ? m8[k] : r;
+    return r;
+}
+
 /* One register tile of `lc2_index_scores_wide`: kt keys x hv vectors of 16 heads (kt * hv <= 16
    accumulators), keys kb [kt, d] with row stride kld; o[a] = sum_h w_h relu(q_h . k_a) for a < m. */
 static inline __attribute__((always_inline)) void wide_scan_tile(const float *qt, const float *w, const int hv,
@@ -428,14 +436,14 @@ void lc2_index_scores_wide(const float *q, const float *w, int64_t T, int64_t h,
                            int64_t key_ld, int key_bf16, int64_t n, float *out, int64_t out_ld, float *qt,
                            float *kw) {
     const int hv = (int)(h / 16), kt = hv == 1 ? 16 : hv == 2 ? 8 : hv == 3 ? 5 : 4;
+    const int64_t esz = key_bf16 ? 2 : 4;
     for (int64_t t = 0; t < T; t++)
-        for (int64_t hh = 0; hh < h; hh++)
-            for (int64_t e = 0; e < d; e++) qt[(t * d + e) * h + hh] = q[(t * h + hh) * d + e];
+        for (int64_t e = 0; e < d; e++) /* (writes in order; the h rows read stay in L1) */
+            for (int64_t hh = 0; hh < h; hh++) qt[(t * d + e) * h + hh] = q[(t * h + hh) * d + e];
     for (int64_t j0 = 0; j0 < n; j0 += kt) {
         const int64_t m = n - j0 < kt ? n - j0 : kt;
         const float *kb = (const float *)keys + j0 * key_ld;
         int64_t kld = key_ld;
-        const int64_t esz = key_bf16 ? 2 : 4;
         for (int64_t a = j0 + WIDE_AHEAD * kt; a < j0 + (WIDE_AHEAD + 1) * kt && a < n; a++)
             for (int64_t off = 0; off < d * esz; off += 64) __builtin_prefetch((const char *)keys + a * key_ld * esz + off);
         if (key_bf16 || m < kt) { /* widened (bf16) or zero-padded (a partial tile) into kw */
@@ -456,13 +464,6 @@ void lc2_index_scores_wide(const float *q, const float *w, int64_t T, int64_t h,
             }
         }
     }
-}
-static inline float hmax(v16 v) { /* the largest lane: halves, then 8 compares */
-    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    v8 m8 = (v8)(((vi8)a & (a > b)) | ((vi8)b & ~(a > b)));
-    float r = m8[0];
-    for (int k = 1; k < 8; k++) r = m8[k] > r ? m8[k] : r;
-    return r;
 }
 
 /* Row (h0 + a) of a [hn x 64-column] register tile into o (rows c floats apart), from column c0 on;
@@ -1748,9 +1749,8 @@ def index_scores(
                 *(b.data_ptr() for b in bufs),
             )
 
-    n_threads = min(torch.get_num_threads(), (end - start) // WIDE_SCAN_MIN_KEYS)
-    if wide and n_threads > 1:  # a decode row: its keys split over the threads
-        groups = _split_keys(pieces, n_threads)
+    if wide and (n_threads := min(torch.get_num_threads(), (end - start) // WIDE_SCAN_MIN_KEYS)) > 1:
+        groups = _split_keys(pieces, n_threads)  # a decode row: its keys split over the threads
         list(_executor(len(groups)).map(lambda g: run(0, t, g), groups))
     else:
         _over_rows(t, lambda r0, r1: run(r0, r1, pieces))
@@ -2256,8 +2256,8 @@ def slot_attention(
     q [n, h, D] (latent | rope query), pool [P, >= D] (latent | rope keys), slots [n, K] (-1 = empty),
     scores = scale · q·k in log2 units (softmax by exp2). Per row and block of SLOT_ATTENTION_KEYS keys:
     the scores in register tiles, an online softmax, then P·V over the latent columns while the block's
-    keys are in cache. fp32 on CPU, h a multiple of 16. → attended latents [n, h, latent_dim] fp32, or None where the
-    kernel does not apply."""
+    keys are in cache. fp32 on CPU, h a multiple of 16. → attended latents [n, h, latent_dim] fp32, or
+    None where the kernel does not apply."""
     lib = library()
     if (
         lib is None
