@@ -110,6 +110,7 @@ T = TypeVar("T")
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* 16-lane vectors (GCC/Clang vector extensions); unaligned loads and stores through memcpy. */
@@ -906,6 +907,59 @@ KN_TILE(4, 4, 0)
 KN_TILE(1, 8, 1)
 KN_TILE(4, 4, 1)
 
+/* "NT" for more rows (fp32 W and y): the rows' values sit in the vector lanes and each weight element is
+   broadcast from where it lies. x is first transposed into xt [K, mp] (mp: M rounded up to 16, zero
+   rows); a register tile is NT_BC_ROWS weight rows x MV vectors of 16 x rows, its sums stored transposed.
+   Every weight row is streamed once per 32 x rows, its elements read in place as the tile walks k (a
+   weight panel packed first stalled on the copy: 0.6-0.8x). Against the 2-row tiles' horizontal sums,
+   each weight element feeds 32 FMAs through one broadcast load. */
+#define NT_BC_ROWS 12
+#define NT_BC_TILE(MV)                                                                                        \
+    static void nt_bc_##MV(const float *xt, int64_t mp, int64_t m0, int64_t M, const float *W, int64_t ws,     \
+                           int64_t K, float *y, int64_t ys, int64_t n, int64_t nr) {                          \
+        const float *w[NT_BC_ROWS];                                                                          \
+        for (int j = 0; j < NT_BC_ROWS; j++) w[j] = W + (n + (j < nr ? j : 0)) * ws;                         \
+        v16 acc[NT_BC_ROWS][MV];                                                                             \
+        for (int j = 0; j < NT_BC_ROWS; j++)                                                                 \
+            for (int v = 0; v < MV; v++) acc[j][v] = (v16){0};                                               \
+        const float *xk = xt + m0;                                                                           \
+        for (int64_t k = 0; k < K; k++, xk += mp) {                                                          \
+            v16 xv[MV];                                                                                      \
+            for (int v = 0; v < MV; v++) {                                                                   \
+                xv[v] = vload(xk + 16 * v);                                                                  \
+                KEEP1(xv[v]);                                                                                \
+            }                                                                                                \
+            for (int j = 0; j < NT_BC_ROWS; j++) {                                                           \
+                float s = w[j][k];                                                                           \
+                v16 b = {s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; /* one vbroadcastss from memory */ \
+                for (int v = 0; v < MV; v++) acc[j][v] += b * xv[v];                                         \
+            }                                                                                                \
+        }                                                                                                    \
+        float t[NT_BC_ROWS][16 * MV];                                                                        \
+        for (int j = 0; j < NT_BC_ROWS; j++)                                                                 \
+            for (int v = 0; v < MV; v++) vstore(&t[j][16 * v], acc[j][v]);                                   \
+        int64_t mr = M - m0 < 16 * MV ? M - m0 : 16 * MV;                                                    \
+        for (int64_t i = 0; i < mr; i++)                                                                     \
+            for (int j = 0; j < nr; j++) y[(m0 + i) * ys + n + j] = t[j][i];                                  \
+    }
+NT_BC_TILE(1)
+NT_BC_TILE(2)
+
+static void nt_bcast(const float *x, int64_t M, int64_t xs, const float *W, int64_t ws, int64_t K, float *y,
+                     int64_t ys, int64_t n0, int64_t n1, float *xt) {
+    int64_t mp = (M + 15) & ~(int64_t)15;
+    for (int64_t i = 0; i < mp; i++) /* row by row: x's rows may lie a power of two apart (a head's rows in
+                                          [T, h, c]), and a walk down its columns then hits one cache set */
+        for (int64_t k = 0; k < K; k++) xt[k * mp + i] = i < M ? x[i * xs + k] : 0.0f;
+    for (int64_t n = n0; n < n1; n += NT_BC_ROWS) {
+        int64_t nr = n1 - n < NT_BC_ROWS ? n1 - n : NT_BC_ROWS;
+        for (int64_t m0 = 0; m0 < mp; m0 += 32) {
+            if (mp - m0 >= 32) nt_bc_2(xt, mp, m0, M, W, ws, K, y, ys, n, nr);
+            else nt_bc_1(xt, mp, m0, M, W, ws, K, y, ys, n, nr);
+        }
+    }
+}
+
 /* y[:, n0 .. n1) = x W^T for M rows (NT: register tiles of 1 or 2 rows x 8 weight rows), W fp32 or bf16
    (row stride ws). */
 static void nt_rows(const float *x, int64_t M, int64_t xs, const void *W, int wb, int64_t ws, int64_t K, void *y,
@@ -914,12 +968,28 @@ static void nt_rows(const float *x, int64_t M, int64_t xs, const void *W, int wb
     else { if (wb) nt_2_8_1(x, M, xs, W, ws, K, y, yb, ys, n0, n1); else nt_2_8_0(x, M, xs, W, ws, K, y, yb, ys, n0, n1); }
 }
 
+/* Rows from which one weight's fp32 "NT" product takes the broadcast tiles (AVX-512 only: on AVX2 a tile's
+   24 accumulators would be 48 registers). Not the per-head products of the absorbed form: a head's 128 x 512
+   weight is too short to pay for transposing its rows (0.8x there). A variable, so that tests and
+   benchmarks can compare the two kinds of tile. */
+int lc2_nt_bc_min_rows = 9;
+
 /* Heads [h0, h1) of y_h = x_h W_h^T ("NT", W_h [N, K]) or x_h W_h ("KN", W_h [K, N]), output columns
    [n0, n1) (NT only); x fp32 [M, K] per head (row stride xs, head stride xh), W fp32 or bf16 (row stride
    ws, head stride wh, in elements), y fp32 or bf16 (row stride ys, head stride yh). */
 void lc2_heads_linear(const float *x, int64_t M, int64_t xs, int64_t xh, const void *W, int wb, int kn,
                       int64_t ws, int64_t wh, int64_t N, int64_t K, void *y, int yb, int64_t ys, int64_t yh,
                       int64_t h0, int64_t h1, int64_t n0, int64_t n1) {
+#if defined(__AVX512F__)
+    if (!kn && wh == 0 && h1 - h0 == 1 && M >= lc2_nt_bc_min_rows && !wb && !yb) {
+        float *xt = malloc((size_t)(K * ((M + 15) & ~(int64_t)15)) * sizeof(float));
+        if (xt) {
+            nt_bcast(x + h0 * xh, M, xs, W, ws, K, (float *)y + h0 * yh, ys, n0, n1, xt);
+            free(xt);
+            return;
+        }
+    }
+#endif
     for (int64_t h = h0; h < h1; h++) {
         const float *xi = x + h * xh;
         const void *wi = (const char *)W + (size_t)(h * wh) * (wb ? 2 : 4);
@@ -2072,6 +2142,13 @@ LINEAR_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 2}
 """Rows up to which `linear` streams the weight faster than oneDNN / the BLAS (session 15 microbenchmarks:
 fp32 1.1-1.6x at 1-8 rows; bf16 1.3-1.5x at 1-2 rows, slower beyond, where oneDNN's AVX512-BF16 dot
 products compute twice as fast as the widening loads here)."""
+LINEAR_BROADCAST_ROWS = frozenset([*range(12, 17), *range(28, 33)])
+"""fp32 rows beyond LINEAR_MAX_ROWS that `linear` also takes, with the broadcast tiles (`lc2_nt_bc_min_rows`
+in the C source): the rows sit in 16-lane vectors, so they win where they fill those to within 4 lanes.
+Session 19, cold weights, 1 thread, GFLOP/s C / oneDNN: 1536 x 12288 (LongCat-2.0's q_b_proj) 93 / 71 at
+12 rows, 127 / 101 at 16, 152 / 132 at 32; 8192 x 512 (o_proj) 124 / 100 at 16, 167 / 133 at 32. Not at 24
+or 40 rows (a third or a sixth of the lanes idle: 0.8-0.95x), nor at 64 where 8192-wide rows' transpose
+(2 MB) leaves the L2."""
 ABSORB_MAX_ROWS = {torch.float32: 64, torch.bfloat16: 2}
 """The same for `absorb` / `unabsorb`: the alternative is a batched GEMM per head, which fp32 runs through
 MKL's `bmm` (its AVX2 kernels on AMD CPUs). 64 heads x 128 x 512, cold weights: C / `torch.matmul` 1.55 /
@@ -2090,10 +2167,11 @@ model at 8 rows: 33 vs 78 µs)."""
 
 def linear_worth(rows: int, weight: torch.Tensor, max_rows: dict | None = None) -> bool:
     """Whether a product of `rows` rows with `weight` goes to the C kernels (cheap: checked before the
-    call; the kernels check the rest); `max_rows`: LINEAR_MAX_ROWS, or ABSORB_MAX_ROWS for the absorbed
-    form."""
+    call; the kernels check the rest); `max_rows`: LINEAR_MAX_ROWS (and LINEAR_BROADCAST_ROWS), or
+    ABSORB_MAX_ROWS for the absorbed form."""
     if rows < 1 or rows > (max_rows or LINEAR_MAX_ROWS).get(weight.dtype, 0):
-        return False
+        if not (max_rows is None and weight.dtype == torch.float32 and rows in LINEAR_BROADCAST_ROWS):
+            return False
     if weight.dtype == torch.bfloat16:  # (oneDNN's bf16 call costs more than this at every size)
         return True
     return weight.numel() >= (LINEAR_MIN_WEIGHT_ROWS if rows > 1 else LINEAR_MIN_WEIGHT)

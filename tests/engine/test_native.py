@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import shutil
@@ -284,6 +285,38 @@ def test_linear_equals_f_linear(monkeypatch: pytest.MonkeyPatch, dtype: torch.dt
 
 
 @needs_native
+def test_linear_broadcast_rows_equal_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 products of LINEAR_BROADCAST_ROWS rows (the broadcast tiles: rows in vector lanes, padded to 16
+    or 32) against F.linear and against the 2-row tiles (the C threshold raised past them): weight row counts
+    off the 12-row tile, input widths off the vector width, strided rows, one and two threads."""
+    monkeypatch.setattr(native, "LINEAR_MIN_WEIGHT_ROWS", 0)
+    lib = native.library()
+    min_rows = ctypes.c_int.in_dll(lib, "lc2_nt_bc_min_rows")
+    default = min_rows.value
+    g = torch.Generator().manual_seed(2)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for rows, n, k in [(12, 37, 70), (13, 1031, 15), (16, 12, 64), (28, 100, 129), (32, 2000, 256)]:
+                assert rows in native.LINEAR_BROADCAST_ROWS
+                w = torch.randn(n, k, generator=g)
+                x = torch.randn(rows, 2 * k, generator=g)[:, ::2]  # strided rows and columns
+                ref = torch.nn.functional.linear(x, w)
+                got = native.linear(x, w)
+                assert got is not None and got.shape == (rows, n), (rows, n, k)
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+                min_rows.value = 1 << 30  # the 2-row tiles
+                try:
+                    two_row = native.linear(x, w)
+                finally:
+                    min_rows.value = default
+                torch.testing.assert_close(got, two_row, rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
 def test_linear_bf16_rounds_to_nearest_even_and_keeps_nan(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each output is x[a] + s * x[b] (two nonzero weights per row), exact in fp32 for these ranges, so the
     bf16 output must be that sum rounded as `Tensor.to(bfloat16)` rounds it; ties (1 + 2^-8, 1 + 3 * 2^-8)
@@ -478,14 +511,19 @@ def test_slot_attention_equals_the_model_sparse_core(h: int) -> None:
 
 def test_linear_worth_rule() -> None:
     """Which products go to the C kernels: fp32 one row only for large (streamed) weights, from two rows on
-    also for small ones (MKL's small-M GEMM is slow); bf16 up to LINEAR_MAX_ROWS rows at every size (a
-    oneDNN bf16 call's fixed cost is the larger), never more."""
+    also for small ones (MKL's small-M GEMM is slow), and the LINEAR_BROADCAST_ROWS row counts past
+    LINEAR_MAX_ROWS; bf16 up to LINEAR_MAX_ROWS rows at every size (a oneDNN bf16 call's fixed cost is the
+    larger), never more."""
     big = torch.empty(native.LINEAR_MIN_WEIGHT, 1)
     small = torch.empty(native.LINEAR_MIN_WEIGHT_ROWS, 1)
     tiny = torch.empty(native.LINEAR_MIN_WEIGHT_ROWS // 2, 1)
     assert native.linear_worth(1, big) and not native.linear_worth(1, small)
     assert native.linear_worth(2, small) and not native.linear_worth(2, tiny)
     assert not native.linear_worth(native.LINEAR_MAX_ROWS[torch.float32] + 1, big)
+    assert (
+        native.linear_worth(32, big) and native.linear_worth(12, small) and not native.linear_worth(24, big)
+    )
+    assert not native.linear_worth(32, big.to(torch.bfloat16))  # (broadcast rows: fp32 only)
     assert native.linear_worth(2, big.to(torch.bfloat16)) and native.linear_worth(1, tiny.to(torch.bfloat16))
     assert not native.linear_worth(native.LINEAR_MAX_ROWS[torch.bfloat16] + 1, big.to(torch.bfloat16))
     assert not native.linear_worth(1, big.double()) and not native.linear_worth(0, big)
