@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from longcat2.config import ModelConfig
 
@@ -453,6 +455,22 @@ class PagedKVCache:
         safe = positions.clamp(min=0)
         rows = self.table(seq)[safe // bs] * bs + safe % bs
         return torch.where(positions >= 0, rows, positions)
+
+    def slots_rows(self, items: list[tuple[SeqBlocks, torch.Tensor]]) -> torch.Tensor:
+        """`slots` for the position rows of several sequences at once: items [(seq, positions [T_i, K_i])]
+        → pool rows [sum T_i, max K_i], each item's rows padded with -1 to the widest (a decode step's
+        rows of many sequences: one lookup instead of one per sequence)."""
+        if len(items) == 1:
+            return self.slots(*items[0])
+        width = max(p.shape[1] for _, p in items)
+        pos = torch.cat([F.pad(p, (0, width - p.shape[1]), value=-1) for _, p in items])  # [R, K]
+        tables = pad_sequence([self.table(seq) for seq, _ in items], batch_first=True)  # [S, max blocks]
+        counts = torch.tensor([p.shape[0] for _, p in items], device=pos.device)
+        item_of_row = torch.repeat_interleave(torch.arange(len(items), device=pos.device), counts)  # [R]
+        bs = self.block_size
+        safe = pos.clamp(min=0)
+        rows = tables[item_of_row].gather(1, safe // bs) * bs + safe % bs
+        return torch.where(pos >= 0, rows, pos)
 
     def runs(self, seq: SeqBlocks, start: int, end: int) -> list[tuple[int, int, int]]:
         """Contiguous pieces of positions [start, end): (first position, first pool row, length)."""

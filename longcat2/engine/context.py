@@ -39,7 +39,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from longcat2.config import ModelConfig
 from longcat2.engine.cache import PagedKVCache, SeqBlocks
@@ -55,6 +54,7 @@ from longcat2.engine.kernels import (
     dense_rows,
     gather_attention,
     index_scan_bf16_rows,
+    index_scan_rows,
     index_scan_select_bf16,
     lsa_rows,
     onednn_prefill_ok,
@@ -149,8 +149,14 @@ class StepContext:
         q, w = cache.rotate_queries(q[0]), w[0]
         topk, init, local = cfg.index_topk, cfg.index_init_tokens, cfg.index_local_tokens
         pool = cache.index_keys[lid]
+        batched = self._select_decode_rows(lid, q, w)
         out: Selection = []
-        for blocks, start, off, t in zip(self.blocks, self.starts, self.offsets, self.lengths):
+        for i, (blocks, start, off, t) in enumerate(
+            zip(self.blocks, self.starts, self.offsets, self.lengths)
+        ):
+            if i in batched:
+                out.append(batched[i])
+                continue
             if start + t <= topk:
                 out.append(None)  # every query sees <= topk keys: dense
                 continue
@@ -193,6 +199,41 @@ class StepContext:
                 rows.extend(rows_hi)
             out.append(torch.cat(rows) if len(rows) > 1 else rows[0])
         return out
+
+    def _select_decode_rows(self, lid: int, q: torch.Tensor, w: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The selections of the step's plain decode segments (one query that sees more than index_topk
+        keys, no HI, the exact fp32 scan of unquantised keys), all at once: one scan call
+        (`index_scan_rows`) into one score buffer and one top-k over it (`lsa_rows`, each row bounded by its
+        own last candidate). The same positions as `select`'s per-segment loop, which serves every other
+        segment. q [N, h, d] (rotated), w [N, h] → {segment index: [1, index_topk] positions}; empty with
+        fewer than two such segments."""
+        st = self.settings
+        cfg, cache = st.cfg, st.cache
+        topk, init, local = cfg.index_topk, cfg.index_init_tokens, cfg.index_local_tokens
+        pool = cache.index_keys[lid]
+        if cache.index_fp8:
+            return {}
+        segs = [
+            i
+            for i, (start, t) in enumerate(zip(self.starts, self.lengths))
+            if t == 1
+            and start + 1 > topk
+            and not hi_active(cfg, start)
+            and not self._use_bf16(q, pool, start - local + 1 - init)
+            and not self._use_bf16_prefill(q, pool, start - local + 1 - init, 1)
+        ]
+        if len(segs) < 2:
+            return {}
+        offs = [self.offsets[i] for i in segs]
+        ends = [self.starts[i] - local + 1 for i in segs]  # dynamic region [init, end) per row
+        row_pieces = [
+            [(a, pool[r : r + m]) for a, r, m in cache.runs(self.blocks[i], init, end)]
+            for i, end in zip(segs, ends)
+        ]
+        rows = torch.tensor(offs, device=q.device)
+        scores = index_scan_rows(q[rows], w[rows], row_pieces, init, max(ends) - init, st.workspace)
+        sel = lsa_rows(scores, self.positions[rows], topk, init, local)  # [R, topk]
+        return {i: sel[j : j + 1] for j, i in enumerate(segs)}
 
     def attend(self, mla: MLA, p: MLAProjection, selection: Selection | None) -> torch.Tensor:
         """→ attention output before o_proj [1, N, h*v]."""
@@ -381,7 +422,8 @@ class StepContext:
             return hit[1]
         st = self.settings
         plan = _Plan()
-        rows, slots = [], []
+        rows: list[tuple[int, int]] = []
+        positions: list[tuple[SeqBlocks, torch.Tensor]] = []  # each row block's positions, as `rows`
         for i, (blocks, start, off, t) in enumerate(
             zip(self.blocks, self.starts, self.offsets, self.lengths)
         ):
@@ -402,7 +444,7 @@ class StepContext:
                     plan.windowed.append((off + n_dense, t - n_dense, blocks, dyn))
                 elif n_dense < t:
                     rows.append((off + n_dense, t - n_dense))
-                    slots.append(st.cache.slots(blocks, lsa))
+                    positions.append((blocks, lsa))
             elif t >= st.expanded_min_rows and self._expanded_better(t):
                 plan.expanded.append((off, t, blocks, start))
             elif end <= st.dense_gather_max and st.short_kernel == "runs":
@@ -410,14 +452,11 @@ class StepContext:
                 plan.runs.append((off, t, start, runs))
             elif end <= st.dense_gather_max:
                 rows.append((off, t))
-                slots.append(st.cache.slots(blocks, dense_rows(self.positions[off : off + t], end)))
+                positions.append((blocks, dense_rows(self.positions[off : off + t], end)))
             else:
                 plan.long_rows.extend((off + j, blocks, start + j + 1) for j in range(t))
         if rows:
-            width = max(x.shape[1] for x in slots)
-            if any(x.shape[1] != width for x in slots):
-                slots = [nn.functional.pad(x, (0, width - x.shape[1]), value=-1) for x in slots]
-            plan.slots = torch.cat(slots) if len(slots) > 1 else slots[0]  # [R, K]
+            plan.slots = st.cache.slots_rows(positions)  # [R, K] (one lookup for every segment's rows)
             n_rows = sum(t for _, t in rows)
             if n_rows != self.positions.shape[0]:
                 dev = self.positions.device

@@ -128,6 +128,30 @@ def index_scan(
     return index_scan_torch(q, w, pieces, start, end, out, workspace)
 
 
+def index_scan_rows(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    row_pieces: list[list[tuple[int, torch.Tensor]]],
+    start: int,
+    width: int,
+    workspace: dict | None = None,
+) -> torch.Tensor:
+    """`index_scan` for R single-query rows with keys of their own (a decode step's rows of several
+    sequences): q [R, h, d], w [R, h], row i's pieces cover positions [start, start + n_i) with n_i <=
+    width. → scores [R, width] fp32; row i's columns from n_i on are unspecified (a top-k bounded by each
+    row's last candidate never reads them). One C call for all rows where it applies (per-row calls paid
+    their Python and dispatch cost 32 times per step at batch 32), else `index_scan_torch` row by row."""
+    out = _scratch(workspace, "index_scores_rows", q.new_empty(0, dtype=torch.float32), (q.shape[0], width))
+    if native.index_scores_rows(q, w, row_pieces, start, out) is not None:
+        return out
+    for i, pieces in enumerate(row_pieces):
+        end = pieces[-1][0] + pieces[-1][1].shape[0] if pieces else start
+        index_scan_torch(
+            q[i : i + 1], w[i : i + 1], pieces, start, end, out[i : i + 1, : end - start], workspace
+        )
+    return out
+
+
 def index_scan_torch(
     q: torch.Tensor,
     w: torch.Tensor,
@@ -234,9 +258,10 @@ def select_dynamic_torch(scores: torch.Tensor, kd: int) -> torch.Tensor:
 def lsa_rows(scores: torch.Tensor, q_pos: torch.Tensor, topk: int, init: int, local: int) -> torch.Tensor:
     """Selection for queries that see more than `topk` keys.
 
-    scores [T, R]: exact scores of key positions init .. init + R - 1 (the dynamic region of the last
-    row; the PyTorch path overwrites non-candidates with -inf); q_pos [T] ascending, every q_pos >= topk.
-    Column j is a candidate of row i iff init + j <= q_pos[i] - local. → positions [T, topk] ascending."""
+    scores [T, R]: exact scores of key positions init .. init + R - 1 (the dynamic region of the row with
+    the largest q_pos; the PyTorch path overwrites non-candidates with -inf); q_pos [T], every q_pos >=
+    topk (one segment's rows, ascending, or the decode rows of several segments). Column j is a candidate
+    of row i iff init + j <= q_pos[i] - local. → positions [T, topk] ascending."""
     t, r = scores.shape
     kd = topk - init - local
     limit = q_pos - local - init  # last candidate column per row

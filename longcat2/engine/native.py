@@ -1827,6 +1827,59 @@ def index_scores(
     return out
 
 
+def index_scores_rows(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    row_pieces: list[list[tuple[int, torch.Tensor]]],
+    start: int,
+    out: torch.Tensor,
+) -> torch.Tensor | None:
+    """`index_scores` for R rows that each have keys of their own (a decode step's rows of different
+    sequences): q [R, h, d], w [R, h], row i's pieces [(first position, keys [n, d])] scored into
+    out[i, pos - start :] (fp32 [R, W], unit column stride); columns past a row's pieces are left as they
+    are. One call for the step's rows, split over the threads by rows (each row's work is ~60 MFLOP at
+    LongCat-2.0's 32 x 128 and 8K keys), where per-row calls of `index_scores` cost ~50 µs of Python each.
+    → out, or None where the kernel does not apply."""
+    lib = library()
+    if lib is None or q.device.type != "cpu" or q.dim() != 3 or len(row_pieces) != q.shape[0]:
+        return None
+    r, h, d = q.shape
+    wide = d > SCAN_MAX_DIM
+    if wide and (h % 16 != 0 or h > 64):
+        return None
+    if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape[0] != r:
+        return None
+    for pieces in row_pieces:
+        for pos, keys in pieces:
+            if (
+                keys.dtype not in (torch.float32, torch.bfloat16)
+                or keys.device.type != "cpu"
+                or keys.stride(-1) != 1
+                or pos < start
+                or pos - start + keys.shape[0] > out.shape[1]
+            ):
+                return None
+    qf = q.float().contiguous()  # [R, h, d]
+    wf = w.float().reshape(r, h).contiguous()  # [R, h]
+    kernel, scratch = (
+        (lib.lc2_index_scores_wide, (d * h, 16 * d + 16)) if wide else (lib.lc2_index_scores, (d * 256,))
+    )
+
+    def run(r0: int, r1: int) -> None:
+        bufs = [torch.empty(n, dtype=torch.float32) for n in scratch]
+        for i in range(r0, r1):
+            for pos, keys in row_pieces[i]:
+                if keys.shape[0]:
+                    kernel(
+                        qf[i].data_ptr(), wf[i].data_ptr(), 1, h, d, keys.data_ptr(), keys.stride(0),
+                        int(keys.dtype == torch.bfloat16), keys.shape[0], out[i, pos - start :].data_ptr(),
+                        out.stride(0), *(b.data_ptr() for b in bufs),
+                    )  # fmt: skip
+
+    _over_rows(r, run, min_rows=1)
+    return out
+
+
 def _split_keys(pieces: list[tuple[int, torch.Tensor]], parts: int) -> list[list[tuple[int, torch.Tensor]]]:
     """Runs of keys [(first position, keys)] cut into `parts` groups of about equal key counts."""
     per = -(-sum(k.shape[0] for _, k in pieces) // parts)

@@ -73,6 +73,9 @@ def test_slots_runs_and_reads() -> None:
     got = c.read(c.latent[0], s1, 3, 10)[:, 0]
     assert got.tolist() == [3, 4, 5, 6, 7, 8, 9]
     assert c.read(c.latent[0], s1, 0, 5).data_ptr() == c.latent[0].data_ptr()  # one run → a view
+    rows = c.slots_rows([(s1, torch.tensor([[9, -1, 0], [10, 4, 1]])), (s2, torch.tensor([[2, 0]]))])
+    assert rows.tolist() == [[13, -1, 0], [14, 4, 1], [10, 8, -1]]  # one lookup; s2's row padded with -1
+    assert torch.equal(c.slots_rows([(s1, pos[None])]), slots[None])
 
 
 def test_pool_grows_and_keeps_contents() -> None:

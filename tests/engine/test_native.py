@@ -453,6 +453,37 @@ def test_engine_tokens_equal_with_and_without_the_streamed_products(monkeypatch:
 
 
 @needs_native
+@needs_native
+@pytest.mark.parametrize("h,d", [(32, 128), (64, 40), (4, 16)])
+def test_index_scores_rows_equal_each_rows_scan(h: int, d: int) -> None:
+    """Rows with keys of their own (a decode step's sequences): runs of uneven length, fp32 and bf16 keys,
+    wide and narrow heads, one and two threads; each row's scores equal its own `index_scan_torch`, and the
+    columns past a row's keys are left alone."""
+    g = torch.Generator().manual_seed(h + d)
+    lengths = [700, 333, 1000]
+    q, w = torch.randn(3, h, d, generator=g), torch.randn(3, h, generator=g)
+    keys = [
+        torch.randn(n, d, generator=g).to(dt)
+        for n, dt in zip(lengths, (torch.float32, torch.bfloat16, torch.float32))
+    ]
+    row_pieces = [[(5, k[5:200]), (200, k[200:201]), (201, k[201:])] for k in keys]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = torch.full((3, 1000), float("nan"))
+            assert native.index_scores_rows(q, w, row_pieces, 5, out) is out
+            for i, n in enumerate(lengths):
+                ref = index_scan_torch(q[i : i + 1], w[i : i + 1], row_pieces[i], 5, n, torch.empty(1, n - 5))
+                tol = 1e-5 * max(1, d // 16)
+                torch.testing.assert_close(out[i : i + 1, : n - 5], ref, rtol=tol, atol=tol)
+                assert out[i, n - 5 :].isnan().all()
+    finally:
+        torch.set_num_threads(before)
+    assert native.index_scores_rows(q, w, row_pieces[:2], 5, torch.empty(3, 1000)) is None  # rows
+    assert native.index_scores_rows(q, w, row_pieces, 5, torch.empty(3, 900)) is None  # too narrow
+
+
 def test_wide_index_scan_splits_a_decode_rows_keys_over_threads() -> None:
     """A decode row's keys (runs of uneven length) cut into one group per thread; the groups cover every
     key once, so the scores equal the single-thread scan's."""

@@ -26,6 +26,21 @@ def _prefill(runner: ModelRunner, seq, ids: list[int], chunk: int) -> torch.Tens
     return out.logits[0][0]
 
 
+def _step_and_check(
+    runner: ModelRunner, seqs: list, seqs_ids: list, done: list[int], widths: list[int], full
+) -> None:
+    """One step over every sequence (token lists complete): the next widths[i] tokens of sequence i from
+    done[i] on (advanced); every row's logits against the model's full forward full[i]."""
+    segs, spans = [], []
+    for i, (seq, ids) in enumerate(zip(seqs, seqs_ids)):
+        segs.append(Segment(seq, torch.tensor(ids[done[i] : done[i] + widths[i]]), done[i], "all"))
+        spans.append((done[i], widths[i]))
+        done[i] += widths[i]
+    out = runner.forward(segs)
+    for i, (s0, t) in enumerate(spans):
+        torch.testing.assert_close(out.logits[i], full[i][s0 : s0 + t], rtol=0, atol=ATOL)
+
+
 CASES = [
     ("tiny", {}, 150),  # LSA sparse path (index_topk 64), CLI, N-gram
     ("tiny", {}, 48),  # LSA model within index_topk: dense path
@@ -154,18 +169,36 @@ def test_short_dense_segments_in_place_or_gathered_equal_the_model(short_kernel:
     seqs = [runner.new_sequence(ids) for ids in seqs_ids]
     done = [0, 0, 0]
     for width in (5, 3, 7, 1, 2, 1, 1):  # each step: the next `width` tokens of every sequence
-        segs, spans = [], []
-        for i, (seq, ids) in enumerate(zip(seqs, seqs_ids)):
-            t = width if done[i] else 16  # a 16-token first chunk, then `width` rows
-            segs.append(Segment(seq, torch.tensor(ids[done[i] : done[i] + t]), done[i], "all"))
-            spans.append((done[i], t))
-            done[i] += t
-        out = runner.forward(segs)
-        for i, (s0, t) in enumerate(spans):
-            torch.testing.assert_close(out.logits[i], full[i][s0 : s0 + t], rtol=0, atol=ATOL)
+        _step_and_check(runner, seqs, seqs_ids, done, [width if n else 16 for n in done], full)  # (16 first)
     assert all(len(runner.cache.runs(s.blocks, 0, n)) > 1 for s, n in zip(seqs, done))
     with pytest.raises(ValueError, match="short_kernel"):
         ModelRunner(model, short_kernel="paged")
+
+
+def test_lsa_decode_rows_of_several_sequences_equal_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps over several sequences past index_topk (plus one still dense and one prefill chunk in
+    the same step): their selections come from one batched scan and top-k (`index_scan_rows`), and every
+    row's logits equal the model's full forward."""
+    from longcat2.engine import context
+
+    calls = []
+    scan_rows = context.index_scan_rows
+    monkeypatch.setattr(
+        context, "index_scan_rows", lambda *a, **k: calls.append(a[0].shape[0]) or scan_rows(*a, **k)
+    )
+    model = _model("tiny")  # index_topk 64
+    seqs_ids = [torch.randint(4, 512, (n,)).tolist() for n in (150, 90, 40, 120)]
+    with torch.no_grad():
+        full = [model(torch.tensor([ids]))[0] for ids in seqs_ids]
+    runner = ModelRunner(model, block_size=16)
+    prompts = (130, 70, 30, 100)
+    seqs = [runner.new_sequence(ids) for ids in seqs_ids]
+    for seq, ids, n in zip(seqs[:3], seqs_ids, prompts):
+        _prefill(runner, seq, ids[:n], chunk=50)
+    done = list(prompts[:3]) + [0]
+    for _ in range(4):  # three decode rows (two past index_topk, one dense) and the fourth's prefill chunk
+        _step_and_check(runner, seqs, seqs_ids, done, [1, 1, 1, 25], full)
+    assert calls and all(r == 2 for r in calls)  # the two long decode rows, batched, in every LSA layer
 
 
 @pytest.mark.parametrize("prompt_len", [50, 140])
