@@ -28,7 +28,8 @@ stream-read bandwidth.
 
 Timing (bench/timing.py): every arm (and every LSA component) gets one warm-up call and the same
 `--repeats` timed calls, the arms taking turns; tables show medians, the dense/LSA ratio is the median of
-the per-repeat ratios with its [min–max] spread.
+the per-repeat ratios with its [min–max] spread. In the engine table a 1024³ GEMM (the bound's matmul
+rate) takes its turn with the arms, and LSA / bound is the median of the per-turn ratios.
 
     .venv/bin/python bench/decode_lsa.py                      # both configs, 4K … 1M
     .venv/bin/python bench/decode_lsa.py --config longcat-2.0 --lengths 4096,131072 --repeats 5 --engine-lengths ""
@@ -314,6 +315,9 @@ def engine_stepper(
     return step
 
 
+GEMM_N = 1024  # the engine table's matmul reference: one GEMM_N³ product per turn
+
+
 def fmt_len(n: int) -> str:
     return f"{n // (1 << 20)}M" if n % (1 << 20) == 0 else f"{n // 1024}K"
 
@@ -431,24 +435,26 @@ def main() -> None:
             print("|" + "---|" * 10)
             print("\n".join(hi_rows_txt), flush=True)
     if args.engine_lengths:
-        from prefill_lsa import make_config, matmul_rate
+        from prefill_lsa import make_config, matmul_product
 
         cfg = make_config(args.engine_preset)
-        mm = matmul_rate(getattr(torch, args.engine_dtype))
+        gemm = matmul_product(getattr(torch, args.engine_dtype), GEMM_N)
         print(
             f"\n## whole {args.engine_preset} model ({cfg.num_layers} layer(s), MoE, N-gram, LM head) decode step "
             f"of {args.engine_batch} sequence(s) through ModelRunner, synthetic cache; dense = the same weights without indexers. LSA bound = the "
             "step's attention + indexer FLOPs (absorbed attention over top-k keys in both sublayers, indexer "
-            f"scores over the context) at the {args.engine_dtype} matmul rate measured here ({mm / 1e9:.1f} "
-            "GFLOP/s); "
-            "+ weights = that plus one read of the non-embedding weights at the stream bandwidth (batch-1 "
+            f"scores over the context) at the {args.engine_dtype} matmul rate, a {GEMM_N}³ GEMM timed in every "
+            "turn of the arms (this box's speed drifts by 10-20 % over minutes: a rate measured once at the "
+            "start moved the ratio as much as the step did); LSA / bound is the median [min–max] of the "
+            "per-turn ratios; "
+            "+ weights = the bound plus one read of the non-embedding weights at the stream bandwidth (batch-1 "
             f"projections are weight-bound); {'CPU' if args.cpu_time else 'wall'} time"
         )
         print(
             "| context | dense ms/step | LSA ms/step | dense/LSA [min–max] | dense tok/s | LSA tok/s "
-            "| LSA bound ms | LSA / bound | weights MB | bound + weights ms | LSA / (bound + weights) |"
+            "| GEMM GFLOP/s | LSA bound ms | LSA / bound | weights MB | bound + weights ms | LSA / (bound + weights) |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         h, c, r_ = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         with torch.inference_mode():
             for n in [int(x) for x in args.engine_lengths.split(",")]:
@@ -461,8 +467,10 @@ def main() -> None:
                     ),
                 }
                 clock = time.process_time if args.cpu_time else time.perf_counter
-                r = interleaved(arms, args.repeats, warmup=1, clock=clock)
+                r = interleaved({**arms, "gemm": gemm}, args.repeats, warmup=1, clock=clock)
                 td, tl = median(r["dense"]), median(r["lsa"])
+                rates = [2 * GEMM_N**3 / t for t in r["gemm"]]  # FLOP/s per turn
+                mm = median(rates)
                 k = min(n, cfg.index_topk)
                 flops = (
                     args.engine_batch
@@ -470,13 +478,15 @@ def main() -> None:
                     * (2 * 2 * h * (2 * c + r_) * k + 2 * cfg.index_n_heads * cfg.index_head_dim * n)
                 )
                 bound = flops / mm
+                bounds = [flops / x for x in rates]  # per turn
                 wbytes = arms["lsa"].weight_bytes  # type: ignore[attr-defined]
-                full = bound + wbytes / (stream_bandwidth(clock) if args.cpu_time else bw)
+                wtime = wbytes / (stream_bandwidth(clock) if args.cpu_time else bw)
+                full = bound + wtime
                 print(
                     f"| {fmt_len(n)} | {spread(r['dense'], 1e3)} | {spread(r['lsa'], 1e3)} | "
                     f"{ratio_spread(r['dense'], r['lsa'], 1)} | {args.engine_batch / td:.0f} | {args.engine_batch / tl:.0f} | "
-                    f"{bound * 1e3:.2f} | {tl / bound:.2f}x | {wbytes / 2**20:.0f} | {full * 1e3:.2f} | "
-                    f"{tl / full:.2f}x |",
+                    f"{spread(rates, 1e-9, 0)} | {bound * 1e3:.2f} | {ratio_spread(r['lsa'], bounds)} | "
+                    f"{wbytes / 2**20:.0f} | {full * 1e3:.2f} | {ratio_spread(r['lsa'], [b + wtime for b in bounds])} |",
                     flush=True,
                 )
         print(f"# {load_average()} at the end")

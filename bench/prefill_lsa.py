@@ -44,6 +44,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -92,27 +93,38 @@ def attention_flops(cfg, length: int, lsa: bool) -> float:
     return attn
 
 
-def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
-    """Best of `repeats` n³ GEMMs in this process, in CPU time → FLOP/s (the reference for attention
-    efficiency; CPU time, like the prefill's, so other processes' load does not enter). The best of the
-    BLAS (`a @ b`) and oneDNN (`engine.cpu.onednn_linear`): on AMD CPUs MKL's fp32 GEMM runs at
-    less than half of oneDNN's (engine/cpu.py), and the reference is what the machine can do."""
+def matmul_product(dtype: torch.dtype, n: int = 1024) -> Callable[[], object]:
+    """One n³ GEMM in `dtype` by the faster of the BLAS (`a @ b`) and oneDNN (`engine.cpu.onednn_linear`),
+    each timed once here: on AMD CPUs MKL's fp32 GEMM runs at less than half of oneDNN's (engine/cpu.py),
+    and the reference is what the machine can do. → the product as a call (2·n³ FLOPs)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     products = [lambda: a @ b]
     if torch.backends.mkldnn.is_available():
         from longcat2.engine.cpu import onednn_linear
 
         products.append(lambda: onednn_linear(a, b))
-    best = float("inf")
+    best, fastest = float("inf"), products[0]
     for product in products:
         try:
             product()
         except RuntimeError:  # no oneDNN kernel for this dtype here
             continue
-        for _ in range(repeats):
-            t0 = time.process_time()
-            product()
-            best = min(best, time.process_time() - t0)
+        t0 = time.process_time()
+        product()
+        if (t := time.process_time() - t0) < best:
+            best, fastest = t, product
+    return fastest
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
+    """Best of `repeats` n³ GEMMs (`matmul_product`) in this process, in CPU time → FLOP/s (the reference
+    for attention efficiency; CPU time, like the prefill's, so other processes' load does not enter)."""
+    product = matmul_product(dtype, n)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        product()
+        best = min(best, time.process_time() - t0)
     return 2 * n**3 / best
 
 

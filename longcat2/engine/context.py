@@ -98,6 +98,9 @@ class AttentionSettings:
     # segments with at least this many LSA rows share their sink + local-window part per query block
     # (kernels.window_attention); fewer (decode) gather each row's whole selection
     window_min_rows: int = 16
+    # a step's plain LSA decode rows (one query each, of different sequences), when at least this many,
+    # select together: one scan call and one top-k (StepContext._select_decode_rows)
+    decode_select_min_rows: int = 2
     workspace: dict = field(default_factory=dict)  # reused gather buffers (kernels.gather_attention)
 
 
@@ -206,7 +209,7 @@ class StepContext:
         (`index_scan_rows`) into one score buffer and one top-k over it (`lsa_rows`, each row bounded by its
         own last candidate). The same positions as `select`'s per-segment loop, which serves every other
         segment. q [N, h, d] (rotated), w [N, h] → {segment index: [1, index_topk] positions}; empty with
-        fewer than two such segments."""
+        fewer than `decode_select_min_rows` (at least two) such segments."""
         st = self.settings
         cfg, cache = st.cfg, st.cache
         topk, init, local = cfg.index_topk, cfg.index_init_tokens, cfg.index_local_tokens
@@ -222,7 +225,7 @@ class StepContext:
             and not self._use_bf16(q, pool, start - local + 1 - init)
             and not self._use_bf16_prefill(q, pool, start - local + 1 - init, 1)
         ]
-        if len(segs) < 2:
+        if len(segs) < max(2, st.decode_select_min_rows):
             return {}
         offs = [self.offsets[i] for i in segs]
         ends = [self.starts[i] - local + 1 for i in segs]  # dynamic region [init, end) per row
