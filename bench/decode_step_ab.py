@@ -9,7 +9,8 @@ Choices (each a real knob of the engine, not a patch of it):
 - `batched-select`: a step's LSA decode rows of several sequences selecting together (on) or one by one
   (off: `AttentionSettings.decode_select_min_rows` past the batch).
 
-Prints each arm's median ms per step and the median [min-max] of the per-pair ratios off / on.
+Prints each arm's median ms per step and the median [min-max] of the per-pair ratios off / on (timing as
+bench/timing.py: one warm-up step per arm, the garbage collector off while timing).
 
     .venv/bin/python bench/decode_step_ab.py --choice linear-broadcast --batch 32 --length 8192
     .venv/bin/python bench/decode_step_ab.py --choice batched-select --batch 32 --threads 2
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_lsa import engine_stepper  # noqa: E402
-from timing import load_average, median  # noqa: E402
+from timing import interleaved, load_average, median  # noqa: E402
 
 from longcat2.engine import native  # noqa: E402
 
@@ -58,17 +58,14 @@ def main() -> None:
 
         print(f"# {' '.join(sys.argv)}")
         print(f"# torch {torch.__version__}, {args.threads} thread(s); {load_average()} at start")
-        for on in (False, True):  # one warm-up step per arm
+
+        def run(on: bool) -> None:
             arm(on)
             step()
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(args.pairs):
-            for on in (False, True):
-                arm(on)
-                t0 = time.perf_counter()
-                step()
-                times[on].append(time.perf_counter() - t0)
+
+        r = interleaved({"off": lambda: run(False), "on": lambda: run(True)}, args.pairs, warmup=1)
         arm(True)
+        times = {False: r["off"], True: r["on"]}
     ratios = [a / b for a, b in zip(times[False], times[True])]
     print(
         f"{args.choice}, {args.preset}, batch {args.batch}, context {args.length}, {args.dtype}: "
