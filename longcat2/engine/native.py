@@ -2197,11 +2197,10 @@ fp32 1.1-1.6x at 1-8 rows; bf16 1.3-1.5x at 1-2 rows, slower beyond, where oneDN
 products compute twice as fast as the widening loads here)."""
 LINEAR_BROADCAST_ROWS = frozenset([*range(12, 17), *range(28, 33)])
 """fp32 rows beyond LINEAR_MAX_ROWS that `linear` also takes, with the broadcast tiles (`lc2_nt_bc_min_rows`
-in the C source): the rows sit in 16-lane vectors, so they win where they fill those to within 4 lanes.
-Session 19, cold weights, 1 thread, GFLOP/s C / oneDNN: 1536 x 12288 (LongCat-2.0's q_b_proj) 93 / 71 at
-12 rows, 127 / 101 at 16, 152 / 132 at 32; 8192 x 512 (o_proj) 124 / 100 at 16, 167 / 133 at 32. Not at 24
-or 40 rows (a third or a sixth of the lanes idle: 0.8-0.95x), nor at 64 where 8192-wide rows' transpose
-(2 MB) leaves the L2."""
+in the C source): the rows sit in 16-lane vectors, so they win where they fill those to within 4 lanes
+(`bench/linear_rows.py`, cold weights, 1 thread, GFLOP/s C / oneDNN: LongCat-2.0's 1536 x 12288 q_b_proj
+97 / 86 at 16 rows, 142 / 108 at 32; its 8192 x 512 o_proj 82 / 73 and 112 / 106). Not at 24 or 40 rows
+(a third or a sixth of the lanes idle: 0.75-1.07x), nor from 48, where oneDNN catches up."""
 ABSORB_MAX_ROWS = {torch.float32: 64, torch.bfloat16: 2}
 """The same for `absorb` / `unabsorb`: the alternative is a batched GEMM per head, which fp32 runs through
 MKL's `bmm` (its AVX2 kernels on AMD CPUs). 64 heads x 128 x 512, cold weights: C / `torch.matmul` 1.55 /
