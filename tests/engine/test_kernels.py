@@ -78,6 +78,27 @@ def test_index_scan_matches_model_scores() -> None:
 
 
 @pytest.mark.parametrize("native_on", [True, False])
+def test_index_scan_rows_match_model_scores(native_on: bool) -> None:
+    """Single-query rows with keys of their own (`index_scan_rows`, a decode step's rows of several
+    sequences): each row's columns up to its own last key equal the model's scores of its keys, from one C
+    call or from a PyTorch scan per row; rows of different lengths, several runs each."""
+    if native_on and not native.available():
+        pytest.skip("no compiled kernels here")
+    torch.manual_seed(3)
+    h, d = 32, 128
+    lengths = [900, 400, 1000]
+    q, w = torch.randn(3, h, d), torch.randn(3, h)
+    keys = [torch.randn(n, d) for n in lengths]
+    row_pieces = [[(10, k[10:300]), (300, k[300:301]), (301, k[301:])] for k in keys]
+    with contextlib.nullcontext() if native_on else native.disabled():
+        got = kernels.index_scan_rows(q, w, row_pieces, 10, max(lengths) - 10, workspace={})
+    assert got.shape == (3, max(lengths) - 10)
+    for i, k in enumerate(keys):
+        ref = index_scores(q[None, i : i + 1], w[None, i : i + 1], k[None])[0][0, 10:]
+        torch.testing.assert_close(got[i, : lengths[i] - 10], ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("native_on", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_scan_tiles_match_model_scores(
     monkeypatch: pytest.MonkeyPatch, native_on: bool, dtype: torch.dtype

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -175,30 +177,35 @@ def test_short_dense_segments_in_place_or_gathered_equal_the_model(short_kernel:
         ModelRunner(model, short_kernel="paged")
 
 
-def test_lsa_decode_rows_of_several_sequences_equal_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("compiled", [True, False])
+def test_lsa_decode_rows_of_several_sequences_equal_the_model(
+    monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
     """Decode steps over several sequences past index_topk (plus one still dense and one prefill chunk in
-    the same step): their selections come from one batched scan and top-k (`index_scan_rows`), and every
-    row's logits equal the model's full forward."""
-    from longcat2.engine import context
+    the same step): their selections come from one batched scan and top-k (`index_scan_rows`: one C call,
+    or without the C kernels a PyTorch scan per row into the shared buffer), and every row's logits equal
+    the model's full forward."""
+    from longcat2.engine import context, native
 
-    calls = []
-    scan_rows = context.index_scan_rows
-    monkeypatch.setattr(
-        context, "index_scan_rows", lambda *a, **k: calls.append(a[0].shape[0]) or scan_rows(*a, **k)
-    )
-    model = _model("tiny")  # index_topk 64
-    seqs_ids = [torch.randint(4, 512, (n,)).tolist() for n in (150, 90, 40, 120)]
-    with torch.no_grad():
-        full = [model(torch.tensor([ids]))[0] for ids in seqs_ids]
-    runner = ModelRunner(model, block_size=16)
-    prompts = (130, 70, 30, 100)
-    seqs = [runner.new_sequence(ids) for ids in seqs_ids]
-    for seq, ids, n in zip(seqs[:3], seqs_ids, prompts):
-        _prefill(runner, seq, ids[:n], chunk=50)
-    done = list(prompts[:3]) + [0]
-    for _ in range(4):  # three decode rows (two past index_topk, one dense) and the fourth's prefill chunk
-        _step_and_check(runner, seqs, seqs_ids, done, [1, 1, 1, 25], full)
-    assert calls and all(r == 2 for r in calls)  # the two long decode rows, batched, in every LSA layer
+    with contextlib.nullcontext() if compiled else native.disabled():
+        calls = []
+        scan_rows = context.index_scan_rows
+        monkeypatch.setattr(
+            context, "index_scan_rows", lambda *a, **k: calls.append(a[0].shape[0]) or scan_rows(*a, **k)
+        )
+        model = _model("tiny")  # index_topk 64
+        seqs_ids = [torch.randint(4, 512, (n,)).tolist() for n in (150, 90, 40, 120)]
+        with torch.no_grad():
+            full = [model(torch.tensor([ids]))[0] for ids in seqs_ids]
+        runner = ModelRunner(model, block_size=16)
+        prompts = (130, 70, 30, 100)
+        seqs = [runner.new_sequence(ids) for ids in seqs_ids]
+        for seq, ids, n in zip(seqs[:3], seqs_ids, prompts):
+            _prefill(runner, seq, ids[:n], chunk=50)
+        done = list(prompts[:3]) + [0]
+        for _ in range(4):  # three decode rows (two past index_topk, one dense), the fourth's prefill chunk
+            _step_and_check(runner, seqs, seqs_ids, done, [1, 1, 1, 25], full)
+        assert calls and all(r == 2 for r in calls)  # the two long decode rows, batched, in every LSA layer
 
 
 @pytest.mark.parametrize("prompt_len", [50, 140])
