@@ -14,8 +14,9 @@ Design choices:
 - Linear layers (`route_cpu_linears`): a decode step's products have a few rows, so they are bound by
   reading the weight; `native.linear` streams it once (fp32 up to 8 rows, bf16 up to 2: 1.1-1.6x oneDNN
   on LongCat-2.0's 1536x12288 q_b_proj, BENCHMARKS.md), and takes fp32 batches of 12-16 and 28-32 rows
-  with the rows in vector lanes (`native.LINEAR_BROADCAST_ROWS`: 1.05-1.3x oneDNN there). A MoE's routed experts likewise (`CpuExperts`:
-  a decode step's few rows per expert in one C call instead of three grouped GEMMs, 2-8x).
+  with the rows in vector lanes (`native.LINEAR_BROADCAST_ROWS`: 1.05-1.3x oneDNN there). A MoE's routed
+  experts likewise (`CpuExperts`: a decode step's few rows per expert in one C call instead of three
+  grouped GEMMs, 2-8x).
 - fp32 linear layers: PyTorch's fp32 `linear` calls the BLAS (MKL). On AMD CPUs MKL does not run its
   AVX-512 kernels: on session 12's Zen 4 slice a 1024³ fp32 GEMM ran at 116 GFLOP/s through MKL and 254-265
   through oneDNN (`torch.ops.mkldnn._linear_pointwise`, plain weights), and an 8-row product with

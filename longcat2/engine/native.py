@@ -945,9 +945,12 @@ KN_TILE(4, 4, 1)
 NT_BC_TILE(1)
 NT_BC_TILE(2)
 
-static void nt_bcast(const float *x, int64_t M, int64_t xs, const float *W, int64_t ws, int64_t K, float *y,
-                     int64_t ys, int64_t n0, int64_t n1, float *xt) {
-    int64_t mp = (M + 15) & ~(int64_t)15;
+/* → 0 (nothing written) where its scratch (the transposed rows) cannot be allocated. */
+static int nt_bcast(const float *x, int64_t M, int64_t xs, const float *W, int64_t ws, int64_t K, float *y,
+                    int64_t ys, int64_t n0, int64_t n1) {
+    const int64_t mp = (M + 15) & ~(int64_t)15;
+    float *xt = malloc((size_t)(K * mp) * sizeof(float));
+    if (!xt) return 0;
     for (int64_t i = 0; i < mp; i++) /* row by row: x's rows may lie a power of two apart (a head's rows in
                                           [T, h, c]), and a walk down its columns then hits one cache set */
         for (int64_t k = 0; k < K; k++) xt[k * mp + i] = i < M ? x[i * xs + k] : 0.0f;
@@ -958,6 +961,8 @@ static void nt_bcast(const float *x, int64_t M, int64_t xs, const float *W, int6
             else nt_bc_1(xt, mp, m0, M, W, ws, K, y, ys, n, nr);
         }
     }
+    free(xt);
+    return 1;
 }
 
 /* y[:, n0 .. n1) = x W^T for M rows (NT: register tiles of 1 or 2 rows x 8 weight rows), W fp32 or bf16
@@ -981,14 +986,9 @@ void lc2_heads_linear(const float *x, int64_t M, int64_t xs, int64_t xh, const v
                       int64_t ws, int64_t wh, int64_t N, int64_t K, void *y, int yb, int64_t ys, int64_t yh,
                       int64_t h0, int64_t h1, int64_t n0, int64_t n1) {
 #if defined(__AVX512F__)
-    if (!kn && wh == 0 && h1 - h0 == 1 && M >= lc2_nt_bc_min_rows && !wb && !yb) {
-        float *xt = malloc((size_t)(K * ((M + 15) & ~(int64_t)15)) * sizeof(float));
-        if (xt) {
-            nt_bcast(x + h0 * xh, M, xs, W, ws, K, (float *)y + h0 * yh, ys, n0, n1, xt);
-            free(xt);
-            return;
-        }
-    }
+    if (!kn && wh == 0 && h1 - h0 == 1 && M >= lc2_nt_bc_min_rows && !wb && !yb &&
+        nt_bcast(x + h0 * xh, M, xs, W, ws, K, (float *)y + h0 * yh, ys, n0, n1))
+        return;
 #endif
     for (int64_t h = h0; h < h1; h++) {
         const float *xi = x + h * xh;
@@ -1761,6 +1761,42 @@ WIDE_SCAN_MIN_KEYS = 2048
 """Keys per thread at least, when the wide-head scan splits a few rows' keys over the threads."""
 
 
+def _scan_keys_ok(keys: torch.Tensor) -> bool:
+    """Keys the scan kernels read in place: fp32 or bf16 on CPU, unit column stride."""
+    return (
+        keys.dtype in (torch.float32, torch.bfloat16) and keys.device.type == "cpu" and keys.stride(-1) == 1
+    )
+
+
+def _scan_kernel(lib: ctypes.CDLL, rows: int, h: int, d: int) -> tuple[Callable[..., None], tuple[int, ...]]:
+    """The scan kernel for `rows` query rows of h x d heads and the sizes of its fp32 scratch buffers: the
+    wide-head one (the rows' queries transposed, [d, h] each; a widened / padded tile of keys) beyond
+    SCAN_MAX_DIM, else the narrow one (a transposed block of keys)."""
+    if d > SCAN_MAX_DIM:
+        return lib.lc2_index_scores_wide, (rows * d * h, 16 * d + 16)
+    return lib.lc2_index_scores, (d * 256,)
+
+
+def _scan_piece(
+    kernel: Callable[..., None],
+    bufs: list[torch.Tensor],
+    qf: torch.Tensor,
+    wf: torch.Tensor,
+    keys: torch.Tensor,
+    out_row: torch.Tensor,
+    out_ld: int,
+) -> None:
+    """One run of keys scored by `kernel` for the rows of qf [T, h, d] / wf [T, h] (contiguous fp32) into
+    out_row (the first row's first column of the run; rows out_ld apart)."""
+    if keys.shape[0]:
+        t, h, d = qf.shape
+        kernel(
+            qf.data_ptr(), wf.data_ptr(), t, h, d, keys.data_ptr(), keys.stride(0),
+            int(keys.dtype == torch.bfloat16), keys.shape[0], out_row.data_ptr(), out_ld,
+            *(b.data_ptr() for b in bufs),
+        )  # fmt: skip
+
+
 def index_scores(
     q: torch.Tensor,
     w: torch.Tensor,
@@ -1781,13 +1817,8 @@ def index_scores(
     wide = d > SCAN_MAX_DIM
     if wide and (h % 16 != 0 or h > 64 or t > WIDE_SCAN_MAX_ROWS):
         return None
-    for _, keys in pieces:
-        if (
-            keys.dtype not in (torch.float32, torch.bfloat16)
-            or keys.device.type != "cpu"
-            or keys.stride(-1) != 1
-        ):
-            return None
+    if not all(_scan_keys_ok(keys) for _, keys in pieces):
+        return None
     if out is None:
         out = torch.empty(t, end - start, dtype=torch.float32)
     if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape != (t, end - start):
@@ -1796,28 +1827,10 @@ def index_scores(
     wf = w.float().reshape(t, h).contiguous()  # [T, h]
 
     def run(r0: int, r1: int, parts: list[tuple[int, torch.Tensor]]) -> None:
-        if wide:  # scratch: the rows' queries transposed ([d, h] each), a widened / padded tile of keys
-            kernel, scratch = lib.lc2_index_scores_wide, ((r1 - r0) * d * h, 16 * d + 16)
-        else:  # a transposed block of keys
-            kernel, scratch = lib.lc2_index_scores, (d * 256,)
+        kernel, scratch = _scan_kernel(lib, r1 - r0, h, d)
         bufs = [torch.empty(n, dtype=torch.float32) for n in scratch]
         for pos, keys in parts:
-            if keys.shape[0] == 0:
-                continue
-            kernel(
-                qf[r0].data_ptr(),
-                wf[r0].data_ptr(),
-                r1 - r0,
-                h,
-                d,
-                keys.data_ptr(),
-                keys.stride(0),
-                int(keys.dtype == torch.bfloat16),
-                keys.shape[0],
-                out[r0, pos - start :].data_ptr(),
-                out.stride(0),
-                *(b.data_ptr() for b in bufs),
-            )
+            _scan_piece(kernel, bufs, qf[r0:r1], wf[r0:r1], keys, out[r0, pos - start :], out.stride(0))
 
     if wide and (n_threads := min(torch.get_num_threads(), (end - start) // WIDE_SCAN_MIN_KEYS)) > 1:
         groups = _split_keys(pieces, n_threads)  # a decode row: its keys split over the threads
@@ -1844,37 +1857,27 @@ def index_scores_rows(
     if lib is None or q.device.type != "cpu" or q.dim() != 3 or len(row_pieces) != q.shape[0]:
         return None
     r, h, d = q.shape
-    wide = d > SCAN_MAX_DIM
-    if wide and (h % 16 != 0 or h > 64):
+    if d > SCAN_MAX_DIM and (h % 16 != 0 or h > 64):
         return None
     if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape[0] != r:
         return None
-    for pieces in row_pieces:
-        for pos, keys in pieces:
-            if (
-                keys.dtype not in (torch.float32, torch.bfloat16)
-                or keys.device.type != "cpu"
-                or keys.stride(-1) != 1
-                or pos < start
-                or pos - start + keys.shape[0] > out.shape[1]
-            ):
-                return None
+    if not all(
+        _scan_keys_ok(keys) and start <= pos and pos - start + keys.shape[0] <= out.shape[1]
+        for pieces in row_pieces
+        for pos, keys in pieces
+    ):
+        return None
     qf = q.float().contiguous()  # [R, h, d]
     wf = w.float().reshape(r, h).contiguous()  # [R, h]
-    kernel, scratch = (
-        (lib.lc2_index_scores_wide, (d * h, 16 * d + 16)) if wide else (lib.lc2_index_scores, (d * 256,))
-    )
+    kernel, scratch = _scan_kernel(lib, 1, h, d)
 
     def run(r0: int, r1: int) -> None:
         bufs = [torch.empty(n, dtype=torch.float32) for n in scratch]
         for i in range(r0, r1):
             for pos, keys in row_pieces[i]:
-                if keys.shape[0]:
-                    kernel(
-                        qf[i].data_ptr(), wf[i].data_ptr(), 1, h, d, keys.data_ptr(), keys.stride(0),
-                        int(keys.dtype == torch.bfloat16), keys.shape[0], out[i, pos - start :].data_ptr(),
-                        out.stride(0), *(b.data_ptr() for b in bufs),
-                    )  # fmt: skip
+                _scan_piece(
+                    kernel, bufs, qf[i : i + 1], wf[i : i + 1], keys, out[i, pos - start :], out.stride(0)
+                )
 
     _over_rows(r, run, min_rows=1)
     return out
