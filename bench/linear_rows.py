@@ -6,8 +6,8 @@ Three arms per (weight, rows), cold weights (a 64 MB buffer written before every
 - `onednn`: `engine.cpu.onednn_linear`, what the engine calls outside the C kernels' rows.
 
 The C arms run every row count here; the engine itself takes C only for up to `native.LINEAR_MAX_ROWS` rows
-and `native.LINEAR_BROADCAST_ROWS` (this table is how those were chosen). Arms interleaved as
-bench/timing.py does, with the flush before each call outside its timing; GFLOP/s of the median time.
+and `native.LINEAR_BROADCAST_ROWS` (this table is how those were chosen). Arms interleaved
+(bench/timing.py), the flush before each call outside its timing; GFLOP/s of the median time.
 
     .venv/bin/python bench/linear_rows.py
     .venv/bin/python bench/linear_rows.py --rows 16,32 --shapes 1536x12288
@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gc
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,29 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import load_average, median  # noqa: E402
+from timing import interleaved, load_average, median  # noqa: E402
 
 from longcat2.engine import native  # noqa: E402
 from longcat2.engine.cpu import keep_freed_memory, onednn_linear  # noqa: E402
-
-
-def cold_interleaved(
-    arms: dict[str, Callable[[], object]], flush: torch.Tensor, repeats: int
-) -> dict[str, list[float]]:
-    """`timing.interleaved` with the caches flushed (flush written) before each call, outside its timing."""
-    times: dict[str, list[float]] = {a: [] for a in arms}
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(repeats):
-            for a, fn in arms.items():
-                flush.add_(1.0)
-                t0 = time.perf_counter()
-                fn()
-                times[a].append(time.perf_counter() - t0)
-    finally:
-        gc.enable()
-    return times
 
 
 def main() -> None:
@@ -103,7 +81,7 @@ def main() -> None:
                 y = fn()
                 if y is None or not torch.allclose(y, ref, rtol=1e-4, atol=1e-3):
                     raise SystemExit(f"{shape}, {m} rows: an arm's product differs from x @ w.t()")
-            t = cold_interleaved(arms, flush, args.repeats)
+            t = interleaved(arms, args.repeats, warmup=0, before=lambda: flush.add_(1.0))
             rate = {a: 2 * m * k * n / median(v) / 1e9 for a, v in t.items()}
             cells.append(f"{rate['broadcast']:.0f} / {rate['2-row']:.0f} / {rate['onednn']:.0f}")
         print(f"| {k} x {n} | " + " | ".join(cells) + " |", flush=True)

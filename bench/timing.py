@@ -26,9 +26,11 @@ def interleaved(
     repeats: int,
     warmup: int = 1,
     clock: Callable[[], float] = time.perf_counter,
+    before: Callable[[], object] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of each arm: `warmup` untimed rounds, then `repeats` timed rounds, arms in turn
-    (the garbage collector off during them: module doc)."""
+    (the garbage collector off during them: module doc); `before` (e.g. a cache flush) runs ahead of every
+    timed call, outside its timing."""
     if repeats < 1:
         raise ValueError(f"repeats: at least 1, got {repeats}")
     for _ in range(warmup):
@@ -41,6 +43,8 @@ def interleaved(
     try:
         for _ in range(repeats):
             for name, fn in arms.items():
+                if before is not None:
+                    before()
                 t = clock()
                 fn()
                 times[name].append(clock() - t)
