@@ -24,7 +24,8 @@
 # Knobs (environment): RECIPE (4 = the installed model, session 9's wide-space recipe, the default; 2 = the
 # model installed until session 9; 3 = session 8's wider-latent, open-space recipe; 5 = v4 in bf16 where the
 # CPU has native bf16 GEMMs, second stage on the wide3 space; 6 = v5 with half the copied names made of
-# lexicon-word pieces: the open2 / wide4 spaces), PRECISION, WORK (run directory, default
+# lexicon-word pieces: the open2 / wide4 spaces; 7 = v6's data in one SFT stage on a model 2.4x the size, hidden 256
+# and 4 layers, stored in bf16), PRECISION, WORK (run directory, default
 # runs/default-model-v$((RECIPE + 1))), PRETRAIN_STEPS, SFT_STEPS,
 # LONG_STEPS (0 = no length extension), COPY_STEPS (0 = no copy warm-up), SFT_ATTENTION, SFT_N, OPEN_N, OPEN_COPY_N,
 # WIDE_N, WIDE_COPY_N, SFT2_STEPS, LONG_N,
@@ -41,12 +42,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RECIPE=${RECIPE:-4}
 case "$RECIPE" in
-  2) V3=0 V4=0 V5=0 V6=0 ;;
-  3) V3=1 V4=0 V5=0 V6=0 ;;
-  4) V3=1 V4=1 V5=0 V6=0 ;;
-  5) V3=1 V4=1 V5=1 V6=0 ;;
-  6) V3=1 V4=1 V5=1 V6=1 ;;
-  *) echo "error: RECIPE=$RECIPE; expected 4 (the installed model), 2, 3, 5 or 6" >&2; exit 2 ;;
+  2) V3=0 V4=0 V5=0 V6=0 V7=0 ;;
+  3) V3=1 V4=0 V5=0 V6=0 V7=0 ;;
+  4) V3=1 V4=1 V5=0 V6=0 V7=0 ;;
+  5) V3=1 V4=1 V5=1 V6=0 V7=0 ;;
+  6) V3=1 V4=1 V5=1 V6=1 V7=0 ;;
+  7) V3=1 V4=1 V5=1 V6=1 V7=1 ;;
+  *) echo "error: RECIPE=$RECIPE; expected 4 (the installed model), 2, 3, 5, 6 or 7" >&2; exit 2 ;;
 esac
 # v5: bf16 autocast where the CPU has native bf16 GEMMs (fp32 elsewhere: `--precision auto`), and the second
 # SFT stage on the wide3 space (one-word argument names, call/refusal contrast pairs) instead of wide2
@@ -57,19 +59,23 @@ SPACE2=$([ "$V6" = 1 ] && echo wide4 || { [ "$V5" = 1 ] && echo wide3 || echo wi
 OPEN_SPACE=$([ "$V6" = 1 ] && echo open2 || echo open)
 WIDE_SPACE=$([ "$V6" = 1 ] && echo wide4 || echo wide)
 WORK=${WORK:-runs/default-model-v$((RECIPE + 1))}
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-1200}
+# v7: a model 2.4x v6's size (hidden 256, 4 layers: 10.9 M parameters, stored in bf16 to stay under 25 MB),
+# trained in one SFT stage on everything v6's two stages saw (short + wide4 + wide4 copy + drill); its
+# pretraining and copy warm-up are shorter, so the build still fits the time budget at ~1.3 s per SFT step
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-$((V7 ? 600 : 1200))}
 # v2: ~90 min at 2.2 s per dense step, quiet; v3: one epoch of the short + open sets (2.7 s a step)
 # v4: one epoch of the short + wide + wide copy sets (40,000 conversations), batched by length
-SFT_STEPS=${SFT_STEPS:-$((V4 ? 2500 : V3 ? 1400 : 2500))}
+SFT_STEPS=${SFT_STEPS:-$((V7 ? 3000 : V4 ? 2500 : V3 ? 1400 : 2500))}
 SFT_ATTENTION=${SFT_ATTENTION:-dense}  # sparse: the session-5 recipe (sparse path + indexer KL)
 LONG_STEPS=${LONG_STEPS:-30}  # length extension (YaRN 32K) on the long set; 0 = none
-COPY_STEPS=${COPY_STEPS:-$((V3 ? 2000 : 600))}  # copy warm-up before SFT (~0.4 s a step); 0 = none
-SFT_N=${SFT_N:-16000}
+COPY_STEPS=${COPY_STEPS:-$((V7 ? 1500 : V3 ? 2000 : 600))}  # copy warm-up before SFT (~0.4 s a step); 0 = none
+SFT_N=${SFT_N:-$((V7 ? 12000 : 16000))}
 OPEN_N=${OPEN_N:-$((V3 && !V4 ? 8000 : 0))}  # the SFT mix again with random-letter names (the open space); 0 = none
-WIDE_N=${WIDE_N:-$((V4 ? 16000 : 0))}  # the SFT mix with random-letter names and lexicon words (the wide space)
-WIDE_COPY_N=${WIDE_COPY_N:-$((V4 ? 8000 : 0))}  # wide-space copy items kept in the SFT mix (copying erodes in SFT)
+WIDE_N=${WIDE_N:-$((V7 ? 20000 : V4 ? 16000 : 0))}  # the SFT mix with random-letter names and lexicon words (the wide space)
+WIDE_COPY_N=${WIDE_COPY_N:-$((V7 ? 6000 : V4 ? 8000 : 0))}  # wide-space copy items kept in the SFT mix (copying erodes in SFT)
 # v4: a second SFT stage on fresh data (new seeds: the short set again, the wide2 space, wide2 copy items)
-SFT2_STEPS=${SFT2_STEPS:-$((V4 ? 2000 : 0))}  # 0 = none
+SFT2_STEPS=${SFT2_STEPS:-$((V7 ? 0 : V4 ? 2000 : 0))}  # 0 = none
+DRILL_N=${DRILL_N:-$((V7 ? 6400 : 0))}  # v7: drill items in the (only) SFT stage; v6 had them in the second
 OPEN_COPY_N=${OPEN_COPY_N:-$((V3 ? 16000 : 0))}  # copy warm-up items with random-letter names; 0 = none
 LONG_N=${LONG_N:-1200}
 BATCH=${BATCH:-16}
@@ -105,6 +111,12 @@ if [ "$V3" = 1 ]; then
   MODEL_ARGS+=(--model kv_lora_rank=128 --model qk_nope_head_dim=32 --model qk_rope_head_dim=16 --model v_head_dim=32)
 else
   MODEL_ARGS+=(--model kv_lora_rank=32)
+fi
+if [ "$V7" = 1 ]; then
+  # v7: twice the width and a fourth layer; N-gram tables at 1x the vocabulary (2x before) and narrower FFNs
+  # keep it at 10.9 M parameters (21.9 MB in bf16); 8 heads measured 1.5x the step time of 4
+  MODEL_ARGS+=(--model hidden_size=256 --model num_layers=4 --model ffn_hidden_size=384
+    --model expert_ffn_hidden_size=96 --model q_lora_rank=128 --model oe_vocab_size_ratio=1.0)
 fi
 # 32K context for the length-extension stage: YaRN x32 over the 1024 positions the model starts from
 # (the tiny preset's DeepSeek-YaRN, x4 before); shape-preserving, so the `--init` weights load unchanged
@@ -163,6 +175,7 @@ add_set copy-all open-copy "$OPEN_COPY_N" "$((SEED + 17))" 200 --copy-set --spac
 add_set sft-all open-mix "$OPEN_N" "$((SEED + 21))" 200 --space open --long-share 0
 add_set sft-all wide-mix "$WIDE_N" "$((SEED + 23))" 200 --space "$WIDE_SPACE" --long-share 0
 add_set sft-all wide-copy "$WIDE_COPY_N" "$((SEED + 29))" 100 --copy-set --space "$WIDE_SPACE"
+add_set sft-all drill "$DRILL_N" "$((SEED + 43))" 100 --drill-set --space "$WIDE_SPACE"
 if [ "$SFT2_STEPS" -gt 0 ]; then
   # the second SFT stage's data: one epoch of 2000 steps x 16 (12,000 + 14,000 + 6,000 conversations)
   : >"$WORK/sft2-all.jsonl" && : >"$WORK/sft2-all-val.jsonl"
@@ -260,6 +273,20 @@ cfg = json.loads(Path(stage, "config.json").read_text())
 gen = {"do_sample": False, "bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
 Path(stage, "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 EOF
+if [ "$V7" = 1 ]; then
+  # v7: weights stored in bf16 (the router in fp32, as released checkpoints keep it); config.json still says
+  # float32, so the model loads and serves in fp32 with these values
+  "$PY" - "$stage/model.safetensors" <<'EOF'
+import os, sys, torch
+from safetensors.torch import load_file, save_file
+path = sys.argv[1]
+weights = load_file(path)
+out = {k: v.to(torch.bfloat16) if v.is_floating_point() and v.dim() >= 2 and "router" not in k else v
+       for k, v in weights.items()}
+save_file(out, path + ".tmp", metadata={"format": "pt"})
+os.replace(path + ".tmp", path)
+EOF
+fi
 chmod 644 "$stage"/*
 size_mb=$(du -sm "$stage" | cut -f1)
 log "model directory: $size_mb MB"
