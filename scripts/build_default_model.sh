@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the model embedded in the package (longcat2/assets/default-model/) from nothing, with the
-# project's own commands. Recipe v4 (the installed model) by default, v2 with RECIPE=2, v3 with RECIPE=3
-# (issue 18, docs/default-model.md "v2 recipe", "v3 recipe" and "v4 recipe"):
+# project's own commands. Recipe v8 (the installed model) by default, v2-v7 with RECIPE=2..7
+# (issue 18, docs/default-model.md "v2 recipe" ... "v8 recipe"):
 #   1 synthetic SFT data that forces copying (scripts/make_sft_data_v2.py): a short set, a copy set and a
 #     long set (training-syllable names); v3 adds the copy set and the short set again with random-letter
 #     names (the open space: copying any letters, not only the training syllables) and a wider MLA latent;
@@ -11,6 +11,7 @@
 #   2 `longcat2 train` on the stdlib corpus, with the LSA indexer distilled (dense warm-up, then sparse)
 #   2b copy warm-up: `longcat2 sft` on the two copy sets (short pure-copy conversations)
 #   3 `longcat2 sft` on the two short sets (dense attention, ~3x cheaper per step than sparse at <= 640 tokens)
+#   3b a second `longcat2 sft` stage on fresh data (v4-v6: after 3; v8: after 4, on the wide5 space)
 #   4 `longcat2 sft` length extension: YaRN x32 over 1024 (32K context, as LongCat extends with YaRN) on
 #     the long set (agent-sized tool prompts, text passkeys, short examples mixed in), sparse path active
 #   5 copy model + tokenizer into the package, 6 held-out evals (with and without the reply grammar) and
@@ -21,39 +22,41 @@
 #   PRETRAIN_STEPS=3 SFT_STEPS=3 LONG_STEPS=2 EVAL_PER_KIND=2 PASSKEY_LENGTHS=2048 WORK=/tmp/smoke INSTALL=0 \
 #     scripts/build_default_model.sh               # smoke test of the whole pipeline
 #
-# Knobs (environment): RECIPE (4 = the installed model, session 9's wide-space recipe, the default; 2 = the
-# model installed until session 9; 3 = session 8's wider-latent, open-space recipe; 5 = v4 in bf16 where the
+# Knobs (environment): RECIPE (8 = the installed model, session 21's recipe, the default; 4 = session 9's
+# wide-space recipe, installed until session 21; 2 = the model installed until session 9; 3 = session 8's wider-latent, open-space recipe; 5 = v4 in bf16 where the
 # CPU has native bf16 GEMMs, second stage on the wide3 space; 6 = v5 with half the copied names made of
 # lexicon-word pieces: the open2 / wide4 spaces; 7 = v6's data in one SFT stage on a model 2.4x the size, hidden 256
-# and 4 layers, stored in bf16), PRECISION, WORK (run directory, default
+# and 4 layers, stored in bf16; 8 = v7 and a second SFT stage on the wide5 space: varied schemas), PRECISION, WORK (run directory, default
 # runs/default-model-v$((RECIPE + 1))), PRETRAIN_STEPS, SFT_STEPS,
 # LONG_STEPS (0 = no length extension), COPY_STEPS (0 = no copy warm-up), SFT_ATTENTION, SFT_N, OPEN_N, OPEN_COPY_N,
 # WIDE_N, WIDE_COPY_N, SFT2_STEPS, LONG_N,
 # BATCH, SEQ_LEN, SFT_SEQ_LEN, LONG_SEQ_LEN, LONG_BATCH, VOCAB, THREADS, SEED, EVAL_PER_KIND, PASSKEY_LENGTHS, PASSKEY_N, INSTALL (1 = copy into the package
 # at the end; default 0: the build stays in $WORK until its evals are compared with the installed model's), PYTHON (default .venv/bin/python). The model is a LongCat-2.0-architecture model at tiny
 # scale: the `tiny` preset (LSA indexer, zero experts, N-gram embedding, MTP) with the overrides in
-# MODEL_ARGS. Training runs in fp32, as the installed builds did: on a CPU without native bf16 GEMMs (the
-# AVX2 box of sessions 1-9) bf16 autocast measured 8x slower; on one with AVX512-BF16 it is 1.6x faster
+# MODEL_ARGS. Recipes v2-v4 train in fp32, v5 and later with `--precision auto` (bf16 autocast where the CPU
+# has native bf16 GEMMs): on a CPU without them (the AVX2 box of sessions 1-9) bf16 autocast measured 8x
+# slower; on one with AVX512-BF16 it is 1.6x faster
 # (BENCHMARKS.md, "bf16 vs fp32 training step"; the session-11 pilot in docs/default-model.md).
 # Every stage is resumable: a stage whose final checkpoint exists is skipped, an interrupted one resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-.venv/bin/python}
-RECIPE=${RECIPE:-4}
+RECIPE=${RECIPE:-8}
 case "$RECIPE" in
-  2) V3=0 V4=0 V5=0 V6=0 V7=0 ;;
-  3) V3=1 V4=0 V5=0 V6=0 V7=0 ;;
-  4) V3=1 V4=1 V5=0 V6=0 V7=0 ;;
-  5) V3=1 V4=1 V5=1 V6=0 V7=0 ;;
-  6) V3=1 V4=1 V5=1 V6=1 V7=0 ;;
-  7) V3=1 V4=1 V5=1 V6=1 V7=1 ;;
-  *) echo "error: RECIPE=$RECIPE; expected 4 (the installed model), 2, 3, 5, 6 or 7" >&2; exit 2 ;;
+  2) V3=0 V4=0 V5=0 V6=0 V7=0 V8=0 ;;
+  3) V3=1 V4=0 V5=0 V6=0 V7=0 V8=0 ;;
+  4) V3=1 V4=1 V5=0 V6=0 V7=0 V8=0 ;;
+  5) V3=1 V4=1 V5=1 V6=0 V7=0 V8=0 ;;
+  6) V3=1 V4=1 V5=1 V6=1 V7=0 V8=0 ;;
+  7) V3=1 V4=1 V5=1 V6=1 V7=1 V8=0 ;;
+  8) V3=1 V4=1 V5=1 V6=1 V7=1 V8=1 ;;
+  *) echo "error: RECIPE=$RECIPE; expected 8 (the installed model), 2, 3, 4, 5, 6 or 7" >&2; exit 2 ;;
 esac
 # v5: bf16 autocast where the CPU has native bf16 GEMMs (fp32 elsewhere: `--precision auto`), and the second
 # SFT stage on the wide3 space (one-word argument names, call/refusal contrast pairs) instead of wide2
 PRECISION=${PRECISION:-$([ "$V5" = 1 ] && echo auto || echo fp32)}
-SPACE2=$([ "$V6" = 1 ] && echo wide4 || { [ "$V5" = 1 ] && echo wide3 || echo wide2; })
+SPACE2=$([ "$V8" = 1 ] && echo wide5 || { [ "$V6" = 1 ] && echo wide4 || { [ "$V5" = 1 ] && echo wide3 || echo wide2; }; })
 # v6: half the copied names made of lexicon-word pieces (open2 / wide4), in the copy warm-up and both SFT stages:
 # random letters alone left the tokenizer's longer pieces uncopied (held-out copy 0.625 -> 0.925, model card)
 OPEN_SPACE=$([ "$V6" = 1 ] && echo open2 || echo open)
@@ -74,7 +77,9 @@ OPEN_N=${OPEN_N:-$((V3 && !V4 ? 8000 : 0))}  # the SFT mix again with random-let
 WIDE_N=${WIDE_N:-$((V7 ? 20000 : V4 ? 16000 : 0))}  # the SFT mix with random-letter names and lexicon words (the wide space)
 WIDE_COPY_N=${WIDE_COPY_N:-$((V7 ? 6000 : V4 ? 8000 : 0))}  # wide-space copy items kept in the SFT mix (copying erodes in SFT)
 # v4: a second SFT stage on fresh data (new seeds: the short set again, the wide2 space, wide2 copy items)
-SFT2_STEPS=${SFT2_STEPS:-$((V7 ? 0 : V4 ? 2000 : 0))}  # 0 = none
+# v8: v7, then a second stage of 1000 steps on the wide5 space (varied schema surfaces, three times the
+# contrast pairs): v7 refused the README's weather schema, and refused held-out lookups whose tool it was offered
+SFT2_STEPS=${SFT2_STEPS:-$((V8 ? 1000 : V7 ? 0 : V4 ? 2000 : 0))}  # 0 = none
 DRILL_N=${DRILL_N:-$((V7 ? 6400 : 0))}  # v7: drill items in the (only) SFT stage; v6 had them in the second
 OPEN_COPY_N=${OPEN_COPY_N:-$((V3 ? 16000 : 0))}  # copy warm-up items with random-letter names; 0 = none
 LONG_N=${LONG_N:-1200}
@@ -177,7 +182,15 @@ add_set sft-all open-mix "$OPEN_N" "$((SEED + 21))" 200 --space open --long-shar
 add_set sft-all wide-mix "$WIDE_N" "$((SEED + 23))" 200 --space "$WIDE_SPACE" --long-share 0
 add_set sft-all wide-copy "$WIDE_COPY_N" "$((SEED + 29))" 100 --copy-set --space "$WIDE_SPACE"
 add_set sft-all drill "$DRILL_N" "$((SEED + 43))" 100 --drill-set --space "$WIDE_SPACE"
-if [ "$SFT2_STEPS" -gt 0 ]; then
+if [ "$SFT2_STEPS" -gt 0 ] && [ "$V8" = 1 ]; then
+  # v8's second stage: one epoch of 1000 steps x 16 of a quarter short set, 7/16 wide5 mix, 3/16 wide5 copy items
+  # and an eighth drill items (new seeds: no conversation of the first stage again)
+  : >"$WORK/sft2-all.jsonl" && : >"$WORK/sft2-all-val.jsonl"
+  add_set sft2-all sft2 "$((SFT2_STEPS * BATCH / 4))" "$((SEED + 31))" 200 --long-share 0
+  add_set sft2-all wide5-mix "$((SFT2_STEPS * BATCH * 7 / 16))" "$((SEED + 37))" 200 --space wide5 --long-share 0
+  add_set sft2-all wide5-copy "$((SFT2_STEPS * BATCH * 3 / 16))" "$((SEED + 41))" 100 --copy-set --space wide5
+  add_set sft2-all wide5-drill "$((SFT2_STEPS * BATCH / 8))" "$((SEED + 47))" 100 --drill-set --space wide5
+elif [ "$SFT2_STEPS" -gt 0 ]; then
   # the second SFT stage's data: one epoch of 2000 steps x 16 (12,000 + 14,000 + 6,000 conversations)
   : >"$WORK/sft2-all.jsonl" && : >"$WORK/sft2-all-val.jsonl"
   add_set sft2-all sft2 "$((SFT2_STEPS * BATCH * 3 / 8))" "$((SEED + 31))" 300 --long-share 0
@@ -222,15 +235,19 @@ stage "$WORK/sft" "$SFT_STEPS" "${LC[@]}" sft --init "${sft_init[@]}" --data "$W
   --eval-every 350 --eval-batches 8 --no-progress "${SFT_EXTRA[@]}"
 t_sft=$(step_seconds "$WORK/sft")
 final=sft
-if [ "$SFT2_STEPS" -gt 0 ]; then
+second_sft() {  # 3b: the second SFT stage, from the checkpoint in $final
   log "3b/6 second SFT stage: fresh short and $SPACE2 data (the README's schema; wide2: snake_case arguments), lr 5e-4"
-  stage "$WORK/sft2" "$SFT2_STEPS" "${LC[@]}" sft --init "$WORK/sft" --data "$WORK/sft2-all.jsonl" \
+  stage "$WORK/sft2" "$SFT2_STEPS" "${LC[@]}" sft --init "$WORK/$final" --data "$WORK/sft2-all.jsonl" \
     --val-data "$WORK/sft2-all-val.jsonl" --steps "$SFT2_STEPS" --batch-size "$BATCH" --seq-len "$SFT_SEQ_LEN" \
     --lr 5e-4 --warmup 20 --precision "$PRECISION" --seed "$((SEED + 2))" --threads "$THREADS" --save-every 200 \
     --eval-every 500 --eval-batches 8 --no-progress "${SFT_EXTRA[@]}"
   t_sft=$((t_sft + $(step_seconds "$WORK/sft2")))
   final=sft2
-fi
+}
+# v8: the second stage comes after the length extension, with the 32K YaRN config the model serves with:
+# 30 steps of length extension after it (on v7's long set, and again on a wide5 long set) turned its calls for
+# the README's weather schemas back into refusals (the YaRN switch moves a decision this close; model card)
+if [ "$SFT2_STEPS" -gt 0 ] && [ "$V8" = 0 ]; then second_sft; fi
 t_long=0
 if [ "$LONG_STEPS" -gt 0 ]; then
   log "4/6 length extension: YaRN 32K, agent-sized prompts and passkeys, sparse path active"
@@ -242,6 +259,7 @@ if [ "$LONG_STEPS" -gt 0 ]; then
   t_long=$(step_seconds "$WORK/long")
   final=long
 fi
+if [ "$SFT2_STEPS" -gt 0 ] && [ "$V8" = 1 ]; then second_sft; fi
 
 log "5/6 collect the model + tokenizer"
 latest=$(ls -d "$WORK/$final"/checkpoints/step_* | sort | tail -n 1)

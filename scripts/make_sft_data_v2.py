@@ -24,6 +24,10 @@ Design choices:
   (topics, verbs, argument names, units, conditions, kinds, words) replaced by words of the standard
   library's docstrings (`stdlib_lexicon`, ~2,400 words, none of a held-out table), so tool selection is
   learned as matching the request's words to a tool's, not as recognising the training topics.
+- The wide5 space (`--space wide5`, recipe v8): wide4 with every schema's surface varied (descriptions kept,
+  dropped or unrelated; an optional property no call uses; get_weather in the README's, the SDK tests' and
+  the curl example's shapes, and offered as a distractor), and three times the call / refusal contrast
+  pairs: v7 decided whether to call by how familiar a schema looked, not by whether a tool covered the topic.
 - The mix teaches: tool selection among several offered tools with varying names and descriptions;
   parallel calls (two or three entities, or two tools, in one turn); an answer that restates the asked
   entity and every value of the tool result; small arithmetic answered directly (calculator offered or
@@ -156,18 +160,26 @@ class Space:
 
     @property
     def _lexical(self) -> bool:
-        """wide / wide2 / wide3 / wide4: the tables' words come from the stdlib lexicon."""
-        return self.split in ("wide", "wide2", "wide3", "wide4")
+        """wide and later: the tables' words come from the stdlib lexicon."""
+        return self.split in ("wide", "wide2", "wide3", "wide4", "wide5")
 
     @property
     def readme_weather(self) -> bool:
         """wide2 and later: most weather tools carry the README's schema exactly, and more lookups are refused."""
-        return self.split in ("wide2", "wide3", "wide4")
+        return self.split in ("wide2", "wide3", "wide4", "wide5")
 
     @property
     def contrast(self) -> bool:
-        """wide3 and wide4: one-word argument names, and a tenth of the draws are call / refusal contrast pairs."""
-        return self.split in ("wide3", "wide4")
+        """wide3 and later: one-word argument names, and a tenth of the draws are call / refusal contrast pairs
+        (wide5: three tenths)."""
+        return self.split in ("wide3", "wide4", "wide5")
+
+    @property
+    def varied(self) -> bool:
+        """wide5 (recipe v8): every offered schema varies in its surface (descriptions present, absent or
+        unrelated words; an optional property no call uses; get_weather with or without `unit`), so that whether
+        to call depends on the asked topic and the tools' names alone, not on a schema's familiar shape."""
+        return self.split == "wide5"
 
     @property
     def _tables(self) -> str:
@@ -178,7 +190,7 @@ class Space:
         return frozenset(s for s in _SYLLABLES if s not in _HELD_SYL)
 
     def word(self, rng: random.Random, lo: int = 2, hi: int = 3) -> str:
-        if self.split in ("open2", "wide4"):
+        if self.split in ("open2", "wide4", "wide5"):
             return _piece_word(rng, 2 * lo, 3 * hi)
         if self.split == "open" or self._lexical:
             return _open_word(rng, 2 * lo, 3 * hi)
@@ -328,19 +340,49 @@ class Lookup:
     desc: str
     unit: str | None = None
     weather: bool = False
-    arg_desc: str | None = None  # the argument's description (default "The {kind} name")
+    arg_desc: str | None = None  # the argument's description (default "The {kind} name"; "" = none)
+    unit_prop: bool = True  # weather: the `unit` property is offered (wide5: not always)
+    extra: tuple[str, dict[str, Any]] | None = None  # wide5: an optional property that no call uses
 
     @property
     def schema(self) -> dict[str, Any]:
-        arg_desc = self.arg_desc or f"The {self.kind} name"
-        props: dict[str, Any] = {self.arg: {"type": "string", "description": arg_desc}}
-        if self.weather:
+        arg: dict[str, Any] = {"type": "string"}
+        arg_desc = f"The {self.kind} name" if self.arg_desc is None else self.arg_desc
+        if arg_desc:
+            arg["description"] = arg_desc
+        props: dict[str, Any] = {self.arg: arg}
+        if self.weather and self.unit_prop:
             props["unit"] = {"type": "string", "enum": ["celsius", "fahrenheit"]}
+        if self.extra:
+            props[self.extra[0]] = self.extra[1]
         params = {"type": "object", "properties": props, "required": [self.arg]}
-        return {
-            "type": "function",
-            "function": {"name": self.name, "description": self.desc, "parameters": params},
-        }
+        function: dict[str, Any] = {"name": self.name, "description": self.desc, "parameters": params}
+        if not self.desc:
+            del function["description"]
+        return {"type": "function", "function": function}
+
+
+def _vary(rng: random.Random, tool: Lookup) -> Lookup:
+    """wide5: a random schema surface for `tool` (see `Space.varied`): the description kept 55 %, dropped
+    30 %, unrelated lexicon words 15 %; the argument's description kept, dropped or unrelated alike; an
+    optional extra property 30 %; a weather tool's `unit` offered half the time."""
+    lexicon = stdlib_lexicon()
+
+    def words() -> str:
+        return " ".join(rng.choice(lexicon) for _ in range(rng.randint(2, 6))).capitalize() + "."
+
+    r = rng.random()
+    tool.desc = tool.desc if r < 0.55 else "" if r < 0.85 else words()
+    r = rng.random()
+    tool.arg_desc = tool.arg_desc if r < 0.55 else "" if r < 0.85 else words()
+    if rng.random() < 0.3:
+        prop: dict[str, Any] = {"type": rng.choice(["string", "integer", "boolean"])}
+        if rng.random() < 0.5:
+            prop["description"] = words()
+        tool.extra = (rng.choice(lexicon), prop)
+    if tool.weather:
+        tool.unit_prop = rng.random() < 0.5
+    return tool
 
 
 def make_lookup(rng: random.Random, space: Space, taken: set[str]) -> Lookup:
@@ -356,13 +398,29 @@ def make_lookup(rng: random.Random, space: Space, taken: set[str]) -> Lookup:
         ["{V} the {t} of a {k}.", "Returns the current {t} for a given {k}.", "{V} {t} data for one {k}.",
          "Look up the {t} of a {k} by name."]
     ).format(V=verb.capitalize(), t=topic, k=kind)  # fmt: skip
-    return Lookup(name, topic, arg, kind, desc, space.pick(rng, _UNITS) if rng.random() < 0.8 else None)
+    tool = Lookup(name, topic, arg, kind, desc, space.pick(rng, _UNITS) if rng.random() < 0.8 else None)
+    return _vary(rng, tool) if space.varied else tool
 
 
-def weather_tool(rng: random.Random, exact: bool = False) -> Lookup:
+def weather_tool(rng: random.Random, exact: bool = False, space: Space | None = None) -> Lookup:
     """`get_weather(city, unit)`, the README's tool, with the description and argument of v1 (or a variant);
     `exact` (the wide2 space): 70 % of them the README's schema exactly (its argument description too: the
-    v4 pilot, trained on "The city name" alone, did not close the argument key after "city" with it)."""
+    v4 pilot, trained on "The city name" alone, did not close the argument key after "city" with it).
+    wide5 (`space.varied`): the README's schema a quarter of the time, the SDK tests' (no `unit`) a quarter, the
+    README's curl example (no descriptions, no `unit`) a fifth, else a `_vary`d variant (recipe v7 refused the
+    latter two: every weather tool it was trained on offered `unit`, docs/default-model.md)."""
+    if space is not None and space.varied:
+        readme = TOOLS["get_weather"]["function"]
+        city_desc = readme["parameters"]["properties"]["city"]["description"]
+        r = rng.random()
+        if r < 0.7:
+            tool = Lookup("get_weather", "weather", "city", "city", readme["description"], weather=True,
+                          arg_desc=city_desc, unit_prop=r < 0.25)  # fmt: skip
+            if r >= 0.5:  # the curl example: no descriptions
+                tool.desc, tool.arg_desc = "", ""
+            return tool
+        return _vary(rng, Lookup("get_weather", "weather", rng.choice(["city", "location"]), "city",
+                                 "Current weather conditions for a location.", weather=True))  # fmt: skip
     if rng.random() < 0.7:
         arg_desc = TOOLS["get_weather"]["function"]["parameters"]["properties"]["city"]["description"]
         return Lookup("get_weather", "weather", "city", "city", TOOLS["get_weather"]["function"]["description"],
@@ -377,6 +435,7 @@ def lookup_turn(
     """(question, arguments, result, answer, must-mention) for one entity and one tool."""
     if tool.weather:
         unit = rng.choice([None, None, None, "celsius", "fahrenheit"])
+        unit = unit if tool.unit_prop else None  # no `unit` offered: none asked for
         q = rng.choice(
             ["What is the weather in {e}?", "What's the weather like in {e} today?", "How is the weather in {e}?",
              "Tell me the current weather in {e}.", "weather in {e}?", "Is it raining in {e}?",
@@ -465,11 +524,15 @@ def _system(rng: random.Random, messages: list[dict[str, Any]], share: float = 0
 def _offer(
     rng: random.Random, space: Space, needed: list[Lookup], extra: tuple[int, int] = (0, 3)
 ) -> list[Lookup]:
-    """The needed tools plus distractors (other topics; sometimes the standard tools), shuffled."""
+    """The needed tools plus distractors (other topics; sometimes the standard tools), shuffled. wide5: get_weather
+    is a distractor in 30 % (the stage-3b model without it called get_weather for "Tell me a joke." whenever
+    the README's schema was offered: no refusal or chat it trained on offered get_weather)."""
     taken = {t.topic for t in needed}
     tools = list(needed)
     for _ in range(rng.randint(*extra)):
         tools.append(make_lookup(rng, space, taken))
+    if space.varied and "weather" not in taken and rng.random() < 0.3:
+        tools.append(weather_tool(rng, space=space))
     rng.shuffle(tools)
     return tools
 
@@ -487,7 +550,7 @@ def tool_use(rng: random.Random, space: Space) -> Case:
     real = 0.25 if space.split == "train" else 0.0
     n_calls = rng.choices([1, 2, 3], [0.72, 0.22, 0.06])[0]
     if rng.random() < 0.4:
-        tools_needed = [weather_tool(rng, exact=space.readme_weather)]
+        tools_needed = [weather_tool(rng, exact=space.readme_weather, space=space)]
     else:
         tools_needed = [make_lookup(rng, space, set())]
     if n_calls > 1 and rng.random() < 0.35:  # two different tools
@@ -570,11 +633,24 @@ def contrast_pair(rng: random.Random, space: Space) -> list[Case]:
     """The same lookup question twice, with the same other tools offered: once with the asked topic's tool
     among them (→ the call, its result and the grounded answer) and once without it (→ the refusal), so
     whether to call is learned from the offered tools alone (wide3; the v4 build refused held-out topics
-    whose tool was offered, and called tools for topics it was not)."""
-    wanted = make_lookup(rng, space, set())
+    whose tool was offered, and called tools for topics it was not). wide5: the asked tool is get_weather in
+    three tenths of the pairs, and a two-word topic gets a near miss among the others half the time (a tool
+    whose topic shares one of its words: "buffer size" asked, only "get_buffer_count" offered → refusal)."""
+    if space.varied and rng.random() < 0.3:
+        wanted = weather_tool(rng, exact=True, space=space)
+    else:
+        wanted = make_lookup(rng, space, set())
     q, args, result, answer, mention = lookup_turn(rng, space, wanted, space.place(rng))
     others = [t for t in _offer(rng, space, [], (1, 3)) if t.topic != wanted.topic]
     others = others or [make_lookup(rng, space, {wanted.topic})]
+    if space.varied and " " in wanted.topic and rng.random() < 0.5:
+        near = make_lookup(rng, space, {wanted.topic})
+        words = wanted.topic.split(" ")
+        words[rng.randrange(len(words))] = rng.choice(stdlib_lexicon())
+        if " ".join(words) != wanted.topic:
+            near.topic = " ".join(words)
+            near.name = near.name.split("_", 1)[0] + "_" + near.topic.replace(" ", "_")
+            others.append(near)
     with_tool = [*others, wanted]
     rng.shuffle(with_tool)
     head: list[dict[str, Any]] = []
@@ -732,7 +808,7 @@ def long_tool_use(rng: random.Random, space: Space, max_tokens: int) -> Case:
         t = make_lookup(rng, space, taken)
         t.desc += " " + " ".join(rng.choice(_FILLER) for _ in range(rng.randint(2, 12)))
         tools.append(t)
-    tools.append(weather_tool(rng))
+    tools.append(weather_tool(rng, space=space))
 
     def tokens(obj: Any) -> int:  # rough: ~3 characters a token in JSON-ish text
         return len(json.dumps(obj, ensure_ascii=False)) // 3
@@ -855,14 +931,15 @@ def generate(
     """The training mix (train spaces, or another training `Space`): `long_share` long examples
     (agent-sized prompts 70 %, text passkeys 30 %; train spaces), the rest tool use 34 %, calculator 6 %,
     refusal 14 %, chat with tools offered 10 %, plain chat 14 %, code completion 22 %. In the wide3 space
-    a tenth of the draws are call / refusal contrast pairs instead (`contrast_pair`)."""
+    a tenth of the draws are call / refusal contrast pairs instead (`contrast_pair`; wide5: three tenths)."""
     rng = random.Random(seed)
     functions = stdlib_functions()
     if not functions:
         raise SystemExit("error: found no standard-library functions to make code-completion examples from")
     out: list[Case] = []
     while len(out) < n:
-        if space.contrast and rng.random() < 0.1:  # 10 % of draws: a call / refusal contrast pair
+        # 10 % of draws (wide5: 30 %): a call / refusal contrast pair
+        if space.contrast and rng.random() < (0.3 if space.varied else 0.1):
             out += contrast_pair(rng, space)
             continue
         r = rng.random()
@@ -870,7 +947,8 @@ def generate(
             if rng.random() < 0.3:
                 out.append(passkey_conversation(rng, TRAIN, rng.randint(max_tokens // 8, max_tokens - 60)))
             else:
-                out.append(long_tool_use(rng, TRAIN, max_tokens))
+                # wide5: the long prompts' schemas vary too
+                out.append(long_tool_use(rng, space if space.varied else TRAIN, max_tokens))
             continue
         r = rng.random()
         if r < 0.34:
@@ -968,6 +1046,10 @@ def score(kind: str, target: dict[str, Any], mention: list[str] | None, got: Any
 README_CASES = {
     "paris_weather": [{"role": "user", "content": "What is the weather in Paris?"}],
     "two_cities": [{"role": "user", "content": "What is the weather in Paris and Oslo?"}],
+    # the issue's cases with the README's tool offered: a refusal is due, not a get_weather call
+    "joke": [{"role": "user", "content": "Tell me a joke."}],
+    "stock_price": [{"role": "user", "content": "What is the stock price of AAPL?"}],
+    "translate": [{"role": "user", "content": "Translate 'good morning' into French."}],
 }
 
 
@@ -1079,12 +1161,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="write the drill set (arithmetic, spelling, counting, repeating)",
     )
-    ap.add_argument("--space", choices=["train", "open", "open2", "wide", "wide2", "wide3", "wide4"], default="train",
+    ap.add_argument("--space", choices=["train", "open", "open2", "wide", "wide2", "wide3", "wide4", "wide5"],
+                    default="train",
                     help="names: training syllables (default) | open: random letters (generic copying) | "
                          "wide: random letters and the stdlib lexicon for every table | wide2: wide with "
                          "snake_case argument names, the README's weather schema, more unoffered lookups | "
                          "wide3: wide2 with one-word argument names and call/refusal contrast pairs | "
-                         "open2 / wide4: open / wide3 with half the names made of lexicon-word pieces")  # fmt: skip
+                         "open2 / wide4: open / wide3 with half the names made of lexicon-word pieces | "
+                         "wide5: wide4 with varied schema surfaces and three times the contrast pairs")  # fmt: skip
     ap.add_argument("--eval-model", metavar="DIR", help="instead: held-out evals of a model, JSON")
     ap.add_argument("--grammar", action="store_true", help="with --eval-model: grammar-constrained replies")
     ap.add_argument("--per-kind", type=int, default=40, help="with --eval-model: conversations per kind")

@@ -153,7 +153,7 @@ def test_piece_names_are_word_pieces_and_never_held_out_names():
     assert asked and not any(re.search(rf"\b{re.escape(n)}\b", text) for n in asked)
 
 
-@pytest.mark.parametrize("split", ["wide", "wide2", "wide3", "wide4"])
+@pytest.mark.parametrize("split", ["wide", "wide2", "wide3", "wide4", "wide5"])
 def test_wide_space_draws_tools_from_the_lexicon_and_never_a_held_out_word(split):
     """The wide spaces (recipe v4): topics, verbs, argument names, units and conditions are words of the
     standard library's lexicon, none of them a word of a held-out table; tool names are not the tables'.
@@ -169,7 +169,7 @@ def test_wide_space_draws_tools_from_the_lexicon_and_never_a_held_out_word(split
     readme_schema = [t for r in records for t in r.get("tools", []) if t == v2.TOOLS["get_weather"]]
     args = [a for r in records for t in r.get("tools", []) for a in t["function"]["parameters"]["properties"]]
     compound = sum("_" in a for a in args) / len(args)
-    expect = {"wide": (False, False), "wide2": (True, True)}.get(split, (True, False))  # wide3, wide4
+    expect = {"wide": (False, False), "wide2": (True, True)}.get(split, (True, False))  # wide3 and later
     assert (bool(readme_schema), compound > 0.25) == expect
     tools = [t["function"] for r in records for t in r.get("tools", [])]
     names = {t["name"] for t in tools} - {"calculator", "get_weather"}
@@ -189,19 +189,24 @@ def test_wide_space_draws_tools_from_the_lexicon_and_never_a_held_out_word(split
     assert asked and not any(re.search(rf"\b{re.escape(n)}\b", text) for n in asked)
 
 
-@pytest.mark.parametrize("split", ["wide3", "wide4"])
-def test_contrast_pairs_differ_only_in_the_offered_tool(split):
-    """wide3's and wide4's pairs: the same conversation head; the call's tools are the refusal's plus the
-    called one."""
-    cases = v2.generate(400, 3, long_share=0, space=v2.Space(split))
-    assert len(cases) == 400
-    pairs = [
+def _contrast_pairs(cases):
+    """Adjacent (call, refusal) cases with the same conversation head: `contrast_pair`'s output."""
+    return [
         (a, b)
         for a, b in zip(cases, cases[1:])
         if a.kind == "tool_call"
         and b.kind == "refusal"
         and a.record["messages"][:-3] == b.record["messages"][:-1]
     ]
+
+
+@pytest.mark.parametrize("split", ["wide3", "wide4", "wide5"])
+def test_contrast_pairs_differ_only_in_the_offered_tool(split):
+    """wide3's, wide4's and wide5's pairs: the same conversation head; the call's tools are the refusal's
+    plus the called one."""
+    cases = v2.generate(400, 3, long_share=0, space=v2.Space(split))
+    assert len(cases) == 400
+    pairs = _contrast_pairs(cases)
     assert len(pairs) >= 20
     for call, refuse in pairs:
         called = call.record["messages"][-3]["tool_calls"][0]["function"]["name"]
@@ -209,6 +214,43 @@ def test_contrast_pairs_differ_only_in_the_offered_tool(split):
         refuse_tools = {t["function"]["name"] for t in refuse.record["tools"]}
         assert call_tools - refuse_tools == {called} and refuse_tools < call_tools
         assert refuse.record["messages"][-1]["content"] == v2.REFUSAL
+
+
+def test_wide5_varies_schema_surfaces_and_calls_only_offered_properties():
+    """wide5 (recipe v8): get_weather offered with and without `unit`, with and without descriptions (the
+    README's curl schema among them), other tools without a description or with an extra optional property;
+    every call uses only the called tool's properties, its required one always; a third of the draws are
+    contrast pairs, some with get_weather as the asked tool and some with a near-miss distractor."""
+    space = v2.Space("wide5")
+    cases = v2.generate(600, 5, long_share=0, space=space)
+    tools = [t["function"] for c in cases for t in c.record.get("tools", [])]
+    weather = [t for t in tools if t["name"] == "get_weather"]
+    curl = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                  "required": ["city"]}}  # fmt: skip
+    assert any("unit" in t["parameters"]["properties"] for t in weather)
+    assert any("unit" not in t["parameters"]["properties"] and "description" in t for t in weather)
+    assert curl in weather
+    others = [t for t in tools if t["name"] not in ("get_weather", "calculator")]
+    assert 0.2 < sum("description" not in t for t in others) / len(others) < 0.45
+    assert 0.15 < sum(len(t["parameters"]["properties"]) > 1 for t in others) / len(others) < 0.45
+    for c in cases:
+        offered = {t["function"]["name"]: t["function"]["parameters"] for t in c.record.get("tools", [])}
+        for m in c.record["messages"]:
+            for call in m.get("tool_calls") or []:
+                params = offered[call["function"]["name"]]
+                args = json.loads(call["function"]["arguments"])
+                assert set(params["required"]) <= set(args) <= set(params["properties"])
+    heads = _contrast_pairs(cases)
+    assert len(heads) > 0.2 * len(cases) / 2
+    assert any(
+        a.record["messages"][-3]["tool_calls"][0]["function"]["name"] == "get_weather" for a, _ in heads
+    )
+    near = 0
+    for a, b in heads:
+        topic = a.record["messages"][-3]["tool_calls"][0]["function"]["name"].split("_", 1)[1].split("_")
+        others_topics = [t["function"]["name"].split("_", 1)[1].split("_") for t in b.record["tools"]]
+        near += len(topic) == 2 and any(len(o) == 2 and len(set(o) & set(topic)) == 1 for o in others_topics)
+    assert near >= 5
 
 
 def test_drill_set_answers_are_right_and_never_call():
