@@ -402,31 +402,28 @@ def make_lookup(rng: random.Random, space: Space, taken: set[str]) -> Lookup:
     return _vary(rng, tool) if space.varied else tool
 
 
-def weather_tool(rng: random.Random, exact: bool = False, space: Space | None = None) -> Lookup:
-    """`get_weather(city, unit)`, the README's tool, with the description and argument of v1 (or a variant);
-    `exact` (the wide2 space): 70 % of them the README's schema exactly (its argument description too: the
-    v4 pilot, trained on "The city name" alone, did not close the argument key after "city" with it).
+def weather_tool(rng: random.Random, space: Space) -> Lookup:
+    """`get_weather(city, unit)`, the README's tool, with the description and argument of v1 (or a variant):
+    70 % of them the README's schema (wide2 and later, `space.readme_weather`: exactly, its argument description
+    too; the v4 pilot, trained on "The city name" alone, did not close the argument key after "city" with it).
     wide5 (`space.varied`): the README's schema a quarter of the time, the SDK tests' (no `unit`) a quarter, the
     README's curl example (no descriptions, no `unit`) a fifth, else a `_vary`d variant (recipe v7 refused the
     latter two: every weather tool it was trained on offered `unit`, docs/default-model.md)."""
-    if space is not None and space.varied:
-        readme = TOOLS["get_weather"]["function"]
-        city_desc = readme["parameters"]["properties"]["city"]["description"]
-        r = rng.random()
-        if r < 0.7:
-            tool = Lookup("get_weather", "weather", "city", "city", readme["description"], weather=True,
-                          arg_desc=city_desc, unit_prop=r < 0.25)  # fmt: skip
-            if r >= 0.5:  # the curl example: no descriptions
-                tool.desc, tool.arg_desc = "", ""
-            return tool
-        return _vary(rng, Lookup("get_weather", "weather", rng.choice(["city", "location"]), "city",
-                                 "Current weather conditions for a location.", weather=True))  # fmt: skip
-    if rng.random() < 0.7:
-        arg_desc = TOOLS["get_weather"]["function"]["parameters"]["properties"]["city"]["description"]
-        return Lookup("get_weather", "weather", "city", "city", TOOLS["get_weather"]["function"]["description"],
-                      weather=True, arg_desc=arg_desc if exact else None)  # fmt: skip
-    return Lookup("get_weather", "weather", rng.choice(["city", "location"]), "city",
-                  "Current weather conditions for a location.", weather=True)  # fmt: skip
+    readme = TOOLS["get_weather"]["function"]
+    city_desc = readme["parameters"]["properties"]["city"]["description"]
+    r = rng.random()
+    if space.varied and r < 0.7:
+        tool = Lookup("get_weather", "weather", "city", "city", readme["description"], weather=True,
+                      arg_desc=city_desc, unit_prop=r < 0.25)  # fmt: skip
+        if r >= 0.5:  # the curl example: no descriptions
+            tool.desc, tool.arg_desc = "", ""
+        return tool
+    if r < 0.7:
+        return Lookup("get_weather", "weather", "city", "city", readme["description"], weather=True,
+                      arg_desc=city_desc if space.readme_weather else None)  # fmt: skip
+    variant = Lookup("get_weather", "weather", rng.choice(["city", "location"]), "city",
+                     "Current weather conditions for a location.", weather=True)  # fmt: skip
+    return _vary(rng, variant) if space.varied else variant
 
 
 def lookup_turn(
@@ -532,7 +529,7 @@ def _offer(
     for _ in range(rng.randint(*extra)):
         tools.append(make_lookup(rng, space, taken))
     if space.varied and "weather" not in taken and rng.random() < 0.3:
-        tools.append(weather_tool(rng, space=space))
+        tools.append(weather_tool(rng, space))
     rng.shuffle(tools)
     return tools
 
@@ -550,7 +547,7 @@ def tool_use(rng: random.Random, space: Space) -> Case:
     real = 0.25 if space.split == "train" else 0.0
     n_calls = rng.choices([1, 2, 3], [0.72, 0.22, 0.06])[0]
     if rng.random() < 0.4:
-        tools_needed = [weather_tool(rng, exact=space.readme_weather, space=space)]
+        tools_needed = [weather_tool(rng, space)]
     else:
         tools_needed = [make_lookup(rng, space, set())]
     if n_calls > 1 and rng.random() < 0.35:  # two different tools
@@ -637,7 +634,7 @@ def contrast_pair(rng: random.Random, space: Space) -> list[Case]:
     three tenths of the pairs, and a two-word topic gets a near miss among the others half the time (a tool
     whose topic shares one of its words: "buffer size" asked, only "get_buffer_count" offered → refusal)."""
     if space.varied and rng.random() < 0.3:
-        wanted = weather_tool(rng, exact=True, space=space)
+        wanted = weather_tool(rng, space)
     else:
         wanted = make_lookup(rng, space, set())
     q, args, result, answer, mention = lookup_turn(rng, space, wanted, space.place(rng))
@@ -808,7 +805,7 @@ def long_tool_use(rng: random.Random, space: Space, max_tokens: int) -> Case:
         t = make_lookup(rng, space, taken)
         t.desc += " " + " ".join(rng.choice(_FILLER) for _ in range(rng.randint(2, 12)))
         tools.append(t)
-    tools.append(weather_tool(rng, space=space))
+    tools.append(weather_tool(rng, space))
 
     def tokens(obj: Any) -> int:  # rough: ~3 characters a token in JSON-ish text
         return len(json.dumps(obj, ensure_ascii=False)) // 3
