@@ -12,6 +12,8 @@
 #   2b copy warm-up: `longcat2 sft` on the two copy sets (short pure-copy conversations)
 #   3 `longcat2 sft` on the two short sets (dense attention, ~3x cheaper per step than sparse at <= 640 tokens)
 #   3b a second `longcat2 sft` stage on fresh data (v4-v6: after 3; v8: after 4, on the wide5 space)
+#   3c v9 (not installed): a decision stage after 3b, call / refusal pairs cut after the decision and an extra
+#     loss on each reply's first token (docs/default-model.md, "v9 experiments")
 #   4 `longcat2 sft` length extension: YaRN x32 over 1024 (32K context, as LongCat extends with YaRN) on
 #     the long set (agent-sized tool prompts, text passkeys, short examples mixed in), sparse path active
 #   5 copy model + tokenizer into the package, 6 held-out evals (with and without the reply grammar) and
@@ -26,10 +28,11 @@
 # wide-space recipe, installed until session 21; 2 = the model installed until session 9; 3 = session 8's wider-latent, open-space recipe; 5 = v4 in bf16 where the
 # CPU has native bf16 GEMMs, second stage on the wide3 space; 6 = v5 with half the copied names made of
 # lexicon-word pieces: the open2 / wide4 spaces; 7 = v6's data in one SFT stage on a model 2.4x the size, hidden 256
-# and 4 layers, stored in bf16; 8 = v7 and a second SFT stage on the wide5 space: varied schemas), PRECISION, WORK (run directory, default
+# and 4 layers, stored in bf16; 8 = v7 and a second SFT stage on the wide5 space: varied schemas; 9 = v8 and a
+# decision stage, not installed), PRECISION, WORK (run directory, default
 # runs/default-model-v$((RECIPE + 1))), PRETRAIN_STEPS, SFT_STEPS,
 # LONG_STEPS (0 = no length extension), COPY_STEPS (0 = no copy warm-up), SFT_ATTENTION, SFT_N, OPEN_N, OPEN_COPY_N,
-# WIDE_N, WIDE_COPY_N, SFT2_STEPS, LONG_N,
+# WIDE_N, WIDE_COPY_N, SFT2_STEPS, SFT3_STEPS, FIRST_TOKEN_LOSS, LONG_N,
 # BATCH, SEQ_LEN, SFT_SEQ_LEN, LONG_SEQ_LEN, LONG_BATCH, VOCAB, THREADS, SEED, EVAL_PER_KIND, PASSKEY_LENGTHS, PASSKEY_N, INSTALL (1 = copy into the package
 # at the end; default 0: the build stays in $WORK until its evals are compared with the installed model's), PYTHON (default .venv/bin/python). The model is a LongCat-2.0-architecture model at tiny
 # scale: the `tiny` preset (LSA indexer, zero experts, N-gram embedding, MTP) with the overrides in
@@ -44,14 +47,15 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RECIPE=${RECIPE:-8}
 case "$RECIPE" in
-  2) V3=0 V4=0 V5=0 V6=0 V7=0 V8=0 ;;
-  3) V3=1 V4=0 V5=0 V6=0 V7=0 V8=0 ;;
-  4) V3=1 V4=1 V5=0 V6=0 V7=0 V8=0 ;;
-  5) V3=1 V4=1 V5=1 V6=0 V7=0 V8=0 ;;
-  6) V3=1 V4=1 V5=1 V6=1 V7=0 V8=0 ;;
-  7) V3=1 V4=1 V5=1 V6=1 V7=1 V8=0 ;;
-  8) V3=1 V4=1 V5=1 V6=1 V7=1 V8=1 ;;
-  *) echo "error: RECIPE=$RECIPE; expected 8 (the installed model), 2, 3, 4, 5, 6 or 7" >&2; exit 2 ;;
+  2) V3=0 V4=0 V5=0 V6=0 V7=0 V8=0 V9=0 ;;
+  3) V3=1 V4=0 V5=0 V6=0 V7=0 V8=0 V9=0 ;;
+  4) V3=1 V4=1 V5=0 V6=0 V7=0 V8=0 V9=0 ;;
+  5) V3=1 V4=1 V5=1 V6=0 V7=0 V8=0 V9=0 ;;
+  6) V3=1 V4=1 V5=1 V6=1 V7=0 V8=0 V9=0 ;;
+  7) V3=1 V4=1 V5=1 V6=1 V7=1 V8=0 V9=0 ;;
+  8) V3=1 V4=1 V5=1 V6=1 V7=1 V8=1 V9=0 ;;
+  9) V3=1 V4=1 V5=1 V6=1 V7=1 V8=1 V9=1 ;;
+  *) echo "error: RECIPE=$RECIPE; expected 8 (the installed model), 2, 3, 4, 5, 6, 7 or 9" >&2; exit 2 ;;
 esac
 # v5: bf16 autocast where the CPU has native bf16 GEMMs (fp32 elsewhere: `--precision auto`), and the second
 # SFT stage on the wide3 space (one-word argument names, call/refusal contrast pairs) instead of wide2
@@ -80,6 +84,12 @@ WIDE_COPY_N=${WIDE_COPY_N:-$((V7 ? 6000 : V4 ? 8000 : 0))}  # wide-space copy it
 # v8: v7, then a second stage of 1000 steps on the wide5 space (varied schema surfaces, three times the
 # contrast pairs): v7 refused the README's weather schema, and refused held-out lookups whose tool it was offered
 SFT2_STEPS=${SFT2_STEPS:-$((V8 ? 1000 : V7 ? 0 : V4 ? 2000 : 0))}  # 0 = none
+# v9: v8, then a third stage of 600 steps, the decision stage: call / refusal contrast pairs cut after the
+# decision (`--decide-set`) and an extra loss on the first token of every reply (`--first-token-loss`); v8
+# called none of the held-out lookups whose tool it was offered (the eval's tool_call passes were weather and
+# calculator calls), and its first reply token told a lookup's call from its refusal with an AUC of 0.69
+SFT3_STEPS=${SFT3_STEPS:-$((V9 ? 600 : 0))}  # 0 = none
+FIRST_TOKEN_LOSS=${FIRST_TOKEN_LOSS:-3}
 DRILL_N=${DRILL_N:-$((V7 ? 6400 : 0))}  # v7: drill items in the (only) SFT stage; v6 had them in the second
 OPEN_COPY_N=${OPEN_COPY_N:-$((V3 ? 16000 : 0))}  # copy warm-up items with random-letter names; 0 = none
 LONG_N=${LONG_N:-1200}
@@ -202,6 +212,15 @@ elif [ "$SFT2_STEPS" -gt 0 ]; then
     add_set sft2-all drill "$((SFT2_STEPS * BATCH / 4))" "$((SEED + 43))" 100 --drill-set --space "$SPACE2"
   fi
 fi
+if [ "$SFT3_STEPS" -gt 0 ]; then
+  # v9's decision stage: one epoch of 600 steps x 16, 25/48 decision pairs (5 calls to 3 refusals), 15/48
+  # wide5 mix, 5/48 wide5 copy items and 3/48 drill items, on new seeds
+  : >"$WORK/sft3-all.jsonl" && : >"$WORK/sft3-all-val.jsonl"
+  add_set sft3-all decide "$((SFT3_STEPS * BATCH * 25 / 48))" "$((SEED + 53))" 150 --decide-set --space wide5
+  add_set sft3-all wide5-mix3 "$((SFT3_STEPS * BATCH * 15 / 48))" "$((SEED + 59))" 100 --space wide5 --long-share 0
+  add_set sft3-all wide5-copy3 "$((SFT3_STEPS * BATCH * 5 / 48))" "$((SEED + 61))" 30 --copy-set --space wide5
+  add_set sft3-all wide5-drill3 "$((SFT3_STEPS * BATCH * 3 / 48))" "$((SEED + 67))" 20 --drill-set --space wide5
+fi
 run "$PY" "${DATA[@]}" --out "$WORK/long.jsonl" --n "$LONG_N" --seed "$((SEED + 5))" --long-share 0.5 \
   --max-tokens "$((LONG_SEQ_LEN * 3 / 4))" --val-out "$WORK/long-val.jsonl" --val-n 40
 
@@ -260,6 +279,15 @@ if [ "$LONG_STEPS" -gt 0 ]; then
   final=long
 fi
 if [ "$SFT2_STEPS" -gt 0 ] && [ "$V8" = 1 ]; then second_sft; fi
+if [ "$SFT3_STEPS" -gt 0 ]; then
+  log "3c/6 decision stage: contrast pairs cut after the decision, first-token loss x$FIRST_TOKEN_LOSS, lr 5e-4"
+  stage "$WORK/sft3" "$SFT3_STEPS" "${LC[@]}" sft --init "$WORK/$final" --data "$WORK/sft3-all.jsonl" \
+    --val-data "$WORK/sft3-all-val.jsonl" --steps "$SFT3_STEPS" --batch-size "$BATCH" --seq-len "$SFT_SEQ_LEN" \
+    --lr 5e-4 --warmup 20 --precision "$PRECISION" --seed "$((SEED + 3))" --threads "$THREADS" --save-every 200 \
+    --eval-every 300 --eval-batches 8 --no-progress "${SFT_EXTRA[@]}" --first-token-loss "$FIRST_TOKEN_LOSS"
+  t_sft=$((t_sft + $(step_seconds "$WORK/sft3")))
+  final=sft3
+fi
 
 log "5/6 collect the model + tokenizer"
 latest=$(ls -d "$WORK/$final"/checkpoints/step_* | sort | tail -n 1)
@@ -268,7 +296,7 @@ rm -rf "$stage" && mkdir -p "$stage"
 for f in config.json model.safetensors tokenizer.json tokenizer_config.json special_tokens_map.json; do
   cp "$latest/$f" "$stage/$f"
 done
-"$PY" - "$stage" "$latest" "$t_pretrain" "$t_sft" "$t_long" "$PRETRAIN_STEPS" "$((SFT_STEPS + SFT2_STEPS))" "$LONG_STEPS" "$SEED" "$RECIPE" <<'EOF'
+"$PY" - "$stage" "$latest" "$t_pretrain" "$t_sft" "$t_long" "$PRETRAIN_STEPS" "$((SFT_STEPS + SFT2_STEPS + SFT3_STEPS))" "$LONG_STEPS" "$SEED" "$RECIPE" <<'EOF'
 import json, subprocess, sys, time
 from pathlib import Path
 stage, latest, t_pre, t_sft, t_long, pre_steps, sft_steps, long_steps, seed, recipe = sys.argv[1:]

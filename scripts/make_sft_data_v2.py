@@ -626,6 +626,32 @@ def tool_use(rng: random.Random, space: Space) -> Case:
     )
 
 
+def _near_miss(rng: random.Random, space: Space, wanted: Lookup) -> list[Lookup]:
+    """[a tool whose two-word topic shares one word with `wanted`'s] ("buffer size" asked, `get_buffer_count`),
+    or [] when the drawn word happens to be the replaced one."""
+    near = make_lookup(rng, space, {wanted.topic})
+    words = wanted.topic.split(" ")
+    words[rng.randrange(len(words))] = rng.choice(stdlib_lexicon())
+    if " ".join(words) == wanted.topic:
+        return []
+    near.topic = " ".join(words)
+    near.name = near.name.split("_", 1)[0] + "_" + near.topic.replace(" ", "_")
+    return [near]
+
+
+def _pair_head(
+    rng: random.Random, q: str, others: list[Lookup], wanted: Lookup
+) -> tuple[list[Lookup], list[dict[str, Any]]]:
+    """(the call half's tools: `others` and `wanted` shuffled, the messages both halves share: a system
+    prompt sometimes, then the question)."""
+    with_tool = [*others, wanted]
+    rng.shuffle(with_tool)
+    head: list[dict[str, Any]] = []
+    _system(rng, head)
+    head.append({"role": "user", "content": q})
+    return with_tool, head
+
+
 def contrast_pair(rng: random.Random, space: Space) -> list[Case]:
     """The same lookup question twice, with the same other tools offered: once with the asked topic's tool
     among them (→ the call, its result and the grounded answer) and once without it (→ the refusal), so
@@ -641,18 +667,8 @@ def contrast_pair(rng: random.Random, space: Space) -> list[Case]:
     others = [t for t in _offer(rng, space, [], (1, 3)) if t.topic != wanted.topic]
     others = others or [make_lookup(rng, space, {wanted.topic})]
     if space.varied and " " in wanted.topic and rng.random() < 0.5:
-        near = make_lookup(rng, space, {wanted.topic})
-        words = wanted.topic.split(" ")
-        words[rng.randrange(len(words))] = rng.choice(stdlib_lexicon())
-        if " ".join(words) != wanted.topic:
-            near.topic = " ".join(words)
-            near.name = near.name.split("_", 1)[0] + "_" + near.topic.replace(" ", "_")
-            others.append(near)
-    with_tool = [*others, wanted]
-    rng.shuffle(with_tool)
-    head: list[dict[str, Any]] = []
-    _system(rng, head)
-    head.append({"role": "user", "content": q})
+        others += _near_miss(rng, space, wanted)
+    with_tool, head = _pair_head(rng, q, others, wanted)
     call = head + [
         {"role": "assistant", "content": "", "tool_calls": [_call(wanted.name, args)]},
         {"role": "tool", "content": json.dumps(result, ensure_ascii=False)},
@@ -922,6 +938,42 @@ def drill_set(n: int, seed: int, *_: Any, space: Space = TRAIN) -> list[Case]:
     return [drill_case(rng, space) for _ in range(n)]
 
 
+def decide_pair(rng: random.Random, space: Space) -> list[Case]:
+    """A call / refusal contrast pair cut after the decision (recipe v9's decision drill): the same lookup
+    question with the same other tools, once with the asked topic's tool (→ the call, nothing after it) and
+    once without it (→ the refusal). v8 refused 87 % of held-out lookups whose tool it was offered: its first
+    reply token separated the two halves of a pair with an AUC of 0.70 (0.83 in its own training space). The
+    call's result and answer are what the mix already trains, so a pair ends at the decision. Asked tools: get_weather a fifth, else a lookup; a two-word topic
+    gets a near-miss tool (one word shared) 60 % of the time; 0-4 other tools."""
+    wanted = weather_tool(rng, space) if rng.random() < 0.2 else make_lookup(rng, space, set())
+    q, args, *_ = lookup_turn(rng, space, wanted, space.place(rng))
+    others = [t for t in _offer(rng, space, [], (0, 4)) if t.topic != wanted.topic]
+    if " " in wanted.topic and rng.random() < 0.6:
+        others += _near_miss(rng, space, wanted)
+    with_tool, head = _pair_head(rng, q, others, wanted)
+    # no "I will look that up.": its first token is the refusal's, and the decision is that token
+    preface = rng.choice(["", "", "", "Let me check."])
+    call = head + [{"role": "assistant", "content": preface, "tool_calls": [_call(wanted.name, args)]}]
+    refuse = head + [{"role": "assistant", "content": REFUSAL}]
+    calls = {"messages": call, "tools": _schemas(with_tool, rng, rng.random() < 0.2)}
+    refusals = {"messages": refuse}
+    if others or rng.random() < 0.5:  # no tool at all: the refusal of a bare request, half the time
+        refusals["tools"] = _schemas(others, rng, rng.random() < 0.2)
+    return [Case("tool_call", calls), Case("refusal", refusals)]
+
+
+def decide_set(n: int, seed: int, *_: Any, space: Space = TRAIN) -> list[Case]:
+    """`n` conversations of `decide_pair`s (the halves of a pair next to each other), deterministic from the
+    seed (same arguments as `copy_set`). A pair's refusal is kept 60 % of the time (5 calls to 3 refusals):
+    v8 refused held-out lookups whose tool it was offered far more often than it called unoffered ones."""
+    rng = random.Random(seed)
+    out: list[Case] = []
+    while len(out) < n:
+        call, refusal = decide_pair(rng, space)
+        out += [call, refusal] if rng.random() < 0.6 else [call]
+    return out[:n]
+
+
 def generate(
     n: int, seed: int, long_share: float = 0.03, max_tokens: int = 3000, space: Space = TRAIN
 ) -> list[Case]:
@@ -1158,6 +1210,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="write the drill set (arithmetic, spelling, counting, repeating)",
     )
+    ap.add_argument(
+        "--decide-set",
+        action="store_true",
+        help="write the decision drill: call / refusal contrast pairs cut after the decision",
+    )
     ap.add_argument("--space", choices=["train", "open", "open2", "wide", "wide2", "wide3", "wide4", "wide5"],
                     default="train",
                     help="names: training syllables (default) | open: random letters (generic copying) | "
@@ -1193,7 +1250,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         ap.error("--out is required (or --eval-model / --passkey-model DIR)")
     make = partial(
-        copy_set if args.copy_set else drill_set if args.drill_set else generate, space=Space(args.space)
+        copy_set
+        if args.copy_set
+        else drill_set
+        if args.drill_set
+        else decide_set
+        if args.decide_set
+        else generate,
+        space=Space(args.space),
     )
     cases = make(args.n, args.seed, args.long_share, args.max_tokens)
     write(Path(args.out), cases)

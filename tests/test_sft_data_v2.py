@@ -289,3 +289,42 @@ def test_drill_set_answers_are_right_and_never_call():
     text = "\n".join(json.dumps(c.record, ensure_ascii=False) for c in cases)
     asked = [m[0] for kind, _, _, _, m in v2.eval_cases(10, 777) if kind == "tool_call" and m]
     assert not any(re.search(rf"\b{re.escape(n)}\b", text) for n in asked)
+
+
+def test_decide_set_pairs_end_at_the_decision():
+    """The decision drill (recipe v9): each conversation ends at its first reply; a call names an offered tool
+    with only its properties and never after an "I ..." preface; a refusal follows the same conversation head
+    without that tool; about 5 calls to 3 refusals."""
+    space = v2.Space("wide5")
+    cases = v2.decide_set(600, 8, space=space)
+    assert len(cases) == 600 and cases == v2.decide_set(600, 8, space=space)
+    calls = [c for c in cases if c.kind == "tool_call"]
+    assert 0.55 < len(calls) / len(cases) < 0.7
+    for c in cases:
+        *head, reply = c.record["messages"]
+        assert reply["role"] == "assistant" and all(m["role"] != "assistant" for m in head)
+        if c.kind == "refusal":
+            assert reply == {"role": "assistant", "content": v2.REFUSAL}
+            continue
+        (call,) = reply["tool_calls"]
+        assert not reply["content"].startswith("I")
+        offered = {t["function"]["name"]: t["function"]["parameters"] for t in c.record["tools"]}
+        params = offered[call["function"]["name"]]
+        assert (
+            set(params["required"])
+            <= set(json.loads(call["function"]["arguments"]))
+            <= set(params["properties"])
+        )
+    pairs = 0
+    for a, b in zip(cases, cases[1:]):
+        if (
+            a.kind == "tool_call"
+            and b.kind == "refusal"
+            and a.record["messages"][:-1] == b.record["messages"][:-1]
+        ):
+            pairs += 1
+            called = a.record["messages"][-1]["tool_calls"][0]["function"]["name"]
+            call_tools = {t["function"]["name"] for t in a.record["tools"]}
+            refuse_tools = {t["function"]["name"] for t in b.record.get("tools", [])}
+            assert called not in refuse_tools and refuse_tools - {"calculator"} <= call_tools
+    assert pairs > 0.4 * len(calls)

@@ -77,6 +77,11 @@ class TrainConfig:
     grad_checkpointing: bool = _f(False, "recompute decoder layers in backward (activation checkpointing)")
     mtp_weight: float = _f(0.1, "weight of the MTP loss (0 = no MTP forward)")
     z_loss: float = _f(1e-6, "hidden z-loss coefficient")
+    first_token_loss: float = _f(
+        0.0,
+        "sft: weight of an extra CE on the first token of every assistant reply, where it decides between a "
+        "tool call, a refusal and an answer (0 = off)",
+    )
     balance_loss: float = _f(0.0, "device-level balance loss coefficient")
     balance_groups: int = _f(4, "expert-parallel groups for the balance loss")
     indexer_loss: float = _f(0.0, "weight of the LSA indexer KL distillation loss (0 = off; train/sparse.py)")

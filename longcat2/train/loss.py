@@ -5,6 +5,10 @@ Design choices:
   `z_loss` · hidden z-loss + `balance_loss` · device-level balance loss (+ `indexer_loss` · the LSA indexer
   KL of `sparse.py`); the trainer adds them up, `LossParts` carries each one (detached, as floats) to the
   metrics: a field per part, the indexer recall per layer as a list in model order, no encoded key names.
+- `first_token_loss` (SFT): the CE of the first labelled token of every labelled run (the first token of
+  each assistant reply: a tool call's tag, a refusal's or an answer's first word), averaged over those
+  tokens and added with its weight. One token of ~30 in a reply decides whether to call; in the mean CE its
+  gradient is that small (docs/default-model.md, v9). The positions come from the labels alone.
 - A part a run does not compute is None and stays out of metrics.jsonl; `LossParts.mean` averages the
   micro-batches of one optimizer step (grad accumulation) part by part.
 """
@@ -31,6 +35,14 @@ def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return loss / max(n, 1), n
 
 
+def first_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """`labels` [B, T] with only the first label of each run of labelled positions kept (IGNORE elsewhere)."""
+    labelled = labels != IGNORE  # [B, T]
+    before = torch.zeros_like(labelled)
+    before[:, 1:] = labelled[:, :-1]
+    return torch.where(labelled & ~before, labels, torch.full_like(labels, IGNORE))
+
+
 @dataclasses.dataclass
 class LossParts:
     """The unweighted parts of one micro-batch's loss (or the mean over a step's micro-batches)."""
@@ -38,6 +50,7 @@ class LossParts:
     ce: float
     mtp: float | None = None  # mean CE over the MTP steps
     z: float | None = None  # hidden z-loss
+    first_token: float | None = None  # CE of the first token of each assistant reply (SFT)
     balance: float | None = None  # device-level balance loss
     indexer_kl: float | None = None  # LSA indexer distillation KL
     indexer_recall: float | None = None  # mean over the indexer-owning sublayers
@@ -60,9 +73,9 @@ class LossParts:
 
     def metrics(self) -> dict[str, Any]:
         """The metrics.jsonl fields of the parts besides `loss` (= ce): `mtp_loss`, `z_loss`, `balance_loss`,
-        `indexer_kl`, `indexer_recall`, `indexer_recall_ceiling`, `indexer_recall_per_layer`."""
+        `first_token_loss`, `indexer_kl`, `indexer_recall`, `indexer_recall_ceiling`, `indexer_recall_per_layer`."""
         rec: dict[str, Any] = {}
-        for name in ("mtp", "z", "balance"):
+        for name in ("mtp", "z", "balance", "first_token"):
             value = getattr(self, name)
             if value is not None:
                 rec[f"{name}_loss"] = value

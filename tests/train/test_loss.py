@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longcat2.train.config import IGNORE
-from longcat2.train.loss import LossParts, masked_ce
+from longcat2.train.loss import LossParts, first_token_labels, masked_ce
 
 
 def test_masked_ce_ignores_labels_and_counts_the_rest():
@@ -37,3 +37,19 @@ def test_mean_over_micro_batches_and_metric_names():
     assert math.isclose(LossParts.mean([LossParts(ce=0.1)] * 3).ce, 0.1)
     with pytest.raises(ValueError, match="no parts"):
         LossParts.mean([])
+
+
+def test_first_token_labels_keep_the_first_label_of_each_run():
+    labels = torch.tensor(
+        [[IGNORE, 5, 6, 7, IGNORE, IGNORE, 8, 9], [3, 4, IGNORE, 2, IGNORE, IGNORE, IGNORE, IGNORE]]
+    )
+    want = torch.tensor(
+        [
+            [IGNORE, 5, IGNORE, IGNORE, IGNORE, IGNORE, 8, IGNORE],
+            [3, IGNORE, IGNORE, 2, IGNORE, IGNORE, IGNORE, IGNORE],
+        ]
+    )
+    assert torch.equal(first_token_labels(labels), want)
+    none = torch.full_like(labels, IGNORE)
+    assert torch.equal(first_token_labels(none), none)
+    assert LossParts(ce=1.0, first_token=0.5).metrics() == {"first_token_loss": 0.5}

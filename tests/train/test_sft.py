@@ -54,6 +54,36 @@ def _all_in_file_order(task, tok, recs):
     return [encode_example(r["messages"], r.get("tools"), tok, task.cfg.seq_len)[:2] for r in recs]
 
 
+def test_first_token_labels_are_each_replys_first_token(prepared, tool_chats):
+    """--first-token-loss trains the first token of every assistant reply: a tool call's tag or the first
+    token of the content, one per reply, nothing of the prompt."""
+    from longcat2.train.loss import first_token_labels
+
+    tok = load_tokenizer(prepared / "tokenizer")
+    task = SFTTask(_cfg(prepared, tool_chats, "unused", seq_len=512), rank=0, world=1)
+    lines = [json.loads(line) for line in tool_chats.read_text().splitlines()]
+    for rec, example in zip(lines[:6], _all_in_file_order(task, tok, lines[:6])):
+        _, y = task.collate([example])
+        first = [v for v in first_token_labels(y)[0].tolist() if v != IGNORE]
+        answers = [m for m in rec["messages"] if m["role"] == "assistant"]
+        assert len(first) == len(answers)
+        for got, reply in zip(first, answers):
+            text = (
+                "<longcat_tool_call>"
+                if reply.get("tool_calls") and not reply.get("content")
+                else reply["content"]
+            )
+            assert tok.decode([got]).strip() and text.startswith(tok.decode([got]).strip())
+
+
+def test_first_token_loss_is_recorded(prepared, chats, tmp_path):
+    t = Trainer(_cfg(prepared, chats, tmp_path / "ftl", steps=2, first_token_loss=2.0))
+    assert t.train() == 0
+    recs = [r for r in read_metrics(tmp_path / "ftl" / "metrics.jsonl") if r["type"] == "train"]
+    assert len(recs) == 2 and all(r["first_token_loss"] > 0 for r in recs)
+    assert all(r["total_loss"] > r["loss"] + 2.0 * r["first_token_loss"] - 1e-3 for r in recs)
+
+
 def test_padding_and_batches(prepared, chats):
     task = SFTTask(_cfg(prepared, chats, "unused"), rank=0, world=1)
     x, y = task.next_batch()
