@@ -6,6 +6,7 @@
     python scripts/probe_default_model.py selection DIR [--n 40 --space heldout]    # call forced: which tool
     python scripts/probe_default_model.py match-set OUT --n 9600 --seed 71 [--topic-first]  # the match drill
     python scripts/probe_default_model.py match DIR [--space wide5] [--topic-first] # the drill's accuracy
+    python scripts/probe_default_model.py reverse-set OUT --n 9600 --seed 81       # reverse record look-ups
 
 Design choices:
 - Each probe answers one question about a model directory, greedy or by teacher-forced log-probs, with the
@@ -21,6 +22,8 @@ Design choices:
   question>" → the tool's name, as SFT data and as a greedy exact-match eval. `--topic-first` writes every
   name topic first (`energy_use_read`), so that the answer continues the matched words instead of
   starting with the word before them.
+- `reverse-set`: "Record: {...}. Which key has the value V?" → the key: the same backward look-up in a short
+  record, the kind of item a copy warm-up could carry.
 """
 
 from __future__ import annotations
@@ -141,6 +144,17 @@ def match_item(rng: random.Random, space: v2.Space, topic_first: bool) -> list[d
     ]
 
 
+def reverse_item(rng: random.Random, space: v2.Space) -> list[dict[str, str]]:
+    """One reverse record look-up: "Record: {"k": "v", ...}. Which key has the value V?" → the key, the word
+    *before* the matched value (the backward look-up a verb-first tool name needs), in a short context."""
+    keys = list(dict.fromkeys(space.word(rng, 1, 2) for _ in range(rng.randint(2, 6))))
+    values = list(dict.fromkeys(space.place(rng) for _ in range(len(keys))))
+    record = dict(zip(keys, values))
+    asked = rng.choice(list(record))
+    question = f"Record: {json.dumps(record)}. Which key has the value {record[asked]}?"
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": asked}]
+
+
 def match(model_dir: str, space: str, topic_first: bool, n: int = 60, seed: int = 5) -> dict[str, Any]:
     tok, model = v2._load(model_dir)
     rng = random.Random(seed)
@@ -152,7 +166,9 @@ def match(model_dir: str, space: str, topic_first: bool, n: int = 60, seed: int 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("probe", choices=["breakdown", "decision", "selection", "match-set", "match"])
+    ap.add_argument(
+        "probe", choices=["breakdown", "decision", "selection", "match-set", "match", "reverse-set"]
+    )
     ap.add_argument("path", help="model directory (match-set: the .jsonl to write)")
     ap.add_argument("--per-kind", type=int, default=40, help="breakdown: eval conversations per kind")
     ap.add_argument("--seed", type=int, default=None, help="breakdown: 778; match-set: required")
@@ -161,15 +177,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--topic-first", action="store_true", help="match: names written topic first")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = ap.parse_args(argv)
-    if args.probe == "match-set":
+    if args.probe in ("match-set", "reverse-set"):
         if args.seed is None or args.n is None:
-            ap.error("match-set needs --n and --seed")
+            ap.error(f"{args.probe} needs --n and --seed")
         rng = random.Random(args.seed)
         space = v2.Space(args.space or "wide5")
         with open(args.path, "w", encoding="utf-8") as f:
             for _ in range(args.n):
-                f.write(json.dumps({"messages": match_item(rng, space, args.topic_first)}) + "\n")
-        print(f"wrote {args.n} match-drill conversations to {args.path}")
+                item = (
+                    match_item(rng, space, args.topic_first)
+                    if args.probe == "match-set"
+                    else reverse_item(rng, space)
+                )
+                f.write(json.dumps({"messages": item}) + "\n")
+        print(f"wrote {args.n} {args.probe} conversations to {args.path}")
         return 0
     import torch
 

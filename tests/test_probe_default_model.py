@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -35,3 +36,13 @@ def test_asked_kind_splits_weather_calculator_and_lookups():
     assert probe.asked_kind(target("calculator")) == "calculator"
     assert probe.asked_kind(target("read_energy_use")) == "lookup"
     assert probe.asked_kind(target("get_weather", "read_energy_use")) == "lookup and weather"
+
+
+def test_reverse_items_ask_for_the_key_of_a_listed_value():
+    rng = random.Random(4)
+    for _ in range(200):
+        user, reply = probe.reverse_item(rng, v2.Space("wide5"))
+        record_text, value = user["content"].removeprefix("Record: ").rsplit(". Which key has the value ", 1)
+        record = json.loads(record_text)
+        assert record[reply["content"]] == value.removesuffix("?")
+        assert list(record.values()).count(value.removesuffix("?")) == 1
