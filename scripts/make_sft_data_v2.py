@@ -941,10 +941,11 @@ def drill_set(n: int, seed: int, *_: Any, space: Space = TRAIN) -> list[Case]:
 def decide_pair(rng: random.Random, space: Space) -> list[Case]:
     """A call / refusal contrast pair cut after the decision (recipe v9's decision drill): the same lookup
     question with the same other tools, once with the asked topic's tool (→ the call, nothing after it) and
-    once without it (→ the refusal). v8 refused 87 % of held-out lookups whose tool it was offered: its first
-    reply token separated the two halves of a pair with an AUC of 0.70 (0.83 in its own training space). The
-    call's result and answer are what the mix already trains, so a pair ends at the decision. Asked tools: get_weather a fifth, else a lookup; a two-word topic
-    gets a near-miss tool (one word shared) 60 % of the time; 0-4 other tools."""
+    once without it (→ the refusal). v8's refusal probability told the two halves apart with an AUC of 0.69
+    held out (0.83 in its own training space), and it was the likelier reply in 72 % of the held-out pairs
+    with the tool offered (`probe_default_model.py decision`). The call's result and answer are what the mix
+    already trains, so a pair ends at the decision. Asked tools: get_weather a fifth, else a lookup; a
+    two-word topic gets a near-miss tool (one word shared) 60 % of the time; 0-4 other tools."""
     wanted = weather_tool(rng, space) if rng.random() < 0.2 else make_lookup(rng, space, set())
     q, args, *_ = lookup_turn(rng, space, wanted, space.place(rng))
     others = [t for t in _offer(rng, space, [], (0, 4)) if t.topic != wanted.topic]
@@ -1249,16 +1250,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         ap.error("--out is required (or --eval-model / --passkey-model DIR)")
-    make = partial(
-        copy_set
-        if args.copy_set
-        else drill_set
-        if args.drill_set
-        else decide_set
-        if args.decide_set
-        else generate,
-        space=Space(args.space),
-    )
+    sets = [(args.copy_set, copy_set), (args.drill_set, drill_set), (args.decide_set, decide_set)]
+    make = partial(next((f for chosen, f in sets if chosen), generate), space=Space(args.space))
     cases = make(args.n, args.seed, args.long_share, args.max_tokens)
     write(Path(args.out), cases)
     kinds: dict[str, int] = {}

@@ -43,6 +43,14 @@ def first_token_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.where(labelled & ~before, labels, torch.full_like(labels, IGNORE))
 
 
+def first_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`masked_ce` over the first label of each labelled run only, on just those rows of `logits` [B, T, V]
+    (a reply's first token is ~1 position in 30: no second full-vocabulary pass over the batch)."""
+    first = first_token_labels(labels)
+    keep = first != IGNORE  # [B, T]
+    return masked_ce(logits[keep], first[keep])  # [N, V], [N]
+
+
 @dataclasses.dataclass
 class LossParts:
     """The unweighted parts of one micro-batch's loss (or the mean over a step's micro-batches)."""

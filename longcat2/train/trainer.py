@@ -64,7 +64,7 @@ from longcat2.model_dir import ModelDirError
 from longcat2.train import balance, run_checkpoint
 from longcat2.train.config import RESUME_MUTABLE, TrainConfig, TrainingError
 from longcat2.train.env import resolve_precision, setup_determinism, tune_cpu_allocator
-from longcat2.train.loss import LossParts, first_token_labels, masked_ce
+from longcat2.train.loss import LossParts, first_token_ce, masked_ce
 from longcat2.train.metrics import plot_metrics, read_metrics, truncate_metrics
 from longcat2.train.optim import MuonAdamW, Schedule, apply_schedule, param_groups_for
 from longcat2.train.task import make_task
@@ -412,7 +412,7 @@ class Trainer:
             total = total + cfg.mtp_weight * mtp
             parts.mtp = float(mtp.detach())
         if cfg.first_token_loss > 0:
-            first, n_first = masked_ce(out.logits, first_token_labels(y))
+            first, n_first = first_token_ce(out.logits, y)
             if n_first:
                 total = total + cfg.first_token_loss * first
                 parts.first_token = float(first.detach())

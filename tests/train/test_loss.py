@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longcat2.train.config import IGNORE
-from longcat2.train.loss import LossParts, first_token_labels, masked_ce
+from longcat2.train.loss import LossParts, first_token_ce, first_token_labels, masked_ce
 
 
 def test_masked_ce_ignores_labels_and_counts_the_rest():
@@ -52,4 +52,9 @@ def test_first_token_labels_keep_the_first_label_of_each_run():
     assert torch.equal(first_token_labels(labels), want)
     none = torch.full_like(labels, IGNORE)
     assert torch.equal(first_token_labels(none), none)
+    logits = torch.randn(2, 8, 10)
+    loss, n = first_token_ce(logits, labels)
+    full_pass, n_full = masked_ce(logits, want)  # the same CE over the whole batch with the kept labels
+    assert n == n_full == 4 and torch.allclose(loss, full_pass)
+    assert first_token_ce(logits, none)[1] == 0
     assert LossParts(ce=1.0, first_token=0.5).metrics() == {"first_token_loss": 0.5}
