@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the model embedded in the package (longcat2/assets/default-model/) from nothing, with the
-# project's own commands. Recipe v8 (the installed model) by default, v2-v7 with RECIPE=2..7
+# project's own commands. Recipe v8 (the installed model) by default, v2-v7, v9 and v10 with RECIPE=2..10
 # (issue 18, docs/default-model.md "v2 recipe" ... "v8 recipe"):
 #   1 synthetic SFT data that forces copying (scripts/make_sft_data_v2.py): a short set, a copy set and a
 #     long set (training-syllable names); v3 adds the copy set and the short set again with random-letter
@@ -10,6 +10,8 @@
 #     steps by length (v4 shares v3's data, pretraining and copy warm-up: same seeds and commands)
 #   2 `longcat2 train` on the stdlib corpus, with the LSA indexer distilled (dense warm-up, then sparse)
 #   2b copy warm-up: `longcat2 sft` on the two copy sets (short pure-copy conversations)
+#   2c v10: look-up warm-up: `longcat2 sft` on reverse record look-ups and tool-name match drills (the backward
+#     look-up a verb-first tool name needs) with copy items; look-up items stay in both SFT stages' mixes
 #   3 `longcat2 sft` on the two short sets (dense attention, ~3x cheaper per step than sparse at <= 640 tokens)
 #   3b a second `longcat2 sft` stage on fresh data (v4-v6: after 3; v8: after 4, on the wide5 space)
 #   3c v9 (not installed): a decision stage after 3b, call / refusal pairs cut after the decision and an extra
@@ -29,10 +31,10 @@
 # CPU has native bf16 GEMMs, second stage on the wide3 space; 6 = v5 with half the copied names made of
 # lexicon-word pieces: the open2 / wide4 spaces; 7 = v6's data in one SFT stage on a model 2.4x the size, hidden 256
 # and 4 layers, stored in bf16; 8 = v7 and a second SFT stage on the wide5 space: varied schemas; 9 = v8 and a
-# decision stage, not installed), PRECISION, WORK (run directory, default
+# decision stage, not installed; 10 = v8 and a look-up warm-up), PRECISION, WORK (run directory, default
 # runs/default-model-v$((RECIPE + 1))), PRETRAIN_STEPS, SFT_STEPS,
 # LONG_STEPS (0 = no length extension), COPY_STEPS (0 = no copy warm-up), SFT_ATTENTION, SFT_N, OPEN_N, OPEN_COPY_N,
-# WIDE_N, WIDE_COPY_N, SFT2_STEPS, SFT3_STEPS, FIRST_TOKEN_LOSS, LONG_N,
+# WIDE_N, WIDE_COPY_N, SFT2_STEPS, SFT3_STEPS, FIRST_TOKEN_LOSS, LOOKUP_STEPS, LOOKUP_N, SFT_LOOKUP_N, LONG_N,
 # BATCH, SEQ_LEN, SFT_SEQ_LEN, LONG_SEQ_LEN, LONG_BATCH, VOCAB, THREADS, SEED, EVAL_PER_KIND, PASSKEY_LENGTHS, PASSKEY_N, INSTALL (1 = copy into the package
 # at the end; default 0: the build stays in $WORK until its evals are compared with the installed model's), PYTHON (default .venv/bin/python). The model is a LongCat-2.0-architecture model at tiny
 # scale: the `tiny` preset (LSA indexer, zero experts, N-gram embedding, MTP) with the overrides in
@@ -47,15 +49,16 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 RECIPE=${RECIPE:-8}
 case "$RECIPE" in
-  2) V3=0 V4=0 V5=0 V6=0 V7=0 V8=0 V9=0 ;;
-  3) V3=1 V4=0 V5=0 V6=0 V7=0 V8=0 V9=0 ;;
-  4) V3=1 V4=1 V5=0 V6=0 V7=0 V8=0 V9=0 ;;
-  5) V3=1 V4=1 V5=1 V6=0 V7=0 V8=0 V9=0 ;;
-  6) V3=1 V4=1 V5=1 V6=1 V7=0 V8=0 V9=0 ;;
-  7) V3=1 V4=1 V5=1 V6=1 V7=1 V8=0 V9=0 ;;
-  8) V3=1 V4=1 V5=1 V6=1 V7=1 V8=1 V9=0 ;;
-  9) V3=1 V4=1 V5=1 V6=1 V7=1 V8=1 V9=1 ;;
-  *) echo "error: RECIPE=$RECIPE; expected 8 (the installed model), 2, 3, 4, 5, 6, 7 or 9" >&2; exit 2 ;;
+  2) V3=0 V4=0 V5=0 V6=0 V7=0 V8=0 V9=0 V10=0 ;;
+  3) V3=1 V4=0 V5=0 V6=0 V7=0 V8=0 V9=0 V10=0 ;;
+  4) V3=1 V4=1 V5=0 V6=0 V7=0 V8=0 V9=0 V10=0 ;;
+  5) V3=1 V4=1 V5=1 V6=0 V7=0 V8=0 V9=0 V10=0 ;;
+  6) V3=1 V4=1 V5=1 V6=1 V7=0 V8=0 V9=0 V10=0 ;;
+  7) V3=1 V4=1 V5=1 V6=1 V7=1 V8=0 V9=0 V10=0 ;;
+  8) V3=1 V4=1 V5=1 V6=1 V7=1 V8=1 V9=0 V10=0 ;;
+  9) V3=1 V4=1 V5=1 V6=1 V7=1 V8=1 V9=1 V10=0 ;;
+  10) V3=1 V4=1 V5=1 V6=1 V7=1 V8=1 V9=0 V10=1 ;;
+  *) echo "error: RECIPE=$RECIPE; expected 8 (the installed model), 2, 3, 4, 5, 6, 7, 9 or 10" >&2; exit 2 ;;
 esac
 # v5: bf16 autocast where the CPU has native bf16 GEMMs (fp32 elsewhere: `--precision auto`), and the second
 # SFT stage on the wide3 space (one-word argument names, call/refusal contrast pairs) instead of wide2
@@ -90,6 +93,12 @@ SFT2_STEPS=${SFT2_STEPS:-$((V8 ? 1000 : V7 ? 0 : V4 ? 2000 : 0))}  # 0 = none
 # calculator calls), and its first reply token told a lookup's call from its refusal with an AUC of 0.69
 SFT3_STEPS=${SFT3_STEPS:-$((V9 ? 600 : 0))}  # 0 = none
 FIRST_TOKEN_LOSS=${FIRST_TOKEN_LOSS:-3}
+# v10: v8 with a look-up warm-up after the copy warm-up (2c: reverse record look-ups and tool-name match
+# drills, `--lookup-set`, with copy items) and look-up items kept in both SFT stages: choosing a verb-first tool
+# name is a backward look-up, which v8 never learned (held-out selection 0.175, chance 0.34; model card)
+LOOKUP_STEPS=${LOOKUP_STEPS:-$((V10 ? 1000 : 0))}  # 0 = none
+LOOKUP_N=${LOOKUP_N:-$((V10 ? 16000 : 0))}  # look-up warm-up items (with LOOKUP_N / 2 copy items)
+SFT_LOOKUP_N=${SFT_LOOKUP_N:-$((V10 ? 3000 : 0))}  # look-up items in the first SFT stage's mix (a sixth of that in the second)
 DRILL_N=${DRILL_N:-$((V7 ? 6400 : 0))}  # v7: drill items in the (only) SFT stage; v6 had them in the second
 OPEN_COPY_N=${OPEN_COPY_N:-$((V3 ? 16000 : 0))}  # copy warm-up items with random-letter names; 0 = none
 LONG_N=${LONG_N:-1200}
@@ -192,6 +201,12 @@ add_set sft-all open-mix "$OPEN_N" "$((SEED + 21))" 200 --space open --long-shar
 add_set sft-all wide-mix "$WIDE_N" "$((SEED + 23))" 200 --space "$WIDE_SPACE" --long-share 0
 add_set sft-all wide-copy "$WIDE_COPY_N" "$((SEED + 29))" 100 --copy-set --space "$WIDE_SPACE"
 add_set sft-all drill "$DRILL_N" "$((SEED + 43))" 100 --drill-set --space "$WIDE_SPACE"
+add_set sft-all sft-lookup "$SFT_LOOKUP_N" "$((SEED + 79))" 100 --lookup-set --space "$WIDE_SPACE"
+if [ "$LOOKUP_STEPS" -gt 0 ]; then
+  : >"$WORK/lookwarm-all.jsonl" && : >"$WORK/lookwarm-all-val.jsonl"
+  add_set lookwarm-all lookup "$LOOKUP_N" "$((SEED + 71))" 200 --lookup-set --space wide5
+  add_set lookwarm-all lookwarm-copy "$((LOOKUP_N / 2))" "$((SEED + 73))" 100 --copy-set --space "$OPEN_SPACE"
+fi
 if [ "$SFT2_STEPS" -gt 0 ] && [ "$V8" = 1 ]; then
   # v8's second stage: one epoch of 1000 steps x 16 of a quarter short set, 7/16 wide5 mix, 3/16 wide5 copy items
   # and an eighth drill items (new seeds: no conversation of the first stage again)
@@ -200,6 +215,7 @@ if [ "$SFT2_STEPS" -gt 0 ] && [ "$V8" = 1 ]; then
   add_set sft2-all wide5-mix "$((SFT2_STEPS * BATCH * 7 / 16))" "$((SEED + 37))" 200 --space wide5 --long-share 0
   add_set sft2-all wide5-copy "$((SFT2_STEPS * BATCH * 3 / 16))" "$((SEED + 41))" 100 --copy-set --space wide5
   add_set sft2-all wide5-drill "$((SFT2_STEPS * BATCH / 8))" "$((SEED + 47))" 100 --drill-set --space wide5
+  add_set sft2-all wide5-lookup "$((SFT_LOOKUP_N / 6))" "$((SEED + 83))" 50 --lookup-set --space wide5
 elif [ "$SFT2_STEPS" -gt 0 ]; then
   # the second SFT stage's data: one epoch of 2000 steps x 16 (12,000 + 14,000 + 6,000 conversations)
   : >"$WORK/sft2-all.jsonl" && : >"$WORK/sft2-all-val.jsonl"
@@ -242,6 +258,16 @@ if [ "$COPY_STEPS" -gt 0 ]; then
     --warmup 20 --precision "$PRECISION" --seed "$SEED" --threads "$THREADS" --save-every 500 --eval-every 250 \
     --eval-batches 4 --no-progress "${INDEXER[@]}"
   sft_init=("$WORK/copy")
+fi
+if [ "$LOOKUP_STEPS" -gt 0 ]; then
+  # v10: the backward look-up (the key of a listed value; the verb-first name of the tool whose topic a
+  # question asks) where steps are cheap, at the copy warm-up's length and lr, with copy items kept
+  log "2c/6 look-up warm-up: reverse record look-ups and tool-name match drills, with copy items"
+  stage "$WORK/lookwarm" "$LOOKUP_STEPS" "${LC[@]}" sft --init "$WORK/copy" --data "$WORK/lookwarm-all.jsonl" \
+    --val-data "$WORK/lookwarm-all-val.jsonl" --steps "$LOOKUP_STEPS" --batch-size "$BATCH" --seq-len 128 \
+    --lr 3e-3 --warmup 20 --precision "$PRECISION" --seed "$SEED" --threads "$THREADS" --save-every 500 \
+    --eval-every 500 --eval-batches 4 --no-progress "${INDEXER[@]}"
+  sft_init=("$WORK/lookwarm")
 fi
 
 log "3/6 supervised fine-tuning on the short set (dense attention: the indexer keeps its pretrained weights)"

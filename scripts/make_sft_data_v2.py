@@ -35,6 +35,9 @@ Design choices:
   (no tool call) for requests outside its skills, including a lookup whose tool is not offered; plain
   chat; standard-library code completion (kept from v1); long examples (many long tool definitions and a
   long tool-use history, or a text passkey in long filler) for the length-extension stage.
+- Short drills beside the mix, each its own flag: `--copy-set` (the copy warm-up), `--drill-set` (arithmetic,
+  spelling, counting), `--decide-set` (recipe v9: call / refusal pairs cut after the decision) and
+  `--lookup-set` (recipe v10: the backward look-up, a listed value's key or a question's verb-first tool name).
 - Deterministic from the seed and the Python standard library (byte-for-byte the same file).
 - Eval kinds (scored exactly, greedy, through the engine; with `--grammar` each reply is constrained by
   the server's reply grammar, tool_choice auto): tool_call = exactly the right calls (names, arguments,
@@ -975,6 +978,49 @@ def decide_set(n: int, seed: int, *_: Any, space: Space = TRAIN) -> list[Case]:
     return out[:n]
 
 
+def match_item(rng: random.Random, space: Space, topic_first: bool) -> list[dict[str, str]]:
+    """One match-drill conversation: the offered names, a lookup question, the asked tool's name."""
+    wanted = make_lookup(rng, space, set())
+    tools = [wanted] + [make_lookup(rng, space, {wanted.topic}) for _ in range(rng.randint(1, 4))]
+    rng.shuffle(tools)
+    question = lookup_turn(rng, space, wanted, space.place(rng))[0]
+    if topic_first:
+        for t in tools:
+            t.name = t.topic.replace(" ", "_") + "_" + t.name.split("_", 1)[0]
+    listed = ", ".join(t.name for t in tools)
+    return [
+        {"role": "user", "content": f"Tools: {listed}. Which tool answers this? {question}"},
+        {"role": "assistant", "content": wanted.name},
+    ]
+
+
+def reverse_item(rng: random.Random, space: Space) -> list[dict[str, str]]:
+    """One reverse record look-up: "Record: {"k": "v", ...}. Which key has the value V?" → the key, the word
+    *before* the matched value (the backward look-up a verb-first tool name needs), in a short context."""
+    keys = list(dict.fromkeys(space.word(rng, 1, 2) for _ in range(rng.randint(2, 6))))
+    values = list(dict.fromkeys(space.place(rng) for _ in range(len(keys))))
+    record = dict(zip(keys, values))
+    asked = rng.choice(list(record))
+    question = f"Record: {json.dumps(record)}. Which key has the value {record[asked]}?"
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": asked}]
+
+
+def lookup_case(rng: random.Random, space: Space) -> Case:
+    """A backward look-up (recipe v10's look-up warm-up): half reverse record look-ups (`reverse_item`), half
+    match drills with verb-first names (`match_item`). Choosing a tool is writing the word *before* the one
+    that matches the request (`read_energy_use` for "energy use"); v8 learned the forward copy in its copy
+    warm-up but not this, and picked the asked tool in 0.175 of held-out calls, below chance (0.34;
+    `probe_default_model.py selection`). 600 steps of either drill on v8 took that to 0.425."""
+    messages = reverse_item(rng, space) if rng.random() < 0.5 else match_item(rng, space, False)
+    return Case("lookup", {"messages": messages})
+
+
+def lookup_set(n: int, seed: int, *_: Any, space: Space = TRAIN) -> list[Case]:
+    """`n` `lookup_case`s, deterministic from the seed (same arguments as `copy_set`)."""
+    rng = random.Random(seed)
+    return [lookup_case(rng, space) for _ in range(n)]
+
+
 def generate(
     n: int, seed: int, long_share: float = 0.03, max_tokens: int = 3000, space: Space = TRAIN
 ) -> list[Case]:
@@ -1216,6 +1262,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="write the decision drill: call / refusal contrast pairs cut after the decision",
     )
+    ap.add_argument(
+        "--lookup-set",
+        action="store_true",
+        help="write the look-up warm-up: reverse record look-ups and tool-name match drills",
+    )
     ap.add_argument("--space", choices=["train", "open", "open2", "wide", "wide2", "wide3", "wide4", "wide5"],
                     default="train",
                     help="names: training syllables (default) | open: random letters (generic copying) | "
@@ -1251,6 +1302,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out:
         ap.error("--out is required (or --eval-model / --passkey-model DIR)")
     sets = [(args.copy_set, copy_set), (args.drill_set, drill_set), (args.decide_set, decide_set)]
+    sets += [(args.lookup_set, lookup_set)]
     make = partial(next((f for chosen, f in sets if chosen), generate), space=Space(args.space))
     cases = make(args.n, args.seed, args.long_share, args.max_tokens)
     write(Path(args.out), cases)

@@ -23,7 +23,8 @@ Design choices:
   name topic first (`energy_use_read`), so that the answer continues the matched words instead of
   starting with the word before them.
 - `reverse-set`: "Record: {...}. Which key has the value V?" → the key: the same backward look-up in a short
-  record, the kind of item a copy warm-up could carry.
+  record, the kind of item a copy warm-up could carry. Both item makers live in `make_sft_data_v2.py`
+  (`match_item`, `reverse_item`), whose `--lookup-set` mixes them for recipe v10's look-up warm-up.
 """
 
 from __future__ import annotations
@@ -128,37 +129,10 @@ def selection(model_dir: str, n: int, space: str, seed: int = 901) -> dict[str, 
     return {"cases": n, "accuracy": right / total, "chance": chance / total}
 
 
-def match_item(rng: random.Random, space: v2.Space, topic_first: bool) -> list[dict[str, str]]:
-    """One match-drill conversation: the offered names, a lookup question, the asked tool's name."""
-    wanted = v2.make_lookup(rng, space, set())
-    tools = [wanted] + [v2.make_lookup(rng, space, {wanted.topic}) for _ in range(rng.randint(1, 4))]
-    rng.shuffle(tools)
-    question = v2.lookup_turn(rng, space, wanted, space.place(rng))[0]
-    if topic_first:
-        for t in tools:
-            t.name = t.topic.replace(" ", "_") + "_" + t.name.split("_", 1)[0]
-    listed = ", ".join(t.name for t in tools)
-    return [
-        {"role": "user", "content": f"Tools: {listed}. Which tool answers this? {question}"},
-        {"role": "assistant", "content": wanted.name},
-    ]
-
-
-def reverse_item(rng: random.Random, space: v2.Space) -> list[dict[str, str]]:
-    """One reverse record look-up: "Record: {"k": "v", ...}. Which key has the value V?" → the key, the word
-    *before* the matched value (the backward look-up a verb-first tool name needs), in a short context."""
-    keys = list(dict.fromkeys(space.word(rng, 1, 2) for _ in range(rng.randint(2, 6))))
-    values = list(dict.fromkeys(space.place(rng) for _ in range(len(keys))))
-    record = dict(zip(keys, values))
-    asked = rng.choice(list(record))
-    question = f"Record: {json.dumps(record)}. Which key has the value {record[asked]}?"
-    return [{"role": "user", "content": question}, {"role": "assistant", "content": asked}]
-
-
 def match(model_dir: str, space: str, topic_first: bool, n: int = 60, seed: int = 5) -> dict[str, Any]:
     tok, model = v2._load(model_dir)
     rng = random.Random(seed)
-    items = [match_item(rng, v2.Space(space), topic_first) for _ in range(n)]
+    items = [v2.match_item(rng, v2.Space(space), topic_first) for _ in range(n)]
     replies, _ = v2._generate(model, tok, [(it[:1], None) for it in items], 24, False)
     right = sum(r.content.strip() == it[1]["content"] for r, it in zip(replies, items))
     return {"cases": n, "accuracy": right / n, "topic_first": topic_first, "space": space}
@@ -185,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.path, "w", encoding="utf-8") as f:
             for _ in range(args.n):
                 item = (
-                    match_item(rng, space, args.topic_first)
+                    v2.match_item(rng, space, args.topic_first)
                     if args.probe == "match-set"
-                    else reverse_item(rng, space)
+                    else v2.reverse_item(rng, space)
                 )
                 f.write(json.dumps({"messages": item}) + "\n")
         print(f"wrote {args.n} {args.probe} conversations to {args.path}")

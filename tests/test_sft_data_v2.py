@@ -328,3 +328,42 @@ def test_decide_set_pairs_end_at_the_decision():
             refuse_tools = {t["function"]["name"] for t in b.record.get("tools", [])}
             assert called not in refuse_tools and refuse_tools - {"calculator"} <= call_tools
     assert pairs > 0.4 * len(calls)
+
+
+def test_match_items_answer_with_the_listed_name_of_the_asked_topic():
+    for topic_first in (False, True):
+        rng = random.Random(3)
+        for _ in range(200):
+            user, reply = v2.match_item(rng, v2.Space("wide5"), topic_first)
+            listed = (
+                user["content"].removeprefix("Tools: ").split(". Which tool answers this? ")[0].split(", ")
+            )
+            question = user["content"].split(". Which tool answers this? ")[1]
+            assert reply["content"] in listed and len(set(listed)) == len(listed) >= 2
+            name = reply["content"]
+            verb_end = name.rfind("_") if topic_first else name.find("_")
+            topic = name[:verb_end] if topic_first else name[verb_end + 1 :]
+            assert topic.replace("_", " ").lower() in question.lower()
+
+
+def test_reverse_items_ask_for_the_key_of_a_listed_value():
+    rng = random.Random(4)
+    for _ in range(200):
+        user, reply = v2.reverse_item(rng, v2.Space("wide5"))
+        record_text, value = user["content"].removeprefix("Record: ").rsplit(". Which key has the value ", 1)
+        record = json.loads(record_text)
+        assert record[reply["content"]] == value.removesuffix("?")
+        assert list(record.values()).count(value.removesuffix("?")) == 1
+
+
+def test_lookup_set_mixes_reverse_lookups_and_match_drills():
+    """The look-up warm-up (recipe v10): deterministic, about half reverse record look-ups and half match
+    drills, every answer a word of the request, no tools offered."""
+    space = v2.Space("wide5")
+    cases = v2.lookup_set(400, 9, space=space)
+    assert cases == v2.lookup_set(400, 9, space=space)
+    reverse = [c for c in cases if c.record["messages"][0]["content"].startswith("Record: ")]
+    assert 0.4 < len(reverse) / len(cases) < 0.6
+    for c in cases:
+        user, reply = c.record["messages"]
+        assert c.kind == "lookup" and "tools" not in c.record and reply["content"] in user["content"]
