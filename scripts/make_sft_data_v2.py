@@ -1301,8 +1301,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         ap.error("--out is required (or --eval-model / --passkey-model DIR)")
-    sets = [(args.copy_set, copy_set), (args.drill_set, drill_set), (args.decide_set, decide_set)]
-    sets += [(args.lookup_set, lookup_set)]
+    sets = [
+        (args.copy_set, copy_set),
+        (args.drill_set, drill_set),
+        (args.decide_set, decide_set),
+        (args.lookup_set, lookup_set),
+    ]
     make = partial(next((f for chosen, f in sets if chosen), generate), space=Space(args.space))
     cases = make(args.n, args.seed, args.long_share, args.max_tokens)
     write(Path(args.out), cases)
