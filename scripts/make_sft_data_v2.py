@@ -978,8 +978,13 @@ def decide_set(n: int, seed: int, *_: Any, space: Space = TRAIN) -> list[Case]:
     return out[:n]
 
 
-def match_item(rng: random.Random, space: Space, topic_first: bool) -> list[dict[str, str]]:
-    """One match-drill conversation: the offered names, a lookup question, the asked tool's name."""
+def match_item(
+    rng: random.Random, space: Space, topic_first: bool, listing: str = "names"
+) -> list[dict[str, str]]:
+    """One match-drill conversation: the offered tools, a lookup question, the asked tool's name. `listing`
+    says how the tools are offered: "names" ("Tools: a_b, c_d."), or one JSON object per line with the
+    name before the description ("name-first", as the chat template lists tools) or after it
+    ("description-first": the question's topic then comes before the name that has to be written)."""
     wanted = make_lookup(rng, space, set())
     tools = [wanted] + [make_lookup(rng, space, {wanted.topic}) for _ in range(rng.randint(1, 4))]
     rng.shuffle(tools)
@@ -987,9 +992,17 @@ def match_item(rng: random.Random, space: Space, topic_first: bool) -> list[dict
     if topic_first:
         for t in tools:
             t.name = t.topic.replace(" ", "_") + "_" + t.name.split("_", 1)[0]
-    listed = ", ".join(t.name for t in tools)
+    if listing == "names":
+        offered = "Tools: " + ", ".join(t.name for t in tools) + "."
+    elif listing in ("name-first", "description-first"):
+        pairs = [[("name", t.name)] + ([("description", t.desc)] if t.desc else []) for t in tools]
+        order = slice(None) if listing == "name-first" else slice(None, None, -1)
+        offered = "Tools:\n" + "\n".join(json.dumps(dict(p[order])) for p in pairs) + "\n"
+    else:
+        raise ValueError(f"listing={listing!r}; expected names, name-first or description-first")
+    sep = "" if listing != "names" else " "
     return [
-        {"role": "user", "content": f"Tools: {listed}. Which tool answers this? {question}"},
+        {"role": "user", "content": f"{offered}{sep}Which tool answers this? {question}"},
         {"role": "assistant", "content": wanted.name},
     ]
 

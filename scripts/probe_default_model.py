@@ -6,6 +6,7 @@
     python scripts/probe_default_model.py selection DIR [--n 40 --space heldout]    # call forced: which tool
     python scripts/probe_default_model.py match-set OUT --n 9600 --seed 71 [--topic-first]  # the match drill
     python scripts/probe_default_model.py match DIR [--space wide5] [--topic-first] # the drill's accuracy
+    python scripts/probe_default_model.py match-set OUT --n 9600 --seed 71 --space wide4 --listing description-first
     python scripts/probe_default_model.py reverse-set OUT --n 9600 --seed 81       # reverse record look-ups
 
 Design choices:
@@ -21,7 +22,9 @@ Design choices:
 - `match-set` / `match`: the smallest form of selection, "Tools: a_b, c_d. Which tool answers this? <lookup
   question>" → the tool's name, as SFT data and as a greedy exact-match eval. `--topic-first` writes every
   name topic first (`energy_use_read`), so that the answer continues the matched words instead of
-  starting with the word before them.
+  starting with the word before them. `--listing name-first | description-first` offers the tools as JSON
+  lines, the name before or after its description (session 24: whether a description that names the topic
+  before the name makes the choice a forward look-up).
 - `reverse-set`: "Record: {...}. Which key has the value V?" → the key: the same backward look-up in a short
   record, the kind of item a copy warm-up could carry. Both item makers live in `make_sft_data_v2.py`
   (`match_item`, `reverse_item`), whose `--lookup-set` mixes them for recipe v10's look-up warm-up.
@@ -129,13 +132,15 @@ def selection(model_dir: str, n: int, space: str, seed: int = 901) -> dict[str, 
     return {"cases": n, "accuracy": right / total, "chance": chance / total}
 
 
-def match(model_dir: str, space: str, topic_first: bool, n: int = 60, seed: int = 5) -> dict[str, Any]:
+def match(
+    model_dir: str, space: str, topic_first: bool, n: int = 60, seed: int = 5, listing: str = "names"
+) -> dict[str, Any]:
     tok, model = v2._load(model_dir)
     rng = random.Random(seed)
-    items = [v2.match_item(rng, v2.Space(space), topic_first) for _ in range(n)]
+    items = [v2.match_item(rng, v2.Space(space), topic_first, listing) for _ in range(n)]
     replies, _ = v2._generate(model, tok, [(it[:1], None) for it in items], 24, False)
     right = sum(r.content.strip() == it[1]["content"] for r, it in zip(replies, items))
-    return {"cases": n, "accuracy": right / n, "topic_first": topic_first, "space": space}
+    return {"cases": n, "accuracy": right / n, "topic_first": topic_first, "listing": listing, "space": space}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=None, help="pairs / cases / conversations")
     ap.add_argument("--space", default=None, help="heldout (default) or a training space such as wide5")
     ap.add_argument("--topic-first", action="store_true", help="match: names written topic first")
+    ap.add_argument(
+        "--listing",
+        choices=["names", "name-first", "description-first"],
+        default="names",
+        help="match: the tools as a list of names, or as JSON lines with the name before / after its description",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = ap.parse_args(argv)
     if args.probe in ("match-set", "reverse-set"):
@@ -159,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.path, "w", encoding="utf-8") as f:
             for _ in range(args.n):
                 item = (
-                    v2.match_item(rng, space, args.topic_first)
+                    v2.match_item(rng, space, args.topic_first, args.listing)
                     if args.probe == "match-set"
                     else v2.reverse_item(rng, space)
                 )
@@ -177,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.probe == "selection":
         result = selection(args.path, args.n or 40, space)
     else:
-        result = match(args.path, args.space or "wide5", args.topic_first, args.n or 60)
+        result = match(args.path, args.space or "wide5", args.topic_first, args.n or 60, listing=args.listing)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -346,6 +346,27 @@ def test_match_items_answer_with_the_listed_name_of_the_asked_topic():
             assert topic.replace("_", " ").lower() in question.lower()
 
 
+def test_match_items_list_tools_as_json_lines_in_the_asked_order():
+    """`listing`: the same draws as the name list (same tools, question and answer), offered as one JSON object
+    per line with the name before or after its description; the asked tool's description names its topic."""
+    for listing, first in (("name-first", "name"), ("description-first", "description")):
+        plain_rng, json_rng = random.Random(5), random.Random(5)
+        for _ in range(100):
+            plain_user, plain_reply = v2.match_item(plain_rng, v2.Space("wide4"), False)
+            user, reply = v2.match_item(json_rng, v2.Space("wide4"), False, listing)
+            assert reply == plain_reply
+            head, question = user["content"].removeprefix("Tools:\n").split("\nWhich tool answers this? ")
+            plain_head, plain_question = plain_user["content"].split(". Which tool answers this? ")
+            assert question == plain_question
+            lines = [json.loads(line) for line in head.split("\n")]
+            assert [t["name"] for t in lines] == plain_head.removeprefix("Tools: ").split(", ")
+            assert all(next(iter(t)) == first and t["description"] for t in lines)
+            asked = next(t for t in lines if t["name"] == reply["content"])
+            assert reply["content"].split("_", 1)[1].replace("_", " ") in asked["description"]
+    with pytest.raises(ValueError, match="listing='table'"):
+        v2.match_item(random.Random(0), v2.Space("wide4"), False, "table")
+
+
 def test_reverse_items_ask_for_the_key_of_a_listed_value():
     rng = random.Random(4)
     for _ in range(200):
