@@ -985,6 +985,8 @@ def match_item(
     says how the tools are offered: "names" ("Tools: a_b, c_d."), or one JSON object per line with the
     name before the description ("name-first", as the chat template lists tools) or after it
     ("description-first": the question's topic then comes before the name that has to be written)."""
+    if listing not in ("names", "name-first", "description-first"):
+        raise ValueError(f"listing={listing!r}; expected names, name-first or description-first")
     wanted = make_lookup(rng, space, set())
     tools = [wanted] + [make_lookup(rng, space, {wanted.topic}) for _ in range(rng.randint(1, 4))]
     rng.shuffle(tools)
@@ -993,16 +995,13 @@ def match_item(
         for t in tools:
             t.name = t.topic.replace(" ", "_") + "_" + t.name.split("_", 1)[0]
     if listing == "names":
-        offered = "Tools: " + ", ".join(t.name for t in tools) + "."
-    elif listing in ("name-first", "description-first"):
+        offered = "Tools: " + ", ".join(t.name for t in tools) + ". "
+    else:
         pairs = [[("name", t.name)] + ([("description", t.desc)] if t.desc else []) for t in tools]
         order = slice(None) if listing == "name-first" else slice(None, None, -1)
         offered = "Tools:\n" + "\n".join(json.dumps(dict(p[order])) for p in pairs) + "\n"
-    else:
-        raise ValueError(f"listing={listing!r}; expected names, name-first or description-first")
-    sep = "" if listing != "names" else " "
     return [
-        {"role": "user", "content": f"{offered}{sep}Which tool answers this? {question}"},
+        {"role": "user", "content": f"{offered}Which tool answers this? {question}"},
         {"role": "assistant", "content": wanted.name},
     ]
 
