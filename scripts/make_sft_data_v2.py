@@ -978,6 +978,9 @@ def decide_set(n: int, seed: int, *_: Any, space: Space = TRAIN) -> list[Case]:
     return out[:n]
 
 
+MATCH_LISTINGS = ("names", "name-first", "description-first")  # how `match_item` offers its tools
+
+
 def match_item(
     rng: random.Random, space: Space, topic_first: bool, listing: str = "names"
 ) -> list[dict[str, str]]:
@@ -985,8 +988,8 @@ def match_item(
     says how the tools are offered: "names" ("Tools: a_b, c_d."), or one JSON object per line with the
     name before the description ("name-first", as the chat template lists tools) or after it
     ("description-first": the question's topic then comes before the name that has to be written)."""
-    if listing not in ("names", "name-first", "description-first"):
-        raise ValueError(f"listing={listing!r}; expected names, name-first or description-first")
+    if listing not in MATCH_LISTINGS:
+        raise ValueError(f"listing={listing!r}; expected one of {', '.join(MATCH_LISTINGS)}")
     wanted = make_lookup(rng, space, set())
     tools = [wanted] + [make_lookup(rng, space, {wanted.topic}) for _ in range(rng.randint(1, 4))]
     rng.shuffle(tools)
@@ -997,9 +1000,13 @@ def match_item(
     if listing == "names":
         offered = "Tools: " + ", ".join(t.name for t in tools) + ". "
     else:
-        pairs = [[("name", t.name)] + ([("description", t.desc)] if t.desc else []) for t in tools]
-        order = slice(None) if listing == "name-first" else slice(None, None, -1)
-        offered = "Tools:\n" + "\n".join(json.dumps(dict(p[order])) for p in pairs) + "\n"
+        lines = []
+        for t in tools:
+            fields = [("name", t.name), ("description", t.desc)]
+            if listing == "description-first":
+                fields.reverse()
+            lines.append(json.dumps({key: value for key, value in fields if value}))  # no empty description
+        offered = "Tools:\n" + "\n".join(lines) + "\n"
     return [
         {"role": "user", "content": f"{offered}Which tool answers this? {question}"},
         {"role": "assistant", "content": wanted.name},

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--topic-first", action="store_true", help="match: names written topic first")
     ap.add_argument(
         "--listing",
-        choices=["names", "name-first", "description-first"],
+        choices=v2.MATCH_LISTINGS,
         default="names",
         help="match: the tools as a list of names, or as JSON lines with the name before / after its description",
     )
